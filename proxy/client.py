@@ -1,0 +1,1021 @@
+"""ClientSession: one application connection, from startup packet to close.
+
+The handshake (SSL/GSS negotiation, startup, authentication, attaching a server) runs as one
+coroutine reading whole messages. Once linked to a server, the session switches to the hot path:
+`data_received` feeds a `Relay` whose spans go straight to the server's transport.
+
+Session mode looks only at Terminate, Query, Parse and Sync (to know when the server is at rest
+and whether settings changed). Transaction mode also follows the extended protocol message by
+message, to rename prepared statements (`statements.StatementRouter`) and to hand the server back
+to the pool at the ReadyForQuery that ends each transaction.
+
+Between batches, at a quiet point, the session may run its own queries on the server
+("maintenance"): putting startup settings back after a client's RESET, re-reading settings after
+a SET so they follow the client to its next server. Client input is held meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import secrets
+import shlex
+import time
+from enum import Enum
+from typing import TYPE_CHECKING, Any, cast
+
+from . import logs
+from .admin import ADMIN_DATABASE, AdminConsole
+from .local import AbortedTransaction, failover_error
+from .protocol import messages as m
+from .protocol.auth import ClientAuthenticator
+from .protocol.framing import Action, MessageReader, Relay, valid_type_table, watch_table
+from .protocol.sqlstate import (
+    SERVER_GONE_STATES,
+    ProtocolViolation,
+    ProxyError,
+    SqlState,
+    UnknownUser,
+    UpstreamUnavailable,
+)
+from .server import Continuation, ServerConnection, ServerState
+from .settings import CAPTURE_SQL, lower_keys, set_config_sql, sync_sql
+from .sqlclass import (
+    Deallocate,
+    Effects,
+    classify,
+    first_keyword,
+    mentions_session_functions,
+    needs_transaction_check,
+    session_keyword_at,
+)
+from .statements import Expect, LocalStatement, StatementRouter, parse_message
+
+if TYPE_CHECKING:
+    from .app import Sidecar
+    from .pool import Pool
+
+_client_ids = itertools.count(1)
+
+_SESSION_WATCH = watch_table((m.F_TERMINATE, m.F_QUERY, m.F_SYNC, m.F_PARSE, m.F_CLOSE))
+_ALL_FRONTEND = watch_table(m.FRONTEND_TYPES)
+# Everything but COPY data, which streams through.
+_TRANSACTION_WATCH = watch_table(
+    (m.F_TERMINATE, m.F_QUERY, m.F_SYNC, m.F_PARSE, m.F_BIND, m.F_DESCRIBE, m.F_EXECUTE, m.F_CLOSE,
+     m.F_FLUSH, m.F_FUNCTION_CALL)
+)  # fmt: skip
+_CLIENT_VALID = valid_type_table(m.FRONTEND_TYPES)
+_TERMINATE = m.terminate()
+# Client bytes held while its server is busy or being acquired; past this, stop reading the socket.
+_HOLD_LIMIT = 256 * 1024
+
+# Startup keys that are not run-time parameters: they pick the server connection, or are
+# protocol extensions we decline in NegotiateProtocolVersion.
+_NOT_SETTABLE = frozenset({"user", "database", "replication", "options"})
+
+
+class ClientState(Enum):
+    STARTUP = "startup"
+    AUTH = "auth"
+    CONNECTING = "connecting"  # authenticated, waiting for a server connection
+    ACTIVE = "active"  # linked to a server
+    ADMIN = "admin"  # on the admin console: input is read whole by AdminConsole, no server ever
+    CLOSED = "closed"
+
+
+def parse_options(options: str) -> dict[str, str]:
+    """Settings from the libpq `options` startup parameter (`-c name=value` / `--name=value`)."""
+    settings: dict[str, str] = {}
+    try:
+        words = shlex.split(options.replace("\\ ", "\x00"))
+    except ValueError as exc:
+        raise ProtocolViolation(f"invalid options startup parameter: {exc}") from exc
+    words = [w.replace("\x00", " ") for w in words]
+    it = iter(words)
+    for word in it:
+        if word == "-c":
+            word = next(it, "")
+        elif word.startswith("-c") or word.startswith("--"):
+            word = word[2:]
+        else:
+            raise ProtocolViolation(f"unsupported option {word!r} in the options startup parameter")
+        name, sep, value = word.partition("=")
+        if not sep or not name:
+            raise ProtocolViolation(f"invalid option {word!r}: expected -c name=value")
+        settings[name.replace("-", "_")] = value
+    return settings
+
+
+class ClientSession(asyncio.Protocol):
+    def __init__(self, sidecar: Sidecar) -> None:
+        self.id = f"c{next(_client_ids)}"
+        self.sidecar = sidecar
+        self.state = ClientState.STARTUP
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.user = ""
+        self.database = ""
+        self.startup_params: dict[str, str] = {}  # as sent by the client
+        self.startup_settings: dict[str, str] = {}  # settable startup params + `options` (lowercase)
+        self.settings: dict[str, str] = {}  # the session's settings now: what a new server must get
+        self.backend_key: tuple[int, int] | None = None  # the key we hand out for CancelRequest
+        self.server: ServerConnection | None = None
+        self.pool: Pool | None = None
+        self.connected_at = time.monotonic()
+        # Passthrough only: the client's password, kept in memory for this session (else None and
+        # the sidecar logs in upstream with the configured credentials).
+        self._password: str | None = None
+        self._reader = MessageReader(sidecar.config.limits.max_message_size)
+        self.transaction_mode = sidecar.config.pool.mode == "transaction"
+        self._relay = Relay(
+            _TRANSACTION_WATCH if self.transaction_mode else _SESSION_WATCH,
+            self._inspect_transaction if self.transaction_mode else self._inspect_session,
+            sidecar.config.limits.max_message_size,
+            valid_types=_CLIENT_VALID,
+        )
+        self.router = StatementRouter(sidecar.statements) if self.transaction_mode else None
+        self._linked = False  # the relay forwards to `server` (else client input is held)
+        # Whether the server must call `server_ready` at each ReadyForQuery: always in transaction
+        # mode (the server goes back to the pool), in session mode only while maintenance is due.
+        # A plain attribute, read on the hot path instead of a call per transaction.
+        self.wants_ready = self.transaction_mode
+        self._task: asyncio.Task[None] | None = None  # attach / maintenance in progress
+        self._reading_paused = False
+        # Set by statements seen on the way to the server, acted on at the next quiet point.
+        self._settings_dirty = False
+        self._reset_all = False
+        self._reset_names: set[str] = set()
+        self._discarded = False
+        # Session mode: the client's named statements (Parse messages), re-prepared when the session
+        # moves to a new writer, and the reason it cannot move at all (LISTEN, temp table, ...).
+        self._session_statements: dict[str, bytes] = {}
+        self._unmovable: str | None = None
+        self._pending_commit = False  # an extended-protocol COMMIT awaits its Sync
+        self._aborted: AbortedTransaction | None = None  # answering locally after a failover cut
+        self._wakeup: asyncio.Future[None] | None = None
+        self._eof = False
+        self._handshake_task: asyncio.Task[None] | None = None
+        self._close_reason: str | None = None
+        self._counted = False  # whether this session holds a pool.max_clients slot
+
+    @property
+    def metric_state(self) -> str:
+        """login | waiting (for a server) | active (linked to one) | idle (transaction mode, none)."""
+        if self.state in (ClientState.STARTUP, ClientState.AUTH):
+            return "login"
+        if self.state is ClientState.CONNECTING or (self._task is not None and self.server is None):
+            return "waiting"
+        return "active" if self.server is not None else "idle"
+
+    # ---------------------------------------------------------------- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
+        self.sidecar.client_opened(self)
+        self._handshake_task = asyncio.get_running_loop().create_task(self._handshake())
+
+    def data_received(self, data: bytes) -> None:
+        if self._linked:
+            server = self.server
+            if self.sidecar.gate_closed and self._between_transactions():
+                self._unlink()
+                self._hold(data)
+                self._start(self._resume_after_gate())
+                return
+            try:
+                spans = self._relay.feed(data)
+            except ProxyError as exc:
+                self.fail(exc)
+                return
+            out = server.transport if server is not None else None
+            if out is not None:
+                for span in spans:
+                    out.write(span)
+            if self._relay.paused and self._linked:  # Terminate
+                self.close("client sent Terminate")
+            return
+        if self.state is ClientState.ACTIVE:
+            if self._aborted is not None:
+                try:
+                    self._relay.feed(data)
+                except ProxyError as exc:
+                    self.fail(exc)
+                    return
+                self._after_aborted()
+                return
+            self._hold(data)
+            return
+        if self.state is ClientState.CLOSED:
+            return
+        self._reader.feed(data)
+        self._wake()
+
+    def _between_transactions(self) -> bool:
+        """Session mode: nothing in flight and no transaction open, so new input starts a new one."""
+        server = self.server
+        return (
+            server is not None
+            and not self.transaction_mode
+            and server.outstanding == 0
+            and server.tx_status == m.TX_IDLE
+            and not self._relay.mid_message
+        )
+
+    async def _resume_after_gate(self) -> None:
+        await self.sidecar.pass_gate()
+        if self.state is ClientState.ACTIVE and self.server is not None:
+            self._link(self.server)
+
+    def _hold(self, data: bytes) -> None:
+        """Input while no server is linked: keep it (bounded) and get a server if none is coming."""
+        self._relay.hold()
+        self._relay.feed(data)
+        if self._relay.buffered > _HOLD_LIMIT and self.transport is not None and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        if self.server is None and self._task is None:
+            if self._relay.buffered == len(_TERMINATE) and self._relay.peek(5) == _TERMINATE:
+                self.close("client sent Terminate")
+                return
+            if self.transaction_mode and self._attach_now():
+                return
+            self._start(self._attach_next())
+
+    def _attach_now(self) -> bool:
+        """Transaction mode's common case, without a task or a trip round the event loop: the gate
+        is open and an idle server already has this client's settings."""
+        pool = self.pool
+        if pool is None or self.sidecar.gate_closed:
+            return False
+        server = pool.take_idle_now()
+        if server is None:
+            return False
+        if server.applied != self.settings:
+            pool.release(server, reset=False)
+            return False
+        self._link(server)
+        return True
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        self._wake()
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.state is not ClientState.CLOSED:
+            reason = f"client connection lost: {exc}" if exc else "client disconnected"
+            self._finish(reason)
+        self._wake()
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the server sends: stop reading the server (bounded buffers).
+        server = self.server
+        if server is not None and server.transport is not None:
+            server.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        server = self.server
+        if server is not None and server.transport is not None:
+            server.transport.resume_reading()
+
+    # ---------------------------------------------------------------- hot path
+
+    def _inspect_session(self, type_byte: int, msg: memoryview) -> Action:
+        if type_byte == m.F_TERMINATE:
+            # The server connection outlives the client: never forward its Terminate.
+            return Action.DROP_PAUSE
+        server = self.server
+        if type_byte == m.F_PARSE:
+            offset = _parse_query_offset(msg)
+            commit = self._note_statement(msg, offset)
+            if offset > 6:  # named: kept so the session can move to another server
+                self._session_statements[bytes(msg[5 : offset - 1]).decode("utf-8", "replace")] = bytes(msg)
+            if commit:
+                self._pending_commit = True
+            return Action.FORWARD
+        if type_byte == m.F_CLOSE:
+            if msg[5] == 0x53:  # 'S'
+                self._session_statements.pop(_cstring(msg, 6), None)
+            return Action.FORWARD
+        if server is not None:
+            server.outstanding += 1  # a Query or Sync: one ReadyForQuery will answer it
+            server.request_started.append(time.monotonic())
+            if type_byte == m.F_QUERY:
+                server.commit_flags.append(self._note_statement(msg, 5))
+            else:
+                server.commit_flags.append(self._pending_commit)
+                self._pending_commit = False
+        return Action.FORWARD
+
+    def _note_statement(self, msg: memoryview, sql_offset: int) -> bool:
+        """Note what a statement does to session state; True if it is a COMMIT.
+
+        Cheap for ordinary statements: one byte decides most, a C regex the rest; pglast only
+        parses the few that can change settings or pin the session.
+        """
+        if not session_keyword_at(msg, sql_offset):
+            return False
+        keyword = first_keyword(msg, sql_offset)
+        if keyword in (b"commit", b"end"):
+            return True
+        if keyword == b"select" and not mentions_session_functions(msg, sql_offset):
+            return False
+        effects = classify(_cstring(msg, sql_offset))
+        self._note_effects(effects)
+        if effects.deallocate is Deallocate.ALL or effects.discard_all:
+            self._session_statements.clear()
+        elif effects.deallocate is Deallocate.ONE and effects.deallocate_name:
+            self._session_statements.pop(effects.deallocate_name, None)
+        if effects.discard_all:
+            self._unmovable = None
+        elif effects.not_poolable and self._unmovable is None:
+            self._unmovable = effects.not_poolable.split(" (")[0]
+        return False
+
+    def _note_effects(self, effects: Effects) -> None:
+        if not (effects.changes_settings or effects.discard_all):
+            return
+        self.wants_ready = True
+        self._settings_dirty |= effects.changes_settings
+        self._reset_all |= effects.reset_all
+        self._reset_names |= effects.reset_names
+        self._discarded |= effects.discard_all
+
+    def _inspect_transaction(self, type_byte: int, msg: memoryview) -> Action:
+        server = self.server
+        router = self.router
+        assert server is not None and router is not None
+        tracker = server.tracker
+        if type_byte == m.F_SYNC:
+            tracker.sync_sent()
+            tracker.expect(Expect.SYNC)
+            server.request_started.append(time.monotonic())
+            server.commit_flags.append(self._pending_commit)
+            self._pending_commit = False
+            return Action.FORWARD
+        if type_byte == m.F_TERMINATE:
+            return Action.DROP_PAUSE
+        if tracker.skipping and type_byte != m.F_QUERY:
+            return Action.FORWARD  # ignored by the server until Sync; no answer to expect
+        if type_byte == m.F_BIND:
+            action, owed = router.on_bind(msg, server, self._relay)
+            self._owe(owed)
+            return action
+        if type_byte == m.F_EXECUTE:
+            action, owed = router.on_execute(msg, server)
+            self._owe(owed)
+            return action
+        if type_byte == m.F_PARSE:
+            offset = _parse_query_offset(msg)
+            if first_keyword(msg, offset) in (b"commit", b"end"):
+                self._pending_commit = True
+            refused = self._check_poolable(msg, offset)
+            if refused is not None:
+                # Let the server itself fail where this Parse would have answered: an unnamed
+                # statement that raises, run at once (its ParseComplete and BindComplete hidden).
+                # The transaction aborts as PostgreSQL would make it, and the server skips the
+                # client's own Bind/Execute until Sync.
+                self._relay.insert(
+                    parse_message("", _raise_sql(refused), ())
+                    + m.message(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00")
+                    + m.message(b"E", b"\x00\x00\x00\x00\x00")
+                )
+                tracker.expect(Expect.PARSE_HIDDEN)
+                tracker.expect(Expect.BIND_HIDDEN)
+                tracker.expect(Expect.EXECUTE)
+                return Action.DROP
+            local = self._local_statement(msg, offset, server)
+            action, owed = router.on_parse(msg, server, self._relay, local)
+            self._owe(owed)
+            return action
+        if type_byte == m.F_DESCRIBE:
+            action, owed = router.on_describe(msg, server, self._relay)
+            self._owe(owed)
+            return action
+        if type_byte == m.F_CLOSE:
+            action, owed = router.on_close(msg, server)
+            self._owe(owed)
+            return action
+        if type_byte == m.F_QUERY:
+            server.request_started.append(time.monotonic())
+            server.commit_flags.append(first_keyword(msg, 5) in (b"commit", b"end"))
+            return self._transaction_query(msg, server)
+        if type_byte == m.F_FUNCTION_CALL:
+            server.request_started.append(time.monotonic())
+            server.commit_flags.append(False)
+            tracker.expect(Expect.QUERY)
+        return Action.FORWARD  # Flush
+
+    def _transaction_query(self, msg: memoryview, server: ServerConnection) -> Action:
+        tracker = server.tracker
+        refused = self._check_poolable(msg, 5)
+        if refused is not None:
+            # Let the server raise it, so the transaction state is exactly what PostgreSQL makes it.
+            self._relay.insert(m.query(_raise_sql(refused)))
+            tracker.expect(Expect.QUERY)
+            return Action.DROP
+        router = self.router
+        assert router is not None
+        # A simple Query replaces the session's unnamed statement.
+        router.unnamed = None
+        server.unnamed_from = None
+        local = self._local_statement(msg, 5, server)
+        if local is not None:
+            # Answered here, but the server still answers a Sync in its place: its ReadyForQuery
+            # carries the true transaction status and ends the transaction for the pool.
+            self._owe(
+                tracker.expect(Expect.SYNTHETIC, data=router.run_local(local), tx_status=server.tx_status)
+            )
+            self._relay.insert(m.sync())
+            tracker.expect(Expect.SYNC)
+            return Action.DROP
+        # DISCARD ALL succeeds only outside a transaction block; there it drops the client's
+        # statement names too (the server's shared statements are re-read at the quiet point).
+        discards = first_keyword(msg, 5) == b"discard" and server.tx_status == m.TX_IDLE
+        if discards and classify(_cstring(msg, 5)).discard_all:
+            router.deallocate(None)
+        tracker.expect(Expect.QUERY)
+        return Action.FORWARD
+
+    def _local_statement(
+        self, msg: memoryview, offset: int, server: ServerConnection
+    ) -> LocalStatement | None:
+        """DEALLOCATE of names this client prepared: answered by the sidecar (the statements are
+        shared on the servers under other names). An unknown name, or a failed transaction, goes
+        to the server, which answers exactly as PostgreSQL does (26000, 25P02)."""
+        router = self.router
+        if router is None or first_keyword(msg, offset) != b"deallocate" or server.tx_status == m.TX_FAILED:
+            return None
+        effects = classify(_cstring(msg, offset))
+        if not effects.single_statement or effects.deallocate is Deallocate.NONE:
+            return None
+        if effects.deallocate is Deallocate.ALL:
+            return LocalStatement("DEALLOCATE ALL", None)
+        name = effects.deallocate_name
+        if name is None or name not in router.statements:
+            return None
+        return LocalStatement("DEALLOCATE", name)
+
+    def _check_poolable(self, msg: memoryview, sql_offset: int) -> str | None:
+        """Why this statement cannot run under transaction pooling, or None; also notes settings."""
+        keyword = first_keyword(msg, sql_offset)
+        if not needs_transaction_check(keyword, msg, sql_offset):
+            return None
+        effects = classify(_cstring(msg, sql_offset))
+        self._note_effects(effects)
+        if effects.not_poolable is None:
+            return None
+        return f"not supported with pool.mode transaction: {effects.not_poolable}"
+
+    def _owe(self, data: bytes) -> None:
+        if data and self.transport is not None:
+            self.transport.write(data)
+
+    # ServerLink callbacks from the linked ServerConnection.
+    def server_ready(self, status: int) -> Continuation | None:
+        server = self.server
+        if server is None or status != m.TX_IDLE or server.outstanding or server.tracker:
+            return None
+        if self._relay.mid_message:
+            return None
+        maintenance = self._settings_dirty or self._reset_all or bool(self._reset_names) or self._discarded
+        if not maintenance and not self.transaction_mode:
+            return None
+        return self._quiet_point
+
+    def _quiet_point(self) -> None:
+        """The server finished everything asked of it: maintain, and in transaction mode release it."""
+        server = self.server
+        if server is None:
+            return
+        self._unlink()
+        maintenance = self._settings_dirty or self._reset_all or bool(self._reset_names) or self._discarded
+        if maintenance:
+            self._start(self._maintain(server))
+        else:
+            self._release_transaction_server()
+
+    def server_error(self, fields: dict[str, str]) -> None:
+        server = self.server
+        if server is not None and fields.get("C") in SERVER_GONE_STATES:
+            self.sidecar.topology.report_failure(server.endpoint, m.error_summary(fields))
+
+    def server_lost(self, server: ServerConnection, reason: str) -> None:
+        """The linked server connection closed (crash, shutdown, network)."""
+        self._server_gone(server, reason)
+
+    def cut_server(self, reason: str) -> None:
+        """The sidecar stopped trusting this session's server (the writer was lost or changed)."""
+        if self.server is not None:
+            self._server_gone(self.server, reason)
+
+    def _server_gone(self, server: ServerConnection, reason: str) -> None:
+        """Carry the session over the loss of its server (DESIGN §1, in-flight transactions).
+
+        Between transactions: nothing to tell; the next transaction runs on the new writer with
+        the session's settings and prepared statements. Mid-transaction: 40001 (08007 for a
+        COMMIT whose answer never came), and the cut transaction is answered locally as aborted
+        until the client rolls back. The client connection stays usable either way, unless half
+        a message already went out, or the session holds state that cannot move.
+        """
+        if server is not self.server:
+            return
+        in_flight = len(server.request_started)
+        commit_in_flight = any(server.commit_flags)
+        in_block = server.tx_status in (m.TX_IN_BLOCK, m.TX_FAILED)
+        broken = server.mid_response
+        self.server = None
+        self._linked = False
+        self._relay.hold()
+        server.unlink()
+        if self.pool is not None:
+            self.pool.active.discard(server)
+        server.close(reason)
+        self.sidecar.topology.report_failure(server.endpoint, reason)
+        logs.event(
+            "session_cut",
+            logs.WARNING,
+            conn=self.id,
+            server=server.id,
+            upstream=str(server.endpoint),
+            in_flight=in_flight,
+            in_transaction=in_block,
+            reason=reason,
+        )
+        if broken:
+            self.fail(
+                UpstreamUnavailable(f"lost upstream {server.endpoint} in the middle of a response: {reason}")
+            )
+            return
+        if self._unmovable is not None and not self.transaction_mode:
+            self.fail(
+                UpstreamUnavailable(
+                    f"the database failed over and this session holds state that cannot move to the "
+                    f"new writer ({self._unmovable}); reconnect"
+                )
+            )
+            return
+        if in_flight == 0 and not in_block:
+            if self._relay.buffered and self._task is None:
+                self._start(self._attach_next())
+            return
+        owed = b""
+        status = m.TX_FAILED if in_block else m.TX_IDLE
+        first = True
+        for index in range(in_flight):
+            if commit_in_flight and index == in_flight - 1:
+                owed += m.error_response(
+                    SqlState.TRANSACTION_RESOLUTION_UNKNOWN.value,
+                    "the database failed over while COMMIT was in flight: the transaction may or may "
+                    "not have committed",
+                    hint="Check whether its effects are present before retrying.",
+                ) + m.ready_for_query(m.TX_IDLE)
+                status = m.TX_IDLE
+            else:
+                owed += failover_error(first) + m.ready_for_query(status)
+                first = False
+        self._send(owed)
+        if status == m.TX_FAILED:
+            self._answer_aborted(AbortedTransaction(first_error_sent=in_flight > 0))
+        elif self._relay.buffered and self._task is None:
+            self._start(self._attach_next())
+
+    def _answer_aborted(self, aborted: AbortedTransaction) -> None:
+        """Answer the client locally until it ends the transaction the failover cut."""
+        self._aborted = aborted
+        self._relay.set_inspector(self._inspect_aborted, _ALL_FRONTEND)
+        self._relay.resume()  # everything held is answered (dropped) by _inspect_aborted
+        self._after_aborted()
+
+    def _inspect_aborted(self, type_byte: int, msg: memoryview) -> Action:
+        aborted = self._aborted
+        if type_byte == m.F_TERMINATE or aborted is None:
+            return Action.DROP_PAUSE
+        self._send(aborted.on_message(type_byte, msg))
+        return Action.DROP_PAUSE if aborted.done else Action.DROP
+
+    def _after_aborted(self) -> None:
+        aborted = self._aborted
+        if aborted is None or not self._relay.paused:
+            return
+        if not aborted.done:  # Terminate
+            self.close("client sent Terminate")
+            return
+        self._aborted = None
+        self._relay.set_inspector(
+            self._inspect_transaction if self.transaction_mode else self._inspect_session,
+            _TRANSACTION_WATCH if self.transaction_mode else _SESSION_WATCH,
+        )
+        logs.event("aborted_transaction_ended", conn=self.id)
+        if self._relay.buffered and self._task is None:
+            self._start(self._attach_next())
+
+    # ---------------------------------------------------------------- server changes
+
+    def _start(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._task = task
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if self._task is task:
+            self._task = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, ProxyError):
+            self.fail(exc)
+        elif exc is not None:
+            logs.event("client_internal_error", logs.ERROR, conn=self.id, error=repr(exc))
+            self.fail(ProxyError(f"internal error in pgsidecar: {exc!r}"))
+        elif self._needs_server():
+            # Input arrived while the previous server was being released: get a new one.
+            self._start(self._attach_next())
+
+    def _needs_server(self) -> bool:
+        return (
+            self.state is ClientState.ACTIVE
+            and not self._linked
+            and self.server is None
+            and self._task is None
+            and self._relay.buffered > 0
+        )
+
+    def _link(self, server: ServerConnection) -> None:
+        self.server = server
+        self._linked = True
+        server.link(self, tracked=self.transaction_mode)
+        spans = self._relay.resume()
+        out = server.transport
+        if out is not None:
+            for span in spans:
+                out.write(span)
+        if self._relay.paused and self._linked:  # the held input ended with Terminate
+            self.close("client sent Terminate")
+            return
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _unlink(self) -> None:
+        self._linked = False
+        self._relay.hold()
+        if self.server is not None:
+            self.server.unlink()
+
+    async def _maintain(self, server: ServerConnection) -> None:
+        """Bring the server's settings in line with what the client asked for, then carry on."""
+        reset = (
+            self.startup_settings
+            if self._reset_all
+            else {k: v for k, v in self.startup_settings.items() if k in self._reset_names}
+        )
+        if reset:
+            restored = await server.simple_query(set_config_sql(reset))
+            for status in restored.parameter_status:
+                self._send(status)
+        if self._settings_dirty or reset:
+            result = await server.simple_query(CAPTURE_SQL)
+            self.settings = {str(name): str(value) for name, value in result.rows}
+            server.applied = dict(self.settings)
+        if self._discarded:
+            result = await server.simple_query("SELECT name FROM pg_catalog.pg_prepared_statements")
+            server.statements.replace_all({str(row[0]) for row in result.rows})
+        self._settings_dirty = self._reset_all = self._discarded = False
+        self._reset_names.clear()
+        self.wants_ready = self.transaction_mode
+        if self.state is not ClientState.ACTIVE:
+            return
+        if self.transaction_mode:
+            self._release_transaction_server()
+        else:
+            self._link(server)
+
+    def _release_transaction_server(self) -> None:
+        server, self.server = self.server, None
+        if server is not None and self.pool is not None:
+            self.pool.release(server, reset=False)
+        if self._needs_server():
+            self._start(self._attach_next())
+
+    async def _attach_next(self) -> None:
+        """A server for the client's next transaction (transaction mode, or a session whose server
+        was lost), made to match the session: its settings, and in session mode its statements."""
+        pool = self.pool
+        assert pool is not None
+        await self.sidecar.pass_gate()
+        server = await pool.acquire(self._password)
+        if self.state is not ClientState.ACTIVE:
+            pool.release(server, reset=False)
+            return
+        try:
+            sql = sync_sql(self.settings, server.applied)
+            if sql is not None:
+                await server.simple_query(sql)
+                server.applied = dict(self.settings)
+            if not self.transaction_mode and self._session_statements:
+                failed = await server.prepare(list(self._session_statements.values()))
+                if failed:
+                    logs.event("statements_not_restored", logs.WARNING, conn=self.id, errors=failed)
+        except ProxyError:
+            pool.release(server, reset=not self.transaction_mode)
+            raise
+        if self.state is not ClientState.ACTIVE:
+            pool.release(server, reset=False)
+            return
+        self._link(server)
+
+    # ---------------------------------------------------------------- handshake
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def _wait_input(self) -> None:
+        if self._eof or self.transport is None:
+            raise ConnectionResetError("client disconnected during login")
+        self._wakeup = asyncio.get_running_loop().create_future()
+        try:
+            await self._wakeup
+        finally:
+            self._wakeup = None
+
+    async def _read_startup(self) -> m.StartupPacket:
+        while True:
+            body = self._reader.read_startup()
+            if body is not None:
+                return m.decode_startup(body)
+            await self._wait_input()
+
+    async def _read_message(self) -> tuple[int, bytes]:
+        while True:
+            msg = self._reader.read_message()
+            if msg is not None:
+                return msg
+            await self._wait_input()
+
+    def _send(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    async def _handshake(self) -> None:
+        try:
+            async with asyncio.timeout(self.sidecar.config.limits.client_login_timeout):
+                startup = await self._negotiate()
+                if startup is None:
+                    return
+                await self._authenticate(startup)
+            await self._attach_server()
+        except ProxyError as exc:
+            self.fail(exc)
+        except TimeoutError:
+            self.fail(
+                ProtocolViolation(
+                    "client did not complete startup and authentication within "
+                    f"limits.client_login_timeout ({self.sidecar.config.limits.client_login_timeout:g}s)"
+                )
+            )
+        except ConnectionResetError as exc:
+            self.close(str(exc))
+        except Exception as exc:  # a bug here must cost one client, not the sidecar
+            logs.event("client_internal_error", logs.ERROR, conn=self.id, error=repr(exc))
+            self.fail(ProxyError(f"internal error in pgsidecar: {exc!r}"))
+
+    async def _negotiate(self) -> m.StartupPacket | None:
+        """Read startup packets until a StartupMessage; None when the connection was a cancel."""
+        while True:
+            startup = await self._read_startup()
+            if startup.code == m.SSL_REQUEST_CODE:
+                await self._answer_ssl_request()
+                continue
+            if startup.code == m.GSSENC_REQUEST_CODE:
+                self._send(b"N")
+                continue
+            if startup.code == m.CANCEL_REQUEST_CODE:
+                assert startup.cancel_key is not None
+                await self.sidecar.forward_cancel(startup.cancel_key, self.id)
+                self.close("cancel request handled")
+                return None
+            if startup.major != 3:
+                raise ProtocolViolation(
+                    f"unsupported frontend protocol {startup.major}.{startup.minor}: "
+                    "pgsidecar speaks protocol 3.0"
+                )
+            unsupported = sorted(k for k in startup.params if k.startswith("_pq_."))
+            if startup.minor > 0 or unsupported:
+                # Newer minor versions and protocol extensions are declined; the client continues
+                # with 3.0 (libpq >= 17 and others handle this message).
+                self._send(m.negotiate_protocol_version(0, unsupported))
+            return startup
+
+    async def _answer_ssl_request(self) -> None:
+        ctx = self.sidecar.client_ssl_context
+        if ctx is None or self.transport is None:
+            self._send(b"N")
+            return
+        if self._reader.take_rest():
+            # Bytes after SSLRequest but before the handshake would be unencrypted injection.
+            raise ProtocolViolation("received unencrypted data after SSLRequest")
+        self._send(b"S")
+        loop = asyncio.get_running_loop()
+        transport = await loop.start_tls(self.transport, self, ctx, server_side=True)
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    async def _authenticate(self, startup: m.StartupPacket) -> None:
+        self.state = ClientState.AUTH
+        params = startup.params
+        self.user = params.get("user", "")
+        if not self.user:
+            raise ProtocolViolation("no PostgreSQL user name specified in startup packet")
+        self.database = params.get("database") or self.user
+        self.startup_params = {
+            k: v for k, v in params.items() if k not in ("user", "database") and not k.startswith("_pq_.")
+        }
+        logs.event(
+            "client_login",
+            conn=self.id,
+            peer=self.peer,
+            user=self.user,
+            database=self.database,
+            application_name=params.get("application_name"),
+        )
+        self.sidecar.admit(self)
+        self._counted = True
+        auth_cfg = self.sidecar.config.auth
+        user_cfg = auth_cfg.user(self.user)
+        if user_cfg is None and auth_cfg.users and auth_cfg.method != "passthrough":
+            raise UnknownUser(f'role "{self.user}" is not configured in pgsidecar (auth.users)')
+        secret = user_cfg.password.get_secret_value() if user_cfg and user_cfg.password else None
+        authenticator = ClientAuthenticator(
+            auth_cfg.method, self.user, secret, self.sidecar.scram_verifier(self.user, secret)
+        )
+        first = authenticator.start()
+        if first:
+            self._send(first)
+        while not authenticator.done:
+            type_byte, body = await self._read_message()
+            reply = authenticator.step(type_byte, body)
+            if reply is not None:
+                self._send(reply)
+        self._password = authenticator.password if auth_cfg.method == "passthrough" else None
+
+    async def _attach_server(self) -> None:
+        if self.database == ADMIN_DATABASE:
+            # Served by the sidecar itself: no pool, no upstream, and not held by the gate (an
+            # operator must be able to RESUME a paused sidecar).
+            console = AdminConsole(self.sidecar, self, self._read_message, self._send)
+            await console.login(self._password)
+            self.state = ClientState.ADMIN
+            self.sidecar.stats.clients_accepted += 1
+            self.close(await console.serve(self._register_backend_key()))
+            return
+        self.state = ClientState.CONNECTING
+        pool = self.sidecar.pool_for(self.user, self.database)
+        self.pool = pool
+        passthrough = self.sidecar.config.auth.method == "passthrough"
+        if passthrough and not self.sidecar.passthrough_known(self.user, self._password):
+            await self._verify_upstream_password()
+        await self.sidecar.pass_gate()
+        server = await pool.acquire(self._password)
+        if self.state is ClientState.CLOSED:  # the client gave up while we waited
+            pool.release(server, reset=not self.transaction_mode)
+            return
+        self.server = server
+        try:
+            await self._apply_startup_settings(server)
+        except ProxyError:
+            self.server = None
+            pool.release(server, reset=not self.transaction_mode)
+            raise
+        if passthrough:
+            self.sidecar.passthrough_verified(self.user, self._password)
+        self._send(
+            m.frames(
+                [
+                    m.auth_ok(),
+                    *(m.parameter_status(k, v) for k, v in server.params.items()),
+                    self._register_backend_key(),
+                    m.ready_for_query(m.TX_IDLE),
+                ]
+            )
+        )
+        self.state = ClientState.ACTIVE
+        self.sidecar.stats.clients_accepted += 1
+        logs.event(
+            "client_ready",
+            conn=self.id,
+            server=server.id,
+            upstream=str(server.endpoint),
+            mode=self.sidecar.config.pool.mode,
+            ms=round((time.monotonic() - self.connected_at) * 1000, 1),
+        )
+        if self.transaction_mode:
+            # The server only served the login; each transaction gets one from the pool.
+            self.server = None
+            pool.release(server, reset=False)
+            self._relay.hold()
+        else:
+            self._link(server)
+        rest = self._reader.take_rest()
+        if rest:
+            self.data_received(rest)
+
+    async def _verify_upstream_password(self) -> None:
+        """Passthrough: the password is right exactly when PostgreSQL accepts it."""
+        writer = await self.sidecar.topology.wait_for_writer(self.sidecar.config.upstream.connect_timeout)
+        params = {"user": self.user, "database": self.database, "application_name": "pgsidecar-auth"}
+        probe = await self.sidecar.open_server(writer, params, self._password)
+        probe.close("passthrough password verified")
+
+    async def _apply_startup_settings(self, server: ServerConnection) -> None:
+        """Make the pooled server match the client's startup parameters, in one round trip."""
+        wanted = {k: v for k, v in self.startup_params.items() if k not in _NOT_SETTABLE}
+        if "options" in self.startup_params:
+            wanted.update(parse_options(self.startup_params["options"]))
+        self.startup_settings = lower_keys(wanted)
+        self.settings = dict(self.startup_settings)
+        sql = sync_sql(self.settings, server.applied)
+        if sql is not None:
+            await server.simple_query(sql)
+        server.applied = dict(self.settings)
+
+    def _register_backend_key(self) -> bytes:
+        key = (secrets.randbits(31) or 1, secrets.randbits(32) - 2**31)
+        self.backend_key = key
+        self.sidecar.cancel_keys[key] = self
+        return m.backend_key_data(*key)
+
+    # ---------------------------------------------------------------- closing
+
+    def fail(self, exc: ProxyError) -> None:
+        """Send `exc` to the client as a FATAL error and close (every disconnect has a reason)."""
+        if self.state is ClientState.CLOSED:
+            return
+        if self.state is not ClientState.ACTIVE:
+            self.sidecar.stats.clients_refused[exc.code] += 1
+        self._send(
+            m.error_response(exc.code, exc.message, severity="FATAL", detail=exc.detail, hint=exc.hint)
+        )
+        self.close(f"{exc.code}: {exc.message}")
+
+    def close(self, reason: str) -> None:
+        if self.state is ClientState.CLOSED:
+            return
+        if self.transport is not None:
+            self.transport.close()
+        self._finish(reason)
+
+    def _finish(self, reason: str) -> None:
+        self.state = ClientState.CLOSED
+        self._close_reason = reason
+        if self._handshake_task is not None and not self._handshake_task.done():
+            self._handshake_task.cancel()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._linked = False
+        server, self.server = self.server, None
+        if server is not None and self.pool is not None:
+            if server.state is ServerState.CLOSED:
+                self.pool.active.discard(server)
+            else:
+                self.pool.release(server, reset=not self.transaction_mode)
+        if self.backend_key is not None:
+            with contextlib.suppress(KeyError):
+                del self.sidecar.cancel_keys[self.backend_key]
+        self.sidecar.client_closed(self, counted=self._counted)
+        logs.event(
+            "client_closed",
+            conn=self.id,
+            user=self.user or None,
+            reason=reason,
+            seconds=round(time.monotonic() - self.connected_at, 3),
+        )
+
+
+def _parse_query_offset(msg: memoryview) -> int:
+    """Where the query text starts in a Parse message (after the statement name)."""
+    end = bytes(msg[5:]).find(b"\x00")
+    if end < 0:
+        raise ProtocolViolation("malformed Parse message: unterminated statement name")
+    return 5 + end + 1
+
+
+def _cstring(msg: memoryview, offset: int) -> str:
+    raw = bytes(msg[offset:])
+    end = raw.find(b"\x00")
+    return (raw if end < 0 else raw[:end]).decode("utf-8", "replace")
+
+
+def _raise_sql(reason: str) -> str:
+    # Raised by the server itself so that the transaction is aborted exactly as PostgreSQL would.
+    text = reason.replace("$", "")
+    return (
+        "DO $pgsidecar$BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', "
+        f"MESSAGE = {m.quote_literal(text)}; END$pgsidecar$"
+    )

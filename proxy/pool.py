@@ -1,0 +1,297 @@
+"""Pool: the server connections for one (user, database), shared by that pair's clients.
+
+A connection is in exactly one of `idle`, `active` or `resetting` (or being opened, counted by
+`connecting`); `size` bounds their sum. Waiters are served first come, first served: a released
+connection is handed straight to the oldest waiter rather than put back where a newcomer could
+take it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import logs
+from .protocol.sqlstate import ProxyError, TooManyClients, UpstreamUnavailable
+from .server import ServerConnection, ServerState
+from .statements import ServerStatements
+from .topology import TopologyMonitor
+
+if TYPE_CHECKING:
+    from sidecar_config import Endpoint
+
+
+Opener = Callable[["Endpoint", dict[str, str], "str | None"], Awaitable[ServerConnection]]
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    size: int
+    checkout_timeout: float
+    reset_query: str
+    server_lifetime: float
+    server_idle_timeout: float
+    server_check_after_idle: float
+    connect_timeout: float
+    max_prepared_statements: int
+    min_idle: int = 0
+    max_concurrent_connects: int = 4
+
+
+class Pool:
+    def __init__(
+        self,
+        user: str,
+        database: str,
+        settings: PoolSettings,
+        topology: TopologyMonitor,
+        opener: Opener,
+    ) -> None:
+        self.user = user
+        self.database = database
+        self.settings = settings
+        self.idle: deque[ServerConnection] = deque()  # reset and ready; newest at the right
+        self.active: set[ServerConnection] = set()  # linked to a client
+        self.resetting: set[ServerConnection] = set()  # running the reset query after release
+        self.connecting = 0  # logins in progress
+        self.waiters: deque[asyncio.Future[ServerConnection | None]] = deque()
+        self._topology = topology
+        self._open = opener
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._connect_slots = asyncio.Semaphore(settings.max_concurrent_connects)
+        self._housekeeper: asyncio.Task[None] | None = None
+        # The password new connections log in with (passthrough: the last one PostgreSQL accepted).
+        self._password: str | None = None
+
+    @property
+    def total(self) -> int:
+        return len(self.idle) + len(self.active) + len(self.resetting) + self.connecting
+
+    def _usable(self, server: ServerConnection, now: float) -> str | None:
+        """Why `server` must not be handed out, or None if it may."""
+        if server.state is not ServerState.IDLE or server.transport is None:
+            return server.close_reason or "connection closed"
+        if server.endpoint != self._topology.writer:
+            return f"{server.endpoint} is no longer the writer"
+        if now - server.created_at > self.settings.server_lifetime:
+            return "server_lifetime reached"
+        if now - server.last_used > self.settings.server_idle_timeout:
+            return "server_idle_timeout reached"
+        return None
+
+    async def acquire(self, password: str | None) -> ServerConnection:
+        """A logged-in server connection to the writer, waiting up to `checkout_timeout`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.checkout_timeout
+        while True:
+            server = await self._take_idle()
+            if server is not None:
+                return server
+            if self.total < self.settings.size:
+                return await self._open_new(password)
+            waiter: asyncio.Future[ServerConnection | None] = loop.create_future()
+            self.waiters.append(waiter)
+            try:
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    handed = await waiter
+            except TimeoutError:
+                raise TooManyClients(
+                    f'no server connection for user "{self.user}" database "{self.database}" '
+                    f"became free within pool.checkout_timeout ({self.settings.checkout_timeout:g}s); "
+                    f"all {self.settings.size} (pool.size) are in use"
+                ) from None
+            finally:
+                if waiter in self.waiters:
+                    self.waiters.remove(waiter)
+                if waiter.done() and not waiter.cancelled() and sys.exc_info()[0] is not None:
+                    # Handed a connection just as we gave up: put it back rather than leak it.
+                    lost = waiter.result()
+                    if lost is not None:
+                        self.active.discard(lost)
+                        if not self._wake_one(lost):
+                            self.idle.append(lost)
+            if handed is not None:
+                return handed  # `_wake_one` already counted it as active
+            # None: capacity freed up (a connection was dropped); loop to open one.
+
+    def take_idle_now(self) -> ServerConnection | None:
+        """An idle server that needs no liveness check, or None (then use `acquire`)."""
+        if self.waiters or not self.idle:
+            return None  # first come, first served: waiters go first
+        server = self.idle[-1]
+        now = time.monotonic()
+        if (
+            self._usable(server, now) is not None
+            or now - server.last_used > self.settings.server_check_after_idle
+        ):
+            return None
+        self.idle.pop()
+        self.active.add(server)
+        return server
+
+    async def _take_idle(self) -> ServerConnection | None:
+        now = time.monotonic()
+        while self.idle:
+            server = self.idle.pop()
+            why = self._usable(server, now)
+            if why is None and now - server.last_used > self.settings.server_check_after_idle:
+                why = await self._check_alive(server)
+            if why is not None:
+                self._drop(server, why)
+                continue
+            self.active.add(server)
+            return server
+        return None
+
+    async def _check_alive(self, server: ServerConnection) -> str | None:
+        # A connection idle for long may have been cut by a NAT or a restarted server; find out
+        # here rather than fail the client's first query on it.
+        self.resetting.add(server)
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                await server.simple_query("SELECT 1")
+            return None
+        except (ProxyError, TimeoutError) as exc:
+            return f"liveness check failed: {exc}"
+        finally:
+            self.resetting.discard(server)
+
+    async def _open_new(self, password: str | None, for_idle: bool = False) -> ServerConnection:
+        self.connecting += 1
+        if password is not None:
+            self._password = password
+        try:
+            # A burst of clients (or a reconnect storm after failover) must not become a burst of
+            # simultaneous logins against a database that is just coming up.
+            async with self._connect_slots:
+                writer = await self._topology.wait_for_writer(self.settings.connect_timeout)
+                params = {"user": self.user, "database": self.database}
+                try:
+                    server = await self._open(writer, params, password)
+                except UpstreamUnavailable as exc:
+                    self._topology.report_failure(writer, exc.message)
+                    raise
+        except BaseException:
+            self.connecting -= 1
+            self._wake_one(None)  # the slot this login held is free again
+            raise
+        self.connecting -= 1
+        server.on_close(self._closed)
+        server.statements = ServerStatements(self.settings.max_prepared_statements)
+        if for_idle:
+            if not self._wake_one(server):
+                self.idle.append(server)
+        else:
+            self.active.add(server)
+        return server
+
+    def start_housekeeping(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._housekeeper = loop.create_task(self._housekeep(), name=f"pool-{self.user}-{self.database}")
+
+    async def _housekeep(self) -> None:
+        """Close idle connections past server_idle_timeout / server_lifetime; keep min_idle open."""
+        interval = max(
+            0.05, min(1.0, self.settings.server_idle_timeout / 4, self.settings.server_lifetime / 4)
+        )
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for server in list(self.idle):
+                why = self._usable(server, now)
+                if why is not None:
+                    self._drop(server, why)
+            missing = min(self.settings.min_idle - len(self.idle), self.settings.size - self.total)
+            if missing > 0 and self._topology.writer is not None:
+                results = await asyncio.gather(
+                    *(self._open_new(self._password, for_idle=True) for _ in range(missing)),
+                    return_exceptions=True,
+                )
+                for result in results:
+                    if isinstance(result, BaseException) and not isinstance(result, ProxyError):
+                        logs.event("pool_refill_failed", logs.WARNING, error=repr(result))
+
+    def release(self, server: ServerConnection, reset: bool = True) -> None:
+        """Take a server back from a client: reuse it if it is at rest, else close it.
+
+        `reset` (session mode) runs `reset_query` first; transaction mode hands the server on as is,
+        keeping its prepared statements and settings (the next client's are applied over them).
+        """
+        self.active.discard(server)
+        server.unlink()
+        why = None if server.at_rest else "client left mid-transaction or mid-query"
+        if why is None and not server.settle():
+            why = "unexpected output from the server between transactions"
+        if why is None:
+            why = self._usable(server, time.monotonic())
+        if why is not None:
+            self._drop(server, why)
+            return
+        if not reset:
+            server.last_used = time.monotonic()
+            if not self._wake_one(server):
+                self.idle.append(server)
+            return
+        self.resetting.add(server)
+        task = asyncio.get_running_loop().create_task(self._reset(server))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reset(self, server: ServerConnection) -> None:
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                await server.simple_query(self.settings.reset_query)
+        except (ProxyError, TimeoutError) as exc:
+            self.resetting.discard(server)
+            self._drop(server, f"reset query failed: {exc}")
+            return
+        self.resetting.discard(server)
+        # DISCARD ALL (the default reset) leaves the server as it was after login.
+        server.applied = {}
+        server.last_used = time.monotonic()
+        if not self._wake_one(server):
+            self.idle.append(server)
+
+    def _wake_one(self, server: ServerConnection | None) -> bool:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                if server is not None:
+                    self.active.add(server)
+                waiter.set_result(server)
+                return True
+        return False
+
+    def _drop(self, server: ServerConnection, reason: str) -> None:
+        logs.event("server_closed", server=server.id, upstream=str(server.endpoint), reason=reason)
+        self.active.discard(server)
+        self.resetting.discard(server)
+        with contextlib.suppress(ValueError):
+            self.idle.remove(server)
+        server.close(reason)
+        self._wake_one(None)
+
+    def _closed(self, server: ServerConnection) -> None:
+        # The server went away on its own (idle in the pool, or mid-session).
+        if server in self.idle or server in self.resetting:
+            self._drop(server, server.close_reason or "server closed the connection")
+
+    def drop_endpoint(self, endpoint: Endpoint, reason: str) -> None:
+        """Close every idle connection to `endpoint` (active ones are cut by their clients)."""
+        for server in [s for s in (*self.idle, *self.resetting) if s.endpoint == endpoint]:
+            self._drop(server, reason)
+
+    def close_all(self, reason: str) -> None:
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+        for server in [*self.idle, *self.resetting, *self.active]:
+            server.close(reason)
+        self.idle.clear()
+        self.resetting.clear()
+        self.active.clear()

@@ -1,0 +1,545 @@
+"""ServerConnection: one upstream PostgreSQL connection, as an asyncio Protocol.
+
+Two modes:
+
+* detached (in the pool, during login, or running the sidecar's own queries): inbound messages are
+  read whole through a `MessageReader` by coroutines such as `login()` and `simple_query()`;
+* linked to a `ClientSession`: inbound bytes go through a `Relay` straight to the client's transport
+  as spans, and only ReadyForQuery, ErrorResponse and ParameterStatus are looked at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Protocol, cast
+
+from . import logs
+from .metrics import Stats
+from .protocol import messages as m
+from .protocol.auth import UpstreamAuthenticator
+from .protocol.framing import Action, MessageReader, Relay, watch_table
+from .protocol.sqlstate import (
+    SERVER_GONE_STATES,
+    ProxyError,
+    UpstreamUnavailable,
+    error_class,
+)
+from .statements import TRACKED_RESPONSE_TYPES, ResponseTracker, ServerStatements
+
+if TYPE_CHECKING:
+    from sidecar_config import Endpoint
+
+_server_ids = itertools.count(1)
+
+# Server -> client messages the data path must see: transaction boundaries, errors that reveal a
+# dying or demoted server, and parameter changes a moved session has to replay.
+_LINKED_WATCH = watch_table((m.B_READY_FOR_QUERY, m.B_ERROR, m.B_PARAMETER_STATUS))
+# Transaction pooling renames prepared statements, so every answer is matched to its request.
+_TRACKED_WATCH = watch_table(TRACKED_RESPONSE_TYPES)
+
+Continuation = Callable[[], None]
+
+
+class ServerState(Enum):
+    CONNECTING = "connecting"
+    LOGIN = "login"
+    IDLE = "idle"
+    ACTIVE = "active"
+    CLOSED = "closed"
+
+
+class ServerLink(Protocol):
+    """What a linked ServerConnection needs from its client (a ClientSession)."""
+
+    transport: asyncio.Transport | None
+    wants_ready: bool  # call server_ready at each ReadyForQuery (else skipped: hot path)
+
+    def server_ready(self, status: int) -> Continuation | None:
+        """ReadyForQuery arrived. A returned continuation runs once the bytes so far have been
+        written, with this server's relay paused (the client is at a quiet point)."""
+        ...
+
+    def server_error(self, fields: dict[str, str]) -> None: ...
+
+    def server_lost(self, server: ServerConnection, reason: str) -> None: ...
+
+
+class UpstreamError(ProxyError):
+    """An ErrorResponse from PostgreSQL during login or a sidecar-issued query; relayed as is."""
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        super().__init__(
+            fields.get("M", "upstream error"),
+            detail=fields.get("D"),
+            hint=fields.get("H"),
+            code=fields.get("C", "XX000"),
+        )
+        self.fields = fields
+
+
+@dataclass
+class QueryResult:
+    """The text-format outcome of a simple query the sidecar ran itself."""
+
+    columns: list[str] = field(default_factory=list)
+    rows: list[list[str | None]] = field(default_factory=list)
+    tag: str = ""
+    # ParameterStatus messages the query caused, as sent: a client must see those of a query the
+    # sidecar ran on its behalf (e.g. putting back its startup settings after RESET ALL).
+    parameter_status: list[bytes] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    mode: str = "prefer"  # disable | prefer | require | verify-full
+    ca_file: str | None = None
+
+    def context(self) -> ssl.SSLContext | None:
+        if self.mode == "disable":
+            return None
+        if self.mode == "verify-full":
+            ctx = ssl.create_default_context(cafile=self.ca_file)
+            ctx.check_hostname = True
+            return ctx
+        # prefer / require: encrypt, but (as libpq's modes of the same name) do not verify.
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+
+class ServerConnection(asyncio.Protocol):
+    def __init__(self, endpoint: Endpoint, max_message_size: int, stats: Stats | None = None) -> None:
+        self.id = f"s{next(_server_ids)}"
+        self.endpoint = endpoint  # where this connection goes; compared against the writer
+        self.state = ServerState.CONNECTING
+        self.transport: asyncio.Transport | None = None
+        self.params: dict[str, str] = {}  # ParameterStatus values as this server reports them
+        self.backend_key: tuple[int, int] | None = None  # for forwarding CancelRequests
+        self.tx_status = m.TX_IDLE  # from the last ReadyForQuery
+        self.outstanding = 0  # Query/Sync messages sent whose ReadyForQuery has not come back
+        self.created_at = time.monotonic()
+        self.last_used = self.created_at
+        self.client: ServerLink | None = None  # the linked client, if any
+        self.close_reason: str | None = None
+        self.applied: dict[str, str] = {}  # session settings the sidecar set here (lowercase names)
+        self.statements = ServerStatements(0)  # sidecar-wide prepared statements (transaction mode)
+        self.tracker = ResponseTracker()  # answers owed, in order (transaction mode)
+        self.unnamed_from: bytes | None = None  # whose unnamed statement this server holds
+        self.held_notifications: list[bytes] = []  # NOTIFYs that arrived while detached
+        self.request_started: deque[float] = deque()  # when each unanswered request was sent
+        self.commit_flags: deque[bool] = deque()  # per unanswered request: is it a COMMIT
+        self.stats = stats if stats is not None else Stats()
+        self._tracked = False
+        self._continuation: Continuation | None = None
+        self._max = max_message_size
+        self._reader = MessageReader(max_message_size)
+        self._relay = Relay(_LINKED_WATCH, self._inspect, max_message_size)
+        self._wakeup: asyncio.Future[None] | None = None
+        self._on_close: Callable[[ServerConnection], None] | None = None
+        self._ssl_reply: asyncio.Future[bytes] | None = None
+
+    # ---------------------------------------------------------------- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client is not None and self.state is ServerState.ACTIVE:
+            try:
+                spans = self._relay.feed(data)
+            except ProxyError as exc:
+                self.close(f"protocol error from server: {exc.message}")
+                return
+            out = client.transport
+            if out is not None:
+                for span in spans:
+                    out.write(span)
+            if self._continuation is not None and self._relay.paused:
+                then, self._continuation = self._continuation, None
+                then()
+            return
+        if self._ssl_reply is not None and not self._ssl_reply.done():
+            self._ssl_reply.set_result(data)
+            return
+        self._reader.feed(data)
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = self.close_reason or (
+            f"server closed the connection: {exc}" if exc else "server closed the connection"
+        )
+        self.close_reason = reason
+        self.state = ServerState.CLOSED
+        self.transport = None
+        if self._ssl_reply is not None and not self._ssl_reply.done():
+            self._ssl_reply.set_exception(UpstreamUnavailable(reason))
+        self._wake()
+        client = self.client
+        if client is not None:
+            self.client = None
+            client.server_lost(self, reason)
+        if self._on_close is not None:
+            self._on_close(self)
+
+    def pause_writing(self) -> None:
+        # The server is not reading fast enough: stop reading from the client that feeds it.
+        client = self.client
+        if client is not None and client.transport is not None:
+            client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        client = self.client
+        if client is not None and client.transport is not None:
+            client.transport.resume_reading()
+
+    # ---------------------------------------------------------------- linked mode
+
+    def link(self, client: ServerLink, tracked: bool = False) -> None:
+        """Start relaying this server's output to `client` (`tracked`: match answers to requests)."""
+        self.client = client
+        self.request_started.clear()
+        self.commit_flags.clear()
+        self.state = ServerState.ACTIVE
+        self.last_used = time.monotonic()
+        if tracked != self._tracked:
+            self._tracked = tracked
+            if tracked:
+                self._relay.set_inspector(self._inspect_tracked, _TRACKED_WATCH)
+            else:
+                self._relay.set_inspector(self._inspect, _LINKED_WATCH)
+        out = client.transport
+        pending = self.held_notifications
+        self.held_notifications = []
+        spans = self._relay.resume() if self._relay.paused else []
+        if out is not None:
+            for data in pending:
+                out.write(data)
+            for span in spans:
+                out.write(span)
+
+    def unlink(self) -> None:
+        """Stop relaying; output that arrives meanwhile is read by the sidecar's own queries."""
+        self.client = None
+        self._continuation = None
+        if self.state is ServerState.ACTIVE:
+            self.state = ServerState.IDLE
+        self.last_used = time.monotonic()
+        if self.transport is not None:
+            # Reading may have been paused for a slow client that is now gone.
+            self.transport.resume_reading()
+
+    def _inspect(self, type_byte: int, msg: memoryview) -> Action:
+        client = self.client
+        if type_byte == m.B_READY_FOR_QUERY:
+            self.tx_status = msg[5]
+            self._answered()
+            if self.outstanding:
+                self.outstanding -= 1
+            if client is not None and client.wants_ready:
+                then = client.server_ready(self.tx_status)
+                if then is not None:
+                    self._continuation = then
+                    return Action.FORWARD_PAUSE
+        elif type_byte == m.B_PARAMETER_STATUS:
+            name, value = m.decode_parameter_status(msg[5:])
+            self.params[name] = value
+        else:  # ErrorResponse
+            if self._server_going_away(msg):
+                return Action.DROP
+        return Action.FORWARD
+
+    def _server_going_away(self, msg: memoryview) -> bool:
+        """Count an ErrorResponse; True if it is the server's FATAL goodbye (shutdown, crash,
+        recovery), which is not relayed: the session survives the server and moves on."""
+        fields = m.decode_error_fields(msg[5:])
+        code = fields.get("C", "XX000")
+        self.stats.upstream_errors[code] += 1
+        client = self.client
+        if client is not None:
+            client.server_error(fields)
+        if code in SERVER_GONE_STATES and fields.get("V", fields.get("S")) == "FATAL":
+            self.close_reason = f"server is going away: {m.error_summary(fields)}"
+            return True
+        return False
+
+    def _answered(self) -> None:
+        """A ReadyForQuery: one request answered (and, at status idle, a transaction done)."""
+        stats = self.stats
+        stats.queries += 1
+        if self.tx_status == m.TX_IDLE:
+            stats.transactions += 1
+        if self.request_started:
+            stats.query_duration.observe(time.monotonic() - self.request_started.popleft())
+        if self.commit_flags:
+            self.commit_flags.popleft()
+
+    def _inspect_tracked(self, type_byte: int, msg: memoryview) -> Action:
+        client = self.client
+        if type_byte == m.B_READY_FOR_QUERY:
+            self.tx_status = msg[5]
+            self._answered()
+        elif type_byte == m.B_PARAMETER_STATUS:
+            name, value = m.decode_parameter_status(msg[5:])
+            self.params[name] = value
+        elif type_byte == m.B_ERROR and self._server_going_away(msg):
+            return Action.DROP
+        forward, before, after, failed = self.tracker.on_server_message(type_byte, self.tx_status)
+        for name in failed:
+            self.statements.discard(name)
+        if before:
+            self._relay.insert(before)
+        if after:
+            self._relay.insert(bytes(msg) + after if forward else after)
+            forward = False
+        pause = False
+        if type_byte == m.B_READY_FOR_QUERY and not self.tracker and client is not None:
+            then = client.server_ready(self.tx_status)
+            if then is not None:
+                self._continuation = then
+                pause = True
+        if pause:
+            return Action.FORWARD_PAUSE if forward else Action.DROP_PAUSE
+        return Action.FORWARD if forward else Action.DROP
+
+    @property
+    def at_rest(self) -> bool:
+        """Idle between transactions with nothing in flight: safe to reuse."""
+        return (
+            self.state is not ServerState.CLOSED
+            and self.tx_status == m.TX_IDLE
+            and self.outstanding == 0
+            and not self.tracker
+            and self._relay.at_boundary
+        )
+
+    @property
+    def mid_response(self) -> bool:
+        """Part of a message has gone to the client and the rest never will: its stream is broken."""
+        return self._relay.mid_message
+
+    def settle(self) -> bool:
+        """Before reuse: un-pause the relay; False if it was holding stray bytes (then don't reuse)."""
+        return not self._relay.resume()
+
+    # ---------------------------------------------------------------- detached mode
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def read_message(self) -> tuple[int, bytes]:
+        while True:
+            msg = self._reader.read_message()
+            if msg is not None:
+                return msg
+            if self.state is ServerState.CLOSED:
+                raise UpstreamUnavailable(
+                    f"upstream {self.endpoint} closed the connection: {self.close_reason}"
+                )
+            self._wakeup = asyncio.get_running_loop().create_future()
+            await self._wakeup
+            self._wakeup = None
+
+    def send(self, data: bytes) -> None:
+        if self.transport is None:
+            raise UpstreamUnavailable(f"upstream {self.endpoint} connection is closed")
+        self.transport.write(data)
+
+    async def negotiate_tls(self, tls: TlsSettings) -> None:
+        ctx = tls.context()
+        if ctx is None:
+            return
+        loop = asyncio.get_running_loop()
+        self._ssl_reply = loop.create_future()
+        self.send(m.ssl_request())
+        reply = await self._ssl_reply
+        self._ssl_reply = None
+        if reply[:1] == b"S":
+            assert self.transport is not None
+            new_transport = await loop.start_tls(
+                self.transport, self, ctx, server_hostname=self.endpoint.host
+            )
+            self.transport = cast(asyncio.Transport, new_transport)
+        elif reply[:1] == b"N":
+            if tls.mode in ("require", "verify-full"):
+                raise UpstreamUnavailable(
+                    f"upstream {self.endpoint} does not support TLS and upstream.tls is {tls.mode}"
+                )
+        else:
+            raise UpstreamUnavailable(f"upstream {self.endpoint} answered SSLRequest with {reply[:1]!r}")
+
+    async def login(self, params: dict[str, str], password: str | None) -> None:
+        """Startup and authentication; returns once the server sent ReadyForQuery."""
+        self.state = ServerState.LOGIN
+        auth = UpstreamAuthenticator(params["user"], password)
+        self.send(m.startup_message(params))
+        while True:
+            type_byte, body = await self.read_message()
+            if type_byte == m.B_AUTH:
+                reply = auth.handle(*m.decode_auth(body))
+                if reply is not None:
+                    self.send(reply)
+            elif type_byte == m.B_PARAMETER_STATUS:
+                name, value = m.decode_parameter_status(body)
+                self.params[name] = value
+            elif type_byte == m.B_BACKEND_KEY_DATA:
+                self.backend_key = m.decode_backend_key_data(body)
+            elif type_byte == m.B_READY_FOR_QUERY:
+                self.tx_status = m.decode_ready_for_query(body)
+                self.state = ServerState.IDLE
+                return
+            elif type_byte == m.B_ERROR:
+                fields = m.decode_error_fields(body)
+                code = fields.get("C", "")
+                if code in ("28P01", "28000"):
+                    # Keep PostgreSQL's own code: 28000 (no such role / pg_hba) vs 28P01 (password).
+                    raise error_class(code)(fields.get("M", "upstream authentication failed"))
+                raise UpstreamError(fields)
+            # NoticeResponse and NegotiateProtocolVersion need no answer during login.
+
+    async def simple_query(self, sql: str) -> QueryResult:
+        """Run one statement the sidecar itself needs (reset, SET, probe); text results."""
+        self.send(m.query(sql))
+        result = QueryResult()
+        error: UpstreamError | None = None
+        while True:
+            type_byte, body = await self.read_message()
+            if type_byte == m.B_ROW_DESCRIPTION:
+                result.columns = m.decode_row_description(body)
+            elif type_byte == m.B_DATA_ROW:
+                result.rows.append([None if v is None else v.decode() for v in m.decode_data_row(body)])
+            elif type_byte == m.B_COMMAND_COMPLETE:
+                result.tag = m.decode_command_complete(body)
+            elif type_byte == m.B_PARAMETER_STATUS:
+                name, value = m.decode_parameter_status(body)
+                self.params[name] = value
+                result.parameter_status.append(m.message(b"S", body))
+            elif type_byte == m.B_ERROR:
+                error = UpstreamError(m.decode_error_fields(body))
+            elif type_byte == m.B_NOTIFICATION:
+                # A NOTIFY for the session's client arrived during the sidecar's own query: deliver
+                # it when the client is linked again rather than lose it.
+                self.held_notifications.append(m.message(b"A", body))
+            elif type_byte == m.B_READY_FOR_QUERY:
+                self.tx_status = m.decode_ready_for_query(body)
+                if error is not None:
+                    raise error
+                return result
+
+    async def prepare(self, parse_messages: list[bytes]) -> list[str]:
+        """Re-create a moved session's named statements; returns the errors of those that failed.
+
+        Each Parse gets its own Sync, so one statement that no longer prepares (a dropped table)
+        does not stop the others; the client gets that error when it uses the statement, as it
+        would have directly.
+        """
+        self.send(b"".join(msg + m.sync() for msg in parse_messages))
+        errors: list[str] = []
+        remaining = len(parse_messages)
+        while remaining:
+            type_byte, body = await self.read_message()
+            if type_byte == m.B_ERROR:
+                errors.append(m.error_summary(m.decode_error_fields(body)))
+            elif type_byte == m.B_READY_FOR_QUERY:
+                self.tx_status = m.decode_ready_for_query(body)
+                remaining -= 1
+        return errors
+
+    def close(self, reason: str) -> None:
+        """Close the connection (politely with Terminate when it is at a boundary)."""
+        if self.state is ServerState.CLOSED:
+            return
+        self.close_reason = self.close_reason or reason
+        transport = self.transport
+        if transport is not None:
+            if self._relay.at_boundary and not transport.is_closing():
+                transport.write(m.terminate())
+            transport.close()
+        self.state = ServerState.CLOSED
+
+    def on_close(self, callback: Callable[[ServerConnection], None]) -> None:
+        self._on_close = callback
+
+
+async def connect(
+    endpoint: Endpoint,
+    params: dict[str, str],
+    password: str | None,
+    *,
+    tls: TlsSettings,
+    timeout: float,
+    max_message_size: int,
+    stats: Stats | None = None,
+) -> ServerConnection:
+    """Open, secure and log in an upstream connection, all within `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    server = ServerConnection(endpoint, max_message_size, stats)
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.create_connection(lambda: server, endpoint.host, endpoint.port)
+            await server.negotiate_tls(tls)
+            await server.login(params, password)
+    except TimeoutError as exc:
+        server.close("connect timeout")
+        raise UpstreamUnavailable(
+            f"could not connect to upstream {endpoint}: no answer within {timeout:g}s "
+            "(upstream.connect_timeout)"
+        ) from exc
+    except ssl.SSLCertVerificationError as exc:
+        # Before OSError (its base class): say what failed in words an operator can act on, not
+        # OpenSSL's "[SSL: CERTIFICATE_VERIFY_FAILED] ... (_ssl.c:1006)".
+        server.close("TLS verification failed")
+        raise UpstreamUnavailable(
+            f"could not connect to upstream {endpoint}: TLS certificate verification failed: "
+            f"{_verify_problem(exc)} (upstream.tls is {tls.mode}, ca_file {tls.ca_file})"
+        ) from exc
+    except ssl.SSLError as exc:
+        server.close("TLS handshake failed")
+        raise UpstreamUnavailable(
+            f"could not connect to upstream {endpoint}: TLS handshake failed: {exc.reason or exc}"
+        ) from exc
+    except OSError as exc:
+        server.close("connect failed")
+        raise UpstreamUnavailable(f"could not connect to upstream {endpoint}: {exc.strerror or exc}") from exc
+    except BaseException:
+        server.close("login failed")
+        raise
+    logs.event(
+        "server_connected",
+        server=server.id,
+        upstream=str(endpoint),
+        user=params.get("user"),
+        database=params.get("database"),
+        ms=round((time.monotonic() - started) * 1000, 1),
+    )
+    return server
+
+
+def _verify_problem(exc: ssl.SSLCertVerificationError) -> str:
+    # verify_message is OpenSSL's reason ("unable to get local issuer certificate", "IP address
+    # mismatch, certificate is not valid for '10.0.0.5'."); it is None when the error was raised
+    # by Python's own hostname check rather than by OpenSSL.
+    message = exc.verify_message or exc.reason or str(exc)
+    return str(message).rstrip(".")
+
+
+async def send_cancel(endpoint: Endpoint, key: tuple[int, int], timeout: float) -> None:
+    """Forward a CancelRequest to the backend that runs the client's query."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+        writer.write(m.cancel_request(*key))
+        await writer.drain()
+        # The server closes without answering; wait for that so the cancel is delivered.
+        await reader.read(1)
+        writer.close()

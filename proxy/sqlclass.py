@@ -1,0 +1,181 @@
+"""Which client statements change session state the sidecar must track or refuse.
+
+Checked on the data path for every Query and Parse, so it works in two steps: a byte-level look at
+the first keyword (no decoding, no allocation for an ordinary SELECT/INSERT/UPDATE), and only for
+the few keywords that matter a parse with pglast, PostgreSQL's own parser.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+from pglast import parse_sql
+from pglast.ast import (
+    CreateStmt,
+    DeallocateStmt,
+    DeclareCursorStmt,
+    DiscardStmt,
+    FuncCall,
+    ListenStmt,
+    Node,
+    PrepareStmt,
+    VariableSetStmt,
+)
+from pglast.enums import DiscardMode, VariableSetKind
+from pglast.visitors import Visitor
+
+# Keywords after which session state may change. `select`/`with`/`values` are in the transaction
+# set only because of session advisory locks, and only when the text mentions them.
+_SETTINGS_WORDS = frozenset({b"set", b"reset", b"discard"})
+_TX_WORDS = _SETTINGS_WORDS | frozenset({b"deallocate", b"listen", b"declare", b"create", b"prepare"})
+
+_WS = b" \t\r\n\f\v"
+
+
+# Blanks, comments and opening parentheses, then the first word. `re` runs this in C, over the
+# message buffer itself.
+_FIRST_WORD = re.compile(rb"(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/|\()*([A-Za-z]{1,16})", re.S)
+
+
+def first_keyword(buf: bytes | memoryview, start: int = 0) -> bytes:
+    """The first SQL keyword at `buf[start:]`, lowercased, skipping blanks and comments."""
+    match = _FIRST_WORD.match(buf, start)
+    return match.group(1).lower() if match else b""
+
+
+# First letters of every keyword session mode cares about: SET/SELECT, RESET, DISCARD/DEALLOCATE/
+# DECLARE, LISTEN, CREATE/COMMIT, PREPARE, END, WITH/VALUES (an advisory lock in a CTE).
+_SESSION_INITIALS = frozenset(b"srdlcpewv")
+# Functions that change session state from inside a SELECT.
+_SESSION_FUNCTIONS = re.compile(rb"advisory|set_config", re.I)
+
+
+def session_keyword_at(buf: bytes | memoryview, start: int) -> bool:
+    """False when the statement at `start` certainly leaves session state alone (one byte tells,
+    for most statements); True means look closer."""
+    if start >= len(buf):
+        return False
+    first = buf[start] | 0x20
+    return not (0x61 <= first <= 0x7A) or first in _SESSION_INITIALS
+
+
+def mentions_session_functions(buf: bytes | memoryview, start: int) -> bool:
+    return _SESSION_FUNCTIONS.search(buf, start) is not None
+
+
+def may_change_settings(keyword: bytes) -> bool:
+    return keyword in _SETTINGS_WORDS
+
+
+# A `;` followed by more than blanks: several statements in one Query, any of which may matter.
+_MORE_STATEMENTS = re.compile(rb";\s*[^\s\x00]")
+
+
+def needs_transaction_check(keyword: bytes, text: bytes | memoryview, start: int = 0) -> bool:
+    """True when a statement might carry session state that transaction pooling must handle
+    (False is certain; True means parse it)."""
+    return (
+        keyword in _TX_WORDS
+        or _SESSION_FUNCTIONS.search(text, start) is not None
+        or _MORE_STATEMENTS.search(text, start) is not None
+    )
+
+
+class Deallocate(Enum):
+    NONE = 0
+    ONE = 1
+    ALL = 2
+
+
+@dataclass(frozen=True)
+class Effects:
+    """What a statement (or multi-statement Query) does to session state."""
+
+    changes_settings: bool = False  # SET / RESET / DISCARD: the session's settings must be re-read
+    reset_all: bool = False  # RESET ALL / DISCARD ALL: every setting back to its startup value
+    reset_names: frozenset[str] = frozenset()  # RESET x / SET x TO DEFAULT (lowercase)
+    discard_all: bool = False
+    deallocate: Deallocate = Deallocate.NONE
+    deallocate_name: str | None = None
+    single_statement: bool = True
+    # Why this cannot run with transaction pooling (LISTEN, WITH HOLD cursor, ...), if it cannot.
+    not_poolable: str | None = None
+
+
+_HOLD_CURSOR = 0x0020  # CURSOR_OPT_HOLD in PostgreSQL's parsenodes.h
+_SESSION_LOCKS = frozenset({"pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock",
+                            "pg_try_advisory_lock_shared"})  # fmt: skip
+
+
+class _FunctionNames(Visitor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def visit_FuncCall(self, _ancestors: object, node: FuncCall) -> None:
+        if node.funcname:
+            last = node.funcname[-1]
+            self.names.add(str(getattr(last, "sval", "")).lower())
+
+
+def classify(sql: str) -> Effects:
+    """The session effects of `sql`. Unparseable text is assumed to change settings (the server
+    will report the syntax error; re-reading settings afterwards is harmless)."""
+    try:
+        statements = parse_sql(sql)
+    except Exception:
+        return Effects(changes_settings=True)
+    changes = reset_all = discard = False
+    reset_names: set[str] = set()
+    dealloc = Deallocate.NONE
+    dealloc_name: str | None = None
+    not_poolable: str | None = None
+    for raw in statements:
+        stmt: Node | None = raw.stmt
+        if isinstance(stmt, VariableSetStmt):
+            changes = True
+            # RESET and SET ... TO DEFAULT return to the *startup* value, which a pooled server
+            # does not know: the sidecar puts the client's startup value back afterwards.
+            if stmt.kind == VariableSetKind.VAR_RESET_ALL:
+                reset_all = True
+            elif stmt.kind in (VariableSetKind.VAR_RESET, VariableSetKind.VAR_SET_DEFAULT) and stmt.name:
+                reset_names.add(stmt.name.lower())
+        elif isinstance(stmt, DiscardStmt):
+            changes = True
+            if stmt.target == DiscardMode.DISCARD_ALL:
+                reset_all = discard = True
+        elif isinstance(stmt, DeallocateStmt):
+            dealloc = Deallocate.ONE if stmt.name else Deallocate.ALL
+            dealloc_name = stmt.name
+        elif isinstance(stmt, ListenStmt):
+            not_poolable = "LISTEN needs a session of its own"
+        elif isinstance(stmt, DeclareCursorStmt) and (stmt.options or 0) & _HOLD_CURSOR:
+            not_poolable = "a WITH HOLD cursor outlives its transaction"
+        elif isinstance(stmt, CreateStmt) and stmt.relation and stmt.relation.relpersistence == "t":
+            not_poolable = "a temporary table lives as long as the server session"
+        elif isinstance(stmt, PrepareStmt):
+            not_poolable = (
+                "SQL-level PREPARE lives as long as the server session "
+                "(protocol-level prepared statements work)"
+            )
+        elif stmt is not None:
+            finder = _FunctionNames()
+            finder(stmt)
+            if "set_config" in finder.names:
+                changes = True  # set_config(name, value, false): a SET in disguise
+            if finder.names & _SESSION_LOCKS:
+                not_poolable = (
+                    "a session-level advisory lock outlives the transaction (pg_advisory_xact_lock works)"
+                )
+    return Effects(
+        changes_settings=changes,
+        reset_all=reset_all,
+        reset_names=frozenset(reset_names),
+        discard_all=discard,
+        deallocate=dealloc,
+        deallocate_name=dealloc_name,
+        single_statement=len(statements) == 1,
+        not_poolable=not_poolable,
+    )
