@@ -15,15 +15,19 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/pgsidecar demo $(ARGS)
 
-test: $(STAMP)
+# The suite starts with the linters: ruff and mypy clean is part of passing.
+test: lint
 	$(VENV)/bin/pytest -q $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy proxy sidecar_config
+	$(VENV)/bin/mypy .
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench.pgbench_compare $(ARGS)
+
+bench-failover: $(STAMP)
+	$(VENV)/bin/python -m bench.failover_drill $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache

@@ -30,7 +30,10 @@ def _write_config(topo: Topology, workdir: Path) -> tuple[Path, int]:
     config = {
         "listen": f"127.0.0.1:{port}",
         "metrics_listen": f"127.0.0.1:{free_port()}",
-        "auth": {"method": "scram-sha-256", "users": [{"name": "app_scram", "password": "env:DEMO_PASSWORD"}]},
+        "auth": {
+            "method": "scram-sha-256",
+            "users": [{"name": "app_scram", "password": "env:DEMO_PASSWORD"}],
+        },
         "upstream": {
             "tls": "disable",
             "regions": [

@@ -5,6 +5,7 @@ pg_stat_wal_receiver and cluster_name)."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import psycopg
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from tests.harness.pg import REGION_A, REGION_B
 
 
-def _aurora_config(topo, kind: str) -> dict:
+def _aurora_config(topo, kind: str) -> dict[str, Any]:
     instances = {n.name: n.hostport for n in topo.nodes}
     return {
         "upstream": {

@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -515,7 +515,11 @@ def test_psycopg_reset_restores_startup_settings(sidecar: SidecarProcess, writer
     app = _name("app")
     kwargs: dict[str, Any] = {"application_name": app, "options": "-c work_mem=5MB"}
     query = "SELECT current_setting('application_name'), current_setting('work_mem')"
-    for connect in (lambda: _direct(writer, **kwargs), lambda: _connect(sidecar, **kwargs)):
+    connectors: list[Callable[[], psycopg.Connection[Any]]] = [
+        lambda: _direct(writer, **kwargs),
+        lambda: _connect(sidecar, **kwargs),
+    ]
+    for connect in connectors:
         with connect() as conn:
             conn.execute("SET application_name = 'changed'")
             conn.execute("SET work_mem = '9MB'")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import psycopg
@@ -18,13 +19,13 @@ def _backends(node, app: str = "") -> int:
     return int(rows[0][0])
 
 
-def _wait_for(predicate, timeout: float = 10.0) -> bool:
+def _wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
         time.sleep(0.05)
-    return predicate()
+    return bool(predicate())
 
 
 def test_min_idle_connections_are_opened_and_kept(sidecar_factory, shared_topology):

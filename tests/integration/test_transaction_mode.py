@@ -424,12 +424,6 @@ def test_statement_prepared_by_one_client_is_shared_on_the_server(sidecar: Sidec
     assert len(names_for_shared) == 1, views  # the same sidecar-wide name on every server
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an unnamed statement Parsed in one Sync and Bound in the next (pg8000 run() with "
-    "parameters) is not carried to the next server: 26000 'unnamed prepared statement does not "
-    "exist', or another client's unnamed statement runs instead (silently wrong result)",
-)
 def test_pg8000_unnamed_statement_follows_the_client_to_another_server(
     sidecar: SidecarProcess, writer: pg.PgNode
 ) -> None:
@@ -459,7 +453,7 @@ def test_pg8000_unnamed_statement_follows_the_client_to_another_server(
                     assert other.execute("SELECT %s::int * 1000", (7,)).fetchone() == (7000,)
         real_describe(name)
 
-    con.send_DESCRIBE_STATEMENT = describe_after_moving  # type: ignore[method-assign]
+    con.send_DESCRIBE_STATEMENT = describe_after_moving
     try:
         assert con.run(f"SELECT :x::int + 1 AS {marker}", x=5) == [[6]]
     finally:
@@ -670,38 +664,18 @@ def _extended_deallocate_own_name(conn: psycopg.Connection[Any]) -> list[Any]:
         pytest.param(
             _deallocate_unknown,
             id="unknown-name",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bug: the sidecar answers DEALLOCATE of a name the client never prepared with "
-                "'DEALLOCATE' instead of 26000 'prepared statement ... does not exist'",
-            ),
         ),
         pytest.param(
             _deallocate_in_aborted_transaction,
             id="in-aborted-transaction",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bug: DEALLOCATE ALL in an aborted transaction is answered 'DEALLOCATE ALL' "
-                "by the sidecar instead of 25P02 (and the client's statements are dropped)",
-            ),
         ),
         pytest.param(
             _failed_discard_keeps_statements,
             id="failed-discard-all",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bug: DISCARD ALL refused by PostgreSQL inside a transaction block (25001) still "
-                "makes the sidecar forget the client's prepared statements (26000 afterwards)",
-            ),
         ),
         pytest.param(
             _extended_deallocate_own_name,
             id="extended-protocol",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bug: DEALLOCATE sent with the extended protocol is forwarded unrenamed: "
-                "26000 'prepared statement \"_pg3_0\" does not exist' where PostgreSQL succeeds",
-            ),
         ),
     ],
 )
@@ -715,12 +689,6 @@ def test_deallocate_edge_cases_behave_as_directly(
     assert got == ref
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: DEALLOCATE ALL sent with the extended protocol drops every pgsidecar_N statement on "
-    "that server, but the sidecar still believes they are prepared: other clients then get 26000 "
-    "'prepared statement \"pgsidecar_N\" does not exist', again and again",
-)
 def test_extended_deallocate_all_does_not_break_other_clients(
     sidecar_factory: Callable[..., SidecarProcess],
 ) -> None:
@@ -740,12 +708,6 @@ def test_extended_deallocate_all_does_not_break_other_clients(
 @pytest.mark.parametrize(
     "how",
     ["explicit-deallocate-all", "psycopg-rollback-after-prepared-statements"],
-)
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: after a DEALLOCATE the sidecar answers itself (no ReadyForQuery from the server), "
-    "the server stays linked to that client until its next statement: an idle client pins it and "
-    "others time out with 53300",
 )
 def test_deallocate_answered_by_the_sidecar_releases_the_server(
     sidecar_factory: Callable[..., SidecarProcess], how: str
