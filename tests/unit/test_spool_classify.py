@@ -1,0 +1,190 @@
+"""Spool classification: what may be acknowledged without a database, and the pinned clock."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from proxy.spool.classify import Classifier, Kind, Statement, classify_sql, pin_clock, pinned_literal
+
+AT = dt.datetime(2026, 11, 23, 10, 0, 0, 123456, tzinfo=dt.UTC)
+
+
+def one(sql: str, tables: list[str] | None = None) -> Statement:
+    (stmt,) = classify_sql(sql, tables).statements
+    return stmt
+
+
+@pytest.mark.parametrize(
+    ("sql", "tag", "params"),
+    [
+        ("INSERT INTO t VALUES (1, 'a')", "INSERT 0 1", 0),
+        ("insert into t (a, b) values ($1, $2)", "INSERT 0 1", 2),
+        ("insert into public.t (a, b) values ($1::int, CAST($2 AS text))", "INSERT 0 1", 2),
+        ("insert into t values (1, DEFAULT), (-2, NULL), ($3, 'x'::text)", "INSERT 0 3", 3),
+        ("insert into t values (1) on conflict do nothing", "INSERT 0 1", 0),
+        ("insert into t (a) values ($1) on conflict (a) do nothing", "INSERT 0 1", 1),
+        ("insert into t default values", "INSERT 0 1", 0),
+        ("insert into t values (ARRAY[1, $1], '{1,2}'::int[], -$2)", "INSERT 0 1", 2),
+        ("insert into t values (now(), current_timestamp, localtimestamp, current_date)", "INSERT 0 1", 0),
+        (
+            "insert into t values (CURRENT_TIMESTAMP(3), transaction_timestamp(), pg_catalog.now())",
+            "INSERT 0 1",
+            0,
+        ),
+    ],
+)
+def test_spoolable_inserts(sql: str, tag: str, params: int) -> None:
+    stmt = one(sql)
+    assert stmt.kind is Kind.INSERT and stmt.spoolable
+    assert stmt.tag == tag
+    assert stmt.param_count == params
+
+
+@pytest.mark.parametrize(
+    ("sql", "reason"),
+    [
+        ("SELECT 1", "SELECT is not a simple INSERT"),
+        ("update t set a = 1", "UPDATE is not a simple INSERT"),
+        ("delete from t", "DELETE is not a simple INSERT"),
+        ("insert into t values (random())", "function random() is not allowed in a spooled INSERT"),
+        ("insert into t values (nextval('s'))", "function nextval() is not allowed in a spooled INSERT"),
+        ("insert into t values (clock_timestamp())", "function clock_timestamp() is not allowed"),
+        ("insert into t values (1) returning a", "RETURNING needs the database"),
+        ("insert into t values ((select 1))", "a subquery needs the database"),
+        ("insert into t select 1", "INSERT ... SELECT needs the database"),
+        (
+            "insert into t values (1) on conflict (a) do update set a = 2",
+            "ON CONFLICT DO UPDATE needs the database",
+        ),
+        ("with x as (select 1) insert into t values (1)", "WITH needs the database"),
+        ("insert into t values (1 + 1)", "an expression is not allowed"),
+        ("insert into t values (current_user)", "current_user is not allowed"),
+        ("set work_mem = '1MB'", "SET work_mem needs the database"),
+        ("show server_version", "SHOW is not a simple INSERT"),
+        ("prepare transaction 'x'", "two-phase commit needs the database"),
+        ("copy t from stdin", "COPY is not a simple INSERT"),
+    ],
+)
+def test_refused_with_reason(sql: str, reason: str) -> None:
+    stmt = one(sql)
+    assert stmt.kind is Kind.REFUSED and not stmt.spoolable
+    assert reason in stmt.reason
+
+
+def test_tables_filter_qualified_and_unqualified() -> None:
+    tables = ["public.orders", "events"]
+    assert one("insert into orders values (1)", tables).spoolable
+    assert one("insert into public.orders values (1)", tables).spoolable
+    assert one("insert into PUBLIC.Orders values (1)", tables).spoolable
+    assert one("insert into events values (1)", tables).spoolable
+    assert one("insert into audit.events values (1)", tables).spoolable  # unqualified entry: any schema
+    other = one("insert into other.orders values (1)", tables)
+    assert other.reason == "table other.orders is not in spool.tables"
+    assert one("insert into x values (1)", tables).reason == "table x is not in spool.tables"
+    assert one("insert into x values (1)", None).spoolable
+
+
+@pytest.mark.parametrize(
+    ("sql", "kind", "tag"),
+    [
+        ("BEGIN", Kind.BEGIN, "BEGIN"),
+        ("begin isolation level serializable", Kind.BEGIN, "BEGIN"),
+        ("START TRANSACTION ISOLATION LEVEL REPEATABLE READ", Kind.BEGIN, "START TRANSACTION"),
+        ("begin transaction", Kind.BEGIN, "BEGIN"),
+        ("COMMIT", Kind.COMMIT, "COMMIT"),
+        ("end", Kind.COMMIT, "COMMIT"),
+        ("ROLLBACK", Kind.ROLLBACK, "ROLLBACK"),
+        ("abort", Kind.ROLLBACK, "ROLLBACK"),
+        ('SAVEPOINT "_pg3_1"', Kind.SAVEPOINT, "SAVEPOINT"),
+        ('RELEASE "_pg3_1"', Kind.RELEASE, "RELEASE"),
+        ("rollback to savepoint a", Kind.ROLLBACK_TO, "ROLLBACK"),
+        ("set transaction isolation level serializable", Kind.SET, "SET"),
+        (";", Kind.EMPTY, ""),
+        ("  -- only a comment", Kind.EMPTY, ""),
+    ],
+)
+def test_transaction_control(sql: str, kind: Kind, tag: str) -> None:
+    stmt = one(sql)
+    assert stmt.kind is kind and stmt.tag == tag
+
+
+def test_read_only_begin() -> None:
+    assert one("begin read only").read_only
+    assert not one("begin read write").read_only
+
+
+def test_set_statements() -> None:
+    tz = one("SET TIME ZONE 'Europe/Paris'")
+    assert (tz.kind, tz.name, tz.value, tz.tag) == (Kind.SET, "TimeZone", "Europe/Paris", "SET")
+    sp = one('set search_path = "MySchema", public')
+    assert (sp.name, sp.value) == ("search_path", '"MySchema", public')
+    ds = one("set local datestyle to iso, mdy")
+    assert (ds.name, ds.value, ds.local) == ("DateStyle", "iso, mdy", True)
+    reset = one("reset timezone")
+    assert (reset.name, reset.value, reset.tag) == ("TimeZone", None, "RESET")
+    assert one("set application_name = 'x'").value == "x"
+    assert one("reset all").kind is Kind.REFUSED
+
+
+def test_multi_statement_split() -> None:
+    sql = "BEGIN; insert into t values ('a;b', 'é'); ; INSERT INTO t VALUES (2), (3); COMMIT"
+    kinds = [(s.kind, s.sql, s.tag) for s in classify_sql(sql).statements]
+    assert kinds == [
+        (Kind.BEGIN, "BEGIN", "BEGIN"),
+        (Kind.INSERT, "insert into t values ('a;b', 'é')", "INSERT 0 1"),
+        (Kind.INSERT, "INSERT INTO t VALUES (2), (3)", "INSERT 0 2"),
+        (Kind.COMMIT, "COMMIT", "COMMIT"),
+    ]
+    mixed = classify_sql("insert into t values (1); select 1")
+    refused = mixed.refused
+    assert refused is not None and refused.reason == "SELECT is not a simple INSERT"
+
+
+def test_syntax_error() -> None:
+    stmt = one("insert into t valuez (1)")
+    assert stmt.kind is Kind.SYNTAX_ERROR
+    assert 'syntax error at or near "valuez"' in stmt.reason
+
+
+def test_unpinned_sql_is_kept_verbatim() -> None:
+    sql = "insert   into t (a)\n values ($1)"
+    stmt = one(sql)
+    assert not stmt.needs_pin and stmt.sql_at(AT) == sql
+
+
+def test_pinned_clock() -> None:
+    assert pinned_literal(AT) == "2026-11-23 10:00:00.123456+00"
+    stmt = one(
+        "insert into t (a, b, c, d, e) values ($1, now(), localtimestamp, current_date, CURRENT_TIMESTAMP(2))"
+    )
+    assert stmt.needs_pin
+    sql = stmt.sql_at(AT.astimezone(dt.timezone(dt.timedelta(hours=5))))  # any zone: same instant
+    lit = "'2026-11-23 10:00:00.123456+00'"
+    assert sql == (
+        f"INSERT INTO t (a, b, c, d, e) VALUES ($1, CAST({lit} AS timestamp with time zone), "
+        f"CAST(CAST({lit} AS timestamp with time zone) AS timestamp), "
+        f"CAST(CAST({lit} AS timestamp with time zone) AS pg_catalog.date), "
+        f"CAST({lit} AS timestamp(2) with time zone))"
+    )
+    # The pinned text is itself spoolable, with no clock left to pin.
+    again = one(sql)
+    assert again.spoolable and not again.needs_pin
+    with pytest.raises(ValueError):
+        pinned_literal(dt.datetime(2026, 1, 1))  # naive
+
+
+def test_pin_inside_casts_and_arrays() -> None:
+    sql = pin_clock("insert into t values (now()::date, ARRAY[now()])", AT)
+    assert "now" not in sql.lower()
+    assert sql.count("2026-11-23 10:00:00.123456+00") == 2
+
+
+def test_cache_returns_same_object_and_is_bounded() -> None:
+    classifier = Classifier(None, cache_size=2)
+    first = classifier.classify("insert into t values (1)")
+    assert classifier.classify("insert into t values (1)") is first
+    classifier.classify("select 1")
+    classifier.classify("select 2")
+    assert classifier.classify("insert into t values (1)") is not first  # evicted, re-parsed
