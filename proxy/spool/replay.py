@@ -1,0 +1,539 @@
+"""Replay the spool into the database, in record id order, exactly once.
+
+Each record becomes one upstream transaction:
+
+    BEGIN
+    SELECT set_config(name, value, true)            -- the session's settings, transaction-local
+    INSERT INTO pgsidecar.spool_applied (id) VALUES ($1) ON CONFLICT DO NOTHING
+      -> 0 rows: applied before (a crash between COMMIT and removal): ROLLBACK, "duplicate"
+    <each statement: Parse (record's types) / Bind (record's formats, raw values) / Execute>
+    COMMIT
+    -> only then is the record removed from the store
+
+The ledger row commits or rolls back with the record's own rows, so whatever fails, and wherever
+the sidecar crashes, a record is applied at most once, and it stays in the store until it is.
+
+Errors: a transient one (connection lost, server shutting down, serialization failure, writer
+turned read-only...) stops the drain; the record stays pending and is retried at the next drain.
+Any other error (unique violation, missing table, bad value) is the record's own: it is rolled
+back and moved to the dead letters with the error, and the drain goes on with the next record.
+
+A lease held in the store (renewed by a heartbeat) keeps several sidecars sharing one store from
+draining at the same time, which keeps the replay in order; exactly-once does not depend on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import struct
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from .. import logs
+from ..metrics import Stats
+from ..protocol import messages as m
+from ..protocol.sqlstate import ProxyError
+from ..server import ServerConnection, UpstreamError
+from .record import SpoolRecord
+from .store import SpoolError, SpoolStore
+
+Connector = Callable[[str, str], Awaitable[ServerConnection]]
+"""(user, database) -> a logged-in upstream connection to the current writer."""
+
+LEDGER_SCHEMA = "pgsidecar"
+LEDGER_TABLE = "pgsidecar.spool_applied"
+LEDGER_DDL = (
+    "CREATE SCHEMA IF NOT EXISTS pgsidecar; "
+    "CREATE TABLE IF NOT EXISTS pgsidecar.spool_applied "
+    "(id text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now()); "
+    # Records are replayed as the user who wrote them, whoever that is. Ids are unguessable, so
+    # letting anyone insert costs nothing; letting anyone read shows only ids and times.
+    "GRANT USAGE ON SCHEMA pgsidecar TO PUBLIC; "
+    "GRANT SELECT, INSERT ON pgsidecar.spool_applied TO PUBLIC"
+)
+LEDGER_INSERT = "INSERT INTO pgsidecar.spool_applied (id) VALUES ($1) ON CONFLICT DO NOTHING"
+SET_CONFIG = "SELECT pg_catalog.set_config($1, $2, true)"
+
+# Reported by the server but not settable: a record may carry them if the caller copied every
+# ParameterStatus; they say nothing about how to read the record, so they are skipped.
+READ_ONLY_SETTINGS = frozenset(
+    {"server_version", "server_encoding", "is_superuser", "session_authorization", "integer_datetimes",
+     "in_hot_standby", "scram_iterations"}
+)  # fmt: skip
+
+# SQLSTATEs that say "not now" rather than "never": the record is retried at the next drain.
+TRANSIENT_CLASSES = ("08", "53", "57P", "58")
+TRANSIENT_CODES = frozenset(
+    {
+        "40001",  # serialization_failure
+        "40P01",  # deadlock_detected
+        "25006",  # read_only_sql_transaction: the writer was demoted under us
+        "57014",  # query_canceled (statement_timeout, an operator's cancel)
+        "55P03",  # lock_not_available
+    }
+)
+
+DEFAULT_LEASE_TTL = 30.0
+DEFAULT_RECORD_TIMEOUT = 60.0
+TEXT_OID = 25
+
+_I16 = struct.Struct("!h")
+_I32 = struct.Struct("!i")
+_U32 = struct.Struct("!I")
+
+
+def is_transient(sqlstate: str) -> bool:
+    return sqlstate in TRANSIENT_CODES or sqlstate.startswith(TRANSIENT_CLASSES)
+
+
+# ------------------------------------------------------------------------------------------
+# Extended-protocol messages (frontend). Kept here: only the replayer builds them.
+
+
+def parse_message(sql: bytes, param_oids: Sequence[int] = (), name: bytes = b"") -> bytes:
+    body = [name, b"\x00", sql, b"\x00", _I16.pack(len(param_oids))]
+    # OIDs are unsigned 32-bit on the wire (PostgreSQL reads them as such).
+    body.extend(_U32.pack(oid) for oid in param_oids)
+    return m.message(b"P", b"".join(body))
+
+
+def bind_message(
+    formats: Sequence[int], values: Sequence[bytes | None], portal: bytes = b"", statement: bytes = b""
+) -> bytes:
+    body = [portal, b"\x00", statement, b"\x00", _I16.pack(len(formats))]
+    body.extend(_I16.pack(f) for f in formats)
+    body.append(_I16.pack(len(values)))
+    for value in values:
+        if value is None:
+            body.append(_I32.pack(-1))
+        else:
+            body.append(_I32.pack(len(value)))
+            body.append(value)
+    body.append(_I16.pack(0))  # results: all text (they are discarded anyway)
+    return m.message(b"B", b"".join(body))
+
+
+def execute_message(portal: bytes = b"", max_rows: int = 0) -> bytes:
+    return m.message(b"E", portal + b"\x00" + _I32.pack(max_rows))
+
+
+def _statement(
+    sql: bytes, oids: Sequence[int], formats: Sequence[int], values: Sequence[bytes | None]
+) -> bytes:
+    return parse_message(sql, oids) + bind_message(formats, values) + execute_message()
+
+
+# PostgreSQL encoding names that Python spells differently (others are found by codecs.lookup).
+_PG_CODECS = {
+    "UTF8": "utf-8", "UNICODE": "utf-8", "SQL_ASCII": "latin-1", "LATIN1": "iso8859-1",
+    "LATIN2": "iso8859-2", "LATIN3": "iso8859-3", "LATIN4": "iso8859-4", "LATIN5": "iso8859-9",
+    "LATIN6": "iso8859-10", "LATIN7": "iso8859-13", "LATIN8": "iso8859-14", "LATIN9": "iso8859-15",
+    "LATIN10": "iso8859-16", "EUC_CN": "gb2312", "UHC": "cp949", "SJIS": "shift_jis",
+    "KOI8R": "koi8_r", "KOI8U": "koi8_u", "ALT": "cp866",
+}  # fmt: skip
+
+
+def python_codec(pg_encoding: str | None) -> str:
+    """The Python codec for a PostgreSQL client_encoding name (UTF-8 when unknown or unset)."""
+    if not pg_encoding:
+        return "utf-8"
+    name = pg_encoding.upper().replace("-", "_")
+    if name in _PG_CODECS:
+        return _PG_CODECS[name]
+    if name.startswith("WIN"):
+        name = "cp" + name[3:]
+    try:
+        return codecs.lookup(name).name
+    except LookupError:
+        return "utf-8"
+
+
+# ------------------------------------------------------------------------------------------
+
+
+class ApplyOutcome(Enum):
+    APPLIED = "replayed"
+    DUPLICATE = "duplicate"
+
+
+class ReplayFailed(Exception):
+    """A record could not be applied. `retry`: not the record's fault (stop, try again later)."""
+
+    def __init__(self, message: str, sqlstate: str, retry: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.sqlstate = sqlstate
+        self.retry = retry
+
+
+class LedgerMissing(Exception):
+    """The ledger table is absent and could not be created with the replaying user's rights."""
+
+
+@dataclass
+class DrainResult:
+    replayed: int = 0
+    duplicate: int = 0
+    dead_letter: int = 0
+    remaining: int = 0  # pending records after the drain (-1: the store could not say)
+    stopped_by_error: str | None = None  # why the drain stopped early; None: it ran to the end
+    lease_busy: bool = False  # another replayer holds the lease: nothing was attempted
+
+    @property
+    def complete(self) -> bool:
+        """The spool was emptied (dead letters aside): the work held behind it may go on."""
+        return self.stopped_by_error is None and not self.lease_busy and self.remaining == 0
+
+
+@dataclass
+class _Reply:
+    tags: list[str]
+    error: dict[str, str] | None
+    error_at: int  # how many commands completed before the error
+    status: int
+
+
+async def _exchange(conn: ServerConnection, data: bytes) -> _Reply:
+    """Send a batch ending in Sync and read up to its ReadyForQuery."""
+    conn.send(data)
+    tags: list[str] = []
+    error: dict[str, str] | None = None
+    error_at = -1
+    while True:
+        type_byte, body = await conn.read_message()
+        if type_byte == m.B_COMMAND_COMPLETE:
+            tags.append(m.decode_command_complete(body))
+        elif type_byte == m.B_EMPTY_QUERY:
+            tags.append("")
+        elif type_byte == m.B_ERROR:
+            if error is None:  # after an error the server skips to Sync: there is only one
+                error = m.decode_error_fields(body)
+                error_at = len(tags)
+        elif type_byte == m.B_PARAMETER_STATUS:
+            name, value = m.decode_parameter_status(body)
+            conn.params[name] = value
+        elif type_byte == m.B_READY_FOR_QUERY:
+            conn.tx_status = m.decode_ready_for_query(body)
+            return _Reply(tags, error, error_at, conn.tx_status)
+        # ParseComplete, BindComplete, DataRow (RETURNING), NoData, notices: nothing to do.
+
+
+def _describe(fields: dict[str, str]) -> str:
+    """An error's message and detail (the SQLSTATE is kept apart, in its own field)."""
+    detail = fields.get("D")
+    return fields.get("M", "error") + (f" ({detail})" if detail else "")
+
+
+async def _rollback(conn: ServerConnection) -> None:
+    if conn.tx_status != m.TX_IDLE:
+        with contextlib.suppress(UpstreamError):
+            await conn.simple_query("ROLLBACK")
+
+
+async def ensure_ledger(conn: ServerConnection) -> None:
+    """Create the ledger schema and table (idempotent; needs CREATE on the database)."""
+    for attempt in range(2):
+        try:
+            await conn.simple_query(LEDGER_DDL)
+            return
+        except UpstreamError as exc:
+            # Two sidecars creating it at once: one gets a unique violation on the catalog; the
+            # second attempt finds it in place.
+            if attempt == 0 and exc.code in ("23505", "42P06", "42P07"):
+                continue
+            raise
+
+
+async def ledger_exists(conn: ServerConnection) -> bool:
+    result = await conn.simple_query(f"SELECT to_regclass('{LEDGER_TABLE}') IS NOT NULL")
+    return bool(result.rows) and result.rows[0][0] == "t"
+
+
+async def apply_record(conn: ServerConnection, record: SpoolRecord) -> ApplyOutcome:
+    """Apply one record as one transaction on `conn` (does not touch the store).
+
+    Raises ReplayFailed for an SQL error (the transaction is rolled back first, the connection
+    stays usable) and ProxyError/OSError when the connection itself fails.
+    """
+    await _rollback(conn)  # a connection left mid-transaction by an earlier failure
+    conn_codec = python_codec(conn.params.get("client_encoding"))
+    settings = [(k, v) for k, v in record.settings.items() if k.lower() not in READ_ONLY_SETTINGS]
+    # client_encoding last: from then on the server reads text in the client's encoding, which is
+    # how the record's statements and text parameters were written.
+    settings.sort(key=lambda kv: kv[0].lower() == "client_encoding")
+    client_encoding = next((v for k, v in settings if k.lower() == "client_encoding"), None)
+    record_codec = python_codec(client_encoding) if client_encoding else conn_codec
+
+    # Round trip 1: open the transaction, apply the settings, claim the record in the ledger.
+    batch = [_statement(b"BEGIN", (), (), ())]
+    for name, value in settings:
+        batch.append(
+            _statement(SET_CONFIG.encode(), (TEXT_OID, TEXT_OID), (0, 0), (name.encode(conn_codec),
+                       value.encode(conn_codec)))
+        )  # fmt: skip
+    batch.append(_statement(LEDGER_INSERT.encode(), (TEXT_OID,), (0,), (record.id.encode(),)))
+    batch.append(m.sync())
+    reply = await _exchange(conn, b"".join(batch))
+    ledger_at = 1 + len(settings)
+    if reply.error is not None:
+        await _rollback(conn)
+        code = reply.error.get("C", "XX000")
+        summary = _describe(reply.error)
+        if reply.error_at == ledger_at:
+            # The ledger itself failed (privileges, a dropped table): every record would; stop.
+            raise ReplayFailed(f"ledger insert failed: {summary}", code, retry=True)
+        if 1 <= reply.error_at < ledger_at:
+            name = settings[reply.error_at - 1][0]
+            raise ReplayFailed(f"setting {name} failed: {summary}", code, retry=is_transient(code))
+        raise ReplayFailed(f"BEGIN failed: {summary}", code, retry=True)
+    if reply.tags[-1] != "INSERT 0 1":
+        await _rollback(conn)
+        return ApplyOutcome.DUPLICATE
+
+    # Round trip 2: the statements and COMMIT; after an error the server skips to the Sync.
+    batch = []
+    try:
+        for stmt in record.statements:
+            batch.append(_statement(stmt.sql.encode(record_codec), stmt.param_oids, stmt.param_formats,
+                                    stmt.values))  # fmt: skip
+    except UnicodeEncodeError as exc:
+        await _rollback(conn)
+        raise ReplayFailed(
+            f"statement text cannot be encoded as {client_encoding}: {exc}", "22021", retry=False
+        ) from exc
+    batch.append(_statement(b"COMMIT", (), (), ()))
+    batch.append(m.sync())
+    reply = await _exchange(conn, b"".join(batch))
+    count = len(record.statements)
+    if reply.error is not None:
+        await _rollback(conn)  # status I here means the COMMIT itself failed: nothing to undo
+        code = reply.error.get("C", "XX000")
+        where = f"statement {reply.error_at + 1}" if reply.error_at < count else "COMMIT"
+        raise ReplayFailed(f"{where}: {_describe(reply.error)}", code, retry=is_transient(code))
+    if reply.tags[-1] != "COMMIT":
+        # "ROLLBACK": the transaction was aborted without an error we saw; never count it applied.
+        await _rollback(conn)
+        raise ReplayFailed(f"COMMIT answered {reply.tags[-1]!r}", "40000", retry=False)
+    for stmt, tag in zip(record.statements, reply.tags, strict=False):
+        if stmt.tag and tag != stmt.tag:
+            # Committed; but the client was told something else (a trigger, a concurrent row for
+            # ON CONFLICT DO NOTHING). Worth an operator's look, not a reason to undo.
+            logs.event("spool_replay_tag_mismatch", logs.WARNING, record=record.id, acknowledged=stmt.tag,
+                       replayed=tag)  # fmt: skip
+    return ApplyOutcome.APPLIED
+
+
+class Replayer:
+    """Drains a store into the database. One drain at a time per Replayer (a lock enforces it)."""
+
+    def __init__(
+        self,
+        store: SpoolStore,
+        connect: Connector,
+        stats: Stats,
+        owner: str,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        *,
+        batch_size: int = 100,
+        record_timeout: float = DEFAULT_RECORD_TIMEOUT,
+        release: Callable[[ServerConnection], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.connect = connect
+        self.stats = stats
+        self.owner = owner  # lease owner: unique per sidecar process (e.g. host:pid:random)
+        self.lease_ttl = lease_ttl
+        self.batch_size = batch_size
+        self.record_timeout = record_timeout  # one record's transaction, both round trips
+        # Where healthy connections go after a drain (e.g. back to a pool); default: closed.
+        self.release = release
+        self._lock = asyncio.Lock()
+
+    async def drain(self) -> DrainResult:
+        """Replay pending records until the store is empty or something transient stops it."""
+        async with self._lock:
+            result = DrainResult()
+            try:
+                if not await self.store.acquire_lease(self.owner, self.lease_ttl):
+                    result.lease_busy = True
+                    result.remaining = await self.store.count()
+                    logs.event("spool_replay_skipped", reason="another replayer holds the lease",
+                               pending=result.remaining)  # fmt: skip
+                    return result
+            except SpoolError as exc:
+                result.stopped_by_error = f"spool store: {exc}"
+                result.remaining = -1
+                return result
+            started = time.monotonic()
+            lost = asyncio.Event()
+            heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(lost), name="spool-lease")
+            conns: dict[tuple[str, str], ServerConnection] = {}
+            try:
+                await self._drain(result, conns, lost)
+            finally:
+                heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heartbeat
+                self._finish(conns)
+                with contextlib.suppress(SpoolError):
+                    await self.store.release_lease(self.owner)
+            try:
+                result.remaining = await self.store.count()
+            except SpoolError:
+                result.remaining = -1
+            logs.event(
+                "spool_replay_finished" if result.stopped_by_error is None else "spool_replay_stopped",
+                logs.INFO if result.stopped_by_error is None else logs.WARNING,
+                replayed=result.replayed,
+                duplicate=result.duplicate,
+                dead_letter=result.dead_letter,
+                remaining=result.remaining,
+                error=result.stopped_by_error,
+                seconds=round(time.monotonic() - started, 3),
+            )
+            return result
+
+    async def _drain(
+        self, result: DrainResult, conns: dict[tuple[str, str], ServerConnection], lost: asyncio.Event
+    ) -> None:
+        seen: set[str] = set()
+        while True:
+            try:
+                batch = await self.store.pending(self.batch_size)
+            except (SpoolError, ValueError) as exc:
+                result.stopped_by_error = f"spool store: {exc}"
+                return
+            if not batch:
+                return
+            for record in batch:
+                if lost.is_set():
+                    result.stopped_by_error = "the replay lease was lost to another replayer"
+                    return
+                if record.id in seen:
+                    # Removed or dead-lettered, yet listed again: the store is not taking our
+                    # writes. Stop rather than apply-and-count it forever.
+                    result.stopped_by_error = f"record {record.id} is still pending after being handled"
+                    return
+                seen.add(record.id)
+                error = await self._replay_one(record, conns, result)
+                if error is not None:
+                    result.stopped_by_error = error
+                    return
+
+    async def _connection(self, record: SpoolRecord, conns: dict[tuple[str, str], ServerConnection]
+                          ) -> ServerConnection:  # fmt: skip
+        key = (record.user, record.database)
+        conn = conns.get(key)
+        if conn is not None and conn.transport is not None:
+            return conn
+        conns.pop(key, None)
+        conn = await self.connect(record.user, record.database)
+        conns[key] = conn
+        if not await ledger_exists(conn):
+            try:
+                await ensure_ledger(conn)
+            except UpstreamError as exc:
+                raise LedgerMissing(
+                    f"the ledger table {LEDGER_TABLE} does not exist in database {record.database} and "
+                    f"user {record.user} cannot create it ({m.error_summary(exc.fields)}); "
+                    "run `pgsidecar init-db` as a privileged user"
+                ) from exc
+        return conn
+
+    async def _replay_one(
+        self, record: SpoolRecord, conns: dict[tuple[str, str], ServerConnection], result: DrainResult
+    ) -> str | None:
+        """Apply one record and settle it in the store; returns why to stop, or None to go on."""
+        key = (record.user, record.database)
+        try:
+            conn = await asyncio.wait_for(self._connection(record, conns), self.record_timeout)
+        except LedgerMissing as exc:
+            return str(exc)
+        except UpstreamError as exc:
+            return f"cannot replay as {record.user} in {record.database}: {m.error_summary(exc.fields)}"
+        except (ProxyError, OSError, TimeoutError) as exc:
+            self._drop(conns, key, "connect failed")
+            message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+            return f"cannot connect as {record.user} to {record.database}: {message}"
+        try:
+            async with asyncio.timeout(self.record_timeout):
+                outcome = await apply_record(conn, record)
+        except ReplayFailed as exc:
+            if exc.retry:
+                logs.event("spool_replay_retry_later", logs.WARNING, record=record.id, sqlstate=exc.sqlstate,
+                           error=exc.message)  # fmt: skip
+                return f"record {record.id}: {exc.message}"
+            return await self._dead_letter(record, exc, result)
+        except TimeoutError:
+            # Mid-exchange: the connection's state is unknown. If COMMIT did go through, the
+            # ledger turns the retry into a duplicate.
+            self._drop(conns, key, "replay timed out")
+            return f"record {record.id}: no answer within {self.record_timeout:g}s"
+        except (ProxyError, OSError) as exc:
+            self._drop(conns, key, "replay connection failed")
+            return f"record {record.id}: connection lost: {getattr(exc, 'message', None) or exc}"
+        try:
+            await self.store.remove(record.id)
+        except SpoolError as exc:
+            # Applied but still pending: the next drain finds it in the ledger (a duplicate).
+            return f"record {record.id} applied but not removed from the spool: {exc}"
+        self.stats.spool_records[outcome.value] += 1
+        if outcome is ApplyOutcome.APPLIED:
+            result.replayed += 1
+        else:
+            result.duplicate += 1
+            logs.event("spool_replay_duplicate", record=record.id)
+        return None
+
+    async def _dead_letter(self, record: SpoolRecord, exc: ReplayFailed, result: DrainResult) -> str | None:
+        try:
+            await self.store.dead_letter(record, exc.message, exc.sqlstate)
+        except SpoolError as store_exc:
+            return f"record {record.id} failed ({exc.message}) and could not be dead-lettered: {store_exc}"
+        self.stats.spool_records["dead_letter"] += 1
+        result.dead_letter += 1
+        logs.event(
+            "spool_dead_letter",
+            logs.ERROR,
+            record=record.id,
+            user=record.user,
+            database=record.database,
+            sqlstate=exc.sqlstate,
+            error=exc.message,
+        )
+        return None
+
+    async def _heartbeat(self, lost: asyncio.Event) -> None:
+        ttl = self.lease_ttl
+        renewed = time.monotonic()
+        while True:
+            await asyncio.sleep(ttl / 3)
+            try:
+                if not await self.store.renew_lease(self.owner, ttl):
+                    lost.set()
+                    return
+                renewed = time.monotonic()
+            except SpoolError as exc:
+                # The store is briefly unreachable: the lease is still ours until it expires.
+                if time.monotonic() - renewed > ttl * 2 / 3:
+                    logs.event("spool_lease_lost", logs.WARNING, owner=self.owner, error=str(exc))
+                    lost.set()
+                    return
+
+    @staticmethod
+    def _drop(conns: dict[tuple[str, str], ServerConnection], key: tuple[str, str], reason: str) -> None:
+        conn = conns.pop(key, None)
+        if conn is not None:
+            conn.close(reason)
+
+    def _finish(self, conns: dict[tuple[str, str], ServerConnection]) -> None:
+        for conn in conns.values():
+            if self.release is not None and conn.transport is not None and conn.tx_status == m.TX_IDLE:
+                self.release(conn)
+            else:
+                conn.close("spool replay done")
+        conns.clear()

@@ -1,0 +1,128 @@
+"""The storage contract every spool backend implements, and the factory that picks one.
+
+Semantics every backend guarantees (the replayer and the client path rely on them):
+* `append` returns only once the record is durable; it never overwrites an existing id.
+* `pending` lists records oldest id first (ids sort by creation time).
+* `dead_letter` moves a record from pending to the dead letters atomically: it is never in both
+  lists and never in neither.
+* the lease is advisory mutual exclusion between replayers sharing one store (several sidecars
+  on one DynamoDB table, or processes on one SQLite file); exactly-once does not depend on it
+  (the upstream ledger does that), order and wasted work do.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING
+
+from .record import DeadLetter, SpoolRecord
+
+if TYPE_CHECKING:
+    from sidecar_config import SpoolConfig
+
+
+class SpoolError(Exception):
+    """Base of the spool's own errors; the message is meant for an operator."""
+
+
+class SpoolRefused(SpoolError):
+    """This record can never be stored (too large, duplicate id): do not retry it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SpoolUnavailable(SpoolError):
+    """The store cannot be reached or written right now (I/O error, throttling, network)."""
+
+
+class SpoolStore(abc.ABC):
+    """Async interface of a spool backend. Implementations never block the event loop."""
+
+    name: str = "spool"
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Create/verify the storage (file, tables); raise SpoolUnavailable with a clear message."""
+
+    @abc.abstractmethod
+    async def append(self, record: SpoolRecord) -> None:
+        """Store `record` durably; returns once it would survive a crash of this host.
+
+        Raises SpoolRefused for a record that can never be stored, SpoolUnavailable for a
+        transient failure (the record may or may not have been stored in that case only if the
+        failure came after the write was sent; the ledger makes a later replay safe either way).
+        """
+
+    @abc.abstractmethod
+    async def pending(self, limit: int = 100) -> list[SpoolRecord]:
+        """Up to `limit` pending records, oldest id first."""
+
+    @abc.abstractmethod
+    async def count(self) -> int:
+        """Number of pending records."""
+
+    @abc.abstractmethod
+    async def remove(self, record_id: str) -> None:
+        """Forget a pending record (it was applied upstream). Removing an absent id is a no-op."""
+
+    @abc.abstractmethod
+    async def dead_letter(self, record: SpoolRecord, error: str, sqlstate: str) -> None:
+        """Move `record` from pending to the dead letters, atomically."""
+
+    @abc.abstractmethod
+    async def dead_letters(self) -> list[DeadLetter]:
+        """All dead letters, oldest record id first."""
+
+    @abc.abstractmethod
+    async def retry_dead_letters(self, ids: list[str] | None = None) -> int:
+        """Move dead letters (all, or those in `ids`) back to pending; returns how many moved."""
+
+    @abc.abstractmethod
+    async def acquire_lease(self, owner: str, ttl: float) -> bool:
+        """Take the replay lease for `ttl` seconds if it is free, expired, or already `owner`'s."""
+
+    @abc.abstractmethod
+    async def renew_lease(self, owner: str, ttl: float) -> bool:
+        """Extend `owner`'s lease by `ttl` from now; False if `owner` no longer holds it."""
+
+    @abc.abstractmethod
+    async def release_lease(self, owner: str) -> None:
+        """Give the lease up if `owner` holds it."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release resources (threads, connections). Safe to call twice."""
+
+    async def __aenter__(self) -> SpoolStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+def make_store(config: SpoolConfig) -> SpoolStore | None:
+    """The store `config` describes, not yet opened (None for backend none)."""
+    if config.backend == "none":
+        return None
+    if config.backend == "sqlite":
+        from .sqlite_store import SqliteSpoolStore
+
+        return SqliteSpoolStore(config.path)
+    # Imported only when configured: a sidecar without DynamoDB never loads boto3 for it.
+    from .dynamo_store import DynamoSpoolStore
+
+    dyn = config.dynamodb
+    return DynamoSpoolStore(
+        table=dyn.table, region=dyn.region, endpoint_url=dyn.endpoint_url, create_table=dyn.create_table
+    )
+
+
+async def open_store(config: SpoolConfig) -> SpoolStore | None:
+    """Make and open the configured store (None for backend none); SpoolUnavailable on failure."""
+    store = make_store(config)
+    if store is not None:
+        await store.open()
+    return store
