@@ -28,6 +28,8 @@ from pglast.ast import (
     A_ArrayExpr,
     A_Const,
     A_Expr,
+    DeallocateStmt,
+    DiscardStmt,
     FuncCall,
     InsertStmt,
     Node,
@@ -45,6 +47,7 @@ from pglast.ast import (
 )
 from pglast.enums import (
     A_Expr_Kind,
+    DiscardMode,
     OnConflictAction,
     SQLValueFunctionOp,
     TransactionStmtKind,
@@ -105,6 +108,8 @@ class Kind(Enum):
     SAVEPOINT = "savepoint"
     RELEASE = "release"
     ROLLBACK_TO = "rollback_to"
+    DEALLOCATE = "deallocate"  # DEALLOCATE name/ALL: the session's own prepared statements
+    DISCARD = "discard"  # DISCARD ALL: statements and settings back to the start
     SET = "set"  # a SET/RESET of one of SPOOL_SETTINGS (or SET TRANSACTION ...: a no-op)
     EMPTY = "empty"  # only blanks / comments / semicolons
     REFUSED = "refused"  # needs the database: `reason` says why
@@ -375,6 +380,14 @@ def _classify_one(raw: RawStmt, sql: str, allowed: frozenset[str] | None) -> Sta
             return _classify_transaction(stmt, sql)
         if isinstance(stmt, VariableSetStmt):
             return _classify_set(stmt, sql)
+        if isinstance(stmt, DeallocateStmt):
+            # Pools and drivers clean up with DEALLOCATE (SQLAlchemy's psycopg dialect sends
+            # DEALLOCATE ALL when a connection goes back to the pool): it touches only the session.
+            if stmt.name:
+                return Statement(Kind.DEALLOCATE, sql, tag="DEALLOCATE", name=stmt.name)
+            return Statement(Kind.DEALLOCATE, sql, tag="DEALLOCATE ALL")
+        if isinstance(stmt, DiscardStmt) and stmt.target == DiscardMode.DISCARD_ALL:
+            return Statement(Kind.DISCARD, sql, tag="DISCARD ALL")
     except _Refused as exc:
         return Statement(Kind.REFUSED, sql, reason=str(exc))
     kind = type(stmt).__name__

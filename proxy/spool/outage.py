@@ -199,6 +199,7 @@ class OutageResponder:
         self.classifier = classifier
         self.user = user
         self.database = database
+        self._startup = dict(settings)
         self.settings = session_settings(settings, frontdoor.parameters(user, database))
         self._clock = clock
         self._new_id = new_id
@@ -430,6 +431,22 @@ class OutageResponder:
         if kind is Kind.SET:
             if stmt.name:
                 self._apply_set(stmt)
+            return m.command_complete(stmt.tag)
+        if kind is Kind.DEALLOCATE:
+            if stmt.name:
+                if self._statements.pop(stmt.name, None) is None:
+                    raise _Error("26000", f'prepared statement "{stmt.name}" does not exist')
+            else:
+                self._statements.clear()
+            return m.command_complete(stmt.tag)
+        if kind is Kind.DISCARD:
+            if self.explicit:
+                raise _Error("25001", "DISCARD ALL cannot run inside a transaction block")
+            self._statements.clear()
+            self._portals.clear()
+            self.settings = session_settings(
+                self._startup, self.frontdoor.parameters(self.user, self.database)
+            )
             return m.command_complete(stmt.tag)
         if kind is Kind.EMPTY:
             return m.empty_query_response()

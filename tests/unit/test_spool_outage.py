@@ -292,3 +292,18 @@ def test_startup_settings_and_options() -> None:
     (record,) = s.records
     assert record.settings["TimeZone"] == "Asia/Tokyo"
     assert record.settings["search_path"] == "app" and record.settings["DateStyle"] == "German"
+
+
+def test_deallocate_and_discard_all() -> None:
+    # SQLAlchemy's psycopg dialect sends DEALLOCATE ALL when a connection returns to the pool.
+    s = Session()
+    named = [("P", PSYCOPG_INSERT[0][1].replace(b"\x00insert", b"st\x00insert", 1)), ("S", b"")]
+    assert tags(s.send(named)) == ["1", "ZI"]
+    assert tags(s.query("DEALLOCATE ALL")) == ["DEALLOCATE ALL", "ZI"]
+    assert tags(s.send(named)) == ["1", "ZI"]  # the name is free again
+    assert tags(s.query("DEALLOCATE st")) == ["DEALLOCATE", "ZI"]
+    assert tags(s.query("DEALLOCATE st")) == ["E26000", "ZI"]
+    s.query("SET TIME ZONE 'Europe/Paris'")
+    assert tags(s.query("DISCARD ALL")) == ["DISCARD ALL", "ZI"]
+    s.query("insert into t values (1)")
+    assert s.records[0].settings["TimeZone"] == "Etc/UTC"
