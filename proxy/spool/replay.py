@@ -290,6 +290,10 @@ async def apply_record(conn: ServerConnection, record: SpoolRecord) -> ApplyOutc
             name = settings[reply.error_at - 1][0]
             raise ReplayFailed(f"setting {name} failed: {summary}", code, retry=is_transient(code))
         raise ReplayFailed(f"BEGIN failed: {summary}", code, retry=True)
+    if len(reply.tags) != ledger_at + 1:
+        # Not the answer this batch gets from PostgreSQL: something in between is confused.
+        await _rollback(conn)
+        raise ReplayFailed(f"unexpected reply to BEGIN/ledger: {reply.tags}", "08P01", retry=True)
     if reply.tags[-1] != "INSERT 0 1":
         await _rollback(conn)
         return ApplyOutcome.DUPLICATE
@@ -314,10 +318,10 @@ async def apply_record(conn: ServerConnection, record: SpoolRecord) -> ApplyOutc
         code = reply.error.get("C", "XX000")
         where = f"statement {reply.error_at + 1}" if reply.error_at < count else "COMMIT"
         raise ReplayFailed(f"{where}: {_describe(reply.error)}", code, retry=is_transient(code))
-    if reply.tags[-1] != "COMMIT":
+    if not reply.tags or reply.tags[-1] != "COMMIT":
         # "ROLLBACK": the transaction was aborted without an error we saw; never count it applied.
         await _rollback(conn)
-        raise ReplayFailed(f"COMMIT answered {reply.tags[-1]!r}", "40000", retry=False)
+        raise ReplayFailed(f"COMMIT was not confirmed (answers: {reply.tags})", "40000", retry=False)
     for stmt, tag in zip(record.statements, reply.tags, strict=False):
         if stmt.tag and tag != stmt.tag:
             # Committed; but the client was told something else (a trigger, a concurrent row for
