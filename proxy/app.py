@@ -9,6 +9,7 @@ import hmac
 import secrets
 import signal
 import ssl
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,7 @@ from .pool import Pool, PoolSettings
 from .protocol.auth import ScramVerifier
 from .protocol.sqlstate import CannotConnectNow, ProxyError, ShuttingDown, TooManyClients
 from .server import ServerConnection, TlsSettings, connect, send_cancel
+from .spooling import SpoolNow, SpoolService
 from .statements import StatementRegistry
 from .topology import AuroraProvider, ClusterState, StaticProvider, TopologyMonitor, TopologyProvider
 
@@ -76,6 +78,8 @@ class Sidecar:
         self._reload_lock = asyncio.Lock()  # one reload at a time: each diffs against the last
         self._background: set[asyncio.Task[None]] = set()  # signal-started tasks, kept from GC
         self.draining = False  # SIGTERM received: not ready, sessions close as they go idle
+        self.spooling = SpoolService(self) if config.spool.backend != "none" else None
+        self._outage = asyncio.Event()  # set while in OUTAGE with a spool: held work is spooled
 
     # ---------------------------------------------------------------- wiring
 
@@ -193,19 +197,30 @@ class Sidecar:
         """
         if self._gate.is_set():
             return
+        if self._outage.is_set() and self._gate_for_failover:
+            raise SpoolNow
         self.held_requests += 1
         try:
             if not self._gate_for_failover:
                 await self._gate.wait()
                 return
+            hold = self.config.failover.hold_timeout
+            if self.spooling is not None:
+                # The cluster enters OUTAGE at the first probe after hold_timeout: wait for it.
+                hold += self.config.failover.check_interval + self.config.failover.probe_timeout
             try:
-                async with asyncio.timeout(self.config.failover.hold_timeout):
-                    await self._gate.wait()
+                async with asyncio.timeout(hold):
+                    await _first(self._gate.wait(), self._outage.wait())
             except TimeoutError:
-                raise CannotConnectNow(
-                    f"no writable database: held {self.config.failover.hold_timeout:g}s "
-                    f"(failover.hold_timeout) without a writer; {self.topology.problem}"
-                ) from None
+                pass
+            if self._gate.is_set():
+                return
+            if self._outage.is_set():
+                raise SpoolNow
+            raise CannotConnectNow(
+                f"no writable database: held {self.config.failover.hold_timeout:g}s "
+                f"(failover.hold_timeout) without a writer; {self.topology.problem}"
+            )
         finally:
             self.held_requests -= 1
 
@@ -219,7 +234,14 @@ class Sidecar:
         writer: Endpoint | None,
     ) -> None:
         """Listener of the topology state machine: hold, cut, release, count."""
+        if state is ClusterState.OUTAGE and self.spooling is not None:
+            self._outage.set()
+            logs.event("spooling_started", reason=self.topology.problem)
+        elif self._outage.is_set():
+            self._outage.clear()
         if writer is None:
+            if self.spooling is not None:
+                self.spooling.state_changed(state)
             # Writer lost: hold new transactions, and never send anything more to the old writer.
             self._gate_for_failover = True
             self.close_gate(f"failover: {state.value}")
@@ -230,7 +252,7 @@ class Sidecar:
             self._drop_connections_to(previous_writer, f"the writer is now {writer}")
         lost = self.topology.lost_writer
         lost_at = self.topology.lost_at
-        if lost is not None and lost_at is not None and previous is not ClusterState.UP and lost != writer:
+        if lost is not None and lost_at is not None and lost != writer:
             kind = "instance" if self.topology.lost_region == self.topology.writer_region else "region"
             seconds = asyncio.get_running_loop().time() - lost_at
             self.stats.failovers[kind] += 1
@@ -242,12 +264,26 @@ class Sidecar:
                 writer=str(writer),
                 seconds=round(seconds, 3),
             )
-        if state is ClusterState.RECOVERING and self.config.spool.backend == "none":
+        if self.spooling is not None:
+            self.spooling.state_changed(state)
+        if state is ClusterState.RECOVERING and self.spooling is None:
             # Nothing spooled to replay: recovery is immediate.
             self.topology.recovered()
             return
         if state is ClusterState.UP and self._gate_for_failover:
             self._gate_for_failover = False
+            self.open_gate()
+
+    def release_after_drain_hold(self) -> None:
+        """spool.max_drain_hold passed in RECOVERING: new work goes ahead of the backlog."""
+        if self._gate_for_failover:
+            self._gate_for_failover = False
+            logs.event(
+                "drain_hold_expired",
+                logs.WARNING,
+                pending=self.spool_pending,
+                max_drain_hold=self.config.spool.max_drain_hold,
+            )
             self.open_gate()
 
     def _drop_connections_to(self, endpoint: Endpoint, reason: str) -> None:
@@ -259,12 +295,14 @@ class Sidecar:
                 client.cut_server(reason)
 
     def readiness(self) -> tuple[bool, str]:
-        """/readyz: ready while a writer is known (the spool will add: or it can accept writes)."""
+        """/readyz: ready while a writer is known or the spool accepts writes."""
         topology = self.topology
         if self.draining:
             return False, "shutting down"
         if topology.writer is not None:
             return True, f"writer {topology.writer} ({topology.writer_region})"
+        if self._outage.is_set():
+            return True, f"no writer ({topology.problem}); simple INSERT transactions are spooled"
         return False, f"no writer: {topology.problem}"
 
     def pool_for(self, user: str, database: str) -> Pool:
@@ -345,6 +383,8 @@ class Sidecar:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.spooling is not None:
+            await self.spooling.start()
         self.topology.start()
         listen = self.config.listen
         self._listener = await loop.create_server(
@@ -397,6 +437,8 @@ class Sidecar:
         for pool in self.pools.values():
             pool.close_all("sidecar shutting down")
         await self.topology.stop()
+        if self.spooling is not None:
+            await self.spooling.stop()
         if self._http is not None:
             self._http.close()
         self._stopped.set()
@@ -552,3 +594,13 @@ def _resize_pool(pool: Pool, settings: PoolSettings) -> None:
     # Shrunk: surplus idle connections close now; busy ones retire through server_idle_timeout.
     while pool.total > settings.size and pool.idle:
         pool._drop(pool.idle[0], "pool.size reduced by reload")
+
+
+async def _first(*aws: Awaitable[object]) -> None:
+    """Return when the first of `aws` is done; cancel the others."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()

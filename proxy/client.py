@@ -28,19 +28,32 @@ from typing import TYPE_CHECKING, Any, cast
 from . import logs
 from .admin import ADMIN_DATABASE, AdminConsole
 from .local import AbortedTransaction, failover_error
+from .pool import WriterChanged
 from .protocol import messages as m
 from .protocol.auth import ClientAuthenticator
 from .protocol.framing import Action, MessageReader, Relay, valid_type_table, watch_table
 from .protocol.sqlstate import (
     SERVER_GONE_STATES,
+    CannotConnectNow,
     ProtocolViolation,
     ProxyError,
     SqlState,
     UnknownUser,
     UpstreamUnavailable,
 )
-from .server import Continuation, ServerConnection, ServerState
-from .settings import CAPTURE_SQL, lower_keys, set_config_sql, sync_sql
+from .server import (
+    REQUEST_COMMIT,
+    REQUEST_OTHER,
+    REQUEST_READ,
+    Continuation,
+    ServerConnection,
+    ServerState,
+    merge_kinds,
+)
+from .settings import capture_sql, lower_keys, set_config_sql, sync_sql
+from .spool import SpoolError
+from .spool.outage import OutageResponder, Store, Unspoolable
+from .spooling import SpoolNow
 from .sqlclass import (
     Deallocate,
     Effects,
@@ -50,7 +63,7 @@ from .sqlclass import (
     needs_transaction_check,
     session_keyword_at,
 )
-from .statements import Expect, LocalStatement, StatementRouter, parse_message
+from .statements import ClientStatement, Expect, LocalStatement, StatementRouter, parse_message
 
 if TYPE_CHECKING:
     from .app import Sidecar
@@ -59,6 +72,9 @@ if TYPE_CHECKING:
 _client_ids = itertools.count(1)
 
 _SESSION_WATCH = watch_table((m.F_TERMINATE, m.F_QUERY, m.F_SYNC, m.F_PARSE, m.F_CLOSE))
+# Only while the session has a prepared statement that changes settings (`SET` prepared by a
+# driver): its effect happens at Bind/Execute, not at Parse, so Bind is watched then.
+_SESSION_WATCH_BIND = watch_table((m.F_TERMINATE, m.F_QUERY, m.F_SYNC, m.F_PARSE, m.F_CLOSE, m.F_BIND))
 _ALL_FRONTEND = watch_table(m.FRONTEND_TYPES)
 # Everything but COPY data, which streams through.
 _TRANSACTION_WATCH = watch_table(
@@ -69,6 +85,9 @@ _CLIENT_VALID = valid_type_table(m.FRONTEND_TYPES)
 _TERMINATE = m.terminate()
 # Client bytes held while its server is busy or being acquired; past this, stop reading the socket.
 _HOLD_LIMIT = 256 * 1024
+# Writers lost in a row while one request waits for a server before it is failed (a flapping
+# cluster must end in an error, not an endless wait).
+_WRITER_CHANGES_PER_REQUEST = 4
 
 # Startup keys that are not run-time parameters: they pick the server connection, or are
 # protocol extensions we decline in NegotiateProtocolVersion.
@@ -144,6 +163,7 @@ class ClientSession(asyncio.Protocol):
         self._reading_paused = False
         # Set by statements seen on the way to the server, acted on at the next quiet point.
         self._settings_dirty = False
+        self._custom_names: set[str] = set()  # dotted settings the session touched, read by name
         self._reset_all = False
         self._reset_names: set[str] = set()
         self._discarded = False
@@ -151,8 +171,12 @@ class ClientSession(asyncio.Protocol):
         # moves to a new writer, and the reason it cannot move at all (LISTEN, temp table, ...).
         self._session_statements: dict[str, bytes] = {}
         self._unmovable: str | None = None
-        self._pending_commit = False  # an extended-protocol COMMIT awaits its Sync
+        # Session mode: prepared statements (by name, "" unnamed) that change settings when run.
+        self._statement_effects: dict[str, Effects] = {}
+        self._batch_kind: int | None = None  # REQUEST_* of the extended-protocol batch before Sync
         self._aborted: AbortedTransaction | None = None  # answering locally after a failover cut
+        self._outage: OutageResponder | None = None  # playing the server while no writer exists
+        self._outage_batch = False  # an extended-protocol batch is open (no Sync yet)
         self._wakeup: asyncio.Future[None] | None = None
         self._eof = False
         self._handshake_task: asyncio.Task[None] | None = None
@@ -199,6 +223,12 @@ class ClientSession(asyncio.Protocol):
                 self.close("client sent Terminate")
             return
         if self.state is ClientState.ACTIVE:
+            if self._outage is not None:
+                try:
+                    self._relay.feed(data)
+                except ProtocolViolation as exc:
+                    self.fail(exc)
+                return
             if self._aborted is not None:
                 try:
                     self._relay.feed(data)
@@ -292,11 +322,19 @@ class ClientSession(asyncio.Protocol):
         server = self.server
         if type_byte == m.F_PARSE:
             offset = _parse_query_offset(msg)
-            commit = self._note_statement(msg, offset)
+            name = bytes(msg[5 : offset - 1]).decode("utf-8", "replace")
+            if self._statement_effects:
+                self._statement_effects.pop(name, None)
+            kind = self._note_statement(msg, offset, name)
             if offset > 6:  # named: kept so the session can move to another server
-                self._session_statements[bytes(msg[5 : offset - 1]).decode("utf-8", "replace")] = bytes(msg)
-            if commit:
-                self._pending_commit = True
+                self._session_statements[name] = bytes(msg)
+            self._batch_kind = merge_kinds(self._batch_kind, kind)
+            return Action.FORWARD
+        if type_byte == m.F_BIND:
+            portal_end = bytes(msg[5:]).find(b"\x00")
+            effects = self._statement_effects.get(_cstring(msg, 5 + portal_end + 1))
+            if effects is not None:
+                self._note_effects(effects)
             return Action.FORWARD
         if type_byte == m.F_CLOSE:
             if msg[5] == 0x53:  # 'S'
@@ -306,27 +344,33 @@ class ClientSession(asyncio.Protocol):
             server.outstanding += 1  # a Query or Sync: one ReadyForQuery will answer it
             server.request_started.append(time.monotonic())
             if type_byte == m.F_QUERY:
-                server.commit_flags.append(self._note_statement(msg, 5))
+                server.request_kinds.append(self._note_statement(msg, 5))
             else:
-                server.commit_flags.append(self._pending_commit)
-                self._pending_commit = False
+                batch = self._batch_kind
+                server.request_kinds.append(REQUEST_OTHER if batch is None else batch)
+                self._batch_kind = None
         return Action.FORWARD
 
-    def _note_statement(self, msg: memoryview, sql_offset: int) -> bool:
-        """Note what a statement does to session state; True if it is a COMMIT.
+    def _note_statement(self, msg: memoryview, sql_offset: int, parsed_as: str | None = None) -> int:
+        """Note what a statement does to session state; returns its REQUEST_* kind. `parsed_as`:
+        the name it is being prepared under (Parse), so settings it changes count when it runs.
 
         Cheap for ordinary statements: one byte decides most, a C regex the rest; pglast only
         parses the few that can change settings or pin the session.
         """
         if not session_keyword_at(msg, sql_offset):
-            return False
+            return REQUEST_OTHER
         keyword = first_keyword(msg, sql_offset)
         if keyword in (b"commit", b"end"):
-            return True
+            return REQUEST_COMMIT
         if keyword == b"select" and not mentions_session_functions(msg, sql_offset):
-            return False
+            return REQUEST_READ
         effects = classify(_cstring(msg, sql_offset))
-        self._note_effects(effects)
+        if parsed_as is not None and (effects.changes_settings or effects.discard_all):
+            self._statement_effects[parsed_as] = effects
+            self._relay.set_inspector(self._inspect_session, _SESSION_WATCH_BIND)
+        else:
+            self._note_effects(effects)
         if effects.deallocate is Deallocate.ALL or effects.discard_all:
             self._session_statements.clear()
         elif effects.deallocate is Deallocate.ONE and effects.deallocate_name:
@@ -335,13 +379,15 @@ class ClientSession(asyncio.Protocol):
             self._unmovable = None
         elif effects.not_poolable and self._unmovable is None:
             self._unmovable = effects.not_poolable.split(" (")[0]
-        return False
+        return REQUEST_OTHER
 
     def _note_effects(self, effects: Effects) -> None:
         if not (effects.changes_settings or effects.discard_all):
             return
         self.wants_ready = True
         self._settings_dirty |= effects.changes_settings
+        if effects.custom_names:
+            self._custom_names |= effects.custom_names
         self._reset_all |= effects.reset_all
         self._reset_names |= effects.reset_names
         self._discarded |= effects.discard_all
@@ -355,8 +401,9 @@ class ClientSession(asyncio.Protocol):
             tracker.sync_sent()
             tracker.expect(Expect.SYNC)
             server.request_started.append(time.monotonic())
-            server.commit_flags.append(self._pending_commit)
-            self._pending_commit = False
+            kind = self._batch_kind
+            server.request_kinds.append(REQUEST_OTHER if kind is None else kind)
+            self._batch_kind = None
             return Action.FORWARD
         if type_byte == m.F_TERMINATE:
             return Action.DROP_PAUSE
@@ -372,8 +419,7 @@ class ClientSession(asyncio.Protocol):
             return action
         if type_byte == m.F_PARSE:
             offset = _parse_query_offset(msg)
-            if first_keyword(msg, offset) in (b"commit", b"end"):
-                self._pending_commit = True
+            self._batch_kind = merge_kinds(self._batch_kind, _request_kind(first_keyword(msg, offset)))
             refused = self._check_poolable(msg, offset)
             if refused is not None:
                 # Let the server itself fail where this Parse would have answered: an unnamed
@@ -403,11 +449,11 @@ class ClientSession(asyncio.Protocol):
             return action
         if type_byte == m.F_QUERY:
             server.request_started.append(time.monotonic())
-            server.commit_flags.append(first_keyword(msg, 5) in (b"commit", b"end"))
+            server.request_kinds.append(_request_kind(first_keyword(msg, 5)))
             return self._transaction_query(msg, server)
         if type_byte == m.F_FUNCTION_CALL:
             server.request_started.append(time.monotonic())
-            server.commit_flags.append(False)
+            server.request_kinds.append(REQUEST_OTHER)
             tracker.expect(Expect.QUERY)
         return Action.FORWARD  # Flush
 
@@ -526,7 +572,7 @@ class ClientSession(asyncio.Protocol):
         if server is not self.server:
             return
         in_flight = len(server.request_started)
-        commit_in_flight = any(server.commit_flags)
+        kinds = list(server.request_kinds)
         in_block = server.tx_status in (m.TX_IN_BLOCK, m.TX_FAILED)
         broken = server.mid_response
         self.server = None
@@ -568,7 +614,8 @@ class ClientSession(asyncio.Protocol):
         status = m.TX_FAILED if in_block else m.TX_IDLE
         first = True
         for index in range(in_flight):
-            if commit_in_flight and index == in_flight - 1:
+            kind = kinds[index] if index < len(kinds) else REQUEST_OTHER
+            if kind == REQUEST_COMMIT:
                 owed += m.error_response(
                     SqlState.TRANSACTION_RESOLUTION_UNKNOWN.value,
                     "the database failed over while COMMIT was in flight: the transaction may or may "
@@ -576,6 +623,17 @@ class ClientSession(asyncio.Protocol):
                     hint="Check whether its effects are present before retrying.",
                 ) + m.ready_for_query(m.TX_IDLE)
                 status = m.TX_IDLE
+            elif not in_block and kind != REQUEST_READ:
+                # Sent outside a transaction block: an autocommit statement commits on its own,
+                # so it may have been applied just before the crash. 40001 would invite a retry
+                # that duplicates it; say the outcome is unknown instead. (A SELECT is taken to
+                # be a read and gets 40001: retrying it is safe.)
+                owed += m.error_response(
+                    SqlState.TRANSACTION_RESOLUTION_UNKNOWN.value,
+                    "the database failed over while this statement was running outside a "
+                    "transaction block: it may or may not have been applied",
+                    hint="Check whether its effects are present before retrying.",
+                ) + m.ready_for_query(m.TX_IDLE)
             else:
                 owed += failover_error(first) + m.ready_for_query(status)
                 first = False
@@ -609,7 +667,9 @@ class ClientSession(asyncio.Protocol):
         self._aborted = None
         self._relay.set_inspector(
             self._inspect_transaction if self.transaction_mode else self._inspect_session,
-            _TRANSACTION_WATCH if self.transaction_mode else _SESSION_WATCH,
+            _TRANSACTION_WATCH
+            if self.transaction_mode
+            else (_SESSION_WATCH_BIND if self._statement_effects else _SESSION_WATCH),
         )
         logs.event("aborted_transaction_ended", conn=self.id)
         if self._relay.buffered and self._task is None:
@@ -670,6 +730,37 @@ class ClientSession(asyncio.Protocol):
 
     async def _maintain(self, server: ServerConnection) -> None:
         """Bring the server's settings in line with what the client asked for, then carry on."""
+        try:
+            await self._maintain_on(server)
+        except UpstreamUnavailable as exc:
+            if server.state is not ServerState.CLOSED:
+                raise
+            self._maintenance_lost(server, exc.message)
+
+    def _maintenance_lost(self, server: ServerConnection, reason: str) -> None:
+        """The server died under the sidecar's own maintenance query, between the client's
+        transactions: the session moves on like any idle session. Settings the client reset are
+        known without asking; a SET whose new value was not read back yet is lost (logged)."""
+        if self._reset_all:
+            self.settings = dict(self.startup_settings)
+        for name in self._reset_names:
+            if name in self.startup_settings:
+                self.settings[name] = self.startup_settings[name]
+            else:
+                self.settings.pop(name, None)
+        if self._settings_dirty:
+            logs.event("settings_not_captured", logs.WARNING, conn=self.id, reason=reason)
+        self._settings_dirty = self._reset_all = self._discarded = False
+        self._reset_names.clear()
+        self.wants_ready = self.transaction_mode
+        if self.server is server:
+            self.server = None
+        if self.pool is not None:
+            self.pool.release(server, reset=False)
+        # Input that came meanwhile gets a new server from _task_done once this task ends.
+        self.sidecar.topology.report_failure(server.endpoint, reason)
+
+    async def _maintain_on(self, server: ServerConnection) -> None:
         reset = (
             self.startup_settings
             if self._reset_all
@@ -680,7 +771,7 @@ class ClientSession(asyncio.Protocol):
             for status in restored.parameter_status:
                 self._send(status)
         if self._settings_dirty or reset:
-            result = await server.simple_query(CAPTURE_SQL)
+            result = await server.simple_query(capture_sql(self._custom_names))
             self.settings = {str(name): str(value) for name, value in result.rows}
             server.applied = dict(self.settings)
         if self._discarded:
@@ -708,27 +799,58 @@ class ClientSession(asyncio.Protocol):
         was lost), made to match the session: its settings, and in session mode its statements."""
         pool = self.pool
         assert pool is not None
+        for attempt in range(_WRITER_CHANGES_PER_REQUEST):
+            try:
+                server = await self._acquire(pool)
+            except SpoolNow:
+                self._enter_outage()
+                return
+            if self.state is not ClientState.ACTIVE:
+                pool.release(server, reset=False)
+                return
+            try:
+                await self._prepare_server(server)
+            except UpstreamUnavailable as exc:
+                # The server died between checkout and use (a crash the probes have not seen
+                # yet): nothing of the client's went to it, so take another one (held if the
+                # writer is gone) instead of failing the client.
+                pool.release(server, reset=False)
+                if server.state is not ServerState.CLOSED or attempt == _WRITER_CHANGES_PER_REQUEST - 1:
+                    raise
+                self.sidecar.topology.report_failure(server.endpoint, exc.message)
+                continue
+            except ProxyError:
+                pool.release(server, reset=not self.transaction_mode)
+                raise
+            if self.state is not ClientState.ACTIVE:
+                pool.release(server, reset=False)
+                return
+            self._link(server)
+            return
+
+    async def _prepare_server(self, server: ServerConnection) -> None:
+        """Make `server` match the session: its settings, and in session mode its statements."""
+        sql = sync_sql(self.settings, server.applied)
+        if sql is not None:
+            await server.simple_query(sql)
+            server.applied = dict(self.settings)
+        if not self.transaction_mode and self._session_statements:
+            failed = await server.prepare(list(self._session_statements.values()))
+            if failed:
+                logs.event("statements_not_restored", logs.WARNING, conn=self.id, errors=failed)
+
+    async def _acquire(self, pool: Pool) -> ServerConnection:
+        """Through the gate, then a server. A login that finds the writer gone (crashed an
+        instant before the probes noticed) comes back here and is held like any other request
+        until the new writer is known."""
+        for _ in range(_WRITER_CHANGES_PER_REQUEST - 1):
+            await self.sidecar.pass_gate()
+            try:
+                return await pool.acquire(self._password)
+            except WriterChanged as exc:
+                logs.event("server_retry", logs.WARNING, conn=self.id, reason=exc.message)
         await self.sidecar.pass_gate()
-        server = await pool.acquire(self._password)
-        if self.state is not ClientState.ACTIVE:
-            pool.release(server, reset=False)
-            return
-        try:
-            sql = sync_sql(self.settings, server.applied)
-            if sql is not None:
-                await server.simple_query(sql)
-                server.applied = dict(self.settings)
-            if not self.transaction_mode and self._session_statements:
-                failed = await server.prepare(list(self._session_statements.values()))
-                if failed:
-                    logs.event("statements_not_restored", logs.WARNING, conn=self.id, errors=failed)
-        except ProxyError:
-            pool.release(server, reset=not self.transaction_mode)
-            raise
-        if self.state is not ClientState.ACTIVE:
-            pool.release(server, reset=False)
-            return
-        self._link(server)
+        return await pool.acquire(self._password)
 
     # ---------------------------------------------------------------- handshake
 
@@ -881,8 +1003,11 @@ class ClientSession(asyncio.Protocol):
         passthrough = self.sidecar.config.auth.method == "passthrough"
         if passthrough and not self.sidecar.passthrough_known(self.user, self._password):
             await self._verify_upstream_password()
-        await self.sidecar.pass_gate()
-        server = await pool.acquire(self._password)
+        try:
+            server = await self._acquire(pool)
+        except SpoolNow:
+            self._degraded_login()
+            return
         if self.state is ClientState.CLOSED:  # the client gave up while we waited
             pool.release(server, reset=not self.transaction_mode)
             return
@@ -895,6 +1020,8 @@ class ClientSession(asyncio.Protocol):
             raise
         if passthrough:
             self.sidecar.passthrough_verified(self.user, self._password)
+        if self.sidecar.spooling is not None:
+            self.sidecar.spooling.note_login(self.user, self.database, self._password)
         self._send(
             m.frames(
                 [
@@ -925,6 +1052,154 @@ class ClientSession(asyncio.Protocol):
         rest = self._reader.take_rest()
         if rest:
             self.data_received(rest)
+
+    # ---------------------------------------------------------------- full outage (spool)
+
+    def _degraded_login(self) -> None:
+        """No writer anywhere: finish the login from the front-door cache (what a server of this
+        user and database reported the last time one was up), then serve from the spool."""
+        spooling = self.sidecar.spooling
+        assert spooling is not None
+        params = spooling.frontdoor.startup_parameters(self.user, self.database, self.startup_params)
+        if params is None:
+            raise CannotConnectNow(
+                f'no writable database, and user "{self.user}" database "{self.database}" was never '
+                "seen while one was up, so pgsidecar cannot stand in for it: "
+                f"{self.sidecar.topology.problem}"
+            )
+        wanted = {k: v for k, v in self.startup_params.items() if k not in _NOT_SETTABLE}
+        if "options" in self.startup_params:
+            wanted.update(parse_options(self.startup_params["options"]))
+        self.startup_settings = lower_keys(wanted)
+        self.settings = dict(self.startup_settings)
+        self._send(
+            m.frames(
+                [
+                    m.auth_ok(),
+                    *(m.parameter_status(k, v) for k, v in params.items()),
+                    self._register_backend_key(),
+                    m.ready_for_query(m.TX_IDLE),
+                ]
+            )
+        )
+        self.state = ClientState.ACTIVE
+        self.sidecar.stats.clients_accepted += 1
+        logs.event("client_ready", conn=self.id, upstream=None, mode="outage (spooling)")
+        self._relay.hold()
+        self._enter_outage()
+        rest = self._reader.take_rest()
+        if rest:
+            self.data_received(rest)
+
+    def _enter_outage(self) -> None:
+        """Serve this session with an OutageResponder until a writer is back."""
+        spooling = self.sidecar.spooling
+        assert spooling is not None
+        responder = spooling.responder(self.user, self.database, {**self.startup_params, **self.settings})
+        # The session's prepared statements stay usable: the responder learns them first.
+        for parse in self._known_statements().values():
+            responder.feed(m.F_PARSE, parse[5:])
+        self._outage = responder
+        self._outage_batch = False
+        logs.event("session_spooling", conn=self.id)
+        self._relay.set_inspector(self._inspect_outage, _ALL_FRONTEND)
+        self._relay.resume()
+
+    def _known_statements(self) -> dict[str, bytes]:
+        """The client's named statements as Parse messages under the client's own names."""
+        if self.router is None:
+            return dict(self._session_statements)
+        known = {}
+        for name, stmt in self.router.statements.items():
+            parse = m.decode_parse(stmt.parse_message[5:])
+            known[name] = parse_message(name, parse.query, parse.param_types)
+        return known
+
+    def _inspect_outage(self, type_byte: int, msg: memoryview) -> Action:
+        responder = self._outage
+        if responder is None:
+            return Action.HOLD
+        if type_byte == m.F_TERMINATE:
+            self.close("client sent Terminate")
+            return Action.DROP_PAUSE
+        if (
+            not self._outage_batch
+            and not responder.in_transaction
+            and self.sidecar.topology.writer is not None
+        ):
+            # A writer is back and this starts a new transaction: leave the spool behind.
+            self._leave_outage()
+            return Action.HOLD
+        if type_byte == m.F_SYNC:
+            self._outage_batch = False
+        elif type_byte != m.F_QUERY:
+            self._outage_batch = True
+        try:
+            reply = responder.feed(type_byte, bytes(msg[5:]))
+        except ProtocolViolation as exc:
+            self.fail(exc)
+            return Action.DROP_PAUSE
+        self._send(reply.data)
+        if reply.verdict is None:
+            return Action.DROP
+        self._start(self._act_on_verdict(responder, reply.verdict))
+        return Action.DROP_PAUSE
+
+    async def _act_on_verdict(self, responder: OutageResponder, verdict: Store | Unspoolable | None) -> None:
+        spooling = self.sidecar.spooling
+        assert spooling is not None
+        while verdict is not None:
+            if isinstance(verdict, Store):
+                try:
+                    await spooling.append(verdict.record)
+                except SpoolError as exc:
+                    logs.event("spool_append_failed", logs.ERROR, conn=self.id, error=str(exc))
+                    self._send(responder.store_failed(str(exc)))
+                    break
+                reply = responder.stored()
+                self._send(reply.data)
+                verdict = reply.verdict
+            else:
+                # Needs the database: held like any request while no writer exists, then refused
+                # (what was spooled of the transaction so far is discarded, never stored).
+                hold = self.sidecar.config.failover.hold_timeout
+                with contextlib.suppress(TimeoutError):
+                    await self.sidecar.topology.wait_for_writer(hold)
+                self._send(responder.refuse(verdict.reason))
+                break
+        if self.state is ClientState.ACTIVE and self._outage is responder:
+            self._relay.resume()
+
+    def _leave_outage(self) -> None:
+        responder = self._outage
+        self._outage = None
+        if responder is not None:
+            self._adopt_statements(responder)
+        self._relay.set_inspector(
+            self._inspect_transaction if self.transaction_mode else self._inspect_session,
+            _TRANSACTION_WATCH
+            if self.transaction_mode
+            else (_SESSION_WATCH_BIND if self._statement_effects else _SESSION_WATCH),
+        )
+        logs.event("session_spooling_ended", conn=self.id)
+        # HOLD left the relay paused with the message in hand: get a server for it.
+        asyncio.get_running_loop().call_soon(self._after_outage)
+
+    def _after_outage(self) -> None:
+        if self._needs_server():
+            self._start(self._attach_next())
+
+    def _adopt_statements(self, responder: OutageResponder) -> None:
+        """Statements the client prepared during the outage exist on no server: learn them so
+        they are prepared wherever the session's next transaction runs."""
+        for name, sql, types in responder.named_statements():
+            if self.router is None:
+                self._session_statements[name] = parse_message(name, sql, types)
+            elif name not in self.router.statements:
+                global_name = self.sidecar.statements.name_for(sql, types)
+                self.router.statements[name] = ClientStatement(
+                    global_name, parse_message(global_name, sql, types)
+                )
 
     async def _verify_upstream_password(self) -> None:
         """Passthrough: the password is right exactly when PostgreSQL accepts it."""
@@ -1004,6 +1279,12 @@ def _parse_query_offset(msg: memoryview) -> int:
     if end < 0:
         raise ProtocolViolation("malformed Parse message: unterminated statement name")
     return 5 + end + 1
+
+
+def _request_kind(keyword: bytes | None) -> int:
+    if keyword in (b"commit", b"end"):
+        return REQUEST_COMMIT
+    return REQUEST_READ if keyword == b"select" else REQUEST_OTHER
 
 
 def _cstring(msg: memoryview, offset: int) -> str:

@@ -19,12 +19,16 @@ _HINT = "The database failed over and this transaction was rolled back. Roll bac
 _ENDS_BLOCK = frozenset({b"rollback", b"abort", b"commit", b"end"})
 
 
-def ends_transaction(sql_view: bytes | memoryview, offset: int) -> bool:
-    """ROLLBACK / ABORT / COMMIT / END, but not ROLLBACK TO SAVEPOINT or PREPARE TRANSACTION."""
-    if first_keyword(sql_view, offset) not in _ENDS_BLOCK:
-        return False
+def ending(sql_view: bytes | memoryview, offset: int) -> bytes | None:
+    """b"commit" (COMMIT / END), b"rollback" (ROLLBACK / ABORT), or None for anything else (also
+    for ROLLBACK TO SAVEPOINT and PREPARE TRANSACTION, which do not end the block)."""
+    keyword = first_keyword(sql_view, offset)
+    if keyword not in _ENDS_BLOCK:
+        return None
     text = bytes(sql_view[offset:]).split(b"\x00", 1)[0].lower()
-    return b" to " not in text and b"savepoint" not in text and b"prepared" not in text
+    if b" to " in text or b"savepoint" in text or b"prepared" in text:
+        return None
+    return b"commit" if keyword in (b"commit", b"end") else b"rollback"
 
 
 def failover_error(first: bool) -> bytes:
@@ -48,8 +52,8 @@ class AbortedTransaction:
     def __init__(self, first_error_sent: bool) -> None:
         self._first_sent = first_error_sent
         self._skipping = False  # extended protocol: after an error, ignore until Sync
-        self._statements: dict[str, bool] = {}  # Parse name -> ends the transaction
-        self._portals: dict[str, bool] = {}
+        self._statements: dict[str, bytes] = {}  # Parse name -> b"commit" / b"rollback"
+        self._portals: dict[str, bytes] = {}
         self._ended = False
         self.done = False
 
@@ -60,8 +64,13 @@ class AbortedTransaction:
 
     def on_message(self, type_byte: int, msg: memoryview) -> bytes:
         if type_byte == m.F_QUERY:
-            if ends_transaction(msg, 5):
+            end = ending(msg, 5)
+            if end is not None:
                 self.done = True
+                if end == b"commit" and not self._first_sent:
+                    # The client has not been told yet that its transaction is gone: a COMMIT
+                    # answered ROLLBACK without an error would read as success to most drivers.
+                    return self._error() + m.ready_for_query(m.TX_IDLE)
                 return m.command_complete("ROLLBACK") + m.ready_for_query(m.TX_IDLE)
             return self._error() + m.ready_for_query(m.TX_FAILED)
         if type_byte == m.F_SYNC:
@@ -75,18 +84,19 @@ class AbortedTransaction:
         if type_byte == m.F_PARSE:
             name_end = bytes(msg[5:]).find(b"\x00")
             name = bytes(msg[5 : 5 + name_end]).decode("utf-8", "replace")
-            ends = ends_transaction(msg, 5 + name_end + 1)
-            if not ends:
+            end = ending(msg, 5 + name_end + 1)
+            if end is None:
                 return self._fail_extended()
-            self._statements[name] = True
+            self._statements[name] = end
             return m.message(b"1")
         if type_byte == m.F_BIND:
             portal_end = bytes(msg[5:]).find(b"\x00")
             rest = bytes(msg[5 + portal_end + 1 :])
             statement = rest.split(b"\x00", 1)[0].decode("utf-8", "replace")
-            if not self._statements.get(statement):
+            end = self._statements.get(statement)
+            if end is None:
                 return self._fail_extended()
-            self._portals[bytes(msg[5 : 5 + portal_end]).decode("utf-8", "replace")] = True
+            self._portals[bytes(msg[5 : 5 + portal_end]).decode("utf-8", "replace")] = end
             return m.message(b"2")
         if type_byte == m.F_DESCRIBE:
             is_statement = msg[5] == ord("S")
@@ -94,6 +104,9 @@ class AbortedTransaction:
             return (m.message(b"t", b"\x00\x00") if is_statement else b"") + m.message(b"n")
         if type_byte == m.F_EXECUTE:
             self._ended = True
+            portal = bytes(msg[5:]).split(b"\x00", 1)[0].decode("utf-8", "replace")
+            if self._portals.get(portal) == b"commit" and not self._first_sent:
+                return self._fail_extended()  # as for a simple-query COMMIT: say it failed
             return m.command_complete("ROLLBACK")
         if type_byte == m.F_CLOSE:
             return m.message(b"3")

@@ -18,13 +18,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import logs
-from .protocol.sqlstate import ProxyError, TooManyClients, UpstreamUnavailable
-from .server import ServerConnection, ServerState
+from .protocol.sqlstate import SERVER_GONE_STATES, ProxyError, TooManyClients, UpstreamUnavailable
+from .server import ServerConnection, ServerState, UpstreamError
 from .statements import ServerStatements
 from .topology import TopologyMonitor
 
 if TYPE_CHECKING:
     from sidecar_config import Endpoint
+
+
+class WriterChanged(UpstreamUnavailable):
+    """The writer a login was meant for was lost or replaced meanwhile: the caller goes back to
+    the failover gate (held, then the new writer) instead of failing its client."""
 
 
 Opener = Callable[["Endpoint", dict[str, str], "str | None"], Awaitable[ServerConnection]]
@@ -68,6 +73,11 @@ class Pool:
         self._housekeeper: asyncio.Task[None] | None = None
         # The password new connections log in with (passthrough: the last one PostgreSQL accepted).
         self._password: str | None = None
+
+    @property
+    def known_password(self) -> str | None:
+        """The password this pool logs in with (passthrough: the last one PostgreSQL accepted)."""
+        return self._password
 
     @property
     def total(self) -> int:
@@ -170,13 +180,7 @@ class Pool:
             # A burst of clients (or a reconnect storm after failover) must not become a burst of
             # simultaneous logins against a database that is just coming up.
             async with self._connect_slots:
-                writer = await self._topology.wait_for_writer(self.settings.connect_timeout)
-                params = {"user": self.user, "database": self.database}
-                try:
-                    server = await self._open(writer, params, password)
-                except UpstreamUnavailable as exc:
-                    self._topology.report_failure(writer, exc.message)
-                    raise
+                server = await self._open_on_writer(password)
         except BaseException:
             self.connecting -= 1
             self._wake_one(None)  # the slot this login held is free again
@@ -190,6 +194,40 @@ class Pool:
         else:
             self.active.add(server)
         return server
+
+    async def _open_on_writer(self, password: str | None) -> ServerConnection:
+        """Log in to the writer. A crashed writer refuses (or a partitioned one never answers)
+        before the probes have noticed: such a failure is checked with a fresh probe, and if the
+        writer is gone it becomes WriterChanged, so the client is held rather than failed."""
+        topology = self._topology
+        writer = await topology.wait_for_writer(self.settings.connect_timeout)
+        params = {"user": self.user, "database": self.database}
+        opening = asyncio.ensure_future(self._open(writer, params, password))
+        try:
+            while not opening.done():
+                changed = asyncio.ensure_future(topology.writer_changed())
+                try:
+                    await asyncio.wait({opening, changed}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    changed.cancel()
+                if not opening.done() and topology.writer != writer:
+                    raise WriterChanged(f"the writer {writer} was lost while logging in to it")
+        finally:
+            if not opening.done():
+                opening.cancel()
+                with contextlib.suppress(BaseException):
+                    await opening
+        try:
+            return opening.result()
+        except (UpstreamUnavailable, UpstreamError) as exc:
+            if isinstance(exc, UpstreamError) and exc.code not in SERVER_GONE_STATES:
+                raise  # e.g. a wrong password or too many connections: the writer is fine
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.connect_timeout):
+                    await topology.confirm_writer(writer, exc.message)
+            if topology.writer == writer:
+                raise  # a fresh probe still finds it the writer: the failure is real
+            raise WriterChanged(f"{writer} failed and is no longer the writer: {exc.message}") from exc
 
     def start_housekeeping(self) -> None:
         loop = asyncio.get_running_loop()

@@ -47,6 +47,24 @@ _TRACKED_WATCH = watch_table(TRACKED_RESPONSE_TYPES)
 Continuation = Callable[[], None]
 
 
+# What a request sent to the server was, for the answer owed if the server is lost before
+# answering it: a COMMIT's outcome is unknown (08007); so is an autocommit write's; a read outside
+# a transaction block is simply retried (40001).
+REQUEST_OTHER = 0
+REQUEST_COMMIT = 1
+REQUEST_READ = 2
+
+
+def merge_kinds(a: int | None, b: int) -> int:
+    """The kind of a batch (statements up to one Sync): a COMMIT anywhere makes it a COMMIT; it
+    is a read only if every statement is."""
+    if a is None:
+        return b
+    if REQUEST_COMMIT in (a, b):
+        return REQUEST_COMMIT
+    return REQUEST_READ if a == b == REQUEST_READ else REQUEST_OTHER
+
+
 class ServerState(Enum):
     CONNECTING = "connecting"
     LOGIN = "login"
@@ -135,7 +153,9 @@ class ServerConnection(asyncio.Protocol):
         self.unnamed_from: bytes | None = None  # whose unnamed statement this server holds
         self.held_notifications: list[bytes] = []  # NOTIFYs that arrived while detached
         self.request_started: deque[float] = deque()  # when each unanswered request was sent
-        self.commit_flags: deque[bool] = deque()  # per unanswered request: is it a COMMIT
+        # Per unanswered request, what it is (REQUEST_*): decides the error owed if the server
+        # is lost before it answers.
+        self.request_kinds: deque[int] = deque()
         self.stats = stats if stats is not None else Stats()
         self._tracked = False
         self._continuation: Continuation | None = None
@@ -208,7 +228,7 @@ class ServerConnection(asyncio.Protocol):
         """Start relaying this server's output to `client` (`tracked`: match answers to requests)."""
         self.client = client
         self.request_started.clear()
-        self.commit_flags.clear()
+        self.request_kinds.clear()
         self.state = ServerState.ACTIVE
         self.last_used = time.monotonic()
         if tracked != self._tracked:
@@ -280,8 +300,8 @@ class ServerConnection(asyncio.Protocol):
             stats.transactions += 1
         if self.request_started:
             stats.query_duration.observe(time.monotonic() - self.request_started.popleft())
-        if self.commit_flags:
-            self.commit_flags.popleft()
+        if self.request_kinds:
+            self.request_kinds.popleft()
 
     def _inspect_tracked(self, type_byte: int, msg: memoryview) -> Action:
         client = self.client

@@ -7,12 +7,24 @@ does: `search_path=a,public` stays a list, where `SET x = 'a,public'` would make
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from .protocol.messages import quote_ident, quote_literal
 
 # The session-level settings in force, in the base units `set_config` reads back unchanged.
 CAPTURE_SQL = "SELECT lower(name), setting FROM pg_catalog.pg_settings WHERE source = 'session'"
+
+
+def capture_sql(custom_names: Iterable[str]) -> str:
+    """CAPTURE_SQL plus the custom settings named (set ones only: NULL is never set, '' reset)."""
+    names = sorted(custom_names)
+    if not names:
+        return CAPTURE_SQL
+    array = ", ".join(quote_literal(name) for name in names)
+    return (
+        f"{CAPTURE_SQL} UNION ALL SELECT n, v FROM (SELECT n, pg_catalog.current_setting(n, true) AS v "
+        f"FROM pg_catalog.unnest(ARRAY[{array}]::text[]) AS n) AS custom WHERE v <> ''"
+    )
 
 
 def set_config_sql(settings: Mapping[str, str]) -> str:

@@ -102,6 +102,9 @@ class Effects:
     single_statement: bool = True
     # Why this cannot run with transaction pooling (LISTEN, WITH HOLD cursor, ...), if it cannot.
     not_poolable: str | None = None
+    # Custom (dotted) settings it sets or resets: PostgreSQL lists them in pg_settings only once
+    # an extension defines them, so they are read back by name (lowercase).
+    custom_names: frozenset[str] = frozenset()
 
 
 _HOLD_CURSOR = 0x0020  # CURSOR_OPT_HOLD in PostgreSQL's parsenodes.h
@@ -113,11 +116,18 @@ class _FunctionNames(Visitor):
     def __init__(self) -> None:
         super().__init__()
         self.names: set[str] = set()
+        self.configured: set[str] = set()  # literal first arguments of set_config()
 
     def visit_FuncCall(self, _ancestors: object, node: FuncCall) -> None:
         if node.funcname:
             last = node.funcname[-1]
-            self.names.add(str(getattr(last, "sval", "")).lower())
+            name = str(getattr(last, "sval", "")).lower()
+            self.names.add(name)
+            if name == "set_config" and node.args:
+                first = node.args[0]
+                value = getattr(getattr(first, "val", None), "sval", None)
+                if isinstance(value, str):
+                    self.configured.add(value.lower())
 
 
 def classify(sql: str) -> Effects:
@@ -129,6 +139,7 @@ def classify(sql: str) -> Effects:
         return Effects(changes_settings=True)
     changes = reset_all = discard = False
     reset_names: set[str] = set()
+    custom: set[str] = set()
     dealloc = Deallocate.NONE
     dealloc_name: str | None = None
     not_poolable: str | None = None
@@ -136,6 +147,8 @@ def classify(sql: str) -> Effects:
         stmt: Node | None = raw.stmt
         if isinstance(stmt, VariableSetStmt):
             changes = True
+            if stmt.name and "." in stmt.name:
+                custom.add(stmt.name.lower())
             # RESET and SET ... TO DEFAULT return to the *startup* value, which a pooled server
             # does not know: the sidecar puts the client's startup value back afterwards.
             if stmt.kind == VariableSetKind.VAR_RESET_ALL:
@@ -165,6 +178,7 @@ def classify(sql: str) -> Effects:
             finder(stmt)
             if "set_config" in finder.names:
                 changes = True  # set_config(name, value, false): a SET in disguise
+                custom |= {name for name in finder.configured if "." in name}
             if finder.names & _SESSION_LOCKS:
                 not_poolable = (
                     "a session-level advisory lock outlives the transaction (pg_advisory_xact_lock works)"
@@ -178,4 +192,5 @@ def classify(sql: str) -> Effects:
         deallocate_name=dealloc_name,
         single_statement=len(statements) == 1,
         not_poolable=not_poolable,
+        custom_names=frozenset(custom),
     )

@@ -43,12 +43,18 @@ class NodeStatus:
 
 
 class TopologyProvider(Protocol):
-    async def probe(self) -> list[NodeStatus]: ...
+    async def probe(self, timeline_floor: int = 0) -> list[NodeStatus]:
+        """Every node's status. `timeline_floor`: the newest writer timeline seen so far; a writer
+        on it or above is decisive (a provider may stop waiting for slower nodes)."""
+        ...
 
     def adopt(self, fresh: TopologyProvider) -> bool: ...
 
     async def close(self) -> None: ...
 
+
+# After a decisive writer answer, how long a probe still waits for the other hosts.
+_STRAGGLER_GRACE = 0.1
 
 Connector = Callable[["Endpoint"], Awaitable[ServerConnection]]
 
@@ -71,10 +77,18 @@ class ProbeConnections:
                     self._conns[endpoint] = conn
                 return await conn.simple_query(sql)
         except (ProxyError, OSError, TimeoutError) as exc:
-            stale = self._conns.pop(endpoint, None)
-            if stale is not None:
-                stale.close("probe failed")
+            self._forget(endpoint, "probe failed")
             return "probe timed out" if isinstance(exc, TimeoutError) else str(exc)
+        except asyncio.CancelledError:
+            # Abandoned mid-query (a decisive answer came from elsewhere): the connection is in an
+            # unknown protocol state, so it is not reused.
+            self._forget(endpoint, "probe abandoned")
+            raise
+
+    def _forget(self, endpoint: Endpoint, reason: str) -> None:
+        stale = self._conns.pop(endpoint, None)
+        if stale is not None:
+            stale.close(reason)
 
     def adopt(self, fresh: ProbeConnections, listed: set[Endpoint]) -> None:
         """Take `fresh`'s login and timeout; keep open connections to hosts still `listed` (so a
@@ -97,9 +111,40 @@ class StaticProvider:
         self.regions = regions  # replaced on reload
         self._probes = ProbeConnections(connector, timeout)
 
-    async def probe(self) -> list[NodeStatus]:
-        tasks = [self._probe_one(region, endpoint) for region, hosts in self.regions for endpoint in hosts]
-        return list(await asyncio.gather(*tasks))
+    async def probe(self, timeline_floor: int = 0) -> list[NodeStatus]:
+        """Ask every host at once. A black-holed host answers only with its timeout, so once a
+        writer on the newest known timeline has answered, the hosts still silent are not waited
+        for: they are reported unreachable this round (a writer on an older timeline is fenced
+        anyway, so none of them could change the choice unless it were newer still)."""
+        asked = [(region, endpoint) for region, hosts in self.regions for endpoint in hosts]
+        tasks = {
+            asyncio.ensure_future(self._probe_one(region, endpoint)): i
+            for i, (region, endpoint) in enumerate(asked)
+        }
+        results: dict[int, NodeStatus] = {}
+        pending = set(tasks)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    results[tasks[task]] = task.result()
+                if any(n.writer and n.timeline >= timeline_floor for n in results.values()):
+                    # Healthy hosts answer within milliseconds: a short grace still hears them
+                    # (a stale writer among them gets fenced loudly), a black hole does not.
+                    if pending:
+                        done, pending = await asyncio.wait(pending, timeout=_STRAGGLER_GRACE)
+                        for task in done:
+                            results[tasks[task]] = task.result()
+                    break
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        return [
+            results.get(i) or NodeStatus(endpoint, region, reachable=False, error="no answer yet")
+            for i, (region, endpoint) in enumerate(asked)
+        ]
 
     async def _probe_one(self, region: str, endpoint: Endpoint) -> NodeStatus:
         return writer_status(region, endpoint, await self._probes.query(endpoint, STATIC_PROBE_SQL))
@@ -159,7 +204,7 @@ class AuroraProvider:
         self._probes = ProbeConnections(connector, timeout)
         self._unmapped: set[str] = set()  # instance ids already reported as unmapped
 
-    async def probe(self) -> list[NodeStatus]:
+    async def probe(self, timeline_floor: int = 0) -> list[NodeStatus]:
         sql = AURORA_GLOBAL_TOPOLOGY_SQL if self._global else AURORA_TOPOLOGY_SQL
         asked = [(region, host) for region in self.regions for host in region.hosts]
         answers = await asyncio.gather(*(self._probes.query(host, sql) for _, host in asked))
@@ -269,7 +314,9 @@ class TopologyMonitor:
         self._task: asyncio.Task[None] | None = None
         self._last_problem: str = "no probe has completed yet"
         self._fenced: set[tuple[Endpoint, int]] = set()  # logged once per (node, timeline)
-        self.probes = 0
+        self.probes = 0  # probes completed
+        self._probes_started = 0
+        self._probe_done = asyncio.Event()
 
     def retune(self, provider: TopologyProvider, check_interval: float, hold_timeout: float) -> bool:
         """Apply a reloaded config: probe interval, hold, and hosts (False: the topology kind
@@ -293,19 +340,24 @@ class TopologyMonitor:
 
     async def _run(self) -> None:
         while True:
-            await self.refresh()
+            # Cleared before the probe, so a failure reported during it asks for another at once.
             self._probe_now.clear()
+            await self.refresh()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._interval):
                     await self._probe_now.wait()
 
     async def refresh(self) -> None:
+        self._probes_started += 1
         try:
-            nodes = await self._provider.probe()
+            nodes = await self._provider.probe(self.max_timeline)
         except Exception as exc:  # a provider bug must not stop the monitor
             logs.event("topology_probe_failed", logs.ERROR, error=repr(exc))
             return
-        self.probes += 1
+        finally:
+            self.probes += 1
+            self._probe_done.set()
+            self._probe_done = asyncio.Event()
         self.nodes = nodes
         best = self._choose_writer(nodes)
         now = asyncio.get_running_loop().time()
@@ -391,7 +443,8 @@ class TopologyMonitor:
         if state is previous_state and writer == previous_writer:
             return
         now = asyncio.get_running_loop().time()
-        if writer is None and previous_writer is not None:
+        if previous_writer is not None and writer != previous_writer:
+            # Lost, or replaced within one probe round (then the failover took no time at all).
             self.lost_at = now
             self.lost_writer = previous_writer
             self.lost_region = self.writer_region
@@ -427,6 +480,20 @@ class TopologyMonitor:
         """The data path saw `endpoint` fail: probe now rather than at the next interval."""
         logs.event("upstream_failure_reported", logs.WARNING, upstream=str(endpoint), reason=reason)
         self._probe_now.set()
+
+    async def confirm_writer(self, endpoint: Endpoint, reason: str) -> bool:
+        """The data path could not use `endpoint` (refused, reset, shutting down): is it still the
+        writer? Answered by a probe that starts after the failure, so a client is never failed on
+        the word of a probe that ran before the crash, and never retried forever either."""
+        self.report_failure(endpoint, reason)
+        wanted = self._probes_started + 1  # the first probe to start from now on
+        while self.probes < wanted:
+            await self._probe_done.wait()
+        return self.writer == endpoint
+
+    async def writer_changed(self) -> None:
+        """Return at the next change of writer or cluster state."""
+        await self._changed.wait()
 
     async def wait_for_writer(self, timeout: float) -> Endpoint:
         """The writer, waiting up to `timeout` seconds for one to be known."""

@@ -311,6 +311,10 @@ class OutageResponder:
         self._skipping = True
         return err
 
+    def named_statements(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, query, parameter types) of the named statements the session has now."""
+        return [(name, p.sql, p.oids) for name, p in self._statements.items() if name]
+
     def handoff(self) -> list[SpooledStatement]:
         """Statements of the open transaction, for a session that moves to a returning writer in
         the middle of one (they must be run there before the held request)."""

@@ -6,10 +6,9 @@ one backend, which moves the session exactly as a failover does). The sidecar ru
 harness defaults (``failover.check_interval`` 100ms, ``hold_timeout`` 10s) unless a test says
 otherwise.
 
-Known sidecar bugs found here are kept as tests asserting the right behaviour and marked
-``xfail(strict=True, raises=FailoverBug)``: only the checks that reproduce the bug raise
-``FailoverBug``; every other check is a plain assert, so a regression elsewhere in such a test is
-still reported as a failure.
+Checks that once reproduced sidecar bugs (cut windows, in-flight answers, settings carried by
+prepared statements) raise ``FailoverBug`` with the reproduction in the message, so a regression
+says which of those promises broke; every other check is a plain assert.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ LOAD_MIX = {"autocommit": 4, "explicit": 3, "sqlalchemy": 4, "asyncpg": 4}
 
 
 class FailoverBug(AssertionError):
-    """A check that reproduces a known sidecar bug (see the xfail reason of the test)."""
+    """A check that once reproduced a sidecar bug failed again: the promise it guards is broken."""
 
 
 def expect_fixed(problems: list[str]) -> None:
@@ -202,21 +201,6 @@ def count_on(node: pg.PgNode, table: str, where: str = "true") -> int:
 # 1. Writer crash under continuous load
 # ---------------------------------------------------------------------------------------------
 
-LOAD_BUGS = (
-    "sidecar bugs under load (see the report): (a) a session between transactions whose next "
-    "transaction starts in the instant between the writer's crash and the probe declaring it lost is "
-    "closed with FATAL 08006 'could not connect to upstream ...' / 57P03 'the database system is "
-    "shutting down' (or, transaction mode, 08003/08006 'upstream closed the connection') instead of being "
-    "held; (b) an autocommit statement in flight at the crash is "
-    "answered 40001 'transaction aborted' although it may have committed, so the retry duplicates "
-    "the row (should be 08007); (c) session mode: a transaction idle at the crash whose next "
-    "statement is COMMIT gets CommandComplete ROLLBACK without any error, so the client believes "
-    "its rows committed and they are lost (seen in session mode under load; both modes in "
-    "test_commit_after_the_cut_of_an_idle_transaction_is_an_error)"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=FailoverBug, reason=LOAD_BUGS)
 @pytest.mark.parametrize("mode", ["session", "transaction"])
 def test_writer_crash_under_continuous_load(fresh_topology, sidecar_factory, pool, mode):
     topo = fresh_topology
@@ -296,7 +280,15 @@ def test_writer_crash_under_continuous_load(fresh_topology, sidecar_factory, poo
     if verdict.lost:
         problems.append(f"acknowledged but absent on the new writer: {verdict.lost[:10]}")
     if verdict.duplicates:
-        problems.append(f"rows present more than once: {dict(list(verdict.duplicates.items())[:10])}")
+        attempts = [
+            f"{t.kind}-{t.worker} {t.ids}: {[(a.sqlstate, a.error) for a in t.attempts]}"
+            for t in load.txns
+            if set(t.ids) & set(verdict.duplicates)
+        ]
+        problems.append(
+            f"rows present more than once: {dict(list(verdict.duplicates.items())[:10])}; their "
+            f"attempts: {attempts}"
+        )
     expect_fixed([f"{report}\n{p}" for p in problems])
 
 
@@ -354,14 +346,6 @@ def test_idle_session_moves_to_the_new_writer_with_its_state(fresh_topology, sid
     assert done.fields["kind"] == "instance" and done.fields["writer"] == topo.a2.hostport
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=FailoverBug,
-    reason="session mode: a SET run through a named prepared statement (psycopg prepare_threshold=0 "
-    "sends Parse+Sync, then Bind/Describe/Execute+Sync) is not carried to the next server: the "
-    "sidecar re-reads the session's settings at the ReadyForQuery that answers the Parse, before the "
-    "SET has run, and the Bind/Execute that runs it is not inspected",
-)
 def test_settings_set_through_named_statements_move_with_the_session(shared_topology, sidecar_factory):
     # Read-only use of the shared topology: the session loses its server because its backend is
     # terminated, which moves it exactly as a failover does (to the same writer here).
@@ -430,13 +414,6 @@ def test_in_flight_query_and_open_transaction_get_40001(fresh_topology, sidecar_
     open_tx.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=FailoverBug,
-    reason="after a failover cut a transaction that sat idle (either pool mode), a COMMIT as the next "
-    "statement is answered CommandComplete 'ROLLBACK' with no error (AbortedTransaction skips the "
-    "40001 when the COMMIT is the first message after the cut): the client believes it committed",
-)
 @pytest.mark.parametrize("mode", ["session", "transaction"])
 def test_commit_after_the_cut_of_an_idle_transaction_is_an_error(fresh_topology, sidecar_factory, mode):
     topo = fresh_topology
@@ -493,13 +470,6 @@ def test_commit_in_flight_gets_08007(fresh_topology, sidecar_factory, pool):
     conn.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=FailoverBug,
-    reason="an autocommit statement in flight at the crash is answered 40001 'transaction aborted' "
-    "although its implicit transaction may have committed (here it did, on the new writer): a retry "
-    "duplicates it; it must be 08007 like an explicit COMMIT",
-)
 def test_autocommit_write_in_flight_gets_08007(fresh_topology, sidecar_factory, pool):
     topo = fresh_topology
     table = make_table(topo.a1)
@@ -703,13 +673,6 @@ def black_hole(fresh_topology) -> Iterator[BlackHole]:
     hole.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=FailoverBug,
-    reason="a client that logs in while the writer is black-holed but not yet declared lost waits in a "
-    "connect to the old writer for upstream.connect_timeout (5s) and is then closed with 08006, although "
-    "the failover completed meanwhile; it should be held and moved to the new writer",
-)
 def test_partitioned_writer_is_detected_and_traffic_moves(fresh_topology, sidecar_factory, pool, black_hole):
     topo = fresh_topology
     table = make_table(topo.a1)

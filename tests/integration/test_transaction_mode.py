@@ -837,12 +837,6 @@ def test_session_settings_follow_each_client(
             c.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a setting changed with SELECT set_config(name, value, false) is neither followed to "
-    "the client's next server nor kept from the next client on the same server: it leaks "
-    "(e.g. a tenant id used by row-level security)",
-)
 def test_set_config_follows_the_client_and_does_not_leak(
     sidecar_factory: Callable[..., SidecarProcess],
 ) -> None:
