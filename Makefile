@@ -31,3 +31,12 @@ bench-failover: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache
+
+# The browser test (tests/browser) drives Debian's headless Chromium through chromedriver; install
+# them when missing (as root, like the rest of the machine setup).
+CHROMIUM_STAMP := $(VENV)/.chromium
+$(CHROMIUM_STAMP): $(STAMP)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+	touch $@
+test: $(CHROMIUM_STAMP)
