@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 import secrets
 import shlex
 import time
@@ -364,7 +365,7 @@ class ClientSession(asyncio.Protocol):
         if keyword in (b"commit", b"end"):
             return REQUEST_COMMIT
         if keyword == b"select" and not mentions_session_functions(msg, sql_offset):
-            return REQUEST_READ
+            return _read_kind(msg, sql_offset)
         effects = classify(_cstring(msg, sql_offset))
         if parsed_as is not None and (effects.changes_settings or effects.discard_all):
             self._statement_effects[parsed_as] = effects
@@ -419,7 +420,8 @@ class ClientSession(asyncio.Protocol):
             return action
         if type_byte == m.F_PARSE:
             offset = _parse_query_offset(msg)
-            self._batch_kind = merge_kinds(self._batch_kind, _request_kind(first_keyword(msg, offset)))
+            kind = _request_kind(first_keyword(msg, offset), msg, offset)
+            self._batch_kind = merge_kinds(self._batch_kind, kind)
             refused = self._check_poolable(msg, offset)
             if refused is not None:
                 # Let the server itself fail where this Parse would have answered: an unnamed
@@ -449,7 +451,7 @@ class ClientSession(asyncio.Protocol):
             return action
         if type_byte == m.F_QUERY:
             server.request_started.append(time.monotonic())
-            server.request_kinds.append(_request_kind(first_keyword(msg, 5)))
+            server.request_kinds.append(_request_kind(first_keyword(msg, 5), msg, 5))
             return self._transaction_query(msg, server)
         if type_byte == m.F_FUNCTION_CALL:
             server.request_started.append(time.monotonic())
@@ -1163,7 +1165,7 @@ class ClientSession(asyncio.Protocol):
                 # Needs the database: held like any request while no writer exists, then refused
                 # (what was spooled of the transaction so far is discarded, never stored).
                 hold = self.sidecar.config.failover.hold_timeout
-                with contextlib.suppress(TimeoutError):
+                with contextlib.suppress(UpstreamUnavailable):  # no writer within the hold
                     await self.sidecar.topology.wait_for_writer(hold)
                 self._send(responder.refuse(verdict.reason))
                 break
@@ -1281,10 +1283,19 @@ def _parse_query_offset(msg: memoryview) -> int:
     return 5 + end + 1
 
 
-def _request_kind(keyword: bytes | None) -> int:
+def _request_kind(keyword: bytes | None, msg: memoryview, offset: int) -> int:
     if keyword in (b"commit", b"end"):
         return REQUEST_COMMIT
-    return REQUEST_READ if keyword == b"select" else REQUEST_OTHER
+    return _read_kind(msg, offset) if keyword == b"select" else REQUEST_OTHER
+
+
+# A second statement after the first (`SELECT ...; CLOSE ALL; ...`): not a plain read.
+_MORE_STATEMENTS = re.compile(rb";\s*[^\s\x00]")
+
+
+def _read_kind(msg: memoryview, offset: int) -> int:
+    """REQUEST_READ for a lone SELECT; a query string with more statements may write."""
+    return REQUEST_OTHER if _MORE_STATEMENTS.search(msg, offset) else REQUEST_READ
 
 
 def _cstring(msg: memoryview, offset: int) -> str:

@@ -416,13 +416,12 @@ class TopologyMonitor:
     def _writer_confirmed(self, node: NodeStatus) -> None:
         self.max_timeline = max(self.max_timeline, node.timeline)
         self.writer_timeline = node.timeline
-        if self.state is ClusterState.UP and node.endpoint == self.writer:
-            return
-        target = (
-            ClusterState.RECOVERING
-            if self.state is ClusterState.OUTAGE and self.writer_seen
-            else (ClusterState.UP)
+        if self.state in (ClusterState.UP, ClusterState.RECOVERING) and node.endpoint == self.writer:
+            return  # RECOVERING ends only when the spool has drained (`recovered`)
+        recovering = self.state is ClusterState.RECOVERING or (
+            self.state is ClusterState.OUTAGE and self.writer_seen
         )
+        target = ClusterState.RECOVERING if recovering else ClusterState.UP
         self._transition(target, node.endpoint, node.region, None)
 
     @property

@@ -1,0 +1,140 @@
+"""The full-outage spool end to end through the real sidecar process (issue: spool, DESIGN §1 P5).
+
+A real topology loses every writer; the sidecar (sqlite or DynamoDB spool) keeps acknowledging
+simple INSERT transactions from psycopg and from a freshly started SQLAlchemy engine, refuses
+everything else with 57P03 after the hold, and replays every acknowledged transaction exactly once
+when a writer returns. Outcomes are checked as rows on the new writer and metric values.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from moto.server import ThreadedMotoServer
+
+from tests.harness import pg
+from tests.harness.sidecar import free_port
+from tests.integration.test_failover import (
+    connect,
+    count_on,
+    http,
+    ids_on,
+    make_table,
+    metric,
+    sqlstate_of_call,
+    wait_state,
+)
+
+
+@pytest.fixture(scope="module")
+def dynamodb_endpoint() -> Iterator[str]:
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def _spool_config(backend: str, tmp_path: Path, endpoint: str | None) -> dict[str, Any]:
+    spool: dict[str, Any] = {"backend": backend, "path": str(tmp_path / "spool.db")}
+    if backend == "dynamodb":
+        spool["dynamodb"] = {"table": f"spool-{uuid.uuid4().hex[:8]}", "region": "us-east-1",
+                             "endpoint_url": endpoint}  # fmt: skip
+    return spool
+
+
+@pytest.mark.parametrize(
+    ("backend", "mode"), [("sqlite", "session"), ("sqlite", "transaction"), ("dynamodb", "transaction")]
+)
+def test_outage_spools_inserts_and_replays_them_exactly_once(
+    fresh_topology: pg.Topology,
+    sidecar_factory: Any,
+    tmp_path: Path,
+    dynamodb_endpoint: str,
+    monkeypatch: pytest.MonkeyPatch,
+    backend: str,
+    mode: str,
+) -> None:
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    topo = fresh_topology
+    table = make_table(topo.a1, "spool")
+    sidecar = sidecar_factory(
+        {
+            "pool": {"mode": mode},
+            "failover": {"hold_timeout": "1s"},
+            "spool": _spool_config(backend, tmp_path, dynamodb_endpoint),
+        },
+        topology=topo,
+    )
+    conn = connect(sidecar, application_name="app")
+    conn.execute(f"INSERT INTO {table} (id, client) VALUES ('before', 'app')")
+    sidecar.wait_for_log("event=frontdoor_filled", timeout=10)
+    # SQLAlchemy sees the database once while it is up (as an app that started before the outage).
+    url = sa.engine.make_url("postgresql+psycopg://").set(
+        username="app_scram", password="scram-secret", host=sidecar.host, port=sidecar.port,
+        database=pg.APP_DB,
+    )  # fmt: skip
+    warm = sa.create_engine(url, pool_pre_ping=True)
+    with warm.connect() as c:
+        assert c.execute(sa.text("SELECT 1")).scalar() == 1
+    warm.dispose()
+
+    down = time.time()
+    topo.a1.crash()
+    topo.a2.crash()
+    wait_state(sidecar, "outage", down, timeout=15)
+    status, body = http(sidecar, "/readyz")
+    assert status == 200 and "spooled" in json.loads(body)["reason"], body
+
+    # An existing connection: an autocommit INSERT, and an explicit transaction of two.
+    conn.execute(f"INSERT INTO {table} (id, client, at) VALUES (%s, 'app', now())", ("ac-1",))
+    with conn.transaction():
+        conn.execute(f"INSERT INTO {table} (id, client) VALUES (%s, 'app')", ("tx-1",))
+        conn.execute(f"INSERT INTO {table} (id, client) VALUES ('tx-2', 'app'), ('tx-3', 'app')")
+    # A rolled-back transaction leaves nothing behind.
+    with conn.transaction():
+        conn.execute(f"INSERT INTO {table} (id, client) VALUES ('rolled-back', 'app')")
+        raise psycopg.Rollback()
+    # Something that needs the database: held for hold_timeout, then 57P03; nothing is stored.
+    state, waited = sqlstate_of_call(lambda: conn.execute(f"SELECT count(*) FROM {table}"))
+    assert state == "57P03" and 0.8 <= waited <= 5.0, (state, waited)
+
+    # A new client logs in during the outage, from the front-door cache.
+    with connect(sidecar, application_name="newcomer") as newcomer:
+        newcomer.execute(f"INSERT INTO {table} (id, client) VALUES ('new-1', 'newcomer')")
+    # A freshly started SQLAlchemy app places an order.
+    engine = sa.create_engine(url, pool_pre_ping=True)
+    with engine.begin() as c:
+        c.execute(sa.text(f"INSERT INTO {table} (id, client) VALUES (:id, 'sqlalchemy')"), {"id": "sa-1"})
+    engine.dispose()
+    spooled = 4  # transactions: ac-1, the explicit one, new-1, sa-1
+    assert metric(sidecar, "pgsidecar_spool_records_total", result="spooled") == spooled
+    assert metric(sidecar, "pgsidecar_spool_pending") == spooled
+
+    back = time.time()
+    topo.a2.start()
+    topo.a2.promote()
+    wait_state(sidecar, "up", back, writer=topo.a2, timeout=30)
+    assert metric(sidecar, "pgsidecar_spool_pending") == 0
+    assert metric(sidecar, "pgsidecar_spool_records_total", result="replayed") == spooled
+    expected = ["ac-1", "before", "new-1", "sa-1", "tx-1", "tx-2", "tx-3"]
+    assert ids_on(topo.a2, table) == expected
+    # now() was pinned to the spool time, not the replay time.
+    pinned = topo.a2.query(f"SELECT extract(epoch FROM at) FROM {table} WHERE id = 'ac-1'", dbname=pg.APP_DB)
+    assert down <= float(pinned[0][0]) <= back
+    # New work after recovery goes to the writer; nothing is replayed twice.
+    conn.execute(f"INSERT INTO {table} (id, client) VALUES ('after', 'app')")
+    assert count_on(topo.a2, table) == len(expected) + 1
+    assert metric(sidecar, "pgsidecar_spool_records_total", result="duplicate") == 0
+    conn.close()
+
