@@ -300,11 +300,18 @@ async def _show_topology(console: AdminConsole) -> Result:
 
 async def _show_spool(console: AdminConsole) -> Result:
     columns = ("backend", "location", "pending", "status")
-    spool = console.sidecar.config.spool
-    if spool.backend == "none":
+    sidecar = console.sidecar
+    spool = sidecar.config.spool
+    if spool.backend == "none" or sidecar.spooling is None:
         return Result("SHOW", columns, [("none", None, 0, "not enabled")])
     location = str(spool.path) if spool.backend == "sqlite" else spool.dynamodb.table
-    return Result("SHOW", columns, [(spool.backend, location, console.sidecar.spool_pending, "configured")])
+    if sidecar.spooling.spooling:
+        status = "spooling: no writer anywhere"
+    elif sidecar.spooling.last_error:
+        status = f"replay stopped: {sidecar.spooling.last_error}"
+    else:
+        status = "replaying" if sidecar.spool_pending else "empty"
+    return Result("SHOW", columns, [(spool.backend, location, sidecar.spool_pending, status)])
 
 
 async def _show_stats(console: AdminConsole) -> Result:
@@ -361,16 +368,18 @@ async def _reload(console: AdminConsole) -> Result:
 
 async def _replay(console: AdminConsole) -> Result:
     sidecar = console.sidecar
-    if sidecar.config.spool.backend == "none":
+    if sidecar.spooling is None:
         raise AdminCommandError(
             SqlState.FEATURE_NOT_SUPPORTED,
             "the spool is not enabled (spool.backend: none): nothing to replay",
         )
-    # The spool has nothing pending until spooling lands; replay is then wired here.
-    raise AdminCommandError(
-        SqlState.FEATURE_NOT_SUPPORTED,
-        f"nothing to replay: {sidecar.spool_pending} transactions pending in the spool",
-    )
+    if sidecar.topology.writer is None:
+        raise AdminCommandError(
+            SqlState.CANNOT_CONNECT_NOW,
+            f"no writer to replay to: {sidecar.topology.problem}",
+        )
+    sidecar.spooling.kick()  # the drain loop replays at once, in id order, exactly once
+    return Result("REPLAY", ("pending", "status"), [(sidecar.spool_pending, "replay started")])
 
 
 async def _show_help(console: AdminConsole) -> Result:
