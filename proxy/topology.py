@@ -218,7 +218,10 @@ class AuroraProvider:
                 if instance_id is None:
                     continue
                 row = InstanceRow(
-                    instance_id, is_writer == "true", float(updated or 0), aws_region or region.name
+                    instance_id,
+                    is_writer == "true",
+                    float(updated or 0),
+                    aws_region or self._listed_region(instance_id) or region.name,
                 )
                 known = rows.get(instance_id)
                 # Several readers report the same instance: keep the freshest report of it.
@@ -261,6 +264,14 @@ class AuroraProvider:
         listed |= {e for region in self.regions for e in (region.instances or {}).values()}
         self._probes.adopt(fresh._probes, listed)
         return True
+
+    def _listed_region(self, instance_id: str) -> str | None:
+        """The first region whose explicit `instances` map names this instance: where it lives,
+        whichever reader happened to report it (failovers are counted by region)."""
+        for region in self.regions:
+            if region.instances and instance_id in region.instances:
+                return region.name
+        return None
 
     def _endpoint(self, row: InstanceRow) -> Endpoint | None:
         ordered = sorted(self.regions, key=lambda r: r.name != row.region)
