@@ -274,6 +274,20 @@ class Sidecar:
             self._gate_for_failover = False
             self.open_gate()
 
+    async def _outage_at_startup(self) -> None:
+        """Started while no writer exists anywhere (e.g. restarted mid-outage): spool at once.
+        Without a spool the first clients simply get 08006 naming the unreachable hosts."""
+        wait = self.config.failover.probe_timeout + self.config.failover.check_interval + 1.0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await self.topology.first_probe.wait()
+        if self.topology.writer is None and self.topology.state is ClusterState.OUTAGE:
+            self.topology.recovery_required = True
+            self._gate_for_failover = True
+            self.close_gate("no writer at startup")
+            self._outage.set()
+            logs.event("spooling_started", reason=self.topology.problem)
+
     def release_after_drain_hold(self) -> None:
         """spool.max_drain_hold passed in RECOVERING: new work goes ahead of the backlog."""
         if self._gate_for_failover:
@@ -385,7 +399,14 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         if self.spooling is not None:
             await self.spooling.start()
+            if self.spool_pending > 0:
+                # Transactions spooled before a restart replay before any new write runs.
+                self.topology.recovery_required = True
+                self._gate_for_failover = True
+                self.close_gate("replaying what the spool kept from before the restart")
         self.topology.start()
+        if self.spooling is not None:
+            await self._outage_at_startup()
         listen = self.config.listen
         self._listener = await loop.create_server(
             lambda: ClientSession(self), listen.host, listen.port, reuse_address=True, backlog=1024

@@ -326,6 +326,10 @@ class TopologyMonitor:
         self._last_problem: str = "no probe has completed yet"
         self._fenced: set[tuple[Endpoint, int]] = set()  # logged once per (node, timeline)
         self.probes = 0  # probes completed
+        self.first_probe = asyncio.Event()  # set once the first probe has completed
+        # Set by the owner when the next writer must go through RECOVERING even though none was
+        # lost in this process's lifetime (a spool left over from before a restart).
+        self.recovery_required = False
         self._probes_started = 0
         self._probe_done = asyncio.Event()
 
@@ -367,6 +371,7 @@ class TopologyMonitor:
             return
         finally:
             self.probes += 1
+            self.first_probe.set()
             self._probe_done.set()
             self._probe_done = asyncio.Event()
         self.nodes = nodes
@@ -430,9 +435,10 @@ class TopologyMonitor:
         if self.state in (ClusterState.UP, ClusterState.RECOVERING) and node.endpoint == self.writer:
             return  # RECOVERING ends only when the spool has drained (`recovered`)
         recovering = self.state is ClusterState.RECOVERING or (
-            self.state is ClusterState.OUTAGE and self.writer_seen
+            self.state is ClusterState.OUTAGE and (self.writer_seen or self.recovery_required)
         )
         target = ClusterState.RECOVERING if recovering else ClusterState.UP
+        self.recovery_required = False
         self._transition(target, node.endpoint, node.region, None)
 
     @property
