@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,7 +58,12 @@ class SpoolService:
         self.store: SpoolStore | None = None
         self.classifier = Classifier(config.tables)
         self.frontdoor = FrontDoorCache.load(frontdoor_path(config.path))
-        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        # The replay lease's owner names this sidecar, not this process: a sidecar restarted after
+        # a crash (SIGKILL, OOM) mid-replay takes its own lease back at once, instead of waiting
+        # out the dead process's lease (30 s) while RECOVERING holds every new transaction.
+        # host + listen address is unique while the process runs: the OS lets only one process
+        # listen there (pids are not: a container's sidecar is pid 1 on every restart anyway).
+        self.owner = f"{socket.gethostname()}:{sidecar.config.listen}"
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._fills: dict[tuple[str, str], asyncio.Task[None]] = {}
