@@ -349,7 +349,7 @@ class Replayer:
         self.store = store
         self.connect = connect
         self.stats = stats
-        self.owner = owner  # lease owner: unique per sidecar process (e.g. host:pid:random)
+        self.owner = owner  # lease owner: one per sidecar (host + listen address), stable across restarts
         self.lease_ttl = lease_ttl
         self.batch_size = batch_size
         self.record_timeout = record_timeout  # one record's transaction, both round trips
