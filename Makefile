@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-failover clean
+.PHONY: demo test lint bench bench-failover bench-spool clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,6 @@ $(CHROMIUM_STAMP): $(STAMP)
 	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
 	touch $@
 test: $(CHROMIUM_STAMP)
+
+bench-spool: $(STAMP)
+	$(VENV)/bin/python -m bench.spool_bench $(ARGS)

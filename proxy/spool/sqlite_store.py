@@ -63,18 +63,36 @@ class _Op:
 _STOP = object()
 
 
-def _deliver(op: _Op, result: Any = None, error: BaseException | None = None) -> None:
-    def settle() -> None:
-        if op.future.done():  # the caller gave up (cancelled); the outcome stands regardless
-            return
-        if error is not None:
-            op.future.set_exception(error)
-        else:
-            op.future.set_result(result)
+def _settle(op: _Op, result: Any = None, error: BaseException | None = None) -> None:
+    """On the loop: give `op`'s caller its outcome (unless it gave up and cancelled)."""
+    if op.future.done():  # the caller gave up (cancelled); the outcome stands regardless
+        return
+    if error is not None:
+        op.future.set_exception(error)
+    else:
+        op.future.set_result(result)
 
+
+def _deliver(op: _Op, result: Any = None, error: BaseException | None = None) -> None:
     # The loop may be gone (process shutting down); nobody is left to tell then.
     with contextlib.suppress(RuntimeError):
-        op.loop.call_soon_threadsafe(settle)
+        op.loop.call_soon_threadsafe(_settle, op, result, error)
+
+
+def _settle_all(outcomes: list[tuple[_Op, BaseException | None]]) -> None:
+    for op, error in outcomes:
+        _settle(op, error=error)
+
+
+def _deliver_all(outcomes: list[tuple[_Op, BaseException | None]]) -> None:
+    """A group's outcomes: one wake-up of each loop for the whole group, not one per append
+    (every call_soon_threadsafe writes to the loop's self-pipe and costs the thread the GIL)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Op, BaseException | None]]] = {}
+    for op, error in outcomes:
+        by_loop.setdefault(op.loop, []).append((op, error))
+    for loop, batch in by_loop.items():
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle_all, batch)
 
 
 class SqliteSpoolStore(SpoolStore):
@@ -196,10 +214,18 @@ class SqliteSpoolStore(SpoolStore):
         outcomes: list[BaseException | None] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
+            # One look at the dead letters for the whole group (ids are checked in chunks that stay
+            # below SQLite's limit on bound parameters).
+            dead: set[str] = set()
+            ids = [op.record.id for op in ops if op.record is not None]
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                dead.update(r[0] for r in conn.execute(f"SELECT id FROM dead WHERE id IN ({marks})", chunk))
             for op in ops:
                 record = op.record
                 assert record is not None
-                if conn.execute("SELECT 1 FROM dead WHERE id = ?", (record.id,)).fetchone():
+                if record.id in dead:
                     outcomes.append(SpoolRefused(f"spool record id {record.id} already exists"))
                     continue
                 try:
@@ -218,13 +244,12 @@ class SqliteSpoolStore(SpoolStore):
             logs.event(
                 "spool_write_failed", logs.ERROR, backend="sqlite", path=str(self.path), error=str(exc)
             )
-            for op in ops:
-                _deliver(op, error=SpoolUnavailable(f"spool file {str(self.path)!r} write failed: {exc}"))
+            message = f"spool file {str(self.path)!r} write failed: {exc}"
+            _deliver_all([(op, SpoolUnavailable(message)) for op in ops])
             return
         self.commits += 1
         self.appends += sum(1 for o in outcomes if o is None)
-        for op, outcome in zip(ops, outcomes, strict=True):
-            _deliver(op, error=outcome)
+        _deliver_all(list(zip(ops, outcomes, strict=True)))
 
     def _run_one(self, conn: sqlite3.Connection, op: _Op) -> None:
         assert op.fn is not None
