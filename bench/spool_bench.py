@@ -42,6 +42,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import multiprocessing
 import multiprocessing.context
 import os
@@ -163,7 +164,8 @@ async def _load(spec: LoadSpec, ready: Any, go: Any) -> LoadResult:
                 except psycopg.Error as exc:
                     errors[exc.sqlstate or type(exc).__name__] += 1
                     if len(result.first_errors) < 5:
-                        result.first_errors.append(f"client {n}: {exc.sqlstate} {exc}")
+                        text = " ".join(str(exc).split())
+                        result.first_errors.append(f"client {n}: {exc.sqlstate} {text[:240]}")
                     if conn.closed:
                         return
                     await asyncio.sleep(0.01)  # do not spin on a refusing sidecar
@@ -421,6 +423,8 @@ class BackendResult:
 def moto_server() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
+    # werkzeug logs every request to stderr: noise in the output and CPU taken from moto.
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
