@@ -187,7 +187,11 @@ class SpoolService:
     async def _drain_once(self) -> None:
         store = self.store
         assert store is not None
-        replayer = Replayer(store, self._connect, self.sidecar.stats, self.owner)
+        # A chunk of records shares one replay transaction (one commit flush, one store write).
+        chunk = self.sidecar.config.spool.replay_batch
+        replayer = Replayer(
+            store, self._connect, self.sidecar.stats, self.owner, batch_size=2 * chunk, chunk_size=chunk
+        )
         try:
             result = await replayer.drain()
         except (SpoolError, ProxyError, OSError) as exc:

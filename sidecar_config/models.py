@@ -287,6 +287,10 @@ class SpoolConfig(_Model):
     max_drain_hold: Duration = Field(
         default=30.0, ge=0, description="longest that new work is held while the spool replays"
     )
+    replay_batch: int = Field(
+        default=500, ge=1, le=10000,
+        description="spooled transactions replayed together in one upstream transaction",
+    )
     dynamodb: DynamoDBSpoolConfig = Field(default_factory=DynamoDBSpoolConfig)
 
     @field_validator("tables")

@@ -55,7 +55,9 @@ LEDGER_DDL = (
     "GRANT USAGE ON SCHEMA pgsidecar TO PUBLIC; "
     "GRANT SELECT, INSERT ON pgsidecar.spool_applied TO PUBLIC"
 )
-LEDGER_INSERT = "INSERT INTO pgsidecar.spool_applied (id) VALUES ($1) ON CONFLICT DO NOTHING"
+# In the replay transaction itself: a conflict must abort it (a record is applied at most once).
+LEDGER_CLAIM = "INSERT INTO pgsidecar.spool_applied (id) VALUES ($1)"
+UNIQUE_VIOLATION = "23505"
 SET_CONFIG = "SELECT pg_catalog.set_config($1, $2, true)"
 
 # Reported by the server but not settable: a record may carry them if the caller copied every
@@ -268,67 +270,134 @@ async def apply_record(conn: ServerConnection, record: SpoolRecord) -> ApplyOutc
     client_encoding = next((v for k, v in settings if k.lower() == "client_encoding"), None)
     record_codec = python_codec(client_encoding) if client_encoding else conn_codec
 
-    # Round trip 1: open the transaction, apply the settings, claim the record in the ledger.
+    # One round trip: open the transaction, apply the settings, claim the record in the ledger,
+    # run the statements, commit. A record already applied makes the ledger INSERT fail with a
+    # unique violation, and the server then skips everything up to the Sync: nothing of it runs.
     batch = [_statement(b"BEGIN", (), (), ())]
     for name, value in settings:
         batch.append(
             _statement(SET_CONFIG.encode(), (TEXT_OID, TEXT_OID), (0, 0), (name.encode(conn_codec),
                        value.encode(conn_codec)))
         )  # fmt: skip
-    batch.append(_statement(LEDGER_INSERT.encode(), (TEXT_OID,), (0,), (record.id.encode(),)))
-    batch.append(m.sync())
-    reply = await _exchange(conn, b"".join(batch))
-    ledger_at = 1 + len(settings)
-    if reply.error is not None:
-        await _rollback(conn)
-        code = reply.error.get("C", "XX000")
-        summary = _describe(reply.error)
-        if reply.error_at == ledger_at:
-            # The ledger itself failed (privileges, a dropped table): every record would; stop.
-            raise ReplayFailed(f"ledger insert failed: {summary}", code, retry=True)
-        if 1 <= reply.error_at < ledger_at:
-            name = settings[reply.error_at - 1][0]
-            raise ReplayFailed(f"setting {name} failed: {summary}", code, retry=is_transient(code))
-        raise ReplayFailed(f"BEGIN failed: {summary}", code, retry=True)
-    if len(reply.tags) != ledger_at + 1:
-        # Not the answer this batch gets from PostgreSQL: something in between is confused.
-        await _rollback(conn)
-        raise ReplayFailed(f"unexpected reply to BEGIN/ledger: {reply.tags}", "08P01", retry=True)
-    if reply.tags[-1] != "INSERT 0 1":
-        await _rollback(conn)
-        return ApplyOutcome.DUPLICATE
-
-    # Round trip 2: the statements and COMMIT; after an error the server skips to the Sync.
-    batch = []
+    batch.append(_statement(LEDGER_CLAIM.encode(), (TEXT_OID,), (0,), (record.id.encode(),)))
     try:
         for stmt in record.statements:
             batch.append(_statement(stmt.sql.encode(record_codec), stmt.param_oids, stmt.param_formats,
                                     stmt.values))  # fmt: skip
     except UnicodeEncodeError as exc:
-        await _rollback(conn)
         raise ReplayFailed(
             f"statement text cannot be encoded as {client_encoding}: {exc}", "22021", retry=False
         ) from exc
     batch.append(_statement(b"COMMIT", (), (), ()))
     batch.append(m.sync())
     reply = await _exchange(conn, b"".join(batch))
+    ledger_at = 1 + len(settings)
+    first_statement = ledger_at + 1
     count = len(record.statements)
     if reply.error is not None:
         await _rollback(conn)  # status I here means the COMMIT itself failed: nothing to undo
         code = reply.error.get("C", "XX000")
-        where = f"statement {reply.error_at + 1}" if reply.error_at < count else "COMMIT"
-        raise ReplayFailed(f"{where}: {_describe(reply.error)}", code, retry=is_transient(code))
-    if not reply.tags or reply.tags[-1] != "COMMIT":
-        # "ROLLBACK": the transaction was aborted without an error we saw; never count it applied.
+        summary = _describe(reply.error)
+        if reply.error_at == ledger_at:
+            if code == UNIQUE_VIOLATION:
+                return ApplyOutcome.DUPLICATE  # applied before: this transaction changed nothing
+            # The ledger itself failed (privileges, a dropped table): every record would; stop.
+            raise ReplayFailed(f"ledger insert failed: {summary}", code, retry=True)
+        if 1 <= reply.error_at < ledger_at:
+            name = settings[reply.error_at - 1][0]
+            raise ReplayFailed(f"setting {name} failed: {summary}", code, retry=is_transient(code))
+        if reply.error_at == 0:
+            raise ReplayFailed(f"BEGIN failed: {summary}", code, retry=True)
+        index = reply.error_at - first_statement
+        where = f"statement {index + 1}" if index < count else "COMMIT"
+        raise ReplayFailed(f"{where}: {summary}", code, retry=is_transient(code))
+    if len(reply.tags) != first_statement + count + 1 or reply.tags[-1] != "COMMIT":
+        # "ROLLBACK", or not the answer this batch gets from PostgreSQL: never count it applied.
         await _rollback(conn)
         raise ReplayFailed(f"COMMIT was not confirmed (answers: {reply.tags})", "40000", retry=False)
-    for stmt, tag in zip(record.statements, reply.tags, strict=False):
+    statement_tags = reply.tags[first_statement : first_statement + count]
+    for stmt, tag in zip(record.statements, statement_tags, strict=True):
         if stmt.tag and tag != stmt.tag:
             # Committed; but the client was told something else (a trigger, a concurrent row for
             # ON CONFLICT DO NOTHING). Worth an operator's look, not a reason to undo.
             logs.event("spool_replay_tag_mismatch", logs.WARNING, record=record.id, acknowledged=stmt.tag,
                        replayed=tag)  # fmt: skip
     return ApplyOutcome.APPLIED
+
+
+async def _settle(removals: list[asyncio.Future[None]]) -> str | None:
+    """Wait for every removal; the first failure, if any."""
+    if not removals:
+        return None
+    results = await asyncio.gather(*removals, return_exceptions=True)
+    for outcome in results:
+        if isinstance(outcome, BaseException):
+            return str(outcome) or type(outcome).__name__
+    return None
+
+
+async def apply_chunk(conn: ServerConnection, records: Sequence[SpoolRecord]) -> bool:
+    """Apply several records (same user, database and settings) in ONE transaction and one
+    round trip: one commit flush for all of them. True when committed. On any error (a
+    duplicate among them, a failing statement) everything is rolled back and False returned:
+    the caller then applies them one by one, which tells each outcome apart. Exactly once holds
+    either way: each record's ledger row commits or rolls back with its rows.
+    """
+    await _rollback(conn)
+    first = records[0]
+    conn_codec = python_codec(conn.params.get("client_encoding"))
+    settings = [(k, v) for k, v in first.settings.items() if k.lower() not in READ_ONLY_SETTINGS]
+    settings.sort(key=lambda kv: kv[0].lower() == "client_encoding")
+    client_encoding = next((v for k, v in settings if k.lower() == "client_encoding"), None)
+    record_codec = python_codec(client_encoding) if client_encoding else conn_codec
+    batch = [_statement(b"BEGIN", (), (), ())]
+    for name, value in settings:
+        batch.append(
+            _statement(SET_CONFIG.encode(), (TEXT_OID, TEXT_OID), (0, 0), (name.encode(conn_codec),
+                       value.encode(conn_codec)))
+        )  # fmt: skip
+    expected = 2 + len(settings)
+    try:
+        for record in records:
+            batch.append(_statement(LEDGER_CLAIM.encode(), (TEXT_OID,), (0,), (record.id.encode(),)))
+            for stmt in record.statements:
+                batch.append(_statement(stmt.sql.encode(record_codec), stmt.param_oids,
+                                        stmt.param_formats, stmt.values))  # fmt: skip
+            expected += 1 + len(record.statements)
+    except UnicodeEncodeError:
+        return False
+    batch.append(_statement(b"COMMIT", (), (), ()))
+    batch.append(m.sync())
+    reply = await _exchange(conn, b"".join(batch))
+    if reply.error is None and len(reply.tags) == expected and reply.tags[-1] == "COMMIT":
+        return True
+    await _rollback(conn)
+    return False
+
+
+# Settings that do not change what an INSERT writes: records that differ only in these may
+# share a replay transaction (which then runs with the first record's value).
+_COSMETIC_SETTINGS = frozenset({"application_name"})
+
+
+def _meaning(record: SpoolRecord) -> tuple[str, str, dict[str, str]]:
+    settings = {k: v for k, v in record.settings.items() if k.lower() not in _COSMETIC_SETTINGS}
+    return record.user, record.database, settings
+
+
+def chunks(records: Sequence[SpoolRecord], size: int) -> list[list[SpoolRecord]]:
+    """Consecutive runs (in id order) of records that may share one replay transaction: same
+    user, database and settings that matter, at most `size` long."""
+    out: list[list[SpoolRecord]] = []
+    key: tuple[str, str, dict[str, str]] | None = None
+    for record in records:
+        this = _meaning(record)
+        if out and len(out[-1]) < size and this == key:
+            out[-1].append(record)
+        else:
+            out.append([record])
+            key = this
+    return out
 
 
 class Replayer:
@@ -345,10 +414,12 @@ class Replayer:
         batch_size: int = 100,
         record_timeout: float = DEFAULT_RECORD_TIMEOUT,
         release: Callable[[ServerConnection], None] | None = None,
+        chunk_size: int = 50,
     ) -> None:
         self.store = store
         self.connect = connect
         self.stats = stats
+        self.chunk_size = chunk_size  # records per replay transaction on the fast path
         self.owner = owner  # lease owner: one per sidecar (host + listen address), stable across restarts
         self.lease_ttl = lease_ttl
         self.batch_size = batch_size
@@ -413,20 +484,36 @@ class Replayer:
                 return
             if not batch:
                 return
-            for record in batch:
-                if lost.is_set():
-                    result.stopped_by_error = "the replay lease was lost to another replayer"
-                    return
-                if record.id in seen:
-                    # Removed or dead-lettered, yet listed again: the store is not taking our
-                    # writes. Stop rather than apply-and-count it forever.
-                    result.stopped_by_error = f"record {record.id} is still pending after being handled"
-                    return
-                seen.add(record.id)
-                error = await self._replay_one(record, conns, result)
-                if error is not None:
-                    result.stopped_by_error = error
-                    return
+            # Removing an applied record from the store (an fsync) overlaps with applying the
+            # next ones; the store's group commit makes one flush of many removals. All are
+            # settled before the store is asked for more, so none is listed twice.
+            removals: list[asyncio.Future[None]] = []
+            try:
+                for chunk in chunks(batch, self.chunk_size):
+                    if lost.is_set():
+                        result.stopped_by_error = "the replay lease was lost to another replayer"
+                        return
+                    again = next((r.id for r in chunk if r.id in seen), None)
+                    if again is not None:
+                        # Removed or dead-lettered, yet listed again: the store is not taking our
+                        # writes. Stop rather than apply-and-count it forever.
+                        result.stopped_by_error = f"record {again} is still pending after being handled"
+                        return
+                    seen.update(r.id for r in chunk)
+                    if len(chunk) > 1 and await self._replay_together(chunk, conns, result, removals):
+                        continue
+                    for record in chunk:
+                        error = await self._replay_one(record, conns, result, removals)
+                        if error is not None:
+                            result.stopped_by_error = error
+                            return
+            finally:
+                failed = await _settle(removals)
+                if failed is not None and result.stopped_by_error is None:
+                    # Applied but still pending: the next drain finds it in the ledger (a duplicate).
+                    result.stopped_by_error = f"applied but not removed from the spool: {failed}"
+            if result.stopped_by_error is not None:
+                return
 
     async def _connection(self, record: SpoolRecord, conns: dict[tuple[str, str], ServerConnection]
                           ) -> ServerConnection:  # fmt: skip
@@ -448,8 +535,36 @@ class Replayer:
                 ) from exc
         return conn
 
+    async def _replay_together(
+        self,
+        chunk: list[SpoolRecord],
+        conns: dict[tuple[str, str], ServerConnection],
+        result: DrainResult,
+        removals: list[asyncio.Future[None]],
+    ) -> bool:
+        """The fast path: the whole chunk in one transaction. False: apply them one by one."""
+        key = (chunk[0].user, chunk[0].database)
+        try:
+            conn = await asyncio.wait_for(self._connection(chunk[0], conns), self.record_timeout)
+            async with asyncio.timeout(self.record_timeout):
+                committed = await apply_chunk(conn, chunk)
+        except (LedgerMissing, ProxyError, OSError, TimeoutError):
+            # Whatever went wrong, the one-by-one path meets it again and reports it properly.
+            self._drop(conns, key, "chunked replay failed")
+            return False
+        if not committed:
+            return False
+        removals.append(asyncio.ensure_future(self.store.remove_many([record.id for record in chunk])))
+        self.stats.spool_records[ApplyOutcome.APPLIED.value] += len(chunk)
+        result.replayed += len(chunk)
+        return True
+
     async def _replay_one(
-        self, record: SpoolRecord, conns: dict[tuple[str, str], ServerConnection], result: DrainResult
+        self,
+        record: SpoolRecord,
+        conns: dict[tuple[str, str], ServerConnection],
+        result: DrainResult,
+        removals: list[asyncio.Future[None]],
     ) -> str | None:
         """Apply one record and settle it in the store; returns why to stop, or None to go on."""
         key = (record.user, record.database)
@@ -480,11 +595,7 @@ class Replayer:
         except (ProxyError, OSError) as exc:
             self._drop(conns, key, "replay connection failed")
             return f"record {record.id}: connection lost: {getattr(exc, 'message', None) or exc}"
-        try:
-            await self.store.remove(record.id)
-        except SpoolError as exc:
-            # Applied but still pending: the next drain finds it in the ledger (a duplicate).
-            return f"record {record.id} applied but not removed from the spool: {exc}"
+        removals.append(asyncio.ensure_future(self.store.remove(record.id)))
         self.stats.spool_records[outcome.value] += 1
         if outcome is ApplyOutcome.APPLIED:
             result.replayed += 1

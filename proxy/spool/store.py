@@ -13,6 +13,8 @@ Semantics every backend guarantees (the replayer and the client path rely on the
 from __future__ import annotations
 
 import abc
+import asyncio
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .record import DeadLetter, SpoolRecord
@@ -66,6 +68,10 @@ class SpoolStore(abc.ABC):
     @abc.abstractmethod
     async def remove(self, record_id: str) -> None:
         """Forget a pending record (it was applied upstream). Removing an absent id is a no-op."""
+
+    async def remove_many(self, record_ids: Sequence[str]) -> None:
+        """Forget several applied records; a backend may do it in one durable write."""
+        await asyncio.gather(*(self.remove(record_id) for record_id in record_ids))
 
     @abc.abstractmethod
     async def dead_letter(self, record: SpoolRecord, error: str, sqlstate: str) -> None:
