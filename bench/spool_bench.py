@@ -94,6 +94,8 @@ FAKE_AWS_ENV = {
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+_SCRAPE_INTERVAL = 0.1  # seconds between /metrics scrapes while replaying
+
 def say(text: str = "") -> None:
     print(text, flush=True)
 
@@ -586,7 +588,7 @@ def replay(
                 break
             if not sidecar.is_running():
                 raise BenchError(f"the sidecar exited during the replay\n{sidecar.log_tail()}")
-            time.sleep(0.1)  # every scrape costs the sidecar CPU: not too often
+            time.sleep(_SCRAPE_INTERVAL)  # every scrape costs the sidecar CPU: not too often
         if profile is not None:
             profile.stop()
             if profile.out.exists():
@@ -602,6 +604,10 @@ def replay(
     finished = log_events(sidecar.log_text(), "spool_replay_finished")
     log_seconds = sum(float(e.fields.get("seconds", 0)) for e in finished) if finished else None
     done_at = next((t for t, p, d in timeline if d + dead >= spooled and p == 0), None)
+    if first is not None and done_at is not None and done_at > first[0] - promoted:
+        # Everything from the first replayed record to an empty spool (removals included): also
+        # right when the whole backlog was replayed between two scrapes.
+        rate = spooled / (done_at - (first[0] - promoted) + _SCRAPE_INTERVAL)
     return Replay(
         backend=backend,
         records=len(acked),

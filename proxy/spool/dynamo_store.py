@@ -22,7 +22,7 @@ import asyncio
 import concurrent.futures
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from .. import logs
@@ -337,6 +337,26 @@ class DynamoSpoolStore(SpoolStore):
 
     async def remove(self, record_id: str) -> None:
         await self._run(self._delete, PENDING, record_id)
+
+    async def remove_many(self, record_ids: Sequence[str]) -> None:
+        # BatchWriteItem takes 25 deletes per call: 25 times fewer round trips for a replayed chunk.
+        batches = [record_ids[i : i + 25] for i in range(0, len(record_ids), 25)]
+        await asyncio.gather(*(self._run(self._delete_batch, PENDING, batch) for batch in batches))
+
+    def _delete_batch(self, pk: str, sks: Sequence[str]) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        requests = [{"DeleteRequest": {"Key": {"pk": {"S": pk}, "sk": {"S": sk}}}} for sk in sks]
+        try:
+            for attempt in range(8):
+                answer = self._client.batch_write_item(RequestItems={self.table: requests})
+                requests = answer.get("UnprocessedItems", {}).get(self.table, [])
+                if not requests:
+                    return
+                time.sleep(min(1.0, 0.05 * 2**attempt))  # throttled: back off, then the rest
+        except (ClientError, BotoCoreError) as exc:
+            raise self._unavailable("write (remove)", exc) from exc
+        raise SpoolUnavailable(f"{self._where()}: {len(requests)} removals still unprocessed after retries")
 
     def _delete(self, pk: str, sk: str) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
