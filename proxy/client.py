@@ -1024,18 +1024,7 @@ class ClientSession(asyncio.Protocol):
             self.sidecar.passthrough_verified(self.user, self._password)
         if self.sidecar.spooling is not None:
             self.sidecar.spooling.note_login(self.user, self.database, self._password)
-        self._send(
-            m.frames(
-                [
-                    m.auth_ok(),
-                    *(m.parameter_status(k, v) for k, v in server.params.items()),
-                    self._register_backend_key(),
-                    m.ready_for_query(m.TX_IDLE),
-                ]
-            )
-        )
-        self.state = ClientState.ACTIVE
-        self.sidecar.stats.clients_accepted += 1
+        self._logged_in(server.params)
         logs.event(
             "client_ready",
             conn=self.id,
@@ -1069,23 +1058,8 @@ class ClientSession(asyncio.Protocol):
                 "seen while one was up, so pgsidecar cannot stand in for it: "
                 f"{self.sidecar.topology.problem}"
             )
-        wanted = {k: v for k, v in self.startup_params.items() if k not in _NOT_SETTABLE}
-        if "options" in self.startup_params:
-            wanted.update(parse_options(self.startup_params["options"]))
-        self.startup_settings = lower_keys(wanted)
-        self.settings = dict(self.startup_settings)
-        self._send(
-            m.frames(
-                [
-                    m.auth_ok(),
-                    *(m.parameter_status(k, v) for k, v in params.items()),
-                    self._register_backend_key(),
-                    m.ready_for_query(m.TX_IDLE),
-                ]
-            )
-        )
-        self.state = ClientState.ACTIVE
-        self.sidecar.stats.clients_accepted += 1
+        self._take_startup_settings()
+        self._logged_in(params)
         logs.event("client_ready", conn=self.id, upstream=None, mode="outage (spooling)")
         self._relay.hold()
         self._enter_outage()
@@ -1210,13 +1184,32 @@ class ClientSession(asyncio.Protocol):
         probe = await self.sidecar.open_server(writer, params, self._password)
         probe.close("passthrough password verified")
 
-    async def _apply_startup_settings(self, server: ServerConnection) -> None:
-        """Make the pooled server match the client's startup parameters, in one round trip."""
+    def _take_startup_settings(self) -> None:
+        """The client's startup parameters (and `options`) are its session's settings."""
         wanted = {k: v for k, v in self.startup_params.items() if k not in _NOT_SETTABLE}
         if "options" in self.startup_params:
             wanted.update(parse_options(self.startup_params["options"]))
         self.startup_settings = lower_keys(wanted)
         self.settings = dict(self.startup_settings)
+
+    def _logged_in(self, params: dict[str, str]) -> None:
+        """Tell the client it is in: AuthenticationOk, the server's parameters, our key, ready."""
+        self._send(
+            m.frames(
+                [
+                    m.auth_ok(),
+                    *(m.parameter_status(k, v) for k, v in params.items()),
+                    self._register_backend_key(),
+                    m.ready_for_query(m.TX_IDLE),
+                ]
+            )
+        )
+        self.state = ClientState.ACTIVE
+        self.sidecar.stats.clients_accepted += 1
+
+    async def _apply_startup_settings(self, server: ServerConnection) -> None:
+        """Make the pooled server match the client's startup parameters, in one round trip."""
+        self._take_startup_settings()
         sql = sync_sql(self.settings, server.applied)
         if sql is not None:
             await server.simple_query(sql)

@@ -255,13 +255,11 @@ async def ledger_exists(conn: ServerConnection) -> bool:
     return bool(result.rows) and result.rows[0][0] == "t"
 
 
-async def apply_record(conn: ServerConnection, record: SpoolRecord) -> ApplyOutcome:
-    """Apply one record as one transaction on `conn` (does not touch the store).
-
-    Raises ReplayFailed for an SQL error (the transaction is rolled back first, the connection
-    stays usable) and ProxyError/OSError when the connection itself fails.
-    """
-    await _rollback(conn)  # a connection left mid-transaction by an earlier failure
+def _opening(
+    conn: ServerConnection, record: SpoolRecord
+) -> tuple[list[bytes], list[tuple[str, str]], str | None, str]:
+    """BEGIN and the record's settings (as messages), the settings applied, the record's
+    client_encoding and the codec its statements are written in."""
     conn_codec = python_codec(conn.params.get("client_encoding"))
     settings = [(k, v) for k, v in record.settings.items() if k.lower() not in READ_ONLY_SETTINGS]
     # client_encoding last: from then on the server reads text in the client's encoding, which is
@@ -269,16 +267,26 @@ async def apply_record(conn: ServerConnection, record: SpoolRecord) -> ApplyOutc
     settings.sort(key=lambda kv: kv[0].lower() == "client_encoding")
     client_encoding = next((v for k, v in settings if k.lower() == "client_encoding"), None)
     record_codec = python_codec(client_encoding) if client_encoding else conn_codec
-
-    # One round trip: open the transaction, apply the settings, claim the record in the ledger,
-    # run the statements, commit. A record already applied makes the ledger INSERT fail with a
-    # unique violation, and the server then skips everything up to the Sync: nothing of it runs.
     batch = [_statement(b"BEGIN", (), (), ())]
     for name, value in settings:
         batch.append(
             _statement(SET_CONFIG.encode(), (TEXT_OID, TEXT_OID), (0, 0), (name.encode(conn_codec),
                        value.encode(conn_codec)))
         )  # fmt: skip
+    return batch, settings, client_encoding, record_codec
+
+
+async def apply_record(conn: ServerConnection, record: SpoolRecord) -> ApplyOutcome:
+    """Apply one record as one transaction on `conn` (does not touch the store).
+
+    Raises ReplayFailed for an SQL error (the transaction is rolled back first, the connection
+    stays usable) and ProxyError/OSError when the connection itself fails.
+    """
+    await _rollback(conn)  # a connection left mid-transaction by an earlier failure
+    # One round trip: open the transaction, apply the settings, claim the record in the ledger,
+    # run the statements, commit. A record already applied makes the ledger INSERT fail with a
+    # unique violation, and the server then skips everything up to the Sync: nothing of it runs.
+    batch, settings, client_encoding, record_codec = _opening(conn, record)
     batch.append(_statement(LEDGER_CLAIM.encode(), (TEXT_OID,), (0,), (record.id.encode(),)))
     try:
         for stmt in record.statements:
@@ -325,15 +333,18 @@ async def apply_record(conn: ServerConnection, record: SpoolRecord) -> ApplyOutc
     return ApplyOutcome.APPLIED
 
 
-async def _settle(removals: list[asyncio.Future[None]]) -> str | None:
-    """Wait for every removal; the first failure, if any."""
-    if not removals:
-        return None
-    results = await asyncio.gather(*removals, return_exceptions=True)
-    for outcome in results:
-        if isinstance(outcome, BaseException):
-            return str(outcome) or type(outcome).__name__
-    return None
+@dataclass
+class _Removal:
+    """Applied records whose removal from the store is under way; counted once it is done (a
+    record applied but not removed is met again, as a duplicate, and must not count twice)."""
+
+    future: asyncio.Future[None]
+    outcome: ApplyOutcome
+    count: int
+
+
+def _removal(store: SpoolStore, ids: list[str], outcome: ApplyOutcome) -> _Removal:
+    return _Removal(asyncio.ensure_future(store.remove_many(ids)), outcome, len(ids))
 
 
 async def apply_chunk(conn: ServerConnection, records: Sequence[SpoolRecord]) -> bool:
@@ -344,18 +355,7 @@ async def apply_chunk(conn: ServerConnection, records: Sequence[SpoolRecord]) ->
     either way: each record's ledger row commits or rolls back with its rows.
     """
     await _rollback(conn)
-    first = records[0]
-    conn_codec = python_codec(conn.params.get("client_encoding"))
-    settings = [(k, v) for k, v in first.settings.items() if k.lower() not in READ_ONLY_SETTINGS]
-    settings.sort(key=lambda kv: kv[0].lower() == "client_encoding")
-    client_encoding = next((v for k, v in settings if k.lower() == "client_encoding"), None)
-    record_codec = python_codec(client_encoding) if client_encoding else conn_codec
-    batch = [_statement(b"BEGIN", (), (), ())]
-    for name, value in settings:
-        batch.append(
-            _statement(SET_CONFIG.encode(), (TEXT_OID, TEXT_OID), (0, 0), (name.encode(conn_codec),
-                       value.encode(conn_codec)))
-        )  # fmt: skip
+    batch, settings, _, record_codec = _opening(conn, records[0])
     expected = 2 + len(settings)
     try:
         for record in records:
@@ -487,7 +487,7 @@ class Replayer:
             # Removing an applied record from the store (an fsync) overlaps with applying the
             # next ones; the store's group commit makes one flush of many removals. All are
             # settled before the store is asked for more, so none is listed twice.
-            removals: list[asyncio.Future[None]] = []
+            removals: list[_Removal] = []
             try:
                 for chunk in chunks(batch, self.chunk_size):
                     if lost.is_set():
@@ -508,7 +508,7 @@ class Replayer:
                             result.stopped_by_error = error
                             return
             finally:
-                failed = await _settle(removals)
+                failed = await self._settle(removals, result)
                 if failed is not None and result.stopped_by_error is None:
                     # Applied but still pending: the next drain finds it in the ledger (a duplicate).
                     result.stopped_by_error = f"applied but not removed from the spool: {failed}"
@@ -540,7 +540,7 @@ class Replayer:
         chunk: list[SpoolRecord],
         conns: dict[tuple[str, str], ServerConnection],
         result: DrainResult,
-        removals: list[asyncio.Future[None]],
+        removals: list[_Removal],
     ) -> bool:
         """The fast path: the whole chunk in one transaction. False: apply them one by one."""
         key = (chunk[0].user, chunk[0].database)
@@ -554,9 +554,7 @@ class Replayer:
             return False
         if not committed:
             return False
-        removals.append(asyncio.ensure_future(self.store.remove_many([record.id for record in chunk])))
-        self.stats.spool_records[ApplyOutcome.APPLIED.value] += len(chunk)
-        result.replayed += len(chunk)
+        removals.append(_removal(self.store, [record.id for record in chunk], ApplyOutcome.APPLIED))
         return True
 
     async def _replay_one(
@@ -564,7 +562,7 @@ class Replayer:
         record: SpoolRecord,
         conns: dict[tuple[str, str], ServerConnection],
         result: DrainResult,
-        removals: list[asyncio.Future[None]],
+        removals: list[_Removal],
     ) -> str | None:
         """Apply one record and settle it in the store; returns why to stop, or None to go on."""
         key = (record.user, record.database)
@@ -595,14 +593,27 @@ class Replayer:
         except (ProxyError, OSError) as exc:
             self._drop(conns, key, "replay connection failed")
             return f"record {record.id}: connection lost: {getattr(exc, 'message', None) or exc}"
-        removals.append(asyncio.ensure_future(self.store.remove(record.id)))
-        self.stats.spool_records[outcome.value] += 1
-        if outcome is ApplyOutcome.APPLIED:
-            result.replayed += 1
-        else:
-            result.duplicate += 1
+        removals.append(_removal(self.store, [record.id], outcome))
+        if outcome is ApplyOutcome.DUPLICATE:
             logs.event("spool_replay_duplicate", record=record.id)
         return None
+
+    async def _settle(self, removals: list[_Removal], result: DrainResult) -> str | None:
+        """Wait for every removal and count what it settled; the first failure, if any."""
+        if not removals:
+            return None
+        done = await asyncio.gather(*(r.future for r in removals), return_exceptions=True)
+        failure: str | None = None
+        for removal, outcome in zip(removals, done, strict=True):
+            if isinstance(outcome, BaseException):
+                failure = failure or str(outcome) or type(outcome).__name__
+                continue
+            self.stats.spool_records[removal.outcome.value] += removal.count
+            if removal.outcome is ApplyOutcome.APPLIED:
+                result.replayed += removal.count
+            else:
+                result.duplicate += removal.count
+        return failure
 
     async def _dead_letter(self, record: SpoolRecord, exc: ReplayFailed, result: DrainResult) -> str | None:
         try:
