@@ -1106,6 +1106,9 @@ class ClientSession(asyncio.Protocol):
             # A writer is back and this starts a new transaction: leave the spool behind.
             self._leave_outage()
             return Action.HOLD
+        # Nothing of a transaction has been answered locally yet: if this request needs the
+        # database and a writer comes back within the hold, it can simply run there.
+        fresh = not self._outage_batch and not responder.in_transaction and not responder.pending
         if type_byte == m.F_SYNC:
             self._outage_batch = False
         elif type_byte != m.F_QUERY:
@@ -1118,10 +1121,20 @@ class ClientSession(asyncio.Protocol):
         self._send(reply.data)
         if reply.verdict is None:
             return Action.DROP
-        self._start(self._act_on_verdict(responder, reply.verdict))
+        handback = None
+        if (
+            isinstance(reply.verdict, Unspoolable)
+            and fresh
+            and not reply.data
+            and (type_byte == m.F_QUERY or (type_byte == m.F_PARSE and msg[5] == 0))  # unnamed
+        ):
+            handback = bytes(msg)
+        self._start(self._act_on_verdict(responder, reply.verdict, handback))
         return Action.DROP_PAUSE
 
-    async def _act_on_verdict(self, responder: OutageResponder, verdict: Store | Unspoolable | None) -> None:
+    async def _act_on_verdict(
+        self, responder: OutageResponder, verdict: Store | Unspoolable | None, handback: bytes | None = None
+    ) -> None:
         spooling = self.sidecar.spooling
         assert spooling is not None
         while verdict is not None:
@@ -1139,8 +1152,23 @@ class ClientSession(asyncio.Protocol):
                 # Needs the database: held like any request while no writer exists, then refused
                 # (what was spooled of the transaction so far is discarded, never stored).
                 hold = self.sidecar.config.failover.hold_timeout
+                writer = None
                 with contextlib.suppress(UpstreamUnavailable):  # no writer within the hold
-                    await self.sidecar.topology.wait_for_writer(hold)
+                    writer = await self.sidecar.topology.wait_for_writer(hold)
+                if (
+                    writer is not None
+                    and handback is not None
+                    and self.state is ClientState.ACTIVE
+                    and self._outage is responder
+                    and not spooling.spooling
+                ):
+                    # The writer is back within the hold and nothing of this transaction was
+                    # answered locally: it runs there, like any request held by a failover.
+                    logs.event("spooling_request_handed_back", conn=self.id, writer=str(writer))
+                    self._relay.unread(handback)
+                    self._outage_batch = False
+                    self._leave_outage()
+                    return
                 self._send(responder.refuse(verdict.reason))
                 break
         if self.state is ClientState.ACTIVE and self._outage is responder:

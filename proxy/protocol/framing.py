@@ -162,6 +162,11 @@ class Relay:
         """Stop producing spans (input accumulates) until `resume()`: the destination is busy."""
         self._paused = True
 
+    def unread(self, data: bytes) -> None:
+        """Put whole messages back in front of what is held (while paused at a message
+        boundary): they are inspected again by whichever inspector is set at `resume()`."""
+        self._carry[:0] = data
+
     def peek(self, count: int) -> bytes:
         return bytes(self._carry[:count])
 

@@ -9,9 +9,12 @@ when a writer returns. Outcomes are checked as rows on the new writer and metric
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +141,41 @@ def test_outage_spools_inserts_and_replays_them_exactly_once(
     assert metric(sidecar, "pgsidecar_spool_records_total", result="duplicate") == 0
     conn.close()
 
+
+
+def test_a_request_held_during_an_outage_runs_when_the_writer_returns_within_the_hold(
+    fresh_topology: pg.Topology, sidecar_factory: Any, tmp_path: Path
+) -> None:
+    """Outside a transaction, a query the spool cannot take waits like a failover-held request;
+    a writer back within `failover.hold_timeout` runs it (extended and simple protocol)."""
+    topo = fresh_topology
+    table = make_table(topo.a1, "held")
+    sidecar = sidecar_factory(
+        {"failover": {"hold_timeout": "4s"}, "spool": _spool_config("sqlite", tmp_path, None)},
+        topology=topo,
+    )
+    conn = connect(sidecar, application_name="app")
+    conn.execute(f"INSERT INTO {table} (id, client) VALUES ('before', 'app')")
+    sidecar.wait_for_log("event=frontdoor_filled", timeout=10)
+    down = time.time()
+    topo.a1.crash()
+    topo.a2.crash()
+    wait_state(sidecar, "outage", down, timeout=15)
+
+    env = {**os.environ, "PGPASSWORD": "scram-secret"}
+    psql = [str(pg.find_bindir() / "psql"), "-X", "-At", "-h", sidecar.host, "-p", str(sidecar.port),
+            "-U", "app_scram", "-d", pg.APP_DB, "-c", f"SELECT count(*) FROM {table}"]  # fmt: skip
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        extended = pool.submit(lambda: conn.execute(f"SELECT count(*) FROM {table}").fetchone())
+        simple = pool.submit(subprocess.run, psql, capture_output=True, text=True, env=env, timeout=30)
+        time.sleep(1.0)
+        assert not extended.done() and not simple.done()  # held, not refused
+        back = time.time()
+        topo.a2.start()
+        topo.a2.promote()
+        assert extended.result(timeout=20) == (1,)
+        result = simple.result(timeout=20)
+    assert result.returncode == 0 and result.stdout.strip() == "1", result.stderr
+    assert time.time() - back < 15
+    assert sidecar.log_text().count("event=spooling_request_handed_back") >= 2
+    conn.close()
