@@ -234,14 +234,14 @@ class Sidecar:
         writer: Endpoint | None,
     ) -> None:
         """Listener of the topology state machine: hold, cut, release, count."""
+        if self.spooling is not None:
+            self.spooling.state_changed(state)
         if state is ClusterState.OUTAGE and self.spooling is not None:
             self._outage.set()
             logs.event("spooling_started", reason=self.topology.problem)
         elif self._outage.is_set():
             self._outage.clear()
         if writer is None:
-            if self.spooling is not None:
-                self.spooling.state_changed(state)
             # Writer lost: hold new transactions, and never send anything more to the old writer.
             self._gate_for_failover = True
             self.close_gate(f"failover: {state.value}")
@@ -264,8 +264,6 @@ class Sidecar:
                 writer=str(writer),
                 seconds=round(seconds, 3),
             )
-        if self.spooling is not None:
-            self.spooling.state_changed(state)
         if state is ClusterState.RECOVERING and self.spooling is None:
             # Nothing spooled to replay: recovery is immediate.
             self.topology.recovered()

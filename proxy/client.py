@@ -420,9 +420,9 @@ class ClientSession(asyncio.Protocol):
             return action
         if type_byte == m.F_PARSE:
             offset = _parse_query_offset(msg)
-            kind = _request_kind(first_keyword(msg, offset), msg, offset)
-            self._batch_kind = merge_kinds(self._batch_kind, kind)
-            refused = self._check_poolable(msg, offset)
+            keyword = first_keyword(msg, offset)
+            self._batch_kind = merge_kinds(self._batch_kind, _request_kind(keyword, msg, offset))
+            refused = self._check_poolable(msg, offset, keyword)
             if refused is not None:
                 # Let the server itself fail where this Parse would have answered: an unnamed
                 # statement that raises, run at once (its ParseComplete and BindComplete hidden).
@@ -451,17 +451,18 @@ class ClientSession(asyncio.Protocol):
             return action
         if type_byte == m.F_QUERY:
             server.request_started.append(time.monotonic())
-            server.request_kinds.append(_request_kind(first_keyword(msg, 5), msg, 5))
-            return self._transaction_query(msg, server)
+            keyword = first_keyword(msg, 5)
+            server.request_kinds.append(_request_kind(keyword, msg, 5))
+            return self._transaction_query(msg, server, keyword)
         if type_byte == m.F_FUNCTION_CALL:
             server.request_started.append(time.monotonic())
             server.request_kinds.append(REQUEST_OTHER)
             tracker.expect(Expect.QUERY)
         return Action.FORWARD  # Flush
 
-    def _transaction_query(self, msg: memoryview, server: ServerConnection) -> Action:
+    def _transaction_query(self, msg: memoryview, server: ServerConnection, keyword: bytes) -> Action:
         tracker = server.tracker
-        refused = self._check_poolable(msg, 5)
+        refused = self._check_poolable(msg, 5, keyword)
         if refused is not None:
             # Let the server raise it, so the transaction state is exactly what PostgreSQL makes it.
             self._relay.insert(m.query(_raise_sql(refused)))
@@ -509,9 +510,9 @@ class ClientSession(asyncio.Protocol):
             return None
         return LocalStatement("DEALLOCATE", name)
 
-    def _check_poolable(self, msg: memoryview, sql_offset: int) -> str | None:
-        """Why this statement cannot run under transaction pooling, or None; also notes settings."""
-        keyword = first_keyword(msg, sql_offset)
+    def _check_poolable(self, msg: memoryview, sql_offset: int, keyword: bytes) -> str | None:
+        """Why this statement cannot run under transaction pooling, or None; also notes settings.
+        `keyword`: the statement's first keyword, already read by the caller."""
         if not needs_transaction_check(keyword, msg, sql_offset):
             return None
         effects = classify(_cstring(msg, sql_offset))
@@ -667,12 +668,7 @@ class ClientSession(asyncio.Protocol):
             self.close("client sent Terminate")
             return
         self._aborted = None
-        self._relay.set_inspector(
-            self._inspect_transaction if self.transaction_mode else self._inspect_session,
-            _TRANSACTION_WATCH
-            if self.transaction_mode
-            else (_SESSION_WATCH_BIND if self._statement_effects else _SESSION_WATCH),
-        )
+        self._restore_inspector()
         logs.event("aborted_transaction_ended", conn=self.id)
         if self._relay.buffered and self._task is None:
             self._start(self._attach_next())
@@ -1174,17 +1170,21 @@ class ClientSession(asyncio.Protocol):
         if self.state is ClientState.ACTIVE and self._outage is responder:
             self._relay.resume()
 
-    def _leave_outage(self) -> None:
-        responder = self._outage
-        self._outage = None
-        if responder is not None:
-            self._adopt_statements(responder)
+    def _restore_inspector(self) -> None:
+        """Back to forwarding after answering locally (aborted transaction, outage)."""
         self._relay.set_inspector(
             self._inspect_transaction if self.transaction_mode else self._inspect_session,
             _TRANSACTION_WATCH
             if self.transaction_mode
             else (_SESSION_WATCH_BIND if self._statement_effects else _SESSION_WATCH),
         )
+
+    def _leave_outage(self) -> None:
+        responder = self._outage
+        self._outage = None
+        if responder is not None:
+            self._adopt_statements(responder)
+        self._restore_inspector()
         logs.event("session_spooling_ended", conn=self.id)
         # HOLD left the relay paused with the message in hand: get a server for it.
         asyncio.get_running_loop().call_soon(self._after_outage)
@@ -1304,7 +1304,7 @@ def _parse_query_offset(msg: memoryview) -> int:
     return 5 + end + 1
 
 
-def _request_kind(keyword: bytes | None, msg: memoryview, offset: int) -> int:
+def _request_kind(keyword: bytes, msg: memoryview, offset: int) -> int:
     if keyword in (b"commit", b"end"):
         return REQUEST_COMMIT
     return _read_kind(msg, offset) if keyword == b"select" else REQUEST_OTHER
