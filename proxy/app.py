@@ -54,6 +54,8 @@ class Sidecar:
         # Open unless new transactions must wait (admin PAUSE; later, a failover in progress).
         self._gate = asyncio.Event()
         self._gate.set()
+        # Mirrors `_gate` as a plain attribute: read by every client read on the data path.
+        self.gate_closed = False
         self.gate_reason = ""
         self._gate_for_failover = False  # held by a failover (bounded) rather than PAUSE
         self.client_ssl_context = self._client_ssl_context()
@@ -173,19 +175,17 @@ class Sidecar:
 
     # ---------------------------------------------------------------- the gate (PAUSE / hold)
 
-    @property
-    def gate_closed(self) -> bool:
-        return not self._gate.is_set()
-
     def close_gate(self, reason: str) -> None:
         if self._gate.is_set():
             self.gate_reason = reason
             self._gate.clear()
+            self.gate_closed = True
             logs.event("transactions_held", reason=reason)
 
     def open_gate(self) -> None:
         if not self._gate.is_set():
             self._gate.set()
+            self.gate_closed = False
             logs.event("transactions_released", reason=self.gate_reason, waiting=self.held_requests)
             self.gate_reason = ""
 
@@ -311,6 +311,8 @@ class Sidecar:
         topology = self.topology
         if self.draining:
             return False, "shutting down"
+        if self._listener is None:
+            return False, "starting"
         if topology.writer is not None:
             return True, f"writer {topology.writer} ({topology.writer_region})"
         if self._outage.is_set():
@@ -405,13 +407,15 @@ class Sidecar:
         self.topology.start()
         if self.spooling is not None:
             await self._outage_at_startup()
+        # Metrics and health first: once clients can connect, an operator (or a test) can already
+        # scrape; /readyz says "starting" until the listener below is up.
+        if self.config.metrics_listen is not None:
+            where = self.config.metrics_listen
+            self._http = await http.serve(where.host, where.port, make_registry(self), self.readiness)
         listen = self.config.listen
         self._listener = await loop.create_server(
             lambda: ClientSession(self), listen.host, listen.port, reuse_address=True, backlog=1024
         )
-        if self.config.metrics_listen is not None:
-            where = self.config.metrics_listen
-            self._http = await http.serve(where.host, where.port, make_registry(self), self.readiness)
         logs.event(
             "listening",
             listen=str(listen),

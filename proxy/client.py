@@ -19,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import re
 import secrets
 import shlex
+import struct
 import time
 from enum import Enum
 from typing import TYPE_CHECKING, Any, cast
@@ -60,17 +60,24 @@ from .sqlclass import (
     Effects,
     classify,
     first_keyword,
+    has_more_statements,
+    lone_select,
     mentions_session_functions,
     needs_transaction_check,
     session_keyword_at,
 )
-from .statements import ClientStatement, Expect, LocalStatement, StatementRouter, parse_message
+from .statements import ClientStatement, Expect, LocalStatement, StatementRouter, parse_message, rename_in
 
 if TYPE_CHECKING:
     from .app import Sidecar
     from .pool import Pool
 
 _client_ids = itertools.count(1)
+_len_from = struct.Struct("!i").unpack_from
+# The tail of the common extended-protocol request: [Describe the unnamed portal,] Execute it (all
+# rows), Sync.
+_EXECUTE_SYNC = b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00S\x00\x00\x00\x04"
+_DESCRIBE_EXECUTE_SYNC = b"D\x00\x00\x00\x06P\x00" + _EXECUTE_SYNC
 
 _SESSION_WATCH = watch_table((m.F_TERMINATE, m.F_QUERY, m.F_SYNC, m.F_PARSE, m.F_CLOSE))
 # Only while the session has a prepared statement that changes settings (`SET` prepared by a
@@ -146,7 +153,8 @@ class ClientSession(asyncio.Protocol):
         # Passthrough only: the client's password, kept in memory for this session (else None and
         # the sidecar logs in upstream with the configured credentials).
         self._password: str | None = None
-        self._reader = MessageReader(sidecar.config.limits.max_message_size)
+        self._max_message = sidecar.config.limits.max_message_size
+        self._reader = MessageReader(self._max_message)
         self.transaction_mode = sidecar.config.pool.mode == "transaction"
         self._relay = Relay(
             _TRANSACTION_WATCH if self.transaction_mode else _SESSION_WATCH,
@@ -206,10 +214,19 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._linked:
             server = self.server
+            if server is not None and server.state is ServerState.CLOSED:
+                # The server said its FATAL goodbye (or was closed) and its connection_lost is still
+                # to come: nothing sent to it now would be answered. Move on before this goes out.
+                self._server_gone(server, server.close_reason or "server connection closed")
+                if self.state is ClientState.ACTIVE and not self._linked:
+                    self.data_received(data)
+                return
             if self.sidecar.gate_closed and self._between_transactions():
                 self._unlink()
                 self._hold(data)
                 self._start(self._resume_after_gate())
+                return
+            if server is not None and not self.transaction_mode and self._session_fast(server, data):
                 return
             try:
                 spans = self._relay.feed(data)
@@ -238,12 +255,44 @@ class ClientSession(asyncio.Protocol):
                     return
                 self._after_aborted()
                 return
+            idle = self.server is None and self._task is None
+            if idle and self.transaction_mode and self._attach_query(data):
+                return
             self._hold(data)
             return
         if self.state is ClientState.CLOSED:
             return
         self._reader.feed(data)
         self._wake()
+
+    def _session_fast(self, server: ServerConnection, data: bytes) -> bool:
+        """Session mode's common requests: one read holding one whole Query, or a batch of
+        unwatched messages ending in Sync (Bind, Execute of a prepared statement). Forwarded as
+        they came in, then noted as `_inspect_session` would (nothing can answer before this
+        returns), without the relay's spans. False (nothing done) for anything else."""
+        if self._statement_effects:
+            return False  # Bind must be looked at
+        last = self._relay.quiet_run(data, _SESSION_WATCH)
+        if last == m.F_QUERY:
+            if data[0] != m.F_QUERY:
+                return False  # unwatched messages, then a Query: the general path
+            kind = -1
+        elif last == m.F_SYNC:
+            kind = REQUEST_OTHER if self._batch_kind is None else self._batch_kind
+            self._batch_kind = None
+        else:
+            return False
+        out = server.transport
+        if out is not None:
+            out.write(data)
+        server.outstanding += 1  # one ReadyForQuery will answer it
+        server.request_started.append(time.monotonic())
+        if kind < 0:
+            # A SELECT (`s`) is the common case, and lone_select settles it: straight there.
+            read = data[5] | 0x20 == 0x73 and lone_select(data, 5)
+            kind = REQUEST_READ if read else self._note_statement(data, 5)
+        server.request_kinds.append(kind)
+        return True
 
     def _between_transactions(self) -> bool:
         """Session mode: nothing in flight and no transaction open, so new input starts a new one."""
@@ -275,6 +324,109 @@ class ClientSession(asyncio.Protocol):
             if self.transaction_mode and self._attach_now():
                 return
             self._start(self._attach_next())
+
+    def _attach_query(self, data: bytes) -> bool:
+        """Transaction mode's most common request: one whole, plain Query (no session state, one
+        statement) arriving between transactions, sent at once to an idle server that already has
+        the client's settings. What `_hold`, `_attach_now`, `_link` and the relay's inspection of
+        a Query do, without the hold, the scan or the statement's closer look; False (nothing
+        done) for anything else."""
+        if data[0] == m.F_BIND:
+            return self._attach_prepared(data)
+        if self._relay.whole(data) != m.F_QUERY:
+            return False
+        kind = _plain_kind(data)
+        if kind < 0:
+            return False
+        server = self._idle_server_now()
+        if server is None:
+            return False
+        router = self.router
+        assert router is not None
+        router.unnamed = None  # as `_transaction_query`: a simple Query replaces the unnamed statement
+        server.unnamed_from = None
+        tracker = server.tracker
+        tracker.expect(Expect.QUERY)
+        tracker.fast = True
+        server.request_started.append(time.monotonic())
+        server.request_kinds.append(kind)
+        out = server.transport
+        if out is not None:
+            out.write(data)
+        return True
+
+    def _attach_prepared(self, data: bytes) -> bool:
+        """The other common request: Bind (unnamed portal) of a statement the client prepared,
+        Describe of the portal or not, Execute (all rows), Sync, in one read, to an idle server
+        that has the statement prepared. The Bind goes out renamed, as `StatementRouter.on_bind`
+        makes it; False (nothing done) for anything else."""
+        router = self.router
+        assert router is not None
+        n = len(data)
+        if (
+            n < 21
+            or n > self._max_message
+            or data[5] != 0
+            or router.local
+            or router.local_portals
+            or self._batch_kind is not None
+        ):
+            return False  # a named portal, or statements the sidecar answers itself
+        # libpq (psycopg, pgbench) sends Describe of the portal too: 7 bytes; Execute 10; Sync 5.
+        described = data.endswith(_DESCRIBE_EXECUTE_SYNC, n - 22)
+        bind_end = n - 22 if described else n - 15
+        if (
+            self._relay.buffered
+            or _len_from(data, 1)[0] + 1 != bind_end
+            or not (described or data.endswith(_EXECUTE_SYNC, bind_end))
+        ):
+            return False  # not exactly Bind, [Describe], Execute, Sync, all of the unnamed portal
+        name_end = data.find(b"\x00", 6, bind_end)
+        if name_end <= 6:
+            return False  # the unnamed statement: the general path carries it across servers
+        stmt = router.statements.get(data[6:name_end].decode("utf-8", "replace"))
+        if stmt is None:
+            return False
+        server = self._idle_server_now(stmt.global_name)
+        if server is None:
+            return False
+        server.statements.touch(stmt.global_name)
+        tracker = server.tracker
+        tracker.sync_sent()
+        tracker.expect(Expect.BIND)
+        if described:
+            tracker.expect(Expect.DESCRIBE_PORTAL)
+        tracker.expect(Expect.EXECUTE)
+        tracker.expect(Expect.SYNC)
+        tracker.fast = True
+        server.request_started.append(time.monotonic())
+        server.request_kinds.append(REQUEST_OTHER)
+        out = server.transport
+        if out is not None:
+            bind = memoryview(data)[:bind_end]
+            out.write(rename_in(bind, 6, name_end - 6, stmt.global_name) + data[bind_end:])
+        return True
+
+    def _idle_server_now(self, prepared: str | None = None) -> ServerConnection | None:
+        """Link an idle server that already has the client's settings (and the `prepared`
+        statement), if the gate is open and one is free right now; else None, nothing done:
+        `_attach_now` for the fast paths."""
+        pool = self.pool
+        if pool is None or self.sidecar.gate_closed:
+            return None
+        server = pool.take_idle_now()
+        if server is None:
+            return None
+        if server.applied != self.settings or (
+            prepared is not None and (prepared not in server.statements or server.tracker.skipping)
+        ):
+            pool.release(server, reset=False)  # the general path prepares it
+            return None
+        self.server = server
+        self._linked = True
+        server.link(self, tracked=True)
+        self._relay.resume()  # nothing is held: this only ends the pause between transactions
+        return server
 
     def _attach_now(self) -> bool:
         """Transaction mode's common case, without a task or a trip round the event loop: the gate
@@ -352,7 +504,7 @@ class ClientSession(asyncio.Protocol):
                 self._batch_kind = None
         return Action.FORWARD
 
-    def _note_statement(self, msg: memoryview, sql_offset: int, parsed_as: str | None = None) -> int:
+    def _note_statement(self, msg: bytes | memoryview, sql_offset: int, parsed_as: str | None = None) -> int:
         """Note what a statement does to session state; returns its REQUEST_* kind. `parsed_as`:
         the name it is being prepared under (Parse), so settings it changes count when it runs.
 
@@ -361,6 +513,8 @@ class ClientSession(asyncio.Protocol):
         """
         if not session_keyword_at(msg, sql_offset):
             return REQUEST_OTHER
+        if lone_select(msg, sql_offset):
+            return REQUEST_READ
         keyword = first_keyword(msg, sql_offset)
         if keyword in (b"commit", b"end"):
             return REQUEST_COMMIT
@@ -1310,16 +1464,24 @@ def _request_kind(keyword: bytes, msg: memoryview, offset: int) -> int:
     return _read_kind(msg, offset) if keyword == b"select" else REQUEST_OTHER
 
 
-# A second statement after the first (`SELECT ...; CLOSE ALL; ...`): not a plain read.
-_MORE_STATEMENTS = re.compile(rb";\s*[^\s\x00]")
+def _plain_kind(query: bytes) -> int:
+    """The REQUEST_* kind of a Query message's text when it is one statement that leaves session
+    state alone and is not a COMMIT (transaction pooling has nothing to check or rewrite), else
+    -1."""
+    if lone_select(query, 5):
+        return REQUEST_READ
+    if session_keyword_at(query, 5) or mentions_session_functions(query, 5) or has_more_statements(query, 5):
+        return -1
+    return REQUEST_OTHER
 
 
-def _read_kind(msg: memoryview, offset: int) -> int:
-    """REQUEST_READ for a lone SELECT; a query string with more statements may write."""
-    return REQUEST_OTHER if _MORE_STATEMENTS.search(msg, offset) else REQUEST_READ
+def _read_kind(msg: bytes | memoryview, offset: int) -> int:
+    """REQUEST_READ for a lone SELECT; a query string with more statements
+    (`SELECT ...; CLOSE ALL; ...`) may write."""
+    return REQUEST_OTHER if has_more_statements(msg, offset) else REQUEST_READ
 
 
-def _cstring(msg: memoryview, offset: int) -> str:
+def _cstring(msg: bytes | memoryview, offset: int) -> str:
     raw = bytes(msg[offset:])
     end = raw.find(b"\x00")
     return (raw if end < 0 else raw[:end]).decode("utf-8", "replace")

@@ -87,7 +87,8 @@ class Pool:
         """Why `server` must not be handed out, or None if it may."""
         if server.state is not ServerState.IDLE or server.transport is None:
             return server.close_reason or "connection closed"
-        if server.endpoint != self._topology.writer:
+        writer = self._topology.writer
+        if server.endpoint is not writer and server.endpoint != writer:  # `is`: the common case, cheaply
             return f"{server.endpoint} is no longer the writer"
         if now - server.created_at > self.settings.server_lifetime:
             return "server_lifetime reached"
@@ -262,7 +263,8 @@ class Pool:
         keeping its prepared statements and settings (the next client's are applied over them).
         """
         self.active.discard(server)
-        server.unlink()
+        if server.client is not None or server.state is ServerState.ACTIVE:
+            server.unlink()  # (a transaction-mode client unlinks it itself before handing it back)
         why = None if server.at_rest else "client left mid-transaction or mid-query"
         if why is None and not server.settle():
             why = "unexpected output from the server between transactions"

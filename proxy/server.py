@@ -175,6 +175,29 @@ class ServerConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         client = self.client
         if client is not None and self.state is ServerState.ACTIVE:
+            # The common case: one read holds a whole answer ending in ReadyForQuery and nothing
+            # else to look at: no ErrorResponse, no ParameterStatus (tracked: the answer to a
+            # request queued as `tracker.fast`, whose entries its messages settle in order). It
+            # goes out as it came in, before the bookkeeping (the client gets it sooner); the
+            # relay is not involved.
+            tracked = self._tracked
+            fast = not tracked or self.tracker.fast
+            if fast and self._relay.quiet_run(data, _LINKED_WATCH) == m.B_READY_FOR_QUERY:
+                out = client.transport
+                if out is not None:
+                    out.write(data)
+                status = data[-1]
+                if tracked:
+                    self.tracker.clear()
+                    self.tx_status = status
+                    self._answered()
+                    then = client.server_ready(status)
+                else:
+                    then = self._on_ready(status, client)
+                if then is not None:
+                    self._relay.hold()  # as Action.FORWARD_PAUSE would
+                    then()
+                return
             try:
                 spans = self._relay.feed(data)
             except ProxyError as exc:
@@ -184,6 +207,11 @@ class ServerConnection(asyncio.Protocol):
             if out is not None:
                 for span in spans:
                     out.write(span)
+            if self.close_reason is not None:
+                # Its FATAL goodbye (dropped above): closed now, so that a request the client sends
+                # before connection_lost arrives is not sent to it (the session moves first).
+                self.close(self.close_reason)
+                return
             if self._continuation is not None and self._relay.paused:
                 then, self._continuation = self._continuation, None
                 then()
@@ -261,15 +289,10 @@ class ServerConnection(asyncio.Protocol):
     def _inspect(self, type_byte: int, msg: memoryview) -> Action:
         client = self.client
         if type_byte == m.B_READY_FOR_QUERY:
-            self.tx_status = msg[5]
-            self._answered()
-            if self.outstanding:
-                self.outstanding -= 1
-            if client is not None and client.wants_ready:
-                then = client.server_ready(self.tx_status)
-                if then is not None:
-                    self._continuation = then
-                    return Action.FORWARD_PAUSE
+            then = self._on_ready(msg[5], client)
+            if then is not None:
+                self._continuation = then
+                return Action.FORWARD_PAUSE
         elif type_byte == m.B_PARAMETER_STATUS:
             name, value = m.decode_parameter_status(msg[5:])
             self.params[name] = value
@@ -277,6 +300,16 @@ class ServerConnection(asyncio.Protocol):
             if self._server_going_away(msg):
                 return Action.DROP
         return Action.FORWARD
+
+    def _on_ready(self, status: int, client: ServerLink | None) -> Continuation | None:
+        """Untracked ReadyForQuery: account for it; what the client wants run at this quiet point."""
+        self.tx_status = status
+        self._answered()
+        if self.outstanding:
+            self.outstanding -= 1
+        if client is not None and client.wants_ready:
+            return client.server_ready(status)
+        return None
 
     def _server_going_away(self, msg: memoryview) -> bool:
         """Count an ErrorResponse; True if it is the server's FATAL goodbye (shutdown, crash,

@@ -154,13 +154,17 @@ class ServerStatements:
 class ResponseTracker:
     """Walks a server's answers against what was sent (see module docstring)."""
 
-    __slots__ = ("queue", "skipping")
+    __slots__ = ("fast", "queue", "skipping")
 
     def __init__(self) -> None:
         self.queue: deque[Entry] = deque()
         # After an error in an extended-protocol batch the server ignores everything up to Sync;
         # messages sent meanwhile get no entry (they will get no answer).
         self.skipping = False
+        # Set by the client's fast paths when what they queued is one request whose answer needs
+        # no matching (no hidden or synthetic entry, one Sync or Query, last); any other `expect`
+        # clears it. A whole answer ending in ReadyForQuery then settles the queue at once.
+        self.fast = False
 
     def __bool__(self) -> bool:
         return bool(self.queue)
@@ -168,12 +172,14 @@ class ResponseTracker:
     def clear(self) -> None:
         self.queue.clear()
         self.skipping = False
+        self.fast = False
 
     def expect(
         self, kind: Expect, name: str | None = None, data: bytes = b"", tx_status: int = m.TX_IDLE
     ) -> bytes:
         """Queue an entry; returns bytes owed to the client right now (a synthetic answer with
         nothing before it in the queue), else b""."""
+        self.fast = False
         self.queue.append(Entry(kind, name, data))
         if len(self.queue) == 1 and kind in _SYNTHETIC:
             return self.pop_synthetic(tx_status)

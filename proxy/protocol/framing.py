@@ -187,6 +187,45 @@ class Relay:
         self._carry.clear()
         return self.feed(held)
 
+    def whole(self, data: bytes) -> int:
+        """The type byte of `data` if it is exactly one whole, well-formed message met at a clean
+        boundary (nothing carried or streamed; the caller checks `paused` where it matters), else
+        -1. The callers' fast path for the common request: `data` itself is forwarded, no spans."""
+        n = len(data)
+        if n < HEADER_SIZE or self._carry or self._stream_left:
+            return -1
+        type_byte = data[0]
+        length: int = _len_from(data, 1)[0]
+        if length + 1 != n or length < 4 or length > self._max:
+            return -1
+        valid = self._valid
+        if valid is not None and not valid[type_byte]:
+            return -1
+        return type_byte
+
+    def quiet_run(self, data: bytes, watch: bytes) -> int:
+        """The type byte of the last message in `data` when `data` is whole messages at a clean
+        boundary and none before the last is of a type in the `watch` table (nothing there to
+        look at); else -1 and the caller takes the general path, `feed`. The fast path for a whole
+        request (ending in Sync) or a whole answer (ending in ReadyForQuery)."""
+        if self._paused or self._carry or self._stream_left:
+            return -1
+        n = len(data)
+        limit = self._max
+        valid = self._valid
+        pos = 0
+        while pos + HEADER_SIZE <= n:
+            type_byte = data[pos]
+            length: int = _len_from(data, pos + 1)[0]
+            if length < 4 or length > limit or (valid is not None and not valid[type_byte]):
+                return -1  # malformed: `feed` says so
+            pos += 1 + length
+            if pos == n:
+                return type_byte
+            if watch[type_byte]:
+                return -1
+        return -1
+
     def feed(self, data: bytes) -> list[Span]:
         out: list[Span] = []
         if self._paused:

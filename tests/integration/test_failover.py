@@ -201,6 +201,7 @@ def count_on(node: pg.PgNode, table: str, where: str = "true") -> int:
 # 1. Writer crash under continuous load
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mode", ["session", "transaction"])
 def test_writer_crash_under_continuous_load(fresh_topology, sidecar_factory, pool, mode):
     topo = fresh_topology
@@ -276,7 +277,8 @@ def test_writer_crash_under_continuous_load(fresh_topology, sidecar_factory, poo
             f"the crash:\n{verdict.describe_other_errors()}"
         )
     if verdict.failed:
-        problems.append(f"{len(verdict.failed)} transactions gave up")
+        gave_up = [(t.kind, [(a.sqlstate, a.error) for a in t.attempts]) for t in verdict.failed[:5]]
+        problems.append(f"{len(verdict.failed)} transactions gave up: {gave_up}")
     if verdict.lost:
         problems.append(f"acknowledged but absent on the new writer: {verdict.lost[:10]}")
     if verdict.duplicates:
@@ -360,10 +362,10 @@ def test_settings_set_through_named_statements_move_with_the_session(shared_topo
     assert conn.execute(show, prepare=False).fetchone() == wanted
     a1 = shared_topology.a1
     (pid,) = a1.query("SELECT pid FROM pg_stat_activity WHERE application_name = 'named-1'")[0]
+    offset = sidecar.log_offset()
     a1.query("SELECT pg_terminate_backend(%s)", (pid,))
-    deadline = time.monotonic() + 5
-    while a1.query("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    # Once the sidecar has seen its server go (else the next query may race the goodbye to it).
+    sidecar.wait_for_log("event=session_cut", since=offset)
     got = conn.execute(show, prepare=False).fetchone()  # no error: the session moved
     assert closed_reasons(sidecar, conn_id(sidecar, "named-set")) == []
     conn.close()
