@@ -607,3 +607,43 @@ def test_hold_stops_before_the_message_and_resume_inspects_it_again(cuts: list[i
     out += b"".join(bytes(s) for s in relay.resume())
     assert out == stream
     assert seen == [b"a\x00", b"ROLLBACK\x00", b"next\x00", b"next\x00", b""]
+
+
+# ------------------------------------------------------------------ fast-path helpers
+
+
+@FAST
+@given(
+    types=st.lists(st.sampled_from(TYPES), min_size=1, max_size=6),
+    sizes=st.lists(st.integers(0, 300), min_size=6, max_size=6),
+    watched=st.sets(st.sampled_from(TYPES), max_size=3),
+)
+def test_quiet_run_names_the_last_message_only_when_nothing_before_it_is_watched(
+    types: list[int], sizes: list[int], watched: set[int]
+) -> None:
+    messages = [frame(t, _PATTERN[:n]) for t, n in zip(types, sizes, strict=False)]
+    data = b"".join(messages)
+    relay = Relay(watch_table(watched), forward_all, MAX)
+    expected = types[-1] if not any(t in watched for t in types[:-1]) else -1
+    assert relay.quiet_run(data, watch_table(watched)) == expected
+    # Cut inside a message: never a verdict on partial input.
+    boundaries = set(itertools.accumulate(len(msg) for msg in messages))
+    for point in {1, len(data) // 2, len(data) - 1} - boundaries:
+        assert relay.quiet_run(data[:point], watch_table(watched)) == -1
+
+
+def test_quiet_run_and_whole_refuse_what_feed_would_refuse_or_is_mid_stream() -> None:
+    valid = valid_type_table(b"QSBE")
+    relay = Relay(watch_table(b"Q"), forward_all, 64, valid_types=valid)
+    query = frame(ord("Q"), b"SELECT 1\x00")
+    assert relay.whole(query) == ord("Q")
+    assert relay.quiet_run(query, watch_table(b"Q")) == ord("Q")
+    assert relay.whole(query + query) == -1  # two messages: not "one whole message"
+    assert relay.whole(frame(ord("x"), b"")) == -1  # a type the client may not send
+    assert relay.quiet_run(frame(ord("x"), b"") + frame(ord("S"), b""), watch_table(b"Q")) == -1
+    assert relay.whole(frame(ord("Q"), b"a" * 100)) == -1  # over limits.max_message_size
+    assert relay.whole(b"Q\x00\x00\x00\x02") == -1  # a length below 4
+    # Something carried over from an earlier read: the general path must finish it first.
+    relay.feed(query[:3])
+    assert relay.whole(query) == -1
+    assert relay.quiet_run(query, watch_table(b"Q")) == -1

@@ -1,0 +1,51 @@
+"""The data path's byte-level statement checks (proxy.sqlclass): what they let through without a
+closer look must really leave session state alone; everything else must be looked at."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.sqlclass import has_more_statements, lone_select, mentions_session_functions
+
+
+def query(sql: str) -> bytes:
+    body = sql.encode() + b"\x00"
+    return b"Q" + (len(body) + 4).to_bytes(4, "big") + body
+
+
+@pytest.mark.parametrize(
+    ("sql", "plain"),
+    [
+        ("SELECT abalance FROM pgbench_accounts WHERE aid = 12345;", True),
+        ("select 1", True),
+        ("SeLeCt\n1 ; \n", True),
+        ("SELECT 'a;b'", False),  # a `;` in a literal: looked at closer, not misread
+        ("select 1; select 2", False),
+        ("select 1 ;;", False),
+        ("SELECT pg_advisory_lock(1)", False),
+        ("SELECT PG_TRY_ADVISORY_LOCK(1)", False),
+        ("SELECT set_config('app.x', '1', false)", False),
+        ("SELECT SET_CONFIG('app.x', '1', false)", False),
+        ("selectx", False),
+        ("select", False),
+        ("/* c */ SELECT 1", False),  # comments first: the regex-based path decides
+        ("SET search_path = public", False),
+        ("INSERT INTO t VALUES (1)", False),
+    ],
+)
+def test_lone_select(sql: str, plain: bool) -> None:
+    assert lone_select(query(sql), 5) is plain
+
+
+def test_lone_select_reads_a_parse_message_only_up_to_its_query_text() -> None:
+    # Parse: name, query, parameter count and OIDs; bytes after the text may look like `;`.
+    body = b"stmt\x00select $1\x00" + b"\x00\x01" + (59).to_bytes(4, "big")
+    parse = b"P" + (len(body) + 4).to_bytes(4, "big") + body
+    assert lone_select(parse, 10)
+
+
+def test_session_function_and_statement_checks_ignore_case_and_position() -> None:
+    assert mentions_session_functions(query("select x from t where pg_Advisory_Xact_Lock(1)"), 5)
+    assert not mentions_session_functions(query("select advisor from t"), 5)
+    assert has_more_statements(query("select 1;  update t set a = 1"), 5)
+    assert not has_more_statements(query("select 1;  "), 5)
