@@ -272,16 +272,26 @@ class ClientSession(asyncio.Protocol):
         returns), without the relay's spans. False (nothing done) for anything else."""
         if self._statement_effects:
             return False  # Bind must be looked at
-        last = self._relay.quiet_run(data, _SESSION_WATCH)
-        if last == m.F_QUERY:
-            if data[0] != m.F_QUERY:
-                return False  # unwatched messages, then a Query: the general path
-            kind = -1
-        elif last == m.F_SYNC:
-            kind = REQUEST_OTHER if self._batch_kind is None else self._batch_kind
+        if data[0] == m.F_PARSE:
+            # Parse of the unnamed statement with a plain text, then Bind... Sync: a driver's
+            # parameterized query (psycopg, pgbench -M extended). Named ones are kept for moves.
+            start = _unnamed_parse_end(data, self._max_message)
+            kind = _plain_kind(data, 6) if start > 0 else -1
+            if kind < 0 or self._relay.quiet_run(data, _SESSION_WATCH, start) != m.F_SYNC:
+                return False
+            kind = merge_kinds(self._batch_kind, kind)
             self._batch_kind = None
         else:
-            return False
+            last = self._relay.quiet_run(data, _SESSION_WATCH)
+            if last == m.F_QUERY:
+                if data[0] != m.F_QUERY:
+                    return False  # unwatched messages, then a Query: the general path
+                kind = -1
+            elif last == m.F_SYNC:
+                kind = REQUEST_OTHER if self._batch_kind is None else self._batch_kind
+                self._batch_kind = None
+            else:
+                return False
         out = server.transport
         if out is not None:
             out.write(data)
@@ -333,9 +343,11 @@ class ClientSession(asyncio.Protocol):
         done) for anything else."""
         if data[0] == m.F_BIND:
             return self._attach_prepared(data)
+        if data[0] == m.F_PARSE:
+            return self._attach_parsed(data)
         if self._relay.whole(data) != m.F_QUERY:
             return False
-        kind = _plain_kind(data)
+        kind = _plain_kind(data, 5)
         if kind < 0:
             return False
         server = self._idle_server_now()
@@ -407,6 +419,54 @@ class ClientSession(asyncio.Protocol):
             out.write(rename_in(bind, 6, name_end - 6, stmt.global_name) + data[bind_end:])
         return True
 
+    def _attach_parsed(self, data: bytes) -> bool:
+        """A driver's parameterized query (psycopg, pgbench -M extended): Parse of the unnamed
+        statement with a plain text, Bind of it to the unnamed portal, Describe of the portal or
+        not, Execute (all rows), Sync, in one read. Sent as it came in to an idle server, with
+        what `StatementRouter.on_parse` and friends note for it; False (nothing done) else."""
+        router = self.router
+        assert router is not None
+        if router.local or router.local_portals or self._batch_kind is not None or self._relay.buffered:
+            return False
+        parse_end = _unnamed_parse_end(data, self._max_message)
+        if parse_end < 0:
+            return False
+        n = len(data)
+        described = data.endswith(_DESCRIBE_EXECUTE_SYNC)
+        bind_end = n - 22 if described else n - 15
+        if (
+            bind_end < parse_end + 7
+            or data[parse_end] != m.F_BIND
+            or parse_end + 1 + _len_from(data, parse_end + 1)[0] != bind_end
+            or data[parse_end + 5 : parse_end + 7] != b"\x00\x00"  # unnamed portal and statement
+            or not (described or data.endswith(_EXECUTE_SYNC))
+        ):
+            return False
+        kind = _plain_kind(data, 6)
+        if kind < 0:
+            return False
+        server = self._idle_server_now()
+        if server is None:
+            return False
+        # Kept whole, as `on_parse` keeps it: a Bind in a later transaction, on another server,
+        # re-prepares it there.
+        router.unnamed = server.unnamed_from = data[:parse_end]
+        tracker = server.tracker
+        tracker.expect(Expect.PARSE)
+        tracker.expect(Expect.BIND)
+        if described:
+            tracker.expect(Expect.DESCRIBE_PORTAL)
+        tracker.expect(Expect.EXECUTE)
+        tracker.sync_sent()
+        tracker.expect(Expect.SYNC)
+        tracker.fast = True
+        server.request_started.append(time.monotonic())
+        server.request_kinds.append(kind)
+        out = server.transport
+        if out is not None:
+            out.write(data)
+        return True
+
     def _idle_server_now(self, prepared: str | None = None) -> ServerConnection | None:
         """Link an idle server that already has the client's settings (and the `prepared`
         statement), if the gate is open and one is free right now; else None, nothing done:
@@ -417,8 +477,10 @@ class ClientSession(asyncio.Protocol):
         server = pool.take_idle_now()
         if server is None:
             return None
-        if server.applied != self.settings or (
-            prepared is not None and (prepared not in server.statements or server.tracker.skipping)
+        if (
+            server.applied != self.settings
+            or server.tracker.skipping
+            or (prepared is not None and prepared not in server.statements)
         ):
             pool.release(server, reset=False)  # the general path prepares it
             return None
@@ -1464,15 +1526,30 @@ def _request_kind(keyword: bytes, msg: memoryview, offset: int) -> int:
     return _read_kind(msg, offset) if keyword == b"select" else REQUEST_OTHER
 
 
-def _plain_kind(query: bytes) -> int:
-    """The REQUEST_* kind of a Query message's text when it is one statement that leaves session
-    state alone and is not a COMMIT (transaction pooling has nothing to check or rewrite), else
-    -1."""
-    if lone_select(query, 5):
+def _plain_kind(data: bytes, sql_offset: int) -> int:
+    """The REQUEST_* kind of the query text at `sql_offset` (of a Query, or the unnamed Parse that
+    starts `data`) when it is one statement that leaves session state alone and is not a COMMIT
+    (nothing to note, check or rewrite), else -1. What follows the text may be scanned too, which
+    can only make the answer -1."""
+    if lone_select(data, sql_offset):
         return REQUEST_READ
-    if session_keyword_at(query, 5) or mentions_session_functions(query, 5) or has_more_statements(query, 5):
+    if (
+        session_keyword_at(data, sql_offset)
+        or mentions_session_functions(data, sql_offset)
+        or has_more_statements(data, sql_offset)
+    ):
         return -1
     return REQUEST_OTHER
+
+
+def _unnamed_parse_end(data: bytes, max_message: int) -> int:
+    """Where the Parse of the unnamed statement that starts `data` ends (more follows), else -1."""
+    if len(data) < 7 or data[5] != 0:
+        return -1
+    length: int = _len_from(data, 1)[0]
+    if length < 4 or length > max_message or length + 1 >= len(data):
+        return -1
+    return length + 1
 
 
 def _read_kind(msg: bytes | memoryview, offset: int) -> int:

@@ -203,17 +203,18 @@ class Relay:
             return -1
         return type_byte
 
-    def quiet_run(self, data: bytes, watch: bytes) -> int:
+    def quiet_run(self, data: bytes, watch: bytes, start: int = 0) -> int:
         """The type byte of the last message in `data` when `data` is whole messages at a clean
         boundary and none before the last is of a type in the `watch` table (nothing there to
         look at); else -1 and the caller takes the general path, `feed`. The fast path for a whole
-        request (ending in Sync) or a whole answer (ending in ReadyForQuery)."""
+        request (ending in Sync) or a whole answer (ending in ReadyForQuery). `start`: where the
+        messages to check begin (the caller has looked at those before it)."""
         if self._paused or self._carry or self._stream_left:
             return -1
         n = len(data)
         limit = self._max
         valid = self._valid
-        pos = 0
+        pos = start
         while pos + HEADER_SIZE <= n:
             type_byte = data[pos]
             length: int = _len_from(data, pos + 1)[0]
