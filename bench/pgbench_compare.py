@@ -77,7 +77,7 @@ MEMORY_SIDECAR_POOL = IDLE_CLIENTS + 10
 MAX_CONNECTIONS = IDLE_CLIENTS + 200
 
 Mode = Literal["session", "transaction"]
-Kind = Literal["direct", "pgbouncer", "sidecar"]
+Kind = Literal["direct", "splice", "pgbouncer", "sidecar"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +118,7 @@ class Target:
 # Order within a round: each proxy run sits next to its PgBouncer counterpart.
 TARGET_ORDER = (
     "direct",
+    "splice",
     "pgbouncer-session",
     "sidecar-session",
     "pgbouncer-transaction",
@@ -547,7 +548,69 @@ class Sidecar:
                 proc.wait(10)
 
 
-Service = PgBouncer | Sidecar
+class Splice:
+    """`bench.splice`: a naive uvloop byte splice, the floor for a Python proxy on this machine
+    (one upstream connection per client, like session mode; no parsing at all)."""
+
+    kind: Kind = "splice"
+    mode: Mode = "session"
+
+    def __init__(self, workdir: Path, upstream: PgNode) -> None:
+        self.name = "splice"
+        self.dir = workdir / self.name
+        self.dir.mkdir()
+        self.port = free_port()
+        self.upstream = upstream
+        self.log = self.dir / "splice.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Splice:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+        upstream = f"{self.upstream.host}:{self.upstream.port}"
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.splice",
+                    "--listen",
+                    f"127.0.0.1:{self.port}",
+                    "--upstream",
+                    upstream,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=str(PROJECT_ROOT),
+                env=env,
+                start_new_session=True,
+            )
+        CLEANUP.push(self.name, self.stop)
+        proc = self.proc
+        wait_listening(self.port, lambda: proc.poll() is None, self.name, self.log)
+        return self
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise BenchError(f"{self.name} is not running")
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+Service = PgBouncer | Sidecar | Splice
 
 
 # ---------------------------------------------------------------------------------------------
@@ -938,7 +1001,7 @@ def print_table(
                 say(f"{label:<40} {name:<22} {cell.note or 'no data':>10}")
                 continue
             vs_pgb = "-"
-            if t.kind == "sidecar" and (pgb := row.get(f"pgbouncer-{t.mode}")) is not None:
+            if t.kind in ("sidecar", "splice") and (pgb := row.get(f"pgbouncer-{t.mode}")) is not None:
                 vs_pgb = fmt_ratio(ratio(cell.tps, pgb.tps)) if pgb.tps is not None else "n/a"
             vs_direct = (
                 "-" if t.kind == "direct" or direct is None else fmt_ratio(ratio(cell.tps, direct.tps))
@@ -949,7 +1012,8 @@ def print_table(
             say(f"{label:<40} {name:<22} {figures}")
         say("")
     say("TPS and latency: median over the rounds; spread: (max - min) / median TPS; vs PgB: sidecar TPS /")
-    say("PgBouncer TPS in the same pool mode; vs direct: TPS / direct PostgreSQL TPS.")
+    say("PgBouncer TPS in the same pool mode; vs direct: TPS / direct PostgreSQL TPS. splice: a naive uvloop")
+    say("byte splice (bench/splice.py, no parsing), the floor for a Python proxy here; vs PgB session mode.")
 
 
 def print_errors(cases: Sequence[Case], results: dict[str, dict[str, Cell]]) -> None:
@@ -1106,7 +1170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         mems = [] if args.skip_memory else memory_phase(base, node, binary, pgb_version)
 
         say("\nstarting PgBouncer and sidecars for the benchmark ...")
-        services: dict[str, Service] = {}
+        services: dict[str, Service] = {"splice": Splice(base, node).start()}
         for mode in ("session", "transaction"):
             services[f"pgbouncer-{mode}"] = PgBouncer(
                 binary, pgb_version, base, mode, node, POOL_SIZE

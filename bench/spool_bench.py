@@ -96,6 +96,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 _SCRAPE_INTERVAL = 0.1  # seconds between /metrics scrapes while replaying
 
+
 def say(text: str = "") -> None:
     print(text, flush=True)
 
