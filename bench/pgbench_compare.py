@@ -479,7 +479,52 @@ class PgBouncer:
 # ---------------------------------------------------------------------------------------------
 
 
-class Sidecar:
+class _PythonService:
+    """A Python process of ours under test (the sidecar, the splice): stopped with SIGTERM."""
+
+    name: str
+    port: int
+    log: Path
+    proc: subprocess.Popen[bytes] | None
+
+    def _launch(self, module: str, *args: str) -> None:
+        """`python -m module args...` from the project root, output to `log`; returns once it listens."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", module, *args],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=str(PROJECT_ROOT),
+                env=env,
+                start_new_session=True,
+            )
+        CLEANUP.push(self.name, self.stop)
+        proc = self.proc
+        wait_listening(self.port, lambda: proc.poll() is None, self.name, self.log)
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise BenchError(f"{self.name} is not running")
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+class Sidecar(_PythonService):
     kind: Kind = "sidecar"
 
     def __init__(self, workdir: Path, mode: Mode, upstream: PgNode, pool_size: int, label: str = "") -> None:
@@ -511,44 +556,12 @@ class Sidecar:
         path = self.dir / "sidecar.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         path.chmod(0o600)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "run", "-c", str(path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=str(PROJECT_ROOT),
-                env=env,
-                start_new_session=True,
-            )
-        CLEANUP.push(self.name, self.stop)
-        proc = self.proc
-        wait_listening(self.port, lambda: proc.poll() is None, self.name, self.log)
+        self._launch("proxy", "run", "-c", str(path))
         wait_query_ok(self.port, self.name, self.log)
         return self
 
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise BenchError(f"{self.name} is not running")
-        return self.proc.pid
 
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        proc, self.proc = self.proc, None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-
-
-class Splice:
+class Splice(_PythonService):
     """`bench.splice`: a naive uvloop byte splice, the floor for a Python proxy on this machine
     (one upstream connection per client, like session mode; no parsing at all)."""
 
@@ -565,49 +578,9 @@ class Splice:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Splice:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
         upstream = f"{self.upstream.host}:{self.upstream.port}"
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "bench.splice",
-                    "--listen",
-                    f"127.0.0.1:{self.port}",
-                    "--upstream",
-                    upstream,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=str(PROJECT_ROOT),
-                env=env,
-                start_new_session=True,
-            )
-        CLEANUP.push(self.name, self.stop)
-        proc = self.proc
-        wait_listening(self.port, lambda: proc.poll() is None, self.name, self.log)
+        self._launch("bench.splice", "--listen", f"127.0.0.1:{self.port}", "--upstream", upstream)
         return self
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise BenchError(f"{self.name} is not running")
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        proc, self.proc = self.proc, None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
 
 
 Service = PgBouncer | Sidecar | Splice

@@ -78,6 +78,9 @@ _len_from = struct.Struct("!i").unpack_from
 # rows), Sync.
 _EXECUTE_SYNC = b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00S\x00\x00\x00\x04"
 _DESCRIBE_EXECUTE_SYNC = b"D\x00\x00\x00\x06P\x00" + _EXECUTE_SYNC
+# The answers those owe, from the Bind before them on.
+_BIND_EXECUTE = (Expect.BIND, Expect.EXECUTE, Expect.SYNC)
+_BIND_DESCRIBE_EXECUTE = (Expect.BIND, Expect.DESCRIBE_PORTAL, Expect.EXECUTE, Expect.SYNC)
 
 _SESSION_WATCH = watch_table((m.F_TERMINATE, m.F_QUERY, m.F_SYNC, m.F_PARSE, m.F_CLOSE))
 # Only while the session has a prepared statement that changes settings (`SET` prepared by a
@@ -357,14 +360,7 @@ class ClientSession(asyncio.Protocol):
         assert router is not None
         router.unnamed = None  # as `_transaction_query`: a simple Query replaces the unnamed statement
         server.unnamed_from = None
-        tracker = server.tracker
-        tracker.expect(Expect.QUERY)
-        tracker.fast = True
-        server.request_started.append(time.monotonic())
-        server.request_kinds.append(kind)
-        out = server.transport
-        if out is not None:
-            out.write(data)
+        self._send_fast(server, (Expect.QUERY,), kind, data)
         return True
 
     def _attach_prepared(self, data: bytes) -> bool:
@@ -403,20 +399,9 @@ class ClientSession(asyncio.Protocol):
         if server is None:
             return False
         server.statements.touch(stmt.global_name)
-        tracker = server.tracker
-        tracker.sync_sent()
-        tracker.expect(Expect.BIND)
-        if described:
-            tracker.expect(Expect.DESCRIBE_PORTAL)
-        tracker.expect(Expect.EXECUTE)
-        tracker.expect(Expect.SYNC)
-        tracker.fast = True
-        server.request_started.append(time.monotonic())
-        server.request_kinds.append(REQUEST_OTHER)
-        out = server.transport
-        if out is not None:
-            bind = memoryview(data)[:bind_end]
-            out.write(rename_in(bind, 6, name_end - 6, stmt.global_name) + data[bind_end:])
+        renamed = rename_in(memoryview(data)[:bind_end], 6, name_end - 6, stmt.global_name)
+        expected = _BIND_DESCRIBE_EXECUTE if described else _BIND_EXECUTE
+        self._send_fast(server, expected, REQUEST_OTHER, renamed + data[bind_end:])
         return True
 
     def _attach_parsed(self, data: bytes) -> bool:
@@ -451,21 +436,24 @@ class ClientSession(asyncio.Protocol):
         # Kept whole, as `on_parse` keeps it: a Bind in a later transaction, on another server,
         # re-prepares it there.
         router.unnamed = server.unnamed_from = data[:parse_end]
+        expected = _BIND_DESCRIBE_EXECUTE if described else _BIND_EXECUTE
+        self._send_fast(server, (Expect.PARSE, *expected), kind, data)
+        return True
+
+    @staticmethod
+    def _send_fast(server: ServerConnection, expected: tuple[Expect, ...], kind: int, data: bytes) -> None:
+        """A fast path's request to the server just linked: queue the answers it expects (the
+        last at its Sync or Query) as `tracker.fast`, note it in flight, and send it."""
         tracker = server.tracker
-        tracker.expect(Expect.PARSE)
-        tracker.expect(Expect.BIND)
-        if described:
-            tracker.expect(Expect.DESCRIBE_PORTAL)
-        tracker.expect(Expect.EXECUTE)
-        tracker.sync_sent()
-        tracker.expect(Expect.SYNC)
+        tracker.sync_sent()  # (the server skips nothing: `_idle_server_now` made sure)
+        for entry in expected:
+            tracker.expect(entry)
         tracker.fast = True
         server.request_started.append(time.monotonic())
         server.request_kinds.append(kind)
         out = server.transport
         if out is not None:
             out.write(data)
-        return True
 
     def _idle_server_now(self, prepared: str | None = None) -> ServerConnection | None:
         """Link an idle server that already has the client's settings (and the `prepared`
