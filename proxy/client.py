@@ -76,7 +76,8 @@ _client_ids = itertools.count(1)
 _len_from = struct.Struct("!i").unpack_from
 # The tail of the common extended-protocol request: [Describe the unnamed portal,] Execute it (all
 # rows), Sync.
-_EXECUTE_SYNC = b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00S\x00\x00\x00\x04"
+_SYNC = b"S\x00\x00\x00\x04"
+_EXECUTE_SYNC = b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00" + _SYNC
 _DESCRIBE_EXECUTE_SYNC = b"D\x00\x00\x00\x06P\x00" + _EXECUTE_SYNC
 # The answers those owe, from the Bind before them on.
 _BIND_EXECUTE = (Expect.BIND, Expect.EXECUTE, Expect.SYNC)
@@ -347,7 +348,7 @@ class ClientSession(asyncio.Protocol):
         if data[0] == m.F_BIND:
             return self._attach_prepared(data)
         if data[0] == m.F_PARSE:
-            return self._attach_parsed(data)
+            return self._prepare_here(data) or self._attach_parsed(data)
         if self._relay.whole(data) != m.F_QUERY:
             return False
         kind = _plain_kind(data, 5)
@@ -402,6 +403,41 @@ class ClientSession(asyncio.Protocol):
         renamed = rename_in(memoryview(data)[:bind_end], 6, name_end - 6, stmt.global_name)
         expected = _BIND_DESCRIBE_EXECUTE if described else _BIND_EXECUTE
         self._send_fast(server, expected, REQUEST_OTHER, renamed + data[bind_end:])
+        return True
+
+    def _prepare_here(self, data: bytes) -> bool:
+        """Parse of a named statement with its Sync, alone, between transactions (libpq's
+        PQprepare: pgbench -M prepared, psycopg's prepare), when a server of the pool already has
+        the same text and parameter types prepared: answered here, ParseComplete then
+        ReadyForQuery, as `StatementRouter.on_parse` answers a known statement, but with no server
+        at all. A client that prepares synchronously while its own other connections hold every
+        server (pgbench, several clients per thread) would otherwise wait for one in vain. Errors
+        the text could still raise come at its first Bind, on whichever server runs it."""
+        router = self.router
+        pool = self.pool
+        assert router is not None
+        n = len(data)
+        if pool is None or n > self._max_message or data[5] == 0 or not data.endswith(_SYNC):
+            return False
+        if self._relay.buffered or self._batch_kind is not None or 1 + _len_from(data, 1)[0] != n - 5:
+            return False
+        sql_offset = data.find(b"\x00", 5, n - 5) + 1
+        keyword = first_keyword(data, sql_offset)
+        if keyword == b"deallocate" or needs_transaction_check(keyword, data, sql_offset):
+            return False  # the general path notes it, refuses it or answers it itself
+        try:
+            parse = m.decode_parse(memoryview(data)[5 : n - 5])
+        except ProtocolViolation:
+            return False  # the general path says what is wrong with it
+        global_name = router.registry.name_for(parse.query, parse.param_types)
+        servers = itertools.chain(pool.idle, pool.active)
+        if not any(global_name in server.statements for server in servers):
+            return False
+        router.local.pop(parse.name, None)
+        router.statements[parse.name] = ClientStatement(
+            global_name, parse_message(global_name, parse.query, parse.param_types)
+        )
+        self._send(m.message(b"1") + m.ready_for_query(m.TX_IDLE))
         return True
 
     def _attach_parsed(self, data: bytes) -> bool:

@@ -1301,13 +1301,6 @@ def test_pgbench_all_query_modes(
                    dbname="postgres")) <= 3  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="limitation: pgbench -M prepared prepares with a synchronous PQprepare (Parse+Sync) that "
-    "blocks its whole thread; outside a transaction that Parse waits for a server, while the servers "
-    "are held by open transactions of other clients of the same blocked thread: deadlock until "
-    "53300. The sidecar could answer Parse+Sync of an already known statement itself.",
-)
 def test_pgbench_prepared_clients_sharing_a_thread(
     sidecar_factory: Callable[..., SidecarProcess], tmp_path: Path
 ) -> None:
@@ -1318,3 +1311,33 @@ def test_pgbench_prepared_clients_sharing_a_thread(
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
     assert re.search(r"number of failed transactions: 0\b", out), out
+
+
+def test_a_statement_the_pool_knows_is_prepared_without_waiting_for_a_server(
+    sidecar_factory: Callable[..., SidecarProcess], writer: pg.PgNode
+) -> None:
+    # pool.size 1, and the one server is held by client A's open transaction: client B's PQprepare
+    # (Parse+Sync) of a statement the server already has is answered by the sidecar, where waiting
+    # for a server would end in 53300 after checkout_timeout.
+    proc = sidecar_factory(_tx(size=1, checkout_timeout="1s"))
+    table = _name()
+    _wq(writer, f"CREATE TABLE {table} (v int)")
+    _wq(writer, f"INSERT INTO {table} VALUES (41)")
+    _wq(writer, f"GRANT SELECT ON {table} TO {USER}")
+    sql = f"SELECT v + $1::int FROM {table}".encode()
+    with _connect(proc) as a, _connect(proc) as b:
+        assert a.pgconn.prepare(b"mine", sql).status == psycopg.pq.ExecStatus.COMMAND_OK
+        a.execute("BEGIN")
+        prepared = b.pgconn.prepare(b"theirs", sql)
+        assert prepared.status == psycopg.pq.ExecStatus.COMMAND_OK, prepared.error_message
+        a.execute("COMMIT")
+        res = b.pgconn.exec_prepared(b"theirs", [b"1"])
+        assert res.status == psycopg.pq.ExecStatus.TUPLES_OK, res.error_message
+        assert res.get_value(0, 0) == b"42"
+        # What the text could still raise comes at the first run, as PostgreSQL would say it then.
+        _wq(writer, f"DROP TABLE {table}")
+        again = b.pgconn.prepare(b"later", sql)
+        assert again.status == psycopg.pq.ExecStatus.COMMAND_OK, again.error_message
+        failed = b.pgconn.exec_prepared(b"later", [b"1"])
+        assert failed.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"42P01"
+        assert b.execute("SELECT 7").fetchone() == (7,)  # the session carries on
