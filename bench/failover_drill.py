@@ -39,7 +39,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -51,6 +50,7 @@ from typing import Any
 
 import psycopg
 
+from bench import exit_on_sigterm
 from demo_app.cluster import APP_DB, REGION_A, REGION_B, PgNode, Topology, make_pg_dir, make_topology
 from demo_app.cluster import set_sync_standbys as set_sync
 from tests.harness.load import (
@@ -310,14 +310,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _sigterm(signum: int, frame: object) -> None:
-    # An exception, so that the finally blocks stop every PostgreSQL and sidecar we started.
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _sigterm)
+    exit_on_sigterm()
     base = make_pg_dir(prefix="pgsidecar-drill-")
     try:
         say(

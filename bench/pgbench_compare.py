@@ -48,6 +48,7 @@ import psycopg
 import scramp
 import yaml
 
+from bench import exit_on_sigterm
 from demo_app.cluster import (
     APP_DB,
     PG_OS_USER,
@@ -1116,15 +1117,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _sigterm(signum: int, frame: object) -> None:
-    # Turn SIGTERM into an exception so that the finally blocks stop every process we started.
-    print("\nterminated: stopping PostgreSQL, PgBouncer and sidecars", file=sys.stderr, flush=True)
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _sigterm)
+    exit_on_sigterm("stopping PostgreSQL, PgBouncer and sidecars")
     try:
         binary = ensure_pgbouncer()
         major, minor, version_text = pgbouncer_version(binary)

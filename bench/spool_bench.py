@@ -66,6 +66,7 @@ from typing import Any
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench import exit_on_sigterm
 from demo_app.cluster import APP_DB, REGION_A, Topology, make_pg_dir, make_topology
 from tests.harness.load import log_events, percentile
 from tests.harness.sidecar import REMOVE, SIDECAR_PASSWORDS, SidecarProcess, free_port, sidecar_config
@@ -778,14 +779,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _sigterm(signum: int, frame: object) -> None:
-    # An exception, so that the finally blocks stop every process we started.
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _sigterm)
+    exit_on_sigterm()
     base = make_pg_dir(prefix="pgsidecar-spoolbench-")
     try:
         say(

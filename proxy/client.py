@@ -218,13 +218,6 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._linked:
             server = self.server
-            if server is not None and server.state is ServerState.CLOSED:
-                # The server said its FATAL goodbye (or was closed) and its connection_lost is still
-                # to come: nothing sent to it now would be answered. Move on before this goes out.
-                self._server_gone(server, server.close_reason or "server connection closed")
-                if self.state is ClientState.ACTIVE and not self._linked:
-                    self.data_received(data)
-                return
             if self.sidecar.gate_closed and self._between_transactions():
                 self._unlink()
                 self._hold(data)
@@ -301,11 +294,7 @@ class ClientSession(asyncio.Protocol):
             out.write(data)
         server.outstanding += 1  # one ReadyForQuery will answer it
         server.request_started.append(time.monotonic())
-        if kind < 0:
-            # A SELECT (`s`) is the common case, and lone_select settles it: straight there.
-            read = data[5] | 0x20 == 0x73 and lone_select(data, 5)
-            kind = REQUEST_READ if read else self._note_statement(data, 5)
-        server.request_kinds.append(kind)
+        server.request_kinds.append(self._note_statement(data, 5) if kind < 0 else kind)
         return True
 
     def _between_transactions(self) -> bool:

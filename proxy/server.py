@@ -208,9 +208,7 @@ class ServerConnection(asyncio.Protocol):
                 for span in spans:
                     out.write(span)
             if self.close_reason is not None:
-                # Its FATAL goodbye (dropped above): closed now, so that a request the client sends
-                # before connection_lost arrives is not sent to it (the session moves first).
-                self.close(self.close_reason)
+                self.close(self.close_reason)  # its FATAL goodbye, dropped above
                 return
             if self._continuation is not None and self._relay.paused:
                 then, self._continuation = self._continuation, None
@@ -519,6 +517,12 @@ class ServerConnection(asyncio.Protocol):
                 transport.write(m.terminate())
             transport.close()
         self.state = ServerState.CLOSED
+        client = self.client
+        if client is not None:
+            # Told now, not at connection_lost: a request the client sends meanwhile must not go
+            # to a connection that will never answer it (the session moves first).
+            self.client = None
+            client.server_lost(self, self.close_reason)
 
     def on_close(self, callback: Callable[[ServerConnection], None]) -> None:
         self._on_close = callback

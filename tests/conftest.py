@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from moto.server import ThreadedMotoServer
 
 from tests.harness import pg
 from tests.harness.sidecar import HostsSpec, SidecarProcess, sidecar_config
@@ -91,3 +92,13 @@ def sidecar_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
     yield factory
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    """A moto server (real HTTP, DynamoDB/Secrets Manager/RDS APIs) for one test module."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

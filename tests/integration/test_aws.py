@@ -32,7 +32,6 @@ import boto3
 import psycopg
 import pytest
 import yaml
-from moto.server import ThreadedMotoServer
 from psycopg import sql
 
 from sidecar_config import ConfigError, load_config
@@ -42,15 +41,6 @@ from tests.unit.test_aws import verify_token
 
 REGION = "us-east-1"
 FAKE_SECRET_KEY = "pgsidecar-integration-secret-key"
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,23 +34,13 @@ import pg8000.native
 import psycopg
 import pytest
 import sqlalchemy as sa
-from moto.server import ThreadedMotoServer
 
 from tests.harness import pg
-from tests.harness.sidecar import PROJECT_ROOT, SIDECAR_PASSWORDS, SidecarProcess, free_port
+from tests.harness.sidecar import PROJECT_ROOT, SIDECAR_PASSWORDS, SidecarProcess
 from tests.integration.test_failover import USER, connect, http, metric, sqlstate_of_call, wait_state
 
 BACKENDS = ["sqlite", "dynamodb"]
 BACKLOG = 200  # transactions spooled for the kill-during-replay drill
-
-
-@pytest.fixture(scope="module")
-def dynamodb_endpoint() -> Iterator[str]:
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 @pytest.fixture
@@ -109,6 +99,18 @@ def warm_up(sidecar: SidecarProcess, conn: psycopg.Connection[Any], table: str, 
         assert c.execute(sa.text("SELECT 1")).scalar() == 1
     engine.dispose()
     topo.a1.wait_caught_up([topo.a2])
+
+
+def spooling_sidecar(
+    sidecar_factory: Any, topo: pg.Topology, spool: dict[str, Any], app: str
+) -> tuple[SidecarProcess, psycopg.Connection[Any], str]:
+    """A fresh orders table, a sidecar with a 1 s hold and `spool`, and a warmed-up connection
+    (application_name `app`) to it: the start of every outage drill here."""
+    table = make_orders(topo.a1)
+    sidecar = sidecar_factory({"failover": {"hold_timeout": "1s"}, "spool": spool}, topology=topo)
+    conn = connect(sidecar, application_name=app)
+    warm_up(sidecar, conn, table, topo)
+    return sidecar, conn, table
 
 
 def sa_url(sidecar: SidecarProcess, driver: str = "psycopg") -> sa.URL:
@@ -242,17 +244,12 @@ def cli(sidecar: SidecarProcess, *args: str) -> subprocess.CompletedProcess[str]
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_full_outage_every_client_and_a_sidecar_restart(
-    fresh_topology: pg.Topology, sidecar_factory: Any, tmp_path: Path, dynamodb_endpoint: str,
+    fresh_topology: pg.Topology, sidecar_factory: Any, tmp_path: Path, moto_endpoint: str,
     aws_env: None, backend: str,
 ) -> None:  # fmt: skip
     topo = fresh_topology
-    table = make_orders(topo.a1)
-    sidecar = sidecar_factory(
-        {"failover": {"hold_timeout": "1s"}, "spool": spool_config(backend, tmp_path, dynamodb_endpoint)},
-        topology=topo,
-    )
-    conn = connect(sidecar, application_name="orders")
-    warm_up(sidecar, conn, table, topo)
+    spool = spool_config(backend, tmp_path, moto_endpoint)
+    sidecar, conn, table = spooling_sidecar(sidecar_factory, topo, spool, "orders")
     orders = Orders(sidecar, table)
 
     down = time.time()
@@ -314,19 +311,13 @@ def test_full_outage_every_client_and_a_sidecar_restart(
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sigkill_during_replay_then_restart_applies_each_record_once(
-    fresh_topology: pg.Topology, sidecar_factory: Any, tmp_path: Path, dynamodb_endpoint: str,
+    fresh_topology: pg.Topology, sidecar_factory: Any, tmp_path: Path, moto_endpoint: str,
     aws_env: None, backend: str,
 ) -> None:  # fmt: skip
     topo = fresh_topology
-    table = make_orders(topo.a1)
-    sidecar = sidecar_factory(
-        # Small replay transactions (10 records each) so the kill lands between two of them.
-        {"failover": {"hold_timeout": "1s"},
-         "spool": {**spool_config(backend, tmp_path, dynamodb_endpoint), "replay_batch": 10}},
-        topology=topo,
-    )
-    conn = connect(sidecar, application_name="backlog")
-    warm_up(sidecar, conn, table, topo)
+    # Small replay transactions (10 records each) so the kill lands between two of them.
+    spool = {**spool_config(backend, tmp_path, moto_endpoint), "replay_batch": 10}
+    sidecar, conn, table = spooling_sidecar(sidecar_factory, topo, spool, "backlog")
     orders = Orders(sidecar, table)
 
     down = time.time()
@@ -384,7 +375,7 @@ def test_sigkill_during_replay_then_restart_applies_each_record_once(
 
 
 def test_two_sidecars_share_one_dynamodb_spool(
-    fresh_topology: pg.Topology, sidecar_factory: Any, tmp_path: Path, dynamodb_endpoint: str, aws_env: None,
+    fresh_topology: pg.Topology, sidecar_factory: Any, tmp_path: Path, moto_endpoint: str, aws_env: None,
 ) -> None:  # fmt: skip
     topo = fresh_topology
     table = make_orders(topo.a1)
@@ -393,7 +384,7 @@ def test_two_sidecars_share_one_dynamodb_spool(
         sidecar_factory(
             {
                 "failover": {"hold_timeout": "1s"},
-                "spool": spool_config("dynamodb", tmp_path / name, dynamodb_endpoint, table=shared),
+                "spool": spool_config("dynamodb", tmp_path / name, moto_endpoint, table=shared),
             },
             topology=topo,
         )
@@ -449,17 +440,12 @@ def test_two_sidecars_share_one_dynamodb_spool(
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unique_violation_is_dead_lettered_and_retried_after_the_fix(
-    fresh_topology: pg.Topology, sidecar_factory: Any, tmp_path: Path, dynamodb_endpoint: str,
+    fresh_topology: pg.Topology, sidecar_factory: Any, tmp_path: Path, moto_endpoint: str,
     aws_env: None, backend: str,
 ) -> None:  # fmt: skip
     topo = fresh_topology
-    table = make_orders(topo.a1)
-    sidecar = sidecar_factory(
-        {"failover": {"hold_timeout": "1s"}, "spool": spool_config(backend, tmp_path, dynamodb_endpoint)},
-        topology=topo,
-    )
-    conn = connect(sidecar, application_name="conflicts")
-    warm_up(sidecar, conn, table, topo)
+    spool = spool_config(backend, tmp_path, moto_endpoint)
+    sidecar, conn, table = spooling_sidecar(sidecar_factory, topo, spool, "conflicts")
     # A row the outage client does not know about (made by another app before the outage).
     topo.a1.execute(
         f"INSERT INTO {table} (seq, id, client) VALUES (100, 'taken', 'elsewhere')", dbname=pg.APP_DB

@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from proxy.spool import SpooledStatement, SpoolRecord, SpoolRefused, SpoolUnavailable, open_store
 from proxy.spool.dynamo_store import ITEM_LIMIT, DynamoSpoolStore
 from sidecar_config.models import DynamoDBSpoolConfig, SpoolConfig
 
 REGION = "us-east-1"
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture(autouse=True)

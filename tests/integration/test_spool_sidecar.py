@@ -13,7 +13,6 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,8 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
-from moto.server import ThreadedMotoServer
 
 from tests.harness import pg
-from tests.harness.sidecar import free_port
 from tests.integration.test_failover import (
     connect,
     count_on,
@@ -35,15 +32,6 @@ from tests.integration.test_failover import (
     sqlstate_of_call,
     wait_state,
 )
-
-
-@pytest.fixture(scope="module")
-def dynamodb_endpoint() -> Iterator[str]:
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 def _spool_config(backend: str, tmp_path: Path, endpoint: str | None) -> dict[str, Any]:
@@ -61,7 +49,7 @@ def test_outage_spools_inserts_and_replays_them_exactly_once(
     fresh_topology: pg.Topology,
     sidecar_factory: Any,
     tmp_path: Path,
-    dynamodb_endpoint: str,
+    moto_endpoint: str,
     monkeypatch: pytest.MonkeyPatch,
     backend: str,
     mode: str,
@@ -75,7 +63,7 @@ def test_outage_spools_inserts_and_replays_them_exactly_once(
         {
             "pool": {"mode": mode},
             "failover": {"hold_timeout": "1s"},
-            "spool": _spool_config(backend, tmp_path, dynamodb_endpoint),
+            "spool": _spool_config(backend, tmp_path, moto_endpoint),
         },
         topology=topo,
     )
