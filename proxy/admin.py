@@ -182,7 +182,7 @@ class AdminConsole:
 
     def _server_version(self) -> str:
         for pool in self.sidecar.pools.values():
-            for server in (*pool.active, *pool.idle, *pool.resetting):
+            for server in (*pool.active, *pool.idle, *pool.parked, *pool.resetting):
                 version = server.params.get("server_version")
                 if version:
                     return version
@@ -234,7 +234,7 @@ class AdminConsole:
 async def _show_pools(console: AdminConsole) -> Result:
     columns = ("user", "database", "size", "active", "idle", "resetting", "connecting", "waiting")
     rows = [
-        (pool.user, pool.database, pool.settings.size, len(pool.active), len(pool.idle),
+        (pool.user, pool.database, pool.settings.size, len(pool.active), len(pool.idle) + len(pool.parked),
          len(pool.resetting), pool.connecting, sum(1 for w in pool.waiters if not w.done()))
         for _, pool in sorted(console.sidecar.pools.items())
     ]  # fmt: skip
@@ -262,7 +262,8 @@ async def _show_servers(console: AdminConsole) -> Result:
     now = time.monotonic()
     rows = []
     for _, pool in sorted(sidecar.pools.items()):
-        for state, servers in (("active", pool.active), ("idle", pool.idle), ("resetting", pool.resetting)):
+        for state, servers in (("active", pool.active), ("idle", (*pool.idle, *pool.parked)),
+                               ("resetting", pool.resetting)):  # fmt: skip
             for server in sorted(servers, key=lambda s: s.created_at):
                 host = str(server.endpoint)
                 idle = round(now - server.last_used, 1) if state == "idle" else None

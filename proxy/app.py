@@ -609,13 +609,16 @@ def _changed_keys(before: dict[str, object], after: dict[str, object]) -> list[s
 def _resize_pool(pool: Pool, settings: PoolSettings) -> None:
     grown = settings.size - pool.settings.size
     pool.settings = settings
-    # Clients parked on a full pool: each one woken loops back and opens a connection in the room
+    # Clients waiting on a full pool: each one woken loops back and opens a connection in the room
     # just made.
     for _ in range(grown):
         if not pool._wake_one(None):
             break
     # Shrunk: surplus idle connections close now; busy ones retire through server_idle_timeout.
-    while pool.total > settings.size and pool.idle:
+    while pool.total > settings.size and (pool.idle or pool.parked):
+        if not pool.idle:
+            pool._reclaim()
+            continue
         pool._drop(pool.idle[0], "pool.size reduced by reload")
 
 

@@ -168,6 +168,9 @@ class ClientSession(asyncio.Protocol):
         )
         self.router = StatementRouter(sidecar.statements) if self.transaction_mode else None
         self._linked = False  # the relay forwards to `server` (else client input is held)
+        # Transaction mode, between transactions: `server` is kept (linked, at rest, in
+        # `pool.parked`) for the next transaction, until another client needs it.
+        self._parked = False
         # Whether the server must call `server_ready` at each ReadyForQuery: always in transaction
         # mode (the server goes back to the pool), in session mode only while maintenance is due.
         # A plain attribute, read on the hot path instead of a call per transaction.
@@ -203,7 +206,7 @@ class ClientSession(asyncio.Protocol):
             return "login"
         if self.state is ClientState.CONNECTING or (self._task is not None and self.server is None):
             return "waiting"
-        return "active" if self.server is not None else "idle"
+        return "active" if self.server is not None and not self._parked else "idle"
 
     # ---------------------------------------------------------------- asyncio.Protocol
 
@@ -252,7 +255,7 @@ class ClientSession(asyncio.Protocol):
                     return
                 self._after_aborted()
                 return
-            idle = self.server is None and self._task is None
+            idle = (self.server is None or self._parked) and self._task is None
             if idle and self.transaction_mode and self._attach_query(data):
                 return
             self._hold(data)
@@ -320,10 +323,15 @@ class ClientSession(asyncio.Protocol):
         if self._relay.buffered > _HOLD_LIMIT and self.transport is not None and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
-        if self.server is None and self._task is None:
+        if self._task is None and (self.server is None or self._parked):
             if self._relay.buffered == len(_TERMINATE) and self._relay.peek(5) == _TERMINATE:
                 self.close("client sent Terminate")
                 return
+            if self._parked:
+                server = self._unpark()
+                if server is not None:
+                    self._link(server)  # the general path, on the server kept from last time
+                    return
             if self.transaction_mode and self._attach_now():
                 return
             self._start(self._attach_next())
@@ -419,7 +427,7 @@ class ClientSession(asyncio.Protocol):
         except ProtocolViolation:
             return False  # the general path says what is wrong with it
         global_name = router.registry.name_for(parse.query, parse.param_types)
-        servers = itertools.chain(pool.idle, pool.active)
+        servers = itertools.chain(pool.idle, pool.parked, pool.active)
         if not any(global_name in server.statements for server in servers):
             return False
         router.local.pop(parse.name, None)
@@ -487,6 +495,15 @@ class ClientSession(asyncio.Protocol):
         pool = self.pool
         if pool is None or self.sidecar.gate_closed:
             return None
+        if self._parked:
+            kept = self.server
+            assert kept is not None
+            if kept.tracker.skipping or (prepared is not None and prepared not in kept.statements):
+                return None  # `_hold` runs it on this server through the general path
+            if self._unpark() is not None:
+                self._linked = True
+                self._relay.resume()  # (as below)
+                return kept
         server = pool.take_idle_now()
         if server is None:
             return None
@@ -502,6 +519,26 @@ class ClientSession(asyncio.Protocol):
         server.link(self, tracked=True)
         self._relay.resume()  # nothing is held: this only ends the pause between transactions
         return server
+
+    def _unpark(self) -> ServerConnection | None:
+        """The server kept from the last transaction, for this one, if the gate is open and the
+        pool still lets it be used (else it goes back to the pool: None)."""
+        server = self.server
+        pool = self.pool
+        assert server is not None and pool is not None
+        self._parked = False
+        if not self.sidecar.gate_closed and pool.unpark(server):
+            return server
+        self.give_back(server)
+        return None
+
+    def give_back(self, server: ServerConnection) -> None:
+        """Hand the kept server back to the pool (`Parker`: another client needs it)."""
+        self._parked = False
+        if self.server is server:
+            self.server = None
+        if self.pool is not None:
+            self.pool.release(server, reset=False)
 
     def _attach_now(self) -> bool:
         """Transaction mode's common case, without a task or a trip round the event loop: the gate
@@ -771,8 +808,20 @@ class ClientSession(asyncio.Protocol):
         server = self.server
         if server is None:
             return
-        self._unlink()
         maintenance = self._settings_dirty or self._reset_all or bool(self._reset_names) or self._discarded
+        pool = self.pool
+        parks = not maintenance and self.transaction_mode
+        if parks and pool is not None and server.keep_linked() and pool.park(server, self):
+            # Nobody waits for a server: keep this one for the next transaction, which then
+            # starts without a checkout. Still linked, so whatever the server says meanwhile
+            # (a FATAL goodbye) reaches this session.
+            self._linked = False
+            self._relay.hold()
+            self._parked = True
+            if self._relay.buffered:
+                self._hold(b"")  # input that came with the last answer: next transaction
+            return
+        self._unlink()
         if maintenance:
             self._start(self._maintain(server))
         else:
@@ -809,10 +858,11 @@ class ClientSession(asyncio.Protocol):
         broken = server.mid_response
         self.server = None
         self._linked = False
+        self._parked = False
         self._relay.hold()
         server.unlink()
         if self.pool is not None:
-            self.pool.active.discard(server)
+            self.pool.forget(server)
         server.close(reason)
         self.sidecar.topology.report_failure(server.endpoint, reason)
         logs.event(
@@ -1506,10 +1556,11 @@ class ClientSession(asyncio.Protocol):
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self._linked = False
+        self._parked = False
         server, self.server = self.server, None
         if server is not None and self.pool is not None:
             if server.state is ServerState.CLOSED:
-                self.pool.active.discard(server)
+                self.pool.forget(server)
             else:
                 self.pool.release(server, reset=not self.transaction_mode)
         if self.backend_key is not None:

@@ -150,7 +150,11 @@ class SidecarCollector(Collector):
         waiting = 0
         for pool in sidecar.pools.values():
             waiting += len(pool.waiters)
-            for state, conns in (("idle", pool.idle), ("active", pool.active), ("resetting", pool.resetting)):
+            for state, conns in (
+                ("idle", (*pool.idle, *pool.parked)),
+                ("active", pool.active),
+                ("resetting", pool.resetting),
+            ):
                 for conn in conns:
                     host = str(conn.endpoint)
                     servers[(regions.get(host, ""), host, state)] += 1

@@ -1,9 +1,14 @@
 """Pool: the server connections for one (user, database), shared by that pair's clients.
 
-A connection is in exactly one of `idle`, `active` or `resetting` (or being opened, counted by
-`connecting`); `size` bounds their sum. Waiters are served first come, first served: a released
-connection is handed straight to the oldest waiter rather than put back where a newcomer could
-take it.
+A connection is in exactly one of `idle`, `parked`, `active` or `resetting` (or being opened,
+counted by `connecting`); `size` bounds their sum. Waiters are served first come, first served: a
+released connection is handed straight to the oldest waiter rather than put back where a newcomer
+could take it.
+
+Parked (transaction mode): a server whose client finished a transaction while nobody waited stays
+with that client, at rest, so the client's next transaction starts without a checkout. It is idle
+in every sense that matters: counted as idle, and taken back from the client the moment another
+client needs a server and none is idle (`_reclaim`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from . import logs
 from .protocol.sqlstate import SERVER_GONE_STATES, ProxyError, TooManyClients, UpstreamUnavailable
@@ -30,6 +35,13 @@ if TYPE_CHECKING:
 class WriterChanged(UpstreamUnavailable):
     """The writer a login was meant for was lost or replaced meanwhile: the caller goes back to
     the failover gate (held, then the new writer) instead of failing its client."""
+
+
+class Parker(Protocol):
+    """The client a parked server stays with."""
+
+    def give_back(self, server: ServerConnection) -> None:
+        """Unlink `server` and hand it to `Pool.release` (another client needs it)."""
 
 
 Opener = Callable[["Endpoint", dict[str, str], "str | None"], Awaitable[ServerConnection]]
@@ -63,6 +75,8 @@ class Pool:
         self.settings = settings
         self.idle: deque[ServerConnection] = deque()  # reset and ready; newest at the right
         self.active: set[ServerConnection] = set()  # linked to a client
+        # At rest but still linked to the client that used it last, oldest first (see above).
+        self.parked: dict[ServerConnection, Parker] = {}
         self.resetting: set[ServerConnection] = set()  # running the reset query after release
         self.connecting = 0  # logins in progress
         self.waiters: deque[asyncio.Future[ServerConnection | None]] = deque()
@@ -81,7 +95,41 @@ class Pool:
 
     @property
     def total(self) -> int:
-        return len(self.idle) + len(self.active) + len(self.resetting) + self.connecting
+        return len(self.idle) + len(self.parked) + len(self.active) + len(self.resetting) + self.connecting
+
+    def park(self, server: ServerConnection, client: Parker) -> bool:
+        """Let `client` keep `server` between transactions; False if another client waits for one
+        (then the caller releases it). The caller made sure the server is at rest."""
+        if self.waiters:
+            return False
+        self.active.discard(server)
+        self.parked[server] = client
+        server.last_used = time.monotonic()
+        return True
+
+    def unpark(self, server: ServerConnection) -> bool:
+        """The parked server's client starts a transaction on it: True if it still may (else the
+        client gives it back and is served like any other)."""
+        now = time.monotonic()
+        writer = self._topology.writer
+        if (
+            server.transport is None
+            or server.state is ServerState.CLOSED
+            or (server.endpoint is not writer and server.endpoint != writer)
+            or now - server.created_at > self.settings.server_lifetime
+            or now - server.last_used > self.settings.server_check_after_idle
+        ):
+            return False
+        del self.parked[server]
+        self.active.add(server)
+        return True
+
+    def _reclaim(self) -> bool:
+        """Take the longest-parked server back from its client into `idle` (or to a waiter)."""
+        for server, client in self.parked.items():
+            client.give_back(server)  # which calls `release`
+            return True
+        return False
 
     def _usable(self, server: ServerConnection, now: float) -> str | None:
         """Why `server` must not be handed out, or None if it may."""
@@ -106,6 +154,8 @@ class Pool:
                 return server
             if self.total < self.settings.size:
                 return await self._open_new(password)
+            if self._reclaim():
+                continue
             waiter: asyncio.Future[ServerConnection | None] = loop.create_future()
             self.waiters.append(waiter)
             try:
@@ -133,8 +183,10 @@ class Pool:
 
     def take_idle_now(self) -> ServerConnection | None:
         """An idle server that needs no liveness check, or None (then use `acquire`)."""
-        if self.waiters or not self.idle:
+        if self.waiters:
             return None  # first come, first served: waiters go first
+        if not self.idle and (self.total < self.settings.size or not self._reclaim() or not self.idle):
+            return None  # (a new connection is `acquire`'s to open)
         server = self.idle[-1]
         now = time.monotonic()
         if (
@@ -246,7 +298,17 @@ class Pool:
                 why = self._usable(server, now)
                 if why is not None:
                     self._drop(server, why)
-            missing = min(self.settings.min_idle - len(self.idle), self.settings.size - self.total)
+            for server, client in list(self.parked.items()):
+                # Parked long enough to need a liveness check, or past its lifetime: into the
+                # idle list, where those rules are applied.
+                if (
+                    now - server.last_used
+                    > min(self.settings.server_check_after_idle, self.settings.server_idle_timeout)
+                    or now - server.created_at > self.settings.server_lifetime
+                ):
+                    client.give_back(server)
+            idle = len(self.idle) + len(self.parked)
+            missing = min(self.settings.min_idle - idle, self.settings.size - self.total)
             if missing > 0 and self._topology.writer is not None:
                 results = await asyncio.gather(
                     *(self._open_new(self._password, for_idle=True) for _ in range(missing)),
@@ -263,6 +325,9 @@ class Pool:
         keeping its prepared statements and settings (the next client's are applied over them).
         """
         self.active.discard(server)
+        # A parked server has been idle since it was parked: keep that time (liveness check,
+        # idle timeout).
+        idle_since = server.last_used if self.parked.pop(server, None) is not None else None
         if server.client is not None or server.state is ServerState.ACTIVE:
             server.unlink()  # (a transaction-mode client unlinks it itself before handing it back)
         why = None if server.at_rest else "client left mid-transaction or mid-query"
@@ -274,7 +339,7 @@ class Pool:
             self._drop(server, why)
             return
         if not reset:
-            server.last_used = time.monotonic()
+            server.last_used = time.monotonic() if idle_since is None else idle_since
             if not self._wake_one(server):
                 self.idle.append(server)
             return
@@ -308,9 +373,15 @@ class Pool:
                 return True
         return False
 
+    def forget(self, server: ServerConnection) -> None:
+        """A client's server closed under it: no longer counted."""
+        self.active.discard(server)
+        self.parked.pop(server, None)
+
     def _drop(self, server: ServerConnection, reason: str) -> None:
         logs.event("server_closed", server=server.id, upstream=str(server.endpoint), reason=reason)
         self.active.discard(server)
+        self.parked.pop(server, None)
         self.resetting.discard(server)
         with contextlib.suppress(ValueError):
             self.idle.remove(server)
@@ -330,8 +401,9 @@ class Pool:
     def close_all(self, reason: str) -> None:
         if self._housekeeper is not None:
             self._housekeeper.cancel()
-        for server in [*self.idle, *self.resetting, *self.active]:
+        for server in [*self.idle, *self.resetting, *self.active, *self.parked]:
             server.close(reason)
         self.idle.clear()
+        self.parked.clear()
         self.resetting.clear()
         self.active.clear()

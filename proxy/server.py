@@ -378,6 +378,14 @@ class ServerConnection(asyncio.Protocol):
         """Part of a message has gone to the client and the rest never will: its stream is broken."""
         return self._relay.mid_message
 
+    def keep_linked(self) -> bool:
+        """At a quiet point, before the server is kept by its client: un-pause the relay; False
+        (nothing done) if it holds bytes that came after the ReadyForQuery."""
+        if self._relay.buffered or not self.at_rest:
+            return False
+        self._relay.resume()
+        return True
+
     def settle(self) -> bool:
         """Before reuse: un-pause the relay; False if it was holding stray bytes (then don't reuse)."""
         return not self._relay.resume()

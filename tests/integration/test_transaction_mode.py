@@ -24,6 +24,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,7 @@ import pg8000.native
 import psycopg
 import pytest
 import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg import errors as pgerr
 from sqlalchemy import orm
 
@@ -1342,3 +1344,61 @@ def test_a_statement_the_pool_knows_is_prepared_without_waiting_for_a_server(
         failed = b.pgconn.exec_prepared(b"later", [b"1"])
         assert failed.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"42P01"
         assert b.execute("SELECT 7").fetchone() == (7,)  # the session carries on
+
+
+def _gauges(proc: SidecarProcess, name: str) -> dict[str, float]:
+    """`pgsidecar_<name>` samples by their `state` label."""
+    with urllib.request.urlopen(proc.metrics_url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == f"pgsidecar_{name}":
+                state = sample.labels["state"]
+                out[state] = out.get(state, 0.0) + sample.value
+    return out
+
+
+def _pid(conn: psycopg.Connection[Any]) -> int:
+    return int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
+
+
+def test_a_server_kept_between_transactions_goes_to_whoever_needs_it(
+    sidecar_factory: Callable[..., SidecarProcess], writer: pg.PgNode
+) -> None:
+    # Between transactions a client keeps its server while nobody else needs one (its next
+    # transaction starts without a checkout). With pool.size 1 every other client needs it: each
+    # takes it over at once, where a kept server never handed over would end in 53300 after
+    # checkout_timeout.
+    proc = sidecar_factory(_tx(size=1, checkout_timeout="1s"))
+    with _connect(proc) as a, _connect(proc) as b:
+        pid = _pid(a)
+        # Kept by A, but counted as what it is: an idle server, and A an idle client.
+        assert _gauges(proc, "server_connections") == {"idle": 1.0}
+        assert _gauges(proc, "client_connections").get("active", 0.0) == 0.0
+        for i in range(40):
+            conn = a if i % 2 else b
+            assert conn.execute("SELECT %s::int + 1", (i,)).fetchone() == (i + 1,)
+        assert _pid(b) == pid
+        # A transaction block keeps the server from the others until it ends.
+        with _connect(proc) as c, a.transaction():
+            a.execute("SELECT 1")
+            with pytest.raises(psycopg.Error) as ei:
+                c.execute("SELECT 2")
+            assert ei.value.sqlstate == "53300", str(ei.value)
+        assert b.execute("SELECT 3").fetchone() == (3,)
+        servers = _wq(
+            writer,
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND datname = %s",
+            (USER, DB),
+            "postgres",
+        )
+        assert servers == [(1,)]
+
+        # The kept server is terminated while B keeps it: B's next statement runs on a new one.
+        offset = proc.log_offset()
+        _wq(writer, "SELECT pg_terminate_backend(%s)", (pid,), "postgres")
+        proc.wait_for_log("event=session_cut", since=offset)
+        assert b.execute("SELECT 4").fetchone() == (4,)
+        assert _pid(b) != pid
+        assert a.execute("SELECT 5").fetchone() == (5,)
