@@ -66,7 +66,7 @@ from .sqlclass import (
     needs_transaction_check,
     session_keyword_at,
 )
-from .statements import ClientStatement, Expect, LocalStatement, StatementRouter, parse_message, rename_in
+from .statements import ClientStatement, Entry, Expect, LocalStatement, StatementRouter, parse_message
 
 if TYPE_CHECKING:
     from .app import Sidecar
@@ -80,8 +80,11 @@ _SYNC = b"S\x00\x00\x00\x04"
 _EXECUTE_SYNC = b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00" + _SYNC
 _DESCRIBE_EXECUTE_SYNC = b"D\x00\x00\x00\x06P\x00" + _EXECUTE_SYNC
 # The answers those owe, from the Bind before them on.
-_BIND_EXECUTE = (Expect.BIND, Expect.EXECUTE, Expect.SYNC)
-_BIND_DESCRIBE_EXECUTE = (Expect.BIND, Expect.DESCRIBE_PORTAL, Expect.EXECUTE, Expect.SYNC)
+# What the fast paths' requests are answered with, as `ResponseTracker.expect_fast` takes it.
+_QUERY_ANSWER = (Entry(Expect.QUERY),)
+_BIND_EXECUTE = (Entry(Expect.BIND), Entry(Expect.EXECUTE), Entry(Expect.SYNC))
+_BIND_DESCRIBE_EXECUTE = (Entry(Expect.BIND), Entry(Expect.DESCRIBE_PORTAL), *_BIND_EXECUTE[1:])
+_PARSE = (Entry(Expect.PARSE),)
 
 _SESSION_WATCH = watch_table((m.F_TERMINATE, m.F_QUERY, m.F_SYNC, m.F_PARSE, m.F_CLOSE))
 # Only while the session has a prepared statement that changes settings (`SET` prepared by a
@@ -358,7 +361,7 @@ class ClientSession(asyncio.Protocol):
         assert router is not None
         router.unnamed = None  # as `_transaction_query`: a simple Query replaces the unnamed statement
         server.unnamed_from = None
-        self._send_fast(server, (Expect.QUERY,), kind, data)
+        self._send_fast(server, _QUERY_ANSWER, kind, data)
         return True
 
     def _attach_prepared(self, data: bytes) -> bool:
@@ -397,9 +400,12 @@ class ClientSession(asyncio.Protocol):
         if server is None:
             return False
         server.statements.touch(stmt.global_name)
-        renamed = rename_in(memoryview(data)[:bind_end], 6, name_end - 6, stmt.global_name)
+        # The Bind renamed as `rename_in` would, and what follows it, in one copy.
+        name = stmt.global_name.encode()
+        length = bind_end - 1 + len(name) - (name_end - 6)
+        renamed = b"".join((b"B", length.to_bytes(4, "big"), b"\x00", name, data[name_end:]))
         expected = _BIND_DESCRIBE_EXECUTE if described else _BIND_EXECUTE
-        self._send_fast(server, expected, REQUEST_OTHER, renamed + data[bind_end:])
+        self._send_fast(server, expected, REQUEST_OTHER, renamed)
         return True
 
     def _prepare_here(self, data: bytes) -> bool:
@@ -470,18 +476,14 @@ class ClientSession(asyncio.Protocol):
         # re-prepares it there.
         router.unnamed = server.unnamed_from = data[:parse_end]
         expected = _BIND_DESCRIBE_EXECUTE if described else _BIND_EXECUTE
-        self._send_fast(server, (Expect.PARSE, *expected), kind, data)
+        self._send_fast(server, _PARSE + expected, kind, data)
         return True
 
     @staticmethod
-    def _send_fast(server: ServerConnection, expected: tuple[Expect, ...], kind: int, data: bytes) -> None:
+    def _send_fast(server: ServerConnection, expected: tuple[Entry, ...], kind: int, data: bytes) -> None:
         """A fast path's request to the server just linked: queue the answers it expects (the
         last at its Sync or Query) as `tracker.fast`, note it in flight, and send it."""
-        tracker = server.tracker
-        tracker.sync_sent()  # (the server skips nothing: `_idle_server_now` made sure)
-        for entry in expected:
-            tracker.expect(entry)
-        tracker.fast = True
+        server.tracker.expect_fast(expected)  # (the server skips nothing: `_idle_server_now` made sure)
         server.request_started.append(time.monotonic())
         server.request_kinds.append(kind)
         out = server.transport

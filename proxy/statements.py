@@ -185,6 +185,13 @@ class ResponseTracker:
             return self.pop_synthetic(tx_status)
         return b""
 
+    def expect_fast(self, entries: tuple[Entry, ...]) -> None:
+        """A fast path's one request (after its Sync or Query): `entries` are shared, plain
+        (neither hidden nor synthetic) and never changed, so the answer needs no matching."""
+        self.skipping = False
+        self.queue.extend(entries)
+        self.fast = True
+
     def pop_synthetic(self, tx_status: int) -> bytes:
         """Answers owed for synthetic entries now at the head of the queue."""
         out = b""

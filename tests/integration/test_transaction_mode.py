@@ -1371,7 +1371,8 @@ def test_a_server_kept_between_transactions_goes_to_whoever_needs_it(
     # takes it over at once, where a kept server never handed over would end in 53300 after
     # checkout_timeout.
     proc = sidecar_factory(_tx(size=1, checkout_timeout="1s"))
-    with _connect(proc) as a, _connect(proc) as b:
+    app = _name("kept")  # tells this pool's server apart from other tests' on the same writer
+    with _connect(proc, application_name=app) as a, _connect(proc, application_name=app) as b:
         pid = _pid(a)
         # Kept by A, but counted as what it is: an idle server, and A an idle client.
         assert _gauges(proc, "server_connections") == {"idle": 1.0}
@@ -1381,7 +1382,7 @@ def test_a_server_kept_between_transactions_goes_to_whoever_needs_it(
             assert conn.execute("SELECT %s::int + 1", (i,)).fetchone() == (i + 1,)
         assert _pid(b) == pid
         # A transaction block keeps the server from the others until it ends.
-        with _connect(proc) as c, a.transaction():
+        with _connect(proc, application_name=app) as c, a.transaction():
             a.execute("SELECT 1")
             with pytest.raises(psycopg.Error) as ei:
                 c.execute("SELECT 2")
@@ -1389,8 +1390,8 @@ def test_a_server_kept_between_transactions_goes_to_whoever_needs_it(
         assert b.execute("SELECT 3").fetchone() == (3,)
         servers = _wq(
             writer,
-            "SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND datname = %s",
-            (USER, DB),
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            (app,),
             "postgres",
         )
         assert servers == [(1,)]
