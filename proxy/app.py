@@ -381,7 +381,9 @@ class Sidecar:
 
     async def forward_cancel(self, key: tuple[int, int], conn_id: str) -> None:
         client = self.cancel_keys.get(key)
-        server = client.server if client is not None else None
+        # Only a server running something of the client's: a server kept between transactions
+        # may be taken over by another client before the cancel lands.
+        server = client.running_on if client is not None else None
         if client is None or server is None or server.backend_key is None:
             # As PostgreSQL does: an unknown key is ignored without telling the sender anything.
             logs.event("cancel_ignored", conn=conn_id, reason="no session with that key")

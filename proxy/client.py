@@ -203,6 +203,12 @@ class ClientSession(asyncio.Protocol):
         self._counted = False  # whether this session holds a pool.max_clients slot
 
     @property
+    def running_on(self) -> ServerConnection | None:
+        """The server this client's current work runs on (not one merely kept between
+        transactions)."""
+        return None if self._parked else self.server
+
+    @property
     def metric_state(self) -> str:
         """login | waiting (for a server) | active (linked to one) | idle (transaction mode, none)."""
         if self.state in (ClientState.STARTUP, ClientState.AUTH):
@@ -229,8 +235,12 @@ class ClientSession(asyncio.Protocol):
                 self._hold(data)
                 self._start(self._resume_after_gate())
                 return
-            if server is not None and not self.transaction_mode and self._session_fast(server, data):
-                return
+            if server is not None:
+                if not self.transaction_mode:
+                    if self._session_fast(server, data):
+                        return
+                elif self._between_answers(server) and self._attach_query(data):
+                    return  # the next request of an open transaction, on its own server
             try:
                 spans = self._relay.feed(data)
             except ProxyError as exc:
@@ -303,6 +313,12 @@ class ClientSession(asyncio.Protocol):
         server.request_kinds.append(self._note_statement(data, 5) if kind < 0 else kind)
         return True
 
+    def _between_answers(self, server: ServerConnection) -> bool:
+        """Transaction mode, linked: nothing in flight and the client's input at a clean boundary,
+        so the next request may take the fast paths (on this server)."""
+        tracker = server.tracker
+        return not tracker and not tracker.skipping and not self._relay.paused and self._relay.at_boundary
+
     def _between_transactions(self) -> bool:
         """Session mode: nothing in flight and no transaction open, so new input starts a new one."""
         server = self.server
@@ -344,11 +360,13 @@ class ClientSession(asyncio.Protocol):
         statement) arriving between transactions, sent at once to an idle server that already has
         the client's settings. What `_hold`, `_attach_now`, `_link` and the relay's inspection of
         a Query do, without the hold, the scan or the statement's closer look; False (nothing
-        done) for anything else."""
+        done) for anything else. Inside a transaction, with nothing in flight, the same requests
+        go to its server this way (`_between_answers`)."""
         if data[0] == m.F_BIND:
             return self._attach_prepared(data)
         if data[0] == m.F_PARSE:
-            return self._prepare_here(data) or self._attach_parsed(data)
+            # (Answering a Parse here says the transaction status is idle: not inside one.)
+            return (not self._linked and self._prepare_here(data)) or self._attach_parsed(data)
         if self._relay.whole(data) != m.F_QUERY:
             return False
         kind = _plain_kind(data, 5)
@@ -493,7 +511,12 @@ class ClientSession(asyncio.Protocol):
     def _idle_server_now(self, prepared: str | None = None) -> ServerConnection | None:
         """Link an idle server that already has the client's settings (and the `prepared`
         statement), if the gate is open and one is free right now; else None, nothing done:
-        `_attach_now` for the fast paths."""
+        `_attach_now` for the fast paths. Inside a transaction: the client's own server."""
+        if self._linked:  # inside a transaction: its own server (the caller checked it is free)
+            linked = self.server
+            if linked is None or (prepared is not None and prepared not in linked.statements):
+                return None
+            return linked
         pool = self.pool
         if pool is None or self.sidecar.gate_closed:
             return None

@@ -1381,6 +1381,12 @@ def test_a_server_kept_between_transactions_goes_to_whoever_needs_it(
             conn = a if i % 2 else b
             assert conn.execute("SELECT %s::int + 1", (i,)).fetchone() == (i + 1,)
         assert _pid(b) == pid
+        # A cancel for a client between transactions reaches no server: the one it keeps may be
+        # taken over by another client before the cancel lands.
+        offset = proc.log_offset()
+        b.cancel()
+        proc.wait_for_log("event=cancel_ignored", since=offset)
+        assert "event=cancel_forwarded" not in proc.log_text()[offset:]
         # A transaction block keeps the server from the others until it ends.
         with _connect(proc, application_name=app) as c, a.transaction():
             a.execute("SELECT 1")
