@@ -371,7 +371,10 @@ class ClientSession(asyncio.Protocol):
             return False
         kind = _plain_kind(data, 5)
         if kind < 0:
-            return False
+            # The COMMIT that ends an open transaction: nothing to check or rewrite either.
+            if not self._linked or first_keyword(data, 5) not in _COMMITS or has_more_statements(data, 5):
+                return False
+            kind = REQUEST_COMMIT
         server = self._idle_server_now()
         if server is None:
             return False
@@ -1609,8 +1612,11 @@ def _parse_query_offset(msg: memoryview) -> int:
     return 5 + end + 1
 
 
+_COMMITS = (b"commit", b"end")
+
+
 def _request_kind(keyword: bytes, msg: memoryview, offset: int) -> int:
-    if keyword in (b"commit", b"end"):
+    if keyword in _COMMITS:
         return REQUEST_COMMIT
     return _read_kind(msg, offset) if keyword == b"select" else REQUEST_OTHER
 

@@ -448,11 +448,12 @@ def _hang_commits(topo: pg.Topology) -> None:
     pg.set_sync_standbys(topo.a1, ["nobody"])
 
 
-def test_commit_in_flight_gets_08007(fresh_topology, sidecar_factory, pool):
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_commit_in_flight_gets_08007(fresh_topology, sidecar_factory, pool, mode):
     topo = fresh_topology
     table = make_table(topo.a1)
     _hang_commits(topo)
-    sidecar = sidecar_factory(topology=topo)
+    sidecar = sidecar_factory({"pool": {"mode": mode}}, topology=topo)
     conn = connect(sidecar, autocommit=False, application_name="committer")
     conn.execute(f"INSERT INTO {table} (id, client) VALUES ('maybe', 'committer')")
     commit = pool.submit(sqlstate_of_call, conn.commit)
