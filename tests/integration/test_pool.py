@@ -53,6 +53,19 @@ def test_idle_server_connections_are_closed_after_server_idle_timeout(sidecar_fa
     assert "server_idle_timeout reached" in sidecar.log_text()
 
 
+def test_a_server_kept_by_an_idle_client_is_closed_after_server_idle_timeout(sidecar_factory, shared_topology):
+    # Transaction mode keeps a server with its client between transactions; a client that then
+    # stays connected but idle must not keep it open past server_idle_timeout.
+    sidecar = sidecar_factory({"pool": {"mode": "transaction", "server_idle_timeout": "500ms"}})
+    app = "kept-idle-timeout"
+    with psycopg.connect(sidecar.dsn(application_name=app), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        assert _backends(shared_topology.a1, app) == 1
+        assert _wait_for(lambda: _backends(shared_topology.a1, app) == 0, timeout=5)
+        assert "server_idle_timeout reached" in sidecar.log_text()
+        assert conn.execute("SELECT 2").fetchone() == (2,)  # on a new server
+
+
 def test_server_lifetime_retires_connections_between_clients(sidecar_factory, shared_topology):
     sidecar = sidecar_factory({"pool": {"server_lifetime": "300ms", "mode": "transaction", "size": 1}})
     pids = set()
