@@ -53,7 +53,7 @@ def test_idle_server_connections_are_closed_after_server_idle_timeout(sidecar_fa
     assert "server_idle_timeout reached" in sidecar.log_text()
 
 
-def test_a_server_kept_by_an_idle_client_is_closed_after_server_idle_timeout(sidecar_factory, shared_topology):
+def test_a_server_kept_by_an_idle_client_is_closed_after_idle_timeout(sidecar_factory, shared_topology):
     # Transaction mode keeps a server with its client between transactions; a client that then
     # stays connected but idle must not keep it open past server_idle_timeout.
     sidecar = sidecar_factory({"pool": {"mode": "transaction", "server_idle_timeout": "500ms"}})
