@@ -195,7 +195,8 @@ class ServerConnection(asyncio.Protocol):
                 else:
                     then = self._on_ready(status, client)
                 if then is not None:
-                    self._relay.hold()  # as Action.FORWARD_PAUSE would
+                    # (Unlike Action.FORWARD_PAUSE, no `hold`: the read ended with the
+                    # ReadyForQuery, so there is nothing after it to keep back.)
                     then()
                 return
             try:
@@ -379,12 +380,10 @@ class ServerConnection(asyncio.Protocol):
         return self._relay.mid_message
 
     def keep_linked(self) -> bool:
-        """At a quiet point, before the server is kept by its client: un-pause the relay; False
-        (nothing done) if it holds bytes that came after the ReadyForQuery."""
-        if self._relay.buffered or not self.at_rest:
-            return False
-        self._relay.resume()
-        return True
+        """At a quiet point (`server_ready` saw it at rest), before the server is kept by its
+        client: un-pause the relay; False (nothing done) if it holds bytes that came after the
+        ReadyForQuery."""
+        return self.state is not ServerState.CLOSED and self._relay.resume_empty()
 
     def settle(self) -> bool:
         """Before reuse: un-pause the relay; False if it was holding stray bytes (then don't reuse)."""

@@ -178,6 +178,14 @@ class Relay:
         """
         self._insert.append(data)
 
+    def resume_empty(self) -> bool:
+        """Continue after a pause if nothing is held, carried or being streamed (True); else
+        False, nothing done."""
+        if self._carry or self._stream_left:
+            return False
+        self._paused = False
+        return True
+
     def resume(self) -> list[Span]:
         """Continue after a pause with whatever was held back."""
         self._paused = False

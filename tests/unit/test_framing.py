@@ -247,6 +247,22 @@ def test_resume_with_nothing_held_returns_nothing() -> None:
     assert relay.at_boundary
 
 
+def test_resume_empty_only_when_nothing_is_held_carried_or_streamed() -> None:
+    relay = Relay(watch_table(b"Z"), lambda _t, _v: Action.FORWARD_PAUSE, MAX)
+    relay.feed(frame(ord("Z"), b"I") + b"N")  # paused at Z, with the start of another message
+    assert relay.paused and relay.buffered == 1
+    assert not relay.resume_empty()
+    assert relay.paused and relay.buffered == 1  # nothing done
+    streaming = Relay(watch_table(b"Z"), lambda _t, _v: Action.FORWARD, MAX)
+    streaming.feed(frame(ord("D"), bytes(100))[:50])  # half of an unwatched message passed on
+    streaming.hold()
+    assert not streaming.resume_empty()
+    quiet = Relay(watch_table(b"Z"), lambda _t, _v: Action.FORWARD_PAUSE, MAX)
+    quiet.feed(frame(ord("Z"), b"I"))
+    assert quiet.resume_empty()
+    assert not quiet.paused
+
+
 def test_new_inspector_and_watch_set_apply_to_messages_held_during_a_pause() -> None:
     first_seen: list[int] = []
     second_seen: list[int] = []
