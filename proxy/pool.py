@@ -8,7 +8,8 @@ could take it.
 Parked (transaction mode): a server whose client finished a transaction while nobody waited stays
 with that client, at rest, so the client's next transaction starts without a checkout. It is idle
 in every sense that matters: counted as idle, and taken back from the client the moment another
-client needs a server and none is idle (`_reclaim`).
+client needs a server and none is idle (`_reclaim`), before any new connection is opened, so the
+pool grows only with the transactions that really run at once.
 """
 
 from __future__ import annotations
@@ -152,10 +153,10 @@ class Pool:
             server = await self._take_idle()
             if server is not None:
                 return server
+            if self._reclaim():
+                continue  # a kept server rather than a new connection: the database's are scarce
             if self.total < self.settings.size:
                 return await self._open_new(password)
-            if self._reclaim():
-                continue
             waiter: asyncio.Future[ServerConnection | None] = loop.create_future()
             self.waiters.append(waiter)
             try:
@@ -185,7 +186,7 @@ class Pool:
         """An idle server that needs no liveness check, or None (then use `acquire`)."""
         if self.waiters:
             return None  # first come, first served: waiters go first
-        if not self.idle and (self.total < self.settings.size or not self._reclaim() or not self.idle):
+        if not self.idle and (not self._reclaim() or not self.idle):
             return None  # (a new connection is `acquire`'s to open)
         server = self.idle[-1]
         now = time.monotonic()

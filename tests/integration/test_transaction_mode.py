@@ -1409,3 +1409,24 @@ def test_a_server_kept_between_transactions_goes_to_whoever_needs_it(
         assert b.execute("SELECT 4").fetchone() == (4,)
         assert _pid(b) != pid
         assert a.execute("SELECT 5").fetchone() == (5,)
+
+
+def test_kept_servers_are_reused_before_a_new_connection_is_opened(
+    sidecar_factory: Callable[..., SidecarProcess], writer: pg.PgNode
+) -> None:
+    # Clients that take turns never run two transactions at once: however many servers the pool
+    # may open, one serves them all (each keeps it only until the next one needs it).
+    proc = sidecar_factory(_tx(size=5))
+    app = _name("turns")
+    conns = [_connect(proc, application_name=app) for _ in range(4)]
+    try:
+        for i in range(10):
+            for conn in conns:
+                assert conn.execute("SELECT %s::int", (i,)).fetchone() == (i,)
+        servers = _wq(
+            writer, "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (app,), "postgres"
+        )
+        assert servers == [(1,)], _log(proc, str(servers))
+    finally:
+        for conn in conns:
+            conn.close()
