@@ -79,8 +79,7 @@ _len_from = struct.Struct("!i").unpack_from
 _SYNC = b"S\x00\x00\x00\x04"
 _EXECUTE_SYNC = b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00" + _SYNC
 _DESCRIBE_EXECUTE_SYNC = b"D\x00\x00\x00\x06P\x00" + _EXECUTE_SYNC
-# The answers those owe, from the Bind before them on.
-# What the fast paths' requests are answered with, as `ResponseTracker.expect_fast` takes it.
+# The answers the fast paths' requests owe, as `ResponseTracker.expect_fast` takes them.
 _QUERY_ANSWER = (Entry(Expect.QUERY),)
 _BIND_EXECUTE = (Entry(Expect.BIND), Entry(Expect.EXECUTE), Entry(Expect.SYNC))
 _BIND_DESCRIBE_EXECUTE = (Entry(Expect.BIND), Entry(Expect.DESCRIBE_PORTAL), *_BIND_EXECUTE[1:])
@@ -342,6 +341,10 @@ class ClientSession(asyncio.Protocol):
         if self._relay.buffered > _HOLD_LIMIT and self.transport is not None and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
+        self._serve_held()
+
+    def _serve_held(self) -> None:
+        """Get a server for the input held while none is linked, unless one is already coming."""
         if self._task is None and (self.server is None or self._parked):
             if self._relay.buffered == len(_TERMINATE) and self._relay.peek(5) == _TERMINATE:
                 self.close("client sent Terminate")
@@ -375,7 +378,7 @@ class ClientSession(asyncio.Protocol):
             if not self._linked or first_keyword(data, 5) not in _COMMITS or has_more_statements(data, 5):
                 return False
             kind = REQUEST_COMMIT
-        server = self._idle_server_now()
+        server = self._server_now()
         if server is None:
             return False
         router = self.router
@@ -417,7 +420,7 @@ class ClientSession(asyncio.Protocol):
         stmt = router.statements.get(data[6:name_end].decode("utf-8", "replace"))
         if stmt is None:
             return False
-        server = self._idle_server_now(stmt.global_name)
+        server = self._server_now(stmt.global_name)
         if server is None:
             return False
         server.statements.touch(stmt.global_name)
@@ -490,7 +493,7 @@ class ClientSession(asyncio.Protocol):
         kind = _plain_kind(data, 6)
         if kind < 0:
             return False
-        server = self._idle_server_now()
+        server = self._server_now()
         if server is None:
             return False
         # Kept whole, as `on_parse` keeps it: a Bind in a later transaction, on another server,
@@ -502,19 +505,20 @@ class ClientSession(asyncio.Protocol):
 
     @staticmethod
     def _send_fast(server: ServerConnection, expected: tuple[Entry, ...], kind: int, data: bytes) -> None:
-        """A fast path's request to the server just linked: queue the answers it expects (the
-        last at its Sync or Query) as `tracker.fast`, note it in flight, and send it."""
-        server.tracker.expect_fast(expected)  # (the server skips nothing: `_idle_server_now` made sure)
+        """A fast path's request to the server `_server_now` gave: queue the answers it expects
+        (the last at its Sync or Query) as `tracker.fast`, note it in flight, and send it."""
+        server.tracker.expect_fast(expected)  # (nothing in flight, skipping nothing: checked)
         server.request_started.append(time.monotonic())
         server.request_kinds.append(kind)
         out = server.transport
         if out is not None:
             out.write(data)
 
-    def _idle_server_now(self, prepared: str | None = None) -> ServerConnection | None:
-        """Link an idle server that already has the client's settings (and the `prepared`
-        statement), if the gate is open and one is free right now; else None, nothing done:
-        `_attach_now` for the fast paths. Inside a transaction: the client's own server."""
+    def _server_now(self, prepared: str | None = None) -> ServerConnection | None:
+        """The server for a fast path's request, with the `prepared` statement if one is named, or
+        None (nothing done: the general path). Inside a transaction: its own server. Between
+        transactions, if the gate is open: the server kept from the last one, else an idle server
+        that already has the client's settings, linked (`_attach_now` for the fast paths)."""
         if self._linked:  # inside a transaction: its own server (the caller checked it is free)
             linked = self.server
             if linked is None or (prepared is not None and prepared not in linked.statements):
@@ -656,7 +660,7 @@ class ClientSession(asyncio.Protocol):
         if lone_select(msg, sql_offset):
             return REQUEST_READ
         keyword = first_keyword(msg, sql_offset)
-        if keyword in (b"commit", b"end"):
+        if keyword in _COMMITS:
             return REQUEST_COMMIT
         if keyword == b"select" and not mentions_session_functions(msg, sql_offset):
             return _read_kind(msg, sql_offset)
@@ -847,7 +851,7 @@ class ClientSession(asyncio.Protocol):
             self._relay.hold()
             self._parked = True
             if self._relay.buffered:
-                self._hold(b"")  # input that came with the last answer: next transaction
+                self._serve_held()  # input that came with the last answer: the next transaction
             return
         self._unlink()
         if maintenance:

@@ -112,12 +112,8 @@ class Pool:
         """The parked server's client starts a transaction on it: True if it still may (else the
         client gives it back and is served like any other)."""
         now = time.monotonic()
-        writer = self._topology.writer
         if (
-            server.transport is None
-            or server.state is ServerState.CLOSED
-            or (server.endpoint is not writer and server.endpoint != writer)
-            or now - server.created_at > self.settings.server_lifetime
+            self._usable(server, now, ServerState.ACTIVE) is not None  # (still linked to it)
             or now - server.last_used > self.settings.server_check_after_idle
         ):
             return False
@@ -132,9 +128,11 @@ class Pool:
             return True
         return False
 
-    def _usable(self, server: ServerConnection, now: float) -> str | None:
-        """Why `server` must not be handed out, or None if it may."""
-        if server.state is not ServerState.IDLE or server.transport is None:
+    def _usable(
+        self, server: ServerConnection, now: float, state: ServerState = ServerState.IDLE
+    ) -> str | None:
+        """Why `server` (in `state`) must not be handed out, or None if it may."""
+        if server.state is not state or server.transport is None:
             return server.close_reason or "connection closed"
         writer = self._topology.writer
         if server.endpoint is not writer and server.endpoint != writer:  # `is`: the common case, cheaply
