@@ -24,7 +24,7 @@ import shlex
 import struct
 import time
 from enum import Enum
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from . import logs
 from .admin import ADMIN_DATABASE, AdminConsole
@@ -73,39 +73,39 @@ if TYPE_CHECKING:
     from .pool import Pool
 
 _client_ids = itertools.count(1)
-_len_from = struct.Struct("!i").unpack_from
+_len_from: Final = struct.Struct("!i").unpack_from
 # The tail of the common extended-protocol request: [Describe the unnamed portal,] Execute it (all
 # rows), Sync.
-_SYNC = b"S\x00\x00\x00\x04"
-_EXECUTE_SYNC = b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00" + _SYNC
-_DESCRIBE_EXECUTE_SYNC = b"D\x00\x00\x00\x06P\x00" + _EXECUTE_SYNC
+_SYNC: Final = b"S\x00\x00\x00\x04"
+_EXECUTE_SYNC: Final = b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00" + _SYNC
+_DESCRIBE_EXECUTE_SYNC: Final = b"D\x00\x00\x00\x06P\x00" + _EXECUTE_SYNC
 # The answers the fast paths' requests owe, as `ResponseTracker.expect_fast` takes them.
-_QUERY_ANSWER = (Entry(Expect.QUERY),)
-_BIND_EXECUTE = (Entry(Expect.BIND), Entry(Expect.EXECUTE), Entry(Expect.SYNC))
-_BIND_DESCRIBE_EXECUTE = (Entry(Expect.BIND), Entry(Expect.DESCRIBE_PORTAL), *_BIND_EXECUTE[1:])
-_PARSE = (Entry(Expect.PARSE),)
+_QUERY_ANSWER: Final = (Entry(Expect.QUERY),)
+_BIND_EXECUTE: Final = (Entry(Expect.BIND), Entry(Expect.EXECUTE), Entry(Expect.SYNC))
+_BIND_DESCRIBE_EXECUTE: Final = (Entry(Expect.BIND), Entry(Expect.DESCRIBE_PORTAL), *_BIND_EXECUTE[1:])
+_PARSE: Final = (Entry(Expect.PARSE),)
 
-_SESSION_WATCH = watch_table((m.F_TERMINATE, m.F_QUERY, m.F_SYNC, m.F_PARSE, m.F_CLOSE))
+_SESSION_WATCH: Final = watch_table((m.F_TERMINATE, m.F_QUERY, m.F_SYNC, m.F_PARSE, m.F_CLOSE))
 # Only while the session has a prepared statement that changes settings (`SET` prepared by a
 # driver): its effect happens at Bind/Execute, not at Parse, so Bind is watched then.
-_SESSION_WATCH_BIND = watch_table((m.F_TERMINATE, m.F_QUERY, m.F_SYNC, m.F_PARSE, m.F_CLOSE, m.F_BIND))
-_ALL_FRONTEND = watch_table(m.FRONTEND_TYPES)
+_SESSION_WATCH_BIND: Final = watch_table((m.F_TERMINATE, m.F_QUERY, m.F_SYNC, m.F_PARSE, m.F_CLOSE, m.F_BIND))
+_ALL_FRONTEND: Final = watch_table(m.FRONTEND_TYPES)
 # Everything but COPY data, which streams through.
-_TRANSACTION_WATCH = watch_table(
+_TRANSACTION_WATCH: Final = watch_table(
     (m.F_TERMINATE, m.F_QUERY, m.F_SYNC, m.F_PARSE, m.F_BIND, m.F_DESCRIBE, m.F_EXECUTE, m.F_CLOSE,
      m.F_FLUSH, m.F_FUNCTION_CALL)
 )  # fmt: skip
-_CLIENT_VALID = valid_type_table(m.FRONTEND_TYPES)
-_TERMINATE = m.terminate()
+_CLIENT_VALID: Final = valid_type_table(m.FRONTEND_TYPES)
+_TERMINATE: Final = m.terminate()
 # Client bytes held while its server is busy or being acquired; past this, stop reading the socket.
-_HOLD_LIMIT = 256 * 1024
+_HOLD_LIMIT: Final = 256 * 1024
 # Writers lost in a row while one request waits for a server before it is failed (a flapping
 # cluster must end in an error, not an endless wait).
-_WRITER_CHANGES_PER_REQUEST = 4
+_WRITER_CHANGES_PER_REQUEST: Final = 4
 
 # Startup keys that are not run-time parameters: they pick the server connection, or are
 # protocol extensions we decline in NegotiateProtocolVersion.
-_NOT_SETTABLE = frozenset({"user", "database", "replication", "options"})
+_NOT_SETTABLE: Final = frozenset({"user", "database", "replication", "options"})
 
 
 class ClientState(Enum):
@@ -1616,7 +1616,7 @@ def _parse_query_offset(msg: memoryview) -> int:
     return 5 + end + 1
 
 
-_COMMITS = (b"commit", b"end")
+_COMMITS: Final = (b"commit", b"end")
 
 
 def _request_kind(keyword: bytes, msg: memoryview, offset: int) -> int:

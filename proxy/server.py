@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from . import logs
 from .metrics import Stats
@@ -40,9 +40,9 @@ _server_ids = itertools.count(1)
 
 # Server -> client messages the data path must see: transaction boundaries, errors that reveal a
 # dying or demoted server, and parameter changes a moved session has to replay.
-_LINKED_WATCH = watch_table((m.B_READY_FOR_QUERY, m.B_ERROR, m.B_PARAMETER_STATUS))
+_LINKED_WATCH: Final = watch_table((m.B_READY_FOR_QUERY, m.B_ERROR, m.B_PARAMETER_STATUS))
 # Transaction pooling renames prepared statements, so every answer is matched to its request.
-_TRACKED_WATCH = watch_table(TRACKED_RESPONSE_TYPES)
+_TRACKED_WATCH: Final = watch_table(TRACKED_RESPONSE_TYPES)
 
 Continuation = Callable[[], None]
 
@@ -50,9 +50,9 @@ Continuation = Callable[[], None]
 # What a request sent to the server was, for the answer owed if the server is lost before
 # answering it: a COMMIT's outcome is unknown (08007); so is an autocommit write's; a read outside
 # a transaction block is simply retried (40001).
-REQUEST_OTHER = 0
-REQUEST_COMMIT = 1
-REQUEST_READ = 2
+REQUEST_OTHER: Final = 0
+REQUEST_COMMIT: Final = 1
+REQUEST_READ: Final = 2
 
 
 def merge_kinds(a: int | None, b: int) -> int:

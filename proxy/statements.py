@@ -18,7 +18,7 @@ import itertools
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, Final
 
 from .protocol import messages as m
 from .protocol.framing import Action, Relay
@@ -48,7 +48,7 @@ class Entry:
 
 
 # Server messages that end the answer to one entry.
-_ENDS = {
+_ENDS: Final = {
     Expect.PARSE: frozenset(b"1"),
     Expect.PARSE_HIDDEN: frozenset(b"1"),
     Expect.BIND: frozenset(b"2"),
@@ -61,12 +61,12 @@ _ENDS = {
     Expect.SYNC: frozenset(b"Z"),
     Expect.QUERY: frozenset(b"Z"),
 }
-_HIDDEN = frozenset({Expect.PARSE_HIDDEN, Expect.BIND_HIDDEN, Expect.CLOSE_HIDDEN})
-_SYNTHETIC = frozenset({Expect.SYNTHETIC})
+_HIDDEN: Final = frozenset({Expect.PARSE_HIDDEN, Expect.BIND_HIDDEN, Expect.CLOSE_HIDDEN})
+_SYNTHETIC: Final = frozenset({Expect.SYNTHETIC})
 # Messages that may arrive at any time and answer nothing.
-ASYNC_TYPES = frozenset(b"NAS")
+ASYNC_TYPES: Final = frozenset(b"NAS")
 # Every message type that can be part of an answer: what the server relay watches when tracking.
-TRACKED_RESPONSE_TYPES = frozenset(b"123tTnCIsZEV") | ASYNC_TYPES | frozenset(b"GHW")
+TRACKED_RESPONSE_TYPES: Final = frozenset(b"123tTnCIsZEV") | ASYNC_TYPES | frozenset(b"GHW")
 
 
 class StatementRegistry:

@@ -16,15 +16,16 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterable
 from enum import IntEnum
+from typing import Final
 
 from .sqlstate import ProtocolViolation
 
-_LEN = struct.Struct("!i")
-_len_from = _LEN.unpack_from
+_LEN: Final = struct.Struct("!i")
+_len_from: Final = _LEN.unpack_from
 
-HEADER_SIZE = 5
+HEADER_SIZE: Final = 5
 # The longest startup packet PostgreSQL itself accepts (MAX_STARTUP_PACKET_LENGTH).
-MAX_STARTUP_PACKET = 10000
+MAX_STARTUP_PACKET: Final = 10000
 
 
 class MessageReader:

@@ -9,60 +9,61 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 from .sqlstate import ProtocolViolation, SqlState
 
 # Untyped first-packet codes (the int32 after the length).
-PROTOCOL_3_0 = 196608  # 3 << 16
-SSL_REQUEST_CODE = 80877103
-GSSENC_REQUEST_CODE = 80877104
-CANCEL_REQUEST_CODE = 80877102
+PROTOCOL_3_0: Final = 196608  # 3 << 16
+SSL_REQUEST_CODE: Final = 80877103
+GSSENC_REQUEST_CODE: Final = 80877104
+CANCEL_REQUEST_CODE: Final = 80877102
 
 # Authentication request codes ('R' messages).
-AUTH_OK = 0
-AUTH_CLEARTEXT = 3
-AUTH_MD5 = 5
-AUTH_SASL = 10
-AUTH_SASL_CONTINUE = 11
-AUTH_SASL_FINAL = 12
+AUTH_OK: Final = 0
+AUTH_CLEARTEXT: Final = 3
+AUTH_MD5: Final = 5
+AUTH_SASL: Final = 10
+AUTH_SASL_CONTINUE: Final = 11
+AUTH_SASL_FINAL: Final = 12
 
 # Message type bytes, named once so call sites read as protocol, not magic numbers.
 # Backend (server -> client)
-B_AUTH = ord("R")
-B_PARAMETER_STATUS = ord("S")
-B_BACKEND_KEY_DATA = ord("K")
-B_READY_FOR_QUERY = ord("Z")
-B_ERROR = ord("E")
-B_NOTICE = ord("N")
-B_NOTIFICATION = ord("A")
-B_ROW_DESCRIPTION = ord("T")
-B_DATA_ROW = ord("D")
-B_COMMAND_COMPLETE = ord("C")
-B_EMPTY_QUERY = ord("I")
-B_NEGOTIATE_PROTOCOL = ord("v")
-B_PARSE_COMPLETE = ord("1")
-B_BIND_COMPLETE = ord("2")
-B_CLOSE_COMPLETE = ord("3")
-B_COPY_IN = ord("G")
-B_COPY_OUT = ord("H")
-B_COPY_BOTH = ord("W")
+B_AUTH: Final[int] = ord("R")
+B_PARAMETER_STATUS: Final[int] = ord("S")
+B_BACKEND_KEY_DATA: Final[int] = ord("K")
+B_READY_FOR_QUERY: Final[int] = ord("Z")
+B_ERROR: Final[int] = ord("E")
+B_NOTICE: Final[int] = ord("N")
+B_NOTIFICATION: Final[int] = ord("A")
+B_ROW_DESCRIPTION: Final[int] = ord("T")
+B_DATA_ROW: Final[int] = ord("D")
+B_COMMAND_COMPLETE: Final[int] = ord("C")
+B_EMPTY_QUERY: Final[int] = ord("I")
+B_NEGOTIATE_PROTOCOL: Final[int] = ord("v")
+B_PARSE_COMPLETE: Final[int] = ord("1")
+B_BIND_COMPLETE: Final[int] = ord("2")
+B_CLOSE_COMPLETE: Final[int] = ord("3")
+B_COPY_IN: Final[int] = ord("G")
+B_COPY_OUT: Final[int] = ord("H")
+B_COPY_BOTH: Final[int] = ord("W")
 # Frontend (client -> server)
-F_QUERY = ord("Q")
-F_PARSE = ord("P")
-F_BIND = ord("B")
-F_DESCRIBE = ord("D")
-F_EXECUTE = ord("E")
-F_CLOSE = ord("C")
-F_SYNC = ord("S")
-F_FLUSH = ord("H")
-F_FUNCTION_CALL = ord("F")
-F_COPY_DATA = ord("d")
-F_COPY_DONE = ord("c")
-F_COPY_FAIL = ord("f")
-F_PASSWORD = ord("p")  # also SASLInitialResponse / SASLResponse / GSSResponse
-F_TERMINATE = ord("X")
+F_QUERY: Final[int] = ord("Q")
+F_PARSE: Final[int] = ord("P")
+F_BIND: Final[int] = ord("B")
+F_DESCRIBE: Final[int] = ord("D")
+F_EXECUTE: Final[int] = ord("E")
+F_CLOSE: Final[int] = ord("C")
+F_SYNC: Final[int] = ord("S")
+F_FLUSH: Final[int] = ord("H")
+F_FUNCTION_CALL: Final[int] = ord("F")
+F_COPY_DATA: Final[int] = ord("d")
+F_COPY_DONE: Final[int] = ord("c")
+F_COPY_FAIL: Final[int] = ord("f")
+F_PASSWORD: Final[int] = ord("p")  # also SASLInitialResponse / SASLResponse / GSSResponse
+F_TERMINATE: Final[int] = ord("X")
 
-FRONTEND_TYPES = frozenset(
+FRONTEND_TYPES: Final = frozenset(
     {
         F_QUERY, F_PARSE, F_BIND, F_DESCRIBE, F_EXECUTE, F_CLOSE, F_SYNC, F_FLUSH,
         F_FUNCTION_CALL, F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL, F_PASSWORD, F_TERMINATE,
@@ -70,14 +71,14 @@ FRONTEND_TYPES = frozenset(
 )  # fmt: skip
 
 # Transaction status bytes carried by ReadyForQuery.
-TX_IDLE = ord("I")
-TX_IN_BLOCK = ord("T")
-TX_FAILED = ord("E")
+TX_IDLE: Final[int] = ord("I")
+TX_IN_BLOCK: Final[int] = ord("T")
+TX_FAILED: Final[int] = ord("E")
 
-_I32 = struct.Struct("!i")
-_HDR = struct.Struct("!ci")
+_I32: Final = struct.Struct("!i")
+_HDR: Final = struct.Struct("!ci")
 _I32x2 = struct.Struct("!ii")
-_I16 = struct.Struct("!h")
+_I16: Final = struct.Struct("!h")
 
 
 def _cstr(value: str) -> bytes:
@@ -351,7 +352,7 @@ def decode_auth(body: bytes | memoryview) -> tuple[int, bytes]:
     return cur.int32(), cur.rest()
 
 
-def decode_sasl_mechanisms(payload: bytes) -> list[str]:
+def decode_sasl_mechanisms(payload: bytes | memoryview) -> list[str]:
     cur = _Cursor(payload, "AuthenticationSASL")
     mechanisms = []
     while not cur.at_end():
