@@ -4,33 +4,46 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-failover bench-spool clean
+.PHONY: demo test lint build bench bench-failover bench-spool clean
 
+# (PGSIDECAR_PURE: the compiled data path is built by `build` below, with the venv's mypy.)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	PGSIDECAR_PURE=1 $(VENV)/bin/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+# The data path (proxy/compiled.py's MODULES) compiled with mypyc into C extensions beside the
+# sources; redone whenever the package's sources change (mypyc type-checks them all). If it cannot
+# be built, or a source changed since, pgsidecar runs from the sources (proxy/compiled.py decides).
+BUILT := $(VENV)/.compiled
+$(BUILT): $(STAMP) setup.py $(wildcard proxy/*.py proxy/*/*.py sidecar_config/*.py)
+	$(VENV)/bin/python setup.py -q build_ext --inplace
+	touch $(BUILT)
+
+build: $(BUILT)
+
+demo: $(BUILT)
 	$(VENV)/bin/pgsidecar demo $(ARGS)
 
-# The suite starts with the linters: ruff and mypy clean is part of passing.
-test: lint
+# The suite starts with the linters: ruff and mypy clean is part of passing. It runs the compiled
+# build, the one that ships.
+test: lint $(BUILT)
 	$(VENV)/bin/pytest -q $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy .
 
-bench: $(STAMP)
+bench: $(BUILT)
 	$(VENV)/bin/python -m bench.pgbench_compare $(ARGS)
 
-bench-failover: $(STAMP)
+bench-failover: $(BUILT)
 	$(VENV)/bin/python -m bench.failover_drill $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache proxy/compiled.json
+	find proxy -name '*.so' -delete
 
 # The browser test (tests/browser) drives Debian's headless Chromium through chromedriver; install
 # them when missing (as root, like the rest of the machine setup).
@@ -41,5 +54,5 @@ $(CHROMIUM_STAMP): $(STAMP)
 	touch $@
 test: $(CHROMIUM_STAMP)
 
-bench-spool: $(STAMP)
+bench-spool: $(BUILT)
 	$(VENV)/bin/python -m bench.spool_bench $(ARGS)

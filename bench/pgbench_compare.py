@@ -59,6 +59,7 @@ from demo_app.cluster import (
     make_pg_dir,
     make_primary,
 )
+from proxy import compiled
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -1132,7 +1133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(
             f"PostgreSQL {server_version}, PgBouncer {version_text}, Python {platform.python_version()}, "
             f"{os.cpu_count()} CPUs; pgbench -c {CLIENTS} -j {THREADS}, scale {SCALE}, "
-            f"pool size {POOL_SIZE}, {args.duration}s x {args.rounds} round(s)"
+            f"pool size {POOL_SIZE}, {args.duration}s x {args.rounds} round(s); "
+            f"pgsidecar data path: {compiled.select()}"
         )
 
         mems = [] if args.skip_memory else memory_phase(base, node, binary, pgb_version)

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from sidecar_config import ConfigError, ConfigProblem, SidecarConfig, load_config
 
-from . import http, logs
+from . import compiled, http, logs
 from .admin import config_items
 from .aws import IamTokenSource, looks_like_aws_region, region_of_rds_host
 from .client import ClientSession
@@ -424,6 +424,7 @@ class Sidecar:
             mode=self.config.pool.mode,
             auth=self.config.auth.method,
             topology=self.config.upstream.topology,
+            data_path=compiled.status,  # "compiled", or why the Python sources run (slower)
         )
 
     async def stop(self, reason: str) -> None:

@@ -255,6 +255,10 @@ class Pool:
         writer = await topology.wait_for_writer(self.settings.connect_timeout)
         params = {"user": self.user, "database": self.database}
         opening = asyncio.ensure_future(self._open(writer, params, password))
+        # No await while an exception is being handled (in an except or finally block): compiled
+        # by mypyc, such an await can leave the exception behind to be raised again later
+        # (proxy/compiled.py). So failures are caught, the login is wound down, then they go on.
+        interrupted: BaseException | None = None
         try:
             while not opening.done():
                 changed = asyncio.ensure_future(topology.writer_changed())
@@ -264,22 +268,26 @@ class Pool:
                     changed.cancel()
                 if not opening.done() and topology.writer != writer:
                     raise WriterChanged(f"the writer {writer} was lost while logging in to it")
-        finally:
-            if not opening.done():
-                opening.cancel()
-                with contextlib.suppress(BaseException):
-                    await opening
+        except BaseException as exc:  # that, or this request's own cancellation
+            interrupted = exc
+        if not opening.done():
+            opening.cancel()
+            with contextlib.suppress(BaseException):
+                await opening
+        if interrupted is not None:
+            raise interrupted
         try:
             return opening.result()
         except (UpstreamUnavailable, UpstreamError) as exc:
             if isinstance(exc, UpstreamError) and exc.code not in SERVER_GONE_STATES:
                 raise  # e.g. a wrong password or too many connections: the writer is fine
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.connect_timeout):
-                    await topology.confirm_writer(writer, exc.message)
-            if topology.writer == writer:
-                raise  # a fresh probe still finds it the writer: the failure is real
-            raise WriterChanged(f"{writer} failed and is no longer the writer: {exc.message}") from exc
+            failure = exc
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.connect_timeout):
+                await topology.confirm_writer(writer, failure.message)
+        if topology.writer == writer:
+            raise failure  # a fresh probe still finds it the writer: the failure is real
+        raise WriterChanged(f"{writer} failed and is no longer the writer: {failure.message}") from failure
 
     def start_housekeeping(self) -> None:
         loop = asyncio.get_running_loop()

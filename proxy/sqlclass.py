@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import Enum
+from typing import Final
 
+from mypy_extensions import mypyc_attr
 from pglast import parse_sql
 from pglast.ast import (
     CreateStmt,
@@ -28,16 +30,16 @@ from pglast.visitors import Visitor
 
 # Keywords after which session state may change. `select`/`with`/`values` are in the transaction
 # set only because of session advisory locks, and only when the text mentions them.
-_SETTINGS_WORDS = frozenset({b"set", b"reset", b"discard"})
-_TX_WORDS = _SETTINGS_WORDS | frozenset({b"deallocate", b"listen", b"declare", b"create", b"prepare"})
+_SETTINGS_WORDS: Final = frozenset({b"set", b"reset", b"discard"})
+_TX_WORDS: Final = _SETTINGS_WORDS | frozenset({b"deallocate", b"listen", b"declare", b"create", b"prepare"})
 
-_WS = b" \t\r\n\f\v"
-_SELECT_HEADS = frozenset("select" + blank for blank in _WS.decode())
+_WS: Final = b" \t\r\n\f\v"
+_SELECT_HEADS: Final = frozenset("select" + blank for blank in _WS.decode())
 
 
 # Blanks, comments and opening parentheses, then the first word. `re` runs this in C, over the
 # message buffer itself.
-_FIRST_WORD = re.compile(rb"(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/|\()*([A-Za-z]{1,16})", re.S)
+_FIRST_WORD: Final = re.compile(rb"(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/|\()*([A-Za-z]{1,16})", re.S)
 
 
 def first_keyword(buf: bytes | memoryview, start: int = 0) -> bytes:
@@ -48,10 +50,10 @@ def first_keyword(buf: bytes | memoryview, start: int = 0) -> bytes:
 
 # First letters of every keyword session mode cares about: SET/SELECT, RESET, DISCARD/DEALLOCATE/
 # DECLARE, LISTEN, CREATE/COMMIT, PREPARE, END, WITH/VALUES (an advisory lock in a CTE).
-_SESSION_INITIALS = frozenset(b"srdlcpewv")
+_SESSION_INITIALS: Final = frozenset(b"srdlcpewv")
 # Functions that change session state from inside a SELECT. Looked for in a lowercased copy: one
 # C pass each, several times quicker than a case-insensitive regex (`re` has no fast search for it).
-_SESSION_FUNCTIONS = (b"advisory", b"set_config")
+_SESSION_FUNCTIONS: Final = (b"advisory", b"set_config")
 
 
 def session_keyword_at(buf: bytes | memoryview, start: int) -> bool:
@@ -88,7 +90,7 @@ def may_change_settings(keyword: bytes) -> bool:
 
 
 # A `;` followed by more than blanks: several statements in one Query, any of which may matter.
-_MORE_STATEMENTS = re.compile(rb";\s*[^\s\x00]")
+_MORE_STATEMENTS: Final = re.compile(rb";\s*[^\s\x00]")
 
 
 def has_more_statements(text: bytes | memoryview, start: int = 0) -> bool:
@@ -125,11 +127,14 @@ class Effects:
     custom_names: frozenset[str] = frozenset()
 
 
-_HOLD_CURSOR = 0x0020  # CURSOR_OPT_HOLD in PostgreSQL's parsenodes.h
-_SESSION_LOCKS = frozenset({"pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock",
+_HOLD_CURSOR: Final = 0x0020  # CURSOR_OPT_HOLD in PostgreSQL's parsenodes.h
+_SESSION_LOCKS: Final = frozenset({"pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock",
                             "pg_try_advisory_lock_shared"})  # fmt: skip
 
 
+# Not a native class when compiled: pglast finds the visit_* methods with inspect.ismethod, which a
+# compiled method is not.
+@mypyc_attr(native_class=False)
 class _FunctionNames(Visitor):
     def __init__(self) -> None:
         super().__init__()
