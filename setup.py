@@ -2,7 +2,8 @@
 
 Everything else is in pyproject.toml. mypyc type-checks the whole program, so it needs mypy and
 the runtime dependencies installed: `make build` runs `setup.py build_ext --inplace` in the
-project's venv (an isolated `pip install` has neither and installs the sources only). The compiled
+project's venv; elsewhere, install `.[build]` first, then `pip install --no-build-isolation .`
+(an isolated `pip install .` has neither and installs the sources only). The compiled
 modules are the same Python source, so an install without them still works: with PGSIDECAR_PURE=1,
 without mypy, or when the compile fails, pgsidecar runs from the sources (more CPU per
 transaction) and says so at startup.
@@ -45,7 +46,10 @@ class OptionalBuildExt(build_ext):
             _fall_back(f"compiling the data path failed ({exc})")
             return
         if self.extensions:
-            _compiled_module().write_manifest()
+            module = _compiled_module()
+            module.write_manifest(HERE / "proxy")
+            if not self.inplace:  # a wheel: the manifest goes where the extensions went
+                module.write_manifest(Path(self.build_lib) / "proxy")
 
 
 def _extensions() -> list[Any]:

@@ -113,6 +113,7 @@ def select() -> str:
     return status
 
 
-def write_manifest() -> None:
-    """Record the sources just compiled (setup.py, after the extensions are built)."""
-    MANIFEST.write_text(json.dumps(source_digests(), indent=1, sort_keys=True) + "\n")
+def write_manifest(package_dir: Path = MANIFEST.parent) -> None:
+    """Record the sources just compiled (setup.py, after the extensions are built), in the
+    package directory the extensions went to."""
+    (package_dir / MANIFEST.name).write_text(json.dumps(source_digests(), indent=1, sort_keys=True) + "\n")
