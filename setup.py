@@ -11,8 +11,8 @@ transaction) and says so at startup.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from setuptools.command.build_ext import build_ext
 HERE = Path(__file__).resolve().parent
 
 
+@functools.cache
 def _compiled_module() -> Any:
     # Loaded from its file: importing the package would import the modules being built.
     spec = importlib.util.spec_from_file_location("_pgsidecar_compiled", HERE / "proxy" / "compiled.py")
@@ -53,7 +54,7 @@ class OptionalBuildExt(build_ext):
 
 
 def _extensions() -> list[Any]:
-    if os.environ.get("PGSIDECAR_PURE", "") not in ("", "0"):
+    if _compiled_module().pure_requested():
         return []
     try:
         from mypyc.build import mypycify

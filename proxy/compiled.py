@@ -71,8 +71,13 @@ def extension_path(module: str) -> Path | None:
     return None
 
 
+def pure_requested() -> bool:
+    """PGSIDECAR_PURE=1: run (and build) the Python sources only."""
+    return os.environ.get("PGSIDECAR_PURE", "") not in ("", "0")
+
+
 def _why_not_compiled() -> str | None:
-    if os.environ.get("PGSIDECAR_PURE", "") not in ("", "0"):
+    if pure_requested():
         return "PGSIDECAR_PURE is set"
     missing = [name for name in MODULES if extension_path(name) is None]
     if missing:
@@ -108,8 +113,8 @@ def select() -> str:
         status = "compiled"
     else:
         status = f"python sources ({reason})"
-        if any(extension_path(name) is not None for name in MODULES):
-            sys.meta_path.insert(0, _SourceFinder())
+        # (Also where no extension exists: the finder then picks what import would have.)
+        sys.meta_path.insert(0, _SourceFinder())
     return status
 
 
