@@ -341,6 +341,14 @@ def test_sigkill_during_replay_then_restart_applies_each_record_once(
                 break
             assert time.monotonic() < deadline, "replay did not start\n" + sidecar.log_tail(30)
             time.sleep(0.005)
+        # A COMMIT the sidecar sent just before it died is still applied by its backend: count
+        # once the dead sidecar's sessions are gone (seen: 10 more records applied after the count).
+        while direct.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        ).fetchone() != (0,):
+            assert time.monotonic() < deadline + 10, "the killed sidecar's sessions linger"
+            time.sleep(0.01)
         (applied,) = direct.execute(f"SELECT count(*) FROM {table}").fetchone() or (0,)
     applied -= 1
     assert 0 < applied < BACKLOG, (
