@@ -21,9 +21,8 @@ import contextlib
 import itertools
 import secrets
 import shlex
-import struct
-import time
 from enum import Enum
+from time import monotonic
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from . import logs
@@ -32,7 +31,7 @@ from .local import AbortedTransaction, failover_error
 from .pool import WriterChanged
 from .protocol import messages as m
 from .protocol.auth import ClientAuthenticator
-from .protocol.framing import Action, MessageReader, Relay, valid_type_table, watch_table
+from .protocol.framing import Action, MessageReader, Relay, length_at, valid_type_table, watch_table
 from .protocol.sqlstate import (
     SERVER_GONE_STATES,
     CannotConnectNow,
@@ -73,7 +72,6 @@ if TYPE_CHECKING:
     from .pool import Pool
 
 _client_ids = itertools.count(1)
-_len_from: Final = struct.Struct("!i").unpack_from
 # The tail of the common extended-protocol request: [Describe the unnamed portal,] Execute it (all
 # rows), Sync.
 _SYNC: Final = b"S\x00\x00\x00\x04"
@@ -155,7 +153,7 @@ class ClientSession(asyncio.Protocol):
         self.backend_key: tuple[int, int] | None = None  # the key we hand out for CancelRequest
         self.server: ServerConnection | None = None
         self.pool: Pool | None = None
-        self.connected_at = time.monotonic()
+        self.connected_at = monotonic()
         # Passthrough only: the client's password, kept in memory for this session (else None and
         # the sidecar logs in upstream with the configured credentials).
         self._password: str | None = None
@@ -308,7 +306,7 @@ class ClientSession(asyncio.Protocol):
         if out is not None:
             out.write(data)
         server.outstanding += 1  # one ReadyForQuery will answer it
-        server.request_started.append(time.monotonic())
+        server.request_started.append(monotonic())
         server.request_kinds.append(self._note_statement(data, 5) if kind < 0 else kind)
         return True
 
@@ -406,16 +404,20 @@ class ClientSession(asyncio.Protocol):
         ):
             return False  # a named portal, or statements the sidecar answers itself
         # libpq (psycopg, pgbench) sends Describe of the portal too: 7 bytes; Execute 10; Sync 5.
-        described = data.endswith(_DESCRIBE_EXECUTE_SYNC, n - 22)
+        # (Slices compared, not `endswith`/`find`: compiled, those are generic method calls that
+        # cost more than the rest of this function; statement names are short.)
+        described = data[n - 22 :] == _DESCRIBE_EXECUTE_SYNC
         bind_end = n - 22 if described else n - 15
         if (
             self._relay.buffered
-            or _len_from(data, 1)[0] + 1 != bind_end
-            or not (described or data.endswith(_EXECUTE_SYNC, bind_end))
+            or length_at(data, 1) + 1 != bind_end
+            or not (described or data[bind_end:] == _EXECUTE_SYNC)
         ):
             return False  # not exactly Bind, [Describe], Execute, Sync, all of the unnamed portal
-        name_end = data.find(b"\x00", 6, bind_end)
-        if name_end <= 6:
+        name_end = 6
+        while name_end < bind_end and data[name_end] != 0:
+            name_end += 1
+        if name_end == 6 or name_end == bind_end:
             return False  # the unnamed statement: the general path carries it across servers
         stmt = router.statements.get(data[6:name_end].decode("utf-8", "replace"))
         if stmt is None:
@@ -446,7 +448,7 @@ class ClientSession(asyncio.Protocol):
         n = len(data)
         if pool is None or n > self._max_message or data[5] == 0 or not data.endswith(_SYNC):
             return False
-        if self._relay.buffered or self._batch_kind is not None or 1 + _len_from(data, 1)[0] != n - 5:
+        if self._relay.buffered or self._batch_kind is not None or 1 + length_at(data, 1) != n - 5:
             return False
         sql_offset = data.find(b"\x00", 5, n - 5) + 1
         keyword = first_keyword(data, sql_offset)
@@ -480,14 +482,14 @@ class ClientSession(asyncio.Protocol):
         if parse_end < 0:
             return False
         n = len(data)
-        described = data.endswith(_DESCRIBE_EXECUTE_SYNC)
+        described = data[-22:] == _DESCRIBE_EXECUTE_SYNC
         bind_end = n - 22 if described else n - 15
         if (
             bind_end < parse_end + 7
             or data[parse_end] != m.F_BIND
-            or parse_end + 1 + _len_from(data, parse_end + 1)[0] != bind_end
+            or parse_end + 1 + length_at(data, parse_end + 1) != bind_end
             or data[parse_end + 5 : parse_end + 7] != b"\x00\x00"  # unnamed portal and statement
-            or not (described or data.endswith(_EXECUTE_SYNC))
+            or not (described or data[-15:] == _EXECUTE_SYNC)
         ):
             return False
         kind = _plain_kind(data, 6)
@@ -508,7 +510,7 @@ class ClientSession(asyncio.Protocol):
         """A fast path's request to the server `_server_now` gave: queue the answers it expects
         (the last at its Sync or Query) as `tracker.fast`, note it in flight, and send it."""
         server.tracker.expect_fast(expected)  # (nothing in flight, skipping nothing: checked)
-        server.request_started.append(time.monotonic())
+        server.request_started.append(monotonic())
         server.request_kinds.append(kind)
         out = server.transport
         if out is not None:
@@ -639,7 +641,7 @@ class ClientSession(asyncio.Protocol):
             return Action.FORWARD
         if server is not None:
             server.outstanding += 1  # a Query or Sync: one ReadyForQuery will answer it
-            server.request_started.append(time.monotonic())
+            server.request_started.append(monotonic())
             if type_byte == m.F_QUERY:
                 server.request_kinds.append(self._note_statement(msg, 5))
             else:
@@ -699,7 +701,7 @@ class ClientSession(asyncio.Protocol):
         if type_byte == m.F_SYNC:
             tracker.sync_sent()
             tracker.expect(Expect.SYNC)
-            server.request_started.append(time.monotonic())
+            server.request_started.append(monotonic())
             kind = self._batch_kind
             server.request_kinds.append(REQUEST_OTHER if kind is None else kind)
             self._batch_kind = None
@@ -748,12 +750,12 @@ class ClientSession(asyncio.Protocol):
             self._owe(owed)
             return action
         if type_byte == m.F_QUERY:
-            server.request_started.append(time.monotonic())
+            server.request_started.append(monotonic())
             keyword = first_keyword(msg, 5)
             server.request_kinds.append(_request_kind(keyword, msg, 5))
             return self._transaction_query(msg, server, keyword)
         if type_byte == m.F_FUNCTION_CALL:
-            server.request_started.append(time.monotonic())
+            server.request_started.append(monotonic())
             server.request_kinds.append(REQUEST_OTHER)
             tracker.expect(Expect.QUERY)
         return Action.FORWARD  # Flush
@@ -1338,7 +1340,7 @@ class ClientSession(asyncio.Protocol):
             server=server.id,
             upstream=str(server.endpoint),
             mode=self.sidecar.config.pool.mode,
-            ms=round((time.monotonic() - self.connected_at) * 1000, 1),
+            ms=round((monotonic() - self.connected_at) * 1000, 1),
         )
         if self.transaction_mode:
             # The server only served the login; each transaction gets one from the pool.
@@ -1604,7 +1606,7 @@ class ClientSession(asyncio.Protocol):
             conn=self.id,
             user=self.user or None,
             reason=reason,
-            seconds=round(time.monotonic() - self.connected_at, 3),
+            seconds=round(monotonic() - self.connected_at, 3),
         )
 
 
@@ -1645,7 +1647,7 @@ def _unnamed_parse_end(data: bytes, max_message: int) -> int:
     """Where the Parse of the unnamed statement that starts `data` ends (more follows), else -1."""
     if len(data) < 7 or data[5] != 0:
         return -1
-    length: int = _len_from(data, 1)[0]
+    length = length_at(data, 1)
     if length < 4 or length > max_message or length + 1 >= len(data):
         return -1
     return length + 1

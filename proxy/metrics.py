@@ -8,7 +8,6 @@ admin console's SHOW STATS reads the same `Stats`.
 
 from __future__ import annotations
 
-import bisect
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,18 +35,25 @@ SPOOL_RESULTS = ("spooled", "replayed", "duplicate", "dead_letter")
 
 
 class Histogram:
-    """A single-threaded histogram: `observe` is a bisect and two additions."""
+    """A single-threaded histogram: `observe` is a few compares and two additions."""
 
     __slots__ = ("bounds", "count", "counts", "total")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
+        self.bounds = tuple(float(bound) for bound in bounds)
         self.counts = [0] * (len(bounds) + 1)
         self.total = 0.0
         self.count = 0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        # A walk up from the lowest bucket rather than `bisect`: compiled, it is a few float
+        # compares (query latencies fall in the first buckets), not a call into the bisect module.
+        i = 0
+        for bound in self.bounds:
+            if value <= bound:
+                break
+            i += 1
+        self.counts[i] += 1
         self.total += value
         self.count += 1
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from time import monotonic
 from typing import TYPE_CHECKING, Protocol
 
 from . import logs
@@ -105,13 +105,13 @@ class Pool:
             return False
         self.active.discard(server)
         self.parked[server] = client
-        server.last_used = time.monotonic()
+        server.last_used = monotonic()
         return True
 
     def unpark(self, server: ServerConnection) -> bool:
         """The parked server's client starts a transaction on it: True if it still may (else the
         client gives it back and is served like any other)."""
-        now = time.monotonic()
+        now = monotonic()
         if (
             self._usable(server, now, ServerState.ACTIVE) is not None  # (still linked to it)
             or now - server.last_used > self.settings.server_check_after_idle
@@ -187,7 +187,7 @@ class Pool:
         if not self.idle and (not self._reclaim() or not self.idle):
             return None  # (a new connection is `acquire`'s to open)
         server = self.idle[-1]
-        now = time.monotonic()
+        now = monotonic()
         if (
             self._usable(server, now) is not None
             or now - server.last_used > self.settings.server_check_after_idle
@@ -198,7 +198,7 @@ class Pool:
         return server
 
     async def _take_idle(self) -> ServerConnection | None:
-        now = time.monotonic()
+        now = monotonic()
         while self.idle:
             server = self.idle.pop()
             why = self._usable(server, now)
@@ -300,7 +300,7 @@ class Pool:
         )
         while True:
             await asyncio.sleep(interval)
-            now = time.monotonic()
+            now = monotonic()
             for server in list(self.idle):
                 why = self._usable(server, now)
                 if why is not None:
@@ -341,12 +341,12 @@ class Pool:
         if why is None and not server.settle():
             why = "unexpected output from the server between transactions"
         if why is None:
-            why = self._usable(server, time.monotonic())
+            why = self._usable(server, monotonic())
         if why is not None:
             self._drop(server, why)
             return
         if not reset:
-            server.last_used = time.monotonic() if idle_since is None else idle_since
+            server.last_used = monotonic() if idle_since is None else idle_since
             if not self._wake_one(server):
                 self.idle.append(server)
             return
@@ -366,7 +366,7 @@ class Pool:
         self.resetting.discard(server)
         # DISCARD ALL (the default reset) leaves the server as it was after login.
         server.applied = {}
-        server.last_used = time.monotonic()
+        server.last_used = monotonic()
         if not self._wake_one(server):
             self.idle.append(server)
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import ssl
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from time import monotonic
 from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from . import logs
@@ -143,7 +143,7 @@ class ServerConnection(asyncio.Protocol):
         self.backend_key: tuple[int, int] | None = None  # for forwarding CancelRequests
         self.tx_status = m.TX_IDLE  # from the last ReadyForQuery
         self.outstanding = 0  # Query/Sync messages sent whose ReadyForQuery has not come back
-        self.created_at = time.monotonic()
+        self.created_at = monotonic()
         self.last_used = self.created_at
         self.client: ServerLink | None = None  # the linked client, if any
         self.close_reason: str | None = None
@@ -257,7 +257,7 @@ class ServerConnection(asyncio.Protocol):
         self.request_started.clear()
         self.request_kinds.clear()
         self.state = ServerState.ACTIVE
-        self.last_used = time.monotonic()
+        self.last_used = monotonic()
         if tracked != self._tracked:
             self._tracked = tracked
             if tracked:
@@ -280,7 +280,7 @@ class ServerConnection(asyncio.Protocol):
         self._continuation = None
         if self.state is ServerState.ACTIVE:
             self.state = ServerState.IDLE
-        self.last_used = time.monotonic()
+        self.last_used = monotonic()
         if self.transport is not None:
             # Reading may have been paused for a slow client that is now gone.
             self.transport.resume_reading()
@@ -331,7 +331,7 @@ class ServerConnection(asyncio.Protocol):
         if self.tx_status == m.TX_IDLE:
             stats.transactions += 1
         if self.request_started:
-            stats.query_duration.observe(time.monotonic() - self.request_started.popleft())
+            stats.query_duration.observe(monotonic() - self.request_started.popleft())
         if self.request_kinds:
             self.request_kinds.popleft()
 
@@ -548,7 +548,7 @@ async def connect(
     """Open, secure and log in an upstream connection, all within `timeout` seconds."""
     loop = asyncio.get_running_loop()
     server = ServerConnection(endpoint, max_message_size, stats)
-    started = time.monotonic()
+    started = monotonic()
     try:
         async with asyncio.timeout(timeout):
             await loop.create_connection(lambda: server, endpoint.host, endpoint.port)
@@ -585,7 +585,7 @@ async def connect(
         upstream=str(endpoint),
         user=params.get("user"),
         database=params.get("database"),
-        ms=round((time.monotonic() - started) * 1000, 1),
+        ms=round((monotonic() - started) * 1000, 1),
     )
     return server
 

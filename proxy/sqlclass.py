@@ -34,7 +34,7 @@ _SETTINGS_WORDS: Final = frozenset({b"set", b"reset", b"discard"})
 _TX_WORDS: Final = _SETTINGS_WORDS | frozenset({b"deallocate", b"listen", b"declare", b"create", b"prepare"})
 
 _WS: Final = b" \t\r\n\f\v"
-_SELECT_HEADS: Final = frozenset("select" + blank for blank in _WS.decode())
+_BLANK: Final = bytes(1 if byte in _WS else 0 for byte in range(256))  # by byte value
 
 
 # Blanks, comments and opening parentheses, then the first word. `re` runs this in C, over the
@@ -50,7 +50,7 @@ def first_keyword(buf: bytes | memoryview, start: int = 0) -> bytes:
 
 # First letters of every keyword session mode cares about: SET/SELECT, RESET, DISCARD/DEALLOCATE/
 # DECLARE, LISTEN, CREATE/COMMIT, PREPARE, END, WITH/VALUES (an advisory lock in a CTE).
-_SESSION_INITIALS: Final = frozenset(b"srdlcpewv")
+_SESSION_INITIALS: Final = bytes(1 if byte in b"srdlcpewv" else 0 for byte in range(256))  # by byte
 # Functions that change session state from inside a SELECT. Looked for in a lowercased copy: one
 # C pass each, several times quicker than a case-insensitive regex (`re` has no fast search for it).
 _SESSION_FUNCTIONS: Final = (b"advisory", b"set_config")
@@ -62,7 +62,7 @@ def session_keyword_at(buf: bytes | memoryview, start: int) -> bool:
     if start >= len(buf):
         return False
     first = buf[start] | 0x20
-    return not (0x61 <= first <= 0x7A) or first in _SESSION_INITIALS
+    return not (0x61 <= first <= 0x7A) or _SESSION_INITIALS[first] != 0
 
 
 def mentions_session_functions(buf: bytes | memoryview, start: int) -> bool:
@@ -73,16 +73,34 @@ def mentions_session_functions(buf: bytes | memoryview, start: int) -> bool:
 def lone_select(buf: bytes | memoryview, start: int) -> bool:
     """True when the query text at `start` is one plain SELECT calling no session function: a read
     that leaves session state alone, the data path's most common statement. False means look
-    closer (it may still be a read). Works on a lowercased latin-1 `str` copy: `in` and slicing on
-    str are several times quicker than on bytes, and than a regex, which matters per query."""
-    text = bytes(buf).decode("latin-1").lower()
-    if text[start : start + 7] not in _SELECT_HEADS:
+    closer (it may still be a read).
+
+    Per query, so written for the compiled data path: byte reads for the keyword, then `str`
+    searches (mypyc runs str methods natively, bytes methods through generic calls) on a latin-1
+    copy, lowercased only when the text calls a function at all."""
+    raw = buf if isinstance(buf, bytes) else bytes(buf)
+    n = len(raw)
+    if (
+        start + 7 > n
+        or raw[start] | 0x20 != 0x73  # s
+        or raw[start + 1] | 0x20 != 0x65  # e
+        or raw[start + 2] | 0x20 != 0x6C  # l
+        or raw[start + 3] | 0x20 != 0x65  # e
+        or raw[start + 4] | 0x20 != 0x63  # c
+        or raw[start + 5] | 0x20 != 0x74  # t
+        or not _BLANK[raw[start + 6]]
+    ):
         return False
-    if ";" in text:
-        semicolon = text.find(";", start)
-        if semicolon >= 0 and text[semicolon + 1 : text.find("\x00", semicolon)].strip():
+    text = raw.decode("latin-1")
+    semicolon = text.find(";", start + 7)
+    if semicolon >= 0 and (semicolon + 1 == n or raw[semicolon + 1] != 0):
+        end = text.find("\x00", semicolon)
+        if text[semicolon + 1 : end if end >= 0 else n].strip():
             return False  # more statements follow (or, past the text, bytes that look so)
-    return "advisory" not in text and "set_config" not in text
+    if text.find("(", start + 7) < 0:
+        return True  # no call: `pg_advisory_lock(...)`, `set_config(...)` need a parenthesis
+    lowered = text.lower()
+    return "advisory" not in lowered and "set_config" not in lowered
 
 
 def may_change_settings(keyword: bytes) -> bool:

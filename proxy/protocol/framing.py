@@ -23,6 +23,14 @@ from .sqlstate import ProtocolViolation
 _LEN: Final = struct.Struct("!i")
 _len_from: Final = _LEN.unpack_from
 
+
+def length_at(data: bytes, pos: int) -> int:
+    """The message length (big-endian int32) at `data[pos:pos + 4]`, read as unsigned: a negative
+    one comes out above any limit. Compiled (mypyc), four byte reads and shifts cost a tenth of
+    `struct.unpack_from` and its tuple; this runs for every message header on the data path."""
+    return (data[pos] << 24) | (data[pos + 1] << 16) | (data[pos + 2] << 8) | data[pos + 3]
+
+
 HEADER_SIZE: Final = 5
 # The longest startup packet PostgreSQL itself accepts (MAX_STARTUP_PACKET_LENGTH).
 MAX_STARTUP_PACKET: Final = 10000
@@ -204,7 +212,7 @@ class Relay:
         if n < HEADER_SIZE or self._carry or self._stream_left:
             return -1
         type_byte = data[0]
-        length: int = _len_from(data, 1)[0]
+        length = length_at(data, 1)
         if length + 1 != n or length < 4 or length > self._max:
             return -1
         valid = self._valid
@@ -226,7 +234,7 @@ class Relay:
         pos = start
         while pos + HEADER_SIZE <= n:
             type_byte = data[pos]
-            length: int = _len_from(data, pos + 1)[0]
+            length = length_at(data, pos + 1)
             if length < 4 or length > limit or (valid is not None and not valid[type_byte]):
                 return -1  # malformed: `feed` says so
             pos += 1 + length
@@ -316,7 +324,7 @@ class Relay:
         view: memoryview | None = None
         while pos + HEADER_SIZE <= n:
             type_byte = data[pos]
-            length: int = _len_from(data, pos + 1)[0]
+            length = length_at(data, pos + 1)
             if length < 4 or length > limit or (valid is not None and not valid[type_byte]):
                 self._check(type_byte, length)
             end = pos + 1 + length
@@ -375,4 +383,5 @@ class Relay:
     def _check(self, type_byte: int, length: int) -> None:
         if self._valid is not None and not self._valid[type_byte]:
             raise ProtocolViolation(f"unknown message type {bytes((type_byte,))!r}")
-        check_length(type_byte, length, self._max)
+        # (`length_at` reads unsigned; the error names a negative length as the peer sent it.)
+        check_length(type_byte, length - (1 << 32) if length >= 1 << 31 else length, self._max)

@@ -26,6 +26,9 @@ def query(sql: str) -> bytes:
         ("SELECT PG_TRY_ADVISORY_LOCK(1)", False),
         ("SELECT set_config('app.x', '1', false)", False),
         ("SELECT SET_CONFIG('app.x', '1', false)", False),
+        ("SELECT pg_advisory_unlock_all ()", False),
+        ("SELECT count(*) FROM t WHERE id IN (1, 2);", True),  # calls: the closer look clears them
+        ("SELECT advisory, set_config FROM t", True),  # columns: no call without a parenthesis
         ("selectx", False),
         ("select", False),
         ("/* c */ SELECT 1", False),  # comments first: the regex-based path decides
