@@ -319,6 +319,16 @@ def test_sigkill_during_replay_then_restart_applies_each_record_once(
     spool = {**spool_config(backend, tmp_path, moto_endpoint), "replay_batch": 10}
     sidecar, conn, table = spooling_sidecar(sidecar_factory, topo, spool, "backlog")
     orders = Orders(sidecar, table)
+    # Each row inserted takes 5 ms, so that the replay lasts about a second and the kill below
+    # lands in its middle however quick the rest is (seen: the whole backlog replayed between two
+    # polls of the count).
+    topo.a1.execute(
+        f"CREATE FUNCTION {table}_slow() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$BEGIN PERFORM pg_sleep(0.005); RETURN NEW; END$$; "
+        f"CREATE TRIGGER slow BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION {table}_slow()",
+        dbname=pg.APP_DB,
+    )
+    topo.a1.wait_caught_up([topo.a2])
 
     down = time.time()
     crash_everything(topo)
