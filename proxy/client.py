@@ -22,7 +22,7 @@ import itertools
 import secrets
 import shlex
 from enum import Enum
-from time import monotonic
+from time import monotonic  # by name: compiled, `time.monotonic` is a module getattr per call
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from . import logs

@@ -20,7 +20,7 @@ import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from time import monotonic
+from time import monotonic  # by name: compiled, `time.monotonic` is a module getattr per call
 from typing import TYPE_CHECKING, Protocol
 
 from . import logs
