@@ -77,7 +77,7 @@ def lone_select(buf: bytes | memoryview, start: int) -> bool:
 
     Per query, so written for the compiled data path: byte reads for the keyword, then `str`
     searches (mypyc runs str methods natively, bytes methods through generic calls) on a latin-1
-    copy, lowercased only when the text calls a function at all."""
+    copy; `mentions_session_functions` only when the text calls a function at all."""
     raw = buf if isinstance(buf, bytes) else bytes(buf)
     n = len(raw)
     if (
@@ -99,8 +99,7 @@ def lone_select(buf: bytes | memoryview, start: int) -> bool:
             return False  # more statements follow (or, past the text, bytes that look so)
     if text.find("(", start + 7) < 0:
         return True  # no call: `pg_advisory_lock(...)`, `set_config(...)` need a parenthesis
-    lowered = text.lower()
-    return "advisory" not in lowered and "set_config" not in lowered
+    return not mentions_session_functions(raw, start)
 
 
 def may_change_settings(keyword: bytes) -> bool:
