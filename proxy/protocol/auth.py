@@ -27,6 +27,11 @@ SCRAM = "SCRAM-SHA-256"
 _MECHANISM = ScramMechanism(SCRAM)
 # PostgreSQL's own default; a verifier computed here costs the same to check as the server's.
 SCRAM_ITERATIONS = 4096
+# The server's nonce: 18 random bytes in base64, 24 characters, as PostgreSQL's own
+# (SCRAM_RAW_NONCE_LEN). scramp's default is 64 hex characters, and it checks every character of
+# each nonce in Python, twice over: the shorter nonce cuts that work at each login by about half
+# with 144 bits of randomness kept.
+SERVER_NONCE_BYTES = 18
 
 
 def md5_hex(data: bytes) -> str:
@@ -149,7 +154,7 @@ class ClientAuthenticator:
                 verifier = ScramVerifier.for_secret(self._secret)
             info = (verifier.salt, verifier.stored_key, verifier.server_key, verifier.iterations)
             # PostgreSQL clients send an empty SCRAM user name; the startup user is what counts.
-            self._scram = _MECHANISM.make_server(lambda _username: info)
+            self._scram = _MECHANISM.make_server(lambda _username: info, s_nonce=server_nonce())
             return m.auth_sasl([SCRAM])
         raise FeatureNotSupported(f"authentication method {self.method!r} is not supported")
 
@@ -193,6 +198,10 @@ class ClientAuthenticator:
 
     def _failure(self) -> str:
         return f'password authentication failed for user "{self.user}"'
+
+
+def server_nonce() -> str:
+    return base64.b64encode(secrets.token_bytes(SERVER_NONCE_BYTES)).decode("ascii")
 
 
 def _set_client_first(server: Any, client_first: str) -> None:
