@@ -15,7 +15,7 @@ import itertools
 import ssl
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from time import monotonic  # by name: compiled, `time.monotonic` is a module getattr per call
 from typing import TYPE_CHECKING, Final, Protocol, cast
@@ -102,16 +102,19 @@ class UpstreamError(ProxyError):
         self.fields = fields
 
 
-@dataclass
 class QueryResult:
     """The text-format outcome of a simple query the sidecar ran itself."""
 
-    columns: list[str] = field(default_factory=list)
-    rows: list[list[str | None]] = field(default_factory=list)
-    tag: str = ""
-    # ParameterStatus messages the query caused, as sent: a client must see those of a query the
-    # sidecar ran on its behalf (e.g. putting back its startup settings after RESET ALL).
-    parameter_status: list[bytes] = field(default_factory=list)
+    # A plain class, not a dataclass: mypyc runs a dataclass's generated __init__ (with its
+    # default factories) as interpreted Python, about 27k instructions, paid twice per session
+    # login (the startup SETs, the reset) in session mode.
+    def __init__(self) -> None:
+        self.columns: list[str] = []
+        self.rows: list[list[str | None]] = []
+        self.tag = ""
+        # ParameterStatus messages the query caused, as sent: a client must see those of a query
+        # the sidecar ran on its behalf (e.g. putting back its startup settings after RESET ALL).
+        self.parameter_status: list[bytes] = []
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 from .sqlstate import ProtocolViolation, SqlState
@@ -118,8 +118,21 @@ def auth_sasl_final(data: bytes) -> bytes:
     return message(b"R", _I32.pack(AUTH_SASL_FINAL) + data)
 
 
+# Each login sends the client every server parameter: the same dozen messages for every client
+# of a pool, so they are built once. Bounded: values such as application_name can differ per client.
+_PARAMETER_STATUS: dict[tuple[str, str], bytes] = {}
+_PARAMETER_STATUS_MAX: Final = 512
+
+
 def parameter_status(name: str, value: str) -> bytes:
-    return message(b"S", _cstr(name) + _cstr(value))
+    key = (name, value)
+    cached = _PARAMETER_STATUS.get(key)
+    if cached is None:
+        cached = message(b"S", _cstr(name) + _cstr(value))
+        if len(_PARAMETER_STATUS) >= _PARAMETER_STATUS_MAX:
+            _PARAMETER_STATUS.clear()
+        _PARAMETER_STATUS[key] = cached
+    return cached
 
 
 def backend_key_data(pid: int, secret: int) -> bytes:
@@ -286,13 +299,17 @@ class _Cursor:
         return self.pos >= len(self.buf)
 
 
-@dataclass(frozen=True)
 class StartupPacket:
     """The untyped first packet: a StartupMessage, or one of the request codes."""
 
-    code: int
-    params: dict[str, str] = field(default_factory=dict)
-    cancel_key: tuple[int, int] | None = None
+    # A plain class, not a dataclass: mypyc runs a dataclass __init__ with a default factory as
+    # interpreted Python, and each login decodes one or two of these.
+    def __init__(
+        self, code: int, params: dict[str, str] | None = None, cancel_key: tuple[int, int] | None = None
+    ) -> None:
+        self.code = code
+        self.params: dict[str, str] = {} if params is None else params
+        self.cancel_key = cancel_key
 
     @property
     def major(self) -> int:
@@ -315,13 +332,30 @@ def decode_startup(body: bytes | memoryview) -> StartupPacket:
     if code >> 16 != 3:
         # Unknown majors are reported by the caller with the version number; parse nothing more.
         return StartupPacket(code)
+    # One split instead of a cursor walk: the pairs are NUL-terminated names and values, and an
+    # empty name ends the list. The last part (what follows the last NUL) is never terminated.
+    parts = cur.rest().split(b"\x00")
+    last = len(parts) - 1
     params: dict[str, str] = {}
+    i = 0
     while True:
-        key = cur.cstr()
-        if key == "":
+        if i >= last:
+            raise cur._fail("unterminated string")
+        key = _startup_text(cur, parts[i])
+        if not key:
             break
-        params[key] = cur.cstr()
+        if i + 1 >= last:
+            raise cur._fail("unterminated string")
+        params[key] = _startup_text(cur, parts[i + 1])
+        i += 2
     return StartupPacket(code, params)
+
+
+def _startup_text(cur: _Cursor, raw: bytes) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as exc:
+        raise cur._fail("string is not valid UTF-8") from exc
 
 
 def decode_error_fields(body: bytes | memoryview) -> dict[str, str]:
