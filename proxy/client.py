@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import secrets
 import shlex
+import struct
 from enum import Enum
+from os import urandom
 from time import monotonic  # by name: compiled, `time.monotonic` is a module getattr per call
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -75,6 +76,8 @@ _client_ids = itertools.count(1)
 # The tail of the common extended-protocol request: [Describe the unnamed portal,] Execute it (all
 # rows), Sync.
 _SYNC: Final = b"S\x00\x00\x00\x04"
+# A BackendKeyData's process id and secret, drawn as signed int32s (as the message carries them).
+_KEY_PARTS: Final = struct.Struct("!ii")
 _EXECUTE_SYNC: Final = b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00" + _SYNC
 _DESCRIBE_EXECUTE_SYNC: Final = b"D\x00\x00\x00\x06P\x00" + _EXECUTE_SYNC
 # The answers the fast paths' requests owe, as `ResponseTracker.expect_fast` takes them.
@@ -1197,27 +1200,36 @@ class ClientSession(asyncio.Protocol):
             self.transport.write(data)
 
     async def _handshake(self) -> None:
+        # A timer, not asyncio.timeout(): that context manager runs as interpreted coroutines,
+        # about 25k instructions per login, which connect-per-transaction clients pay every time.
+        # On expiry the client is failed and closed, which cancels this task.
+        deadline = asyncio.get_running_loop().call_later(
+            self.sidecar.config.limits.client_login_timeout, self._login_timed_out
+        )
         try:
-            async with asyncio.timeout(self.sidecar.config.limits.client_login_timeout):
+            try:
                 startup = await self._negotiate()
                 if startup is None:
                     return
                 await self._authenticate(startup)
+            finally:
+                deadline.cancel()
             await self._attach_server()
         except ProxyError as exc:
             self.fail(exc)
-        except TimeoutError:
-            self.fail(
-                ProtocolViolation(
-                    "client did not complete startup and authentication within "
-                    f"limits.client_login_timeout ({self.sidecar.config.limits.client_login_timeout:g}s)"
-                )
-            )
         except ConnectionResetError as exc:
             self.close(str(exc))
         except Exception as exc:  # a bug here must cost one client, not the sidecar
             logs.event("client_internal_error", logs.ERROR, conn=self.id, error=repr(exc))
             self.fail(ProxyError(f"internal error in pgsidecar: {exc!r}"))
+
+    def _login_timed_out(self) -> None:
+        self.fail(
+            ProtocolViolation(
+                "client did not complete startup and authentication within "
+                f"limits.client_login_timeout ({self.sidecar.config.limits.client_login_timeout:g}s)"
+            )
+        )
 
     async def _negotiate(self) -> m.StartupPacket | None:
         """Read startup packets until a StartupMessage; None when the connection was a cancel."""
@@ -1557,7 +1569,10 @@ class ClientSession(asyncio.Protocol):
         server.applied = dict(self.settings)
 
     def _register_backend_key(self) -> bytes:
-        key = (secrets.randbits(31) or 1, secrets.randbits(32) - 2**31)
+        # One read of the system CSPRNG (what `secrets` draws on) for both halves, where two
+        # secrets.randbits calls cost two trips through random.SystemRandom's Python code.
+        pid, secret = _KEY_PARTS.unpack(urandom(8))
+        key = ((pid & 0x7FFFFFFF) or 1, secret)
         self.backend_key = key
         self.sidecar.cancel_keys[key] = self
         return m.backend_key_data(*key)

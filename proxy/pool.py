@@ -356,19 +356,31 @@ class Pool:
         task.add_done_callback(self._tasks.discard)
 
     async def _reset(self, server: ServerConnection) -> None:
+        # A timer, not asyncio.timeout(): that context manager runs as interpreted coroutines,
+        # about 25k instructions per reset, and session mode resets at every client's exit.
+        # On expiry the server is dropped, which ends the pending read with UpstreamUnavailable.
+        deadline = asyncio.get_running_loop().call_later(
+            self.settings.connect_timeout, self._reset_timed_out, server
+        )
         try:
-            async with asyncio.timeout(self.settings.connect_timeout):
-                await server.simple_query(self.settings.reset_query)
-        except (ProxyError, TimeoutError) as exc:
-            self.resetting.discard(server)
-            self._drop(server, f"reset query failed: {exc}")
+            await server.simple_query(self.settings.reset_query)
+        except ProxyError as exc:
+            if server in self.resetting:  # not dropped by the deadline already
+                self.resetting.discard(server)
+                self._drop(server, f"reset query failed: {exc}")
             return
+        finally:
+            deadline.cancel()
         self.resetting.discard(server)
         # DISCARD ALL (the default reset) leaves the server as it was after login.
         server.applied = {}
         server.last_used = monotonic()
         if not self._wake_one(server):
             self.idle.append(server)
+
+    def _reset_timed_out(self, server: ServerConnection) -> None:
+        self.resetting.discard(server)
+        self._drop(server, f"reset query failed: no answer within {self.settings.connect_timeout:g}s")
 
     def _wake_one(self, server: ServerConnection | None) -> bool:
         while self.waiters:

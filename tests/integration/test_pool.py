@@ -127,3 +127,31 @@ def _login_intervals(log: str) -> list[tuple[float, float]]:
         ms = float(line.rsplit("ms=", 1)[1].split()[0])
         out.append((end - ms / 1000, end))
     return sorted(out)
+
+
+def test_a_reset_that_does_not_answer_in_time_drops_the_server_and_frees_its_place(
+    sidecar_factory, shared_topology
+):
+    # The reset query outlasts upstream.connect_timeout: the server is closed, and its place in a
+    # pool of one goes to the next client at once (a fresh server), not after the reset ends.
+    sidecar = sidecar_factory(
+        {
+            "pool": {"size": 1, "reset_query": "SELECT pg_sleep(30)"},
+            "upstream": {"connect_timeout": "500ms"},
+        }
+    )
+    with psycopg.connect(sidecar.dsn()) as conn:
+        first = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert first is not None
+    assert _wait_for(lambda: "reset query failed: no answer within 0.5s" in sidecar.log_text(), timeout=10)
+    with psycopg.connect(sidecar.dsn()) as conn:
+        second = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert second is not None and second[0] != first[0]
+    # Dropped once: the deadline's drop, not again when the pending read then fails.
+    assert sidecar.log_text().count("reset query failed") == 1
+    # Cleanup for the tests that count backends: PostgreSQL notices the closed socket only when
+    # pg_sleep ends.
+    shared_topology.a1.query("SELECT pg_terminate_backend(%s)", (first[0],))
+    assert _wait_for(
+        lambda: not shared_topology.a1.query("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (first[0],))
+    )
