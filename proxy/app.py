@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import hmac
 import secrets
@@ -414,6 +415,10 @@ class Sidecar:
         if self.config.metrics_listen is not None:
             where = self.config.metrics_listen
             self._http = await http.serve(where.host, where.port, make_registry(self), self.readiness)
+        # What startup built (modules, config models, the AWS and metrics clients) lives as long
+        # as the process: out of the cyclic collector's way, its full collections, which session
+        # churn (a login allocates hundreds of objects) keeps triggering, scan only what came after.
+        gc.freeze()
         listen = self.config.listen
         self._listener = await loop.create_server(
             lambda: ClientSession(self), listen.host, listen.port, reuse_address=True, backlog=1024
