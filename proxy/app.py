@@ -418,6 +418,8 @@ class Sidecar:
         # What startup built (modules, config models, the AWS and metrics clients) lives as long
         # as the process: out of the cyclic collector's way, its full collections, which session
         # churn (a login allocates hundreds of objects) keeps triggering, scan only what came after.
+        # (Collected first, so that no garbage of startup's is kept for good.)
+        gc.collect()
         gc.freeze()
         listen = self.config.listen
         self._listener = await loop.create_server(
