@@ -54,5 +54,14 @@ $(CHROMIUM_STAMP): $(STAMP)
 	touch $@
 test: $(CHROMIUM_STAMP)
 
+# The JDBC tests run pgjdbc (Debian's libpostgresql-jdbc-java) on a JDK (java runs the workload's
+# source file directly, which needs javac's compiler module); install them when missing.
+JDBC_STAMP := $(VENV)/.jdbc
+$(JDBC_STAMP): $(STAMP)
+	command -v java >/dev/null && command -v javac >/dev/null && test -f /usr/share/java/postgresql.jar || \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q default-jdk-headless libpostgresql-jdbc-java; }
+	touch $@
+test: $(JDBC_STAMP)
+
 bench-spool: $(BUILT)
 	$(VENV)/bin/python -m bench.spool_bench $(ARGS)

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from psycopg import errors as pgerr
 from sqlalchemy import orm
 
-from tests.harness import pg
+from tests.harness import jdbc, pg
 from tests.harness.sidecar import SIDECAR_PASSWORDS, SidecarProcess, sidecar_config
 
 USER = "app_scram"
@@ -838,6 +838,20 @@ def _processed(out: str) -> int:
     m = re.search(r"number of transactions actually processed: (\d+)", out)
     assert m, out
     return int(m.group(1))
+
+
+def test_jdbc_prepared_statements_and_transactions(sidecar: SidecarProcess, writer: pg.PgNode) -> None:
+    """pgjdbc, the JDBC driver: server-prepared statements (binary in one connection, an evicting
+    cache in another, DEALLOCATE ALL in a third), explicit transactions, a row count per INSERT."""
+    t, ref = _name(), _name()
+    with _connect(sidecar) as conn:
+        conn.execute(f"CREATE TABLE {t} (w int, i int)")
+        conn.execute(f"CREATE TABLE {ref} (id int PRIMARY KEY, label text)")
+        conn.execute(f"INSERT INTO {ref} SELECT g, 'r' || g FROM generate_series(1, 100) g")
+    result = jdbc.run_workload(sidecar.host, sidecar.port, DB, USER, PASSWORD, t, ref, workers=4, rounds=50)
+    assert result.returncode == 0 and not result.errors, result
+    assert result.inserted == 4 * 50 // 5, result
+    assert _wq(writer, f"SELECT count(*), count(DISTINCT (w, i)) FROM {t}") == [(40, 40)]
 
 
 def test_pgbench(sidecar: SidecarProcess, writer: pg.PgNode, scratch_db: str) -> None:

@@ -40,7 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import errors as pgerr
 from sqlalchemy import orm
 
-from tests.harness import pg
+from tests.harness import jdbc, pg
 from tests.harness.sidecar import SIDECAR_PASSWORDS, SidecarProcess, sidecar_config
 
 USER = "app_scram"
@@ -402,6 +402,26 @@ def test_pg8000_named_statements_over_two_servers(sidecar: SidecarProcess) -> No
             con.close()
 
     _no_statement_confusion(_run_threads(work, 3))
+
+
+def test_jdbc_server_prepared_statements_over_two_servers(sidecar: SidecarProcess, writer: pg.PgNode) -> None:
+    """pgjdbc names its server-side statements S_1, S_2, ... per connection, in the order it
+    prepares them: four connections over two servers, each starting its cycle at another text (so
+    S_n means something else on each), one in binary mode, one evicting from a 2-entry cache
+    (Close, then Parse again), one running DEALLOCATE ALL now and then; some rounds inside
+    explicit transactions. JdbcWorkload.java checks every answer; the rows are counted here."""
+    t, ref = _name(), _name()
+    with _connect(sidecar) as conn:
+        conn.execute(f"CREATE TABLE {t} (w int, i int)")
+        conn.execute(f"CREATE TABLE {ref} (id int PRIMARY KEY, label text)")
+        conn.execute(f"INSERT INTO {ref} SELECT g, 'r' || g FROM generate_series(1, 100) g")
+    workers, rounds = 4, 150
+    result = jdbc.run_workload(sidecar.host, sidecar.port, DB, USER, PASSWORD, t, ref, workers, rounds)
+    _no_statement_confusion(result.errors)
+    assert result.returncode == 0, result
+    # Every fifth round of each worker inserts: 4 x 30, each in the table once.
+    assert result.inserted == workers * rounds // 5, result
+    assert _wq(writer, f"SELECT count(*), count(DISTINCT (w, i)) FROM {t}") == [(120, 120)]
 
 
 def test_statement_prepared_by_one_client_is_shared_on_the_server(sidecar: SidecarProcess) -> None:
