@@ -432,15 +432,20 @@ def test_statement_prepared_by_one_client_is_shared_on_the_server(sidecar: Sidec
             for i in range(5):
                 assert conn.execute(shared, (i,)).fetchone() == (i + 7,)
             assert conn.execute(f"SELECT %s::int AS own_{marker}_{w}", (w,)).fetchone() == (w,)
-    views = _server_views(sidecar, 2, "SELECT name, statement FROM pg_prepared_statements")
+    # Statements are keyed by text and parameter types: other tests of this module's sidecar
+    # prepare the same text with other declared types (JDBC's int4 and varchar, say).
+    views = _server_views(
+        sidecar, 2, "SELECT name, statement, parameter_types::text FROM pg_prepared_statements"
+    )
     assert len(views) == 2, views
     names_for_shared = set()
     for pid, rows in views.items():
-        names = [name for name, _ in rows]
+        names = [name for name, _, _ in rows]
         assert all(re.fullmatch(r"pgsidecar_\d+", n) for n in names), (pid, names)
-        texts = [text for _, text in rows]
-        assert len(texts) == len(set(texts)), f"server {pid} has a statement twice: {rows}"
-        names_for_shared |= {name for name, text in rows if f"shared_{marker}" in text}
+        keys = [(text, types) for _, text, types in rows]
+        assert len(keys) == len(set(keys)), f"server {pid} has a statement twice: {rows}"
+        texts = [text for _, text, _ in rows]
+        names_for_shared |= {name for name, text, _ in rows if f"shared_{marker}" in text}
         # Three clients prepared it: one entry per server at most.
         assert sum(f"shared_{marker}" in text for text in texts) <= 1
     assert len(names_for_shared) == 1, views  # the same sidecar-wide name on every server
