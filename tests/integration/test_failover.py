@@ -30,7 +30,7 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import pg
+from tests.harness import jdbc, pg
 from tests.harness.load import DDL, BlackHole, Load, Target, first_state, judge, log_events, rows_on
 from tests.harness.sidecar import SIDECAR_PASSWORDS, SidecarProcess
 
@@ -346,6 +346,39 @@ def test_idle_session_moves_to_the_new_writer_with_its_state(fresh_topology, sid
     assert metric(sidecar, "pgsidecar_held_requests") == 0
     (done,) = log_events(sidecar.log_text(), "failover_completed")
     assert done.fields["kind"] == "instance" and done.fields["writer"] == topo.a2.hostport
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_jdbc_connections_go_on_after_a_writer_crash(fresh_topology, sidecar_factory, mode):
+    """pgjdbc connections idle at the crash, with statements it prepared on the old writer (S_1,
+    S_2, ...; one connection in binary mode), go on on the new writer without an error: pgjdbc
+    only Binds them again, so the sidecar must have them prepared there (session mode: moved with
+    the session; transaction mode: prepared lazily on whichever server runs the transaction).
+    pgjdbc would hide a missing statement where it can (a 26000 at a BEGIN makes it Parse again
+    and retry), so the sidecar's count of 26000s from the server is checked too."""
+    topo = fresh_topology
+    pg.set_sync_standbys(topo.a1, ["a2"])  # what a1 acknowledged is on a2
+    table = f"fo_jdbc_{uuid.uuid4().hex[:10]}"
+    topo.a1.execute(f"CREATE TABLE {table} (w int, i int); GRANT ALL ON {table} TO {USER}", dbname=pg.APP_DB)
+    sidecar = sidecar_factory({"pool": {"mode": mode}}, topology=topo)
+    with jdbc.JdbcSessions(
+        sidecar.host, sidecar.port, pg.APP_DB, USER, SIDECAR_PASSWORDS[USER], table, connections=3
+    ) as sessions:
+        before = sessions.step(7)  # rounds 0-6: the next one, 7, is in autocommit
+        assert before.errors == [] and before.inserted == 21, before
+        crash = time.time()
+        topo.a1.crash()
+        wait_state(sidecar, "failing_over", crash)
+        time.sleep(0.5)
+        topo.a2.promote()
+        wait_state(sidecar, "up", crash, writer=topo.a2)
+        after = sessions.step(6)
+        assert after.errors == [] and after.inserted == 39, after
+    rows = topo.a2.query(f"SELECT count(*), count(DISTINCT (w, i)) FROM {table}", dbname=pg.APP_DB)
+    assert rows == [(39, 39)], rows
+    missing = metrics(sidecar).get(("pgsidecar_upstream_errors_total", (("sqlstate", "26000"),)), 0)
+    assert missing == 0, f"the server lacked a statement {missing:g} times"
+    assert metric(sidecar, "pgsidecar_failovers_total", kind="instance") == 1
 
 
 def test_settings_set_through_named_statements_move_with_the_session(shared_topology, sidecar_factory):
