@@ -7,9 +7,12 @@
 //
 // Worker w (a thread with a connection of its own) cycles through five statements starting at the
 // w-th, so the same S_n names a different text on each connection; every fourth round runs in an
-// explicit transaction. Worker 1 forces binary transfer (prepareThreshold=-1), worker 2 keeps only
-// two statements in pgjdbc's cache (evictions send Close, then a new Parse), worker 3 runs
-// DEALLOCATE ALL every 25 rounds (pgjdbc drops its cache when it sees that command tag).
+// explicit transaction. Worker 0 sets its isolation level to SERIALIZABLE through the JDBC API (a
+// SET SESSION CHARACTERISTICS, which must follow it from server to server and reach nobody else:
+// every explicit transaction checks its level), worker 1 forces binary transfer
+// (prepareThreshold=-1), worker 2 keeps only two statements in pgjdbc's cache (evictions send
+// Close, then a new Parse), worker 3 runs DEALLOCATE ALL every 25 rounds (pgjdbc drops its cache
+// when it sees that command tag).
 // Prints one "ERROR ..." line per failed round and, last, "inserted=N errors=E"; exits 1 on errors.
 
 import java.sql.Connection;
@@ -70,6 +73,11 @@ public class JdbcWorkload {
 
     static void work(int w) {
         try (Connection conn = connect(w)) {
+            String isolation = "read committed";
+            if (w == 0) {
+                conn.setTransactionIsolation(Connection.TRANSACTION_SERIALIZABLE);
+                isolation = "serializable";
+            }
             for (int i = 0; i < rounds; i++) {
                 try {
                     boolean block = i % 4 == 0;
@@ -78,6 +86,11 @@ public class JdbcWorkload {
                     }
                     step(conn, w, i);
                     if (block) {
+                        try (Statement st = conn.createStatement();
+                             ResultSet rs = st.executeQuery("SHOW transaction_isolation")) {
+                            rs.next();
+                            expect(rs.getString(1), isolation);
+                        }
                         conn.commit();
                         conn.setAutoCommit(true);
                     }
