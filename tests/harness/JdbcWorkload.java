@@ -12,7 +12,9 @@
 // every explicit transaction checks its level), worker 1 forces binary transfer
 // (prepareThreshold=-1), worker 2 keeps only two statements in pgjdbc's cache (evictions send
 // Close, then a new Parse), worker 3 runs DEALLOCATE ALL every 25 rounds (pgjdbc drops its cache
-// when it sees that command tag).
+// when it sees that command tag). Inserts go in as a batch of two rows (pgjdbc's executeBatch: two
+// Bind/Execute pairs before one Sync); every tenth round asks Connection.isValid (an empty query,
+// what connection pools test with).
 // Prints one "ERROR ..." line per failed round and, last, "inserted=N errors=E"; exits 1 on errors.
 
 import java.sql.Connection;
@@ -94,6 +96,9 @@ public class JdbcWorkload {
                         conn.commit();
                         conn.setAutoCommit(true);
                     }
+                    if (i % 10 == 9 && !conn.isValid(5)) {
+                        throw new AssertionError("isValid said false");
+                    }
                     if (w == 3 && i % 25 == 24) {
                         try (Statement st = conn.createStatement()) {
                             st.execute("DEALLOCATE ALL");
@@ -147,11 +152,15 @@ public class JdbcWorkload {
                 try (PreparedStatement ps = conn.prepareStatement("INSERT INTO " + table + " (w, i) VALUES (?, ?)")) {
                     ps.setInt(1, w);
                     ps.setInt(2, i);
-                    int n = ps.executeUpdate();
-                    if (n != 1) {
-                        throw new AssertionError("INSERT said " + n + " rows");
+                    ps.addBatch();
+                    ps.setInt(1, w);
+                    ps.setInt(2, -i - 1);
+                    ps.addBatch();
+                    int[] counts = ps.executeBatch();
+                    if (counts.length != 2 || counts[0] != 1 || counts[1] != 1) {
+                        throw new AssertionError("INSERT batch said " + java.util.Arrays.toString(counts));
                     }
-                    inserted.incrementAndGet();
+                    inserted.addAndGet(2);
                 }
         }
     }

@@ -408,8 +408,9 @@ def test_jdbc_server_prepared_statements_over_two_servers(sidecar: SidecarProces
     """pgjdbc names its server-side statements S_1, S_2, ... per connection, in the order it
     prepares them: four connections over two servers, each starting its cycle at another text (so
     S_n means something else on each), one in binary mode, one evicting from a 2-entry cache
-    (Close, then Parse again), one running DEALLOCATE ALL now and then; some rounds inside
-    explicit transactions. JdbcWorkload.java checks every answer; the rows are counted here."""
+    (Close, then Parse again), one running DEALLOCATE ALL now and then, one SERIALIZABLE through
+    the JDBC API; batched inserts, isValid checks, some rounds inside explicit transactions.
+    JdbcWorkload.java checks every answer; the rows are counted here."""
     t, ref = _name(), _name()
     with _connect(sidecar) as conn:
         conn.execute(f"CREATE TABLE {t} (w int, i int)")
@@ -419,9 +420,9 @@ def test_jdbc_server_prepared_statements_over_two_servers(sidecar: SidecarProces
     result = jdbc.run_workload(sidecar.host, sidecar.port, DB, USER, PASSWORD, t, ref, workers, rounds)
     _no_statement_confusion(result.errors)
     assert result.returncode == 0, result
-    # Every fifth round of each worker inserts: 4 x 30, each in the table once.
-    assert result.inserted == workers * rounds // 5, result
-    assert _wq(writer, f"SELECT count(*), count(DISTINCT (w, i)) FROM {t}") == [(120, 120)]
+    # Every fifth round of each worker inserts two rows: 4 x 30 x 2, each in the table once.
+    assert result.inserted == 2 * workers * rounds // 5, result
+    assert _wq(writer, f"SELECT count(*), count(DISTINCT (w, i)) FROM {t}") == [(240, 240)]
 
 
 def test_statement_prepared_by_one_client_is_shared_on_the_server(sidecar: SidecarProcess) -> None:
