@@ -42,7 +42,7 @@ bench-failover: $(BUILT)
 	$(VENV)/bin/python -m bench.failover_drill $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache proxy/compiled.json
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache proxy/compiled.json tests/harness/node/node_modules
 	find proxy -name '*.so' -delete
 
 # The browser test (tests/browser) drives Debian's headless Chromium through chromedriver; install
@@ -62,6 +62,16 @@ $(JDBC_STAMP): $(STAMP)
 	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q default-jdk-headless libpostgresql-jdbc-java; }
 	touch $@
 test: $(JDBC_STAMP)
+
+# The node-postgres tests run Node.js (Debian's, when missing) with the `pg` package pinned in
+# tests/harness/node/package-lock.json.
+NODE_STAMP := tests/harness/node/node_modules/.installed
+$(NODE_STAMP): tests/harness/node/package-lock.json
+	command -v node >/dev/null && command -v npm >/dev/null || \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm; }
+	cd tests/harness/node && npm ci --silent --no-audit --no-fund
+	touch $@
+test: $(NODE_STAMP)
 
 bench-spool: $(BUILT)
 	$(VENV)/bin/python -m bench.spool_bench $(ARGS)

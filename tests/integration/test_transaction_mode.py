@@ -40,7 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import errors as pgerr
 from sqlalchemy import orm
 
-from tests.harness import jdbc, pg
+from tests.harness import jdbc, node_pg, pg
 from tests.harness.sidecar import SIDECAR_PASSWORDS, SidecarProcess, sidecar_config
 
 USER = "app_scram"
@@ -423,6 +423,24 @@ def test_jdbc_server_prepared_statements_over_two_servers(sidecar: SidecarProces
     # Every fifth round of each worker inserts two rows: 4 x 30 x 2, each in the table once.
     assert result.inserted == 2 * workers * rounds // 5, result
     assert _wq(writer, f"SELECT count(*), count(DISTINCT (w, i)) FROM {t}") == [(240, 240)]
+
+
+def test_node_postgres_named_statements_over_two_servers(sidecar: SidecarProcess, writer: pg.PgNode) -> None:
+    """node-postgres sends a named statement's Parse once per connection, then only its Bind: a
+    pg.Pool of six connections, twelve concurrent tasks, two servers; also unnamed parameterized
+    and simple queries, and INSERTs in explicit transactions. workload.mjs checks every answer."""
+    t, ref = _name(), _name()
+    with _connect(sidecar) as conn:
+        conn.execute(f"CREATE TABLE {t} (w int, i int)")
+        conn.execute(f"CREATE TABLE {ref} (id int PRIMARY KEY, label text)")
+        conn.execute(f"INSERT INTO {ref} SELECT g, 'r' || g FROM generate_series(1, 100) g")
+    tasks, rounds = 12, 60
+    result = node_pg.run_workload(sidecar.host, sidecar.port, DB, USER, PASSWORD, t, ref, tasks, rounds)
+    _no_statement_confusion(result.errors)
+    assert result.returncode == 0, result
+    # Every sixth round of each task inserts: 12 x 10, each in the table once.
+    assert result.inserted == tasks * rounds // 6, result
+    assert _wq(writer, f"SELECT count(*), count(DISTINCT (w, i)) FROM {t}") == [(120, 120)]
 
 
 def test_statement_prepared_by_one_client_is_shared_on_the_server(sidecar: SidecarProcess) -> None:
