@@ -1073,6 +1073,13 @@ def evaluate(
         paired = paired_ratios(side_cell, ref_cell)
         if len(paired) > 1:
             notes.insert(0, f"round by round {min(paired):.2f}-{max(paired):.2f}x")
+        splice = row.get("splice")
+        floor = splice.tps if splice is not None else None
+        if th.mode == "session" and th.case != "connect" and side and ref and floor:
+            # The floor of any Python proxy here, in the same run: with the splice itself near or
+            # under the target, a miss is not the sidecar's parsing. (Not for -C: the splice does
+            # not pool, so each of its connections is a new PostgreSQL backend.)
+            notes.append(f"no-parsing splice {floor / ref:.2f}x; pgsidecar / splice {side / floor:.2f}x")
         note = f" ({'; '.join(notes)})" if notes else ""
         checks.append(Check(th.label, want, f"{r:.2f}x{note}", "PASS" if r >= th.minimum else "MISS"))
     label = f"{IDLE_CLIENTS} idle clients, sidecar session mode"
