@@ -22,6 +22,7 @@ import pytest
 JDBC_JAR = Path("/usr/share/java/postgresql.jar")  # Debian's libpostgresql-jdbc-java
 WORKLOAD = Path(__file__).with_name("JdbcWorkload.java")
 SESSIONS = Path(__file__).with_name("JdbcSessions.java")
+QUERY_TIMEOUT = Path(__file__).with_name("JdbcQueryTimeout.java")
 TIMEOUT = 180  # the JVM compiles the source first: a few seconds before any connection
 
 
@@ -47,16 +48,19 @@ def java() -> str:
     return binary
 
 
+def run_source(source: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a single-file Java program of this folder with pgjdbc on the class path."""
+    return subprocess.run(
+        [java(), "-cp", str(JDBC_JAR), str(source), *args], capture_output=True, text=True, timeout=TIMEOUT
+    )
+
+
 def run_workload(
     host: str, port: int, db: str, user: str, password: str, table: str, ref: str, workers: int, rounds: int
 ) -> WorkloadResult:
     """Run the workload (see JdbcWorkload.java): `table (w int, i int)` takes its inserts, `ref (id,
     label)` holds ids 1..100 labelled 'r<id>'."""
-    out = subprocess.run(
-        [java(), "-cp", str(JDBC_JAR), str(WORKLOAD), host, str(port), db, user, password, table, ref,
-         str(workers), str(rounds)],
-        capture_output=True, text=True, timeout=TIMEOUT,
-    )  # fmt: skip
+    out = run_source(WORKLOAD, host, str(port), db, user, password, table, ref, str(workers), str(rounds))
     summary = re.search(r"^inserted=(\d+) errors=\d+$", out.stdout, re.M)
     return WorkloadResult(
         returncode=out.returncode,

@@ -1204,6 +1204,32 @@ def test_client_killed_mid_transaction_leaves_nothing_open(
 # ---------------------------------------------------------------------------------------------
 
 
+def test_cancel_reaches_the_server_running_that_clients_query(sidecar: SidecarProcess) -> None:
+    """A CancelRequest carries the key the sidecar gave its client; in transaction mode it must
+    reach the server that runs that client's query now, and no other: two clients sleep on the
+    two servers, one is cancelled (57014 at once), the other's sleep finishes untouched."""
+    with _connect(sidecar) as victim, _connect(sidecar) as bystander, ThreadPoolExecutor(2) as pool:
+        # Both sleeps at once: each takes one of the pool's two servers.
+        bystanding = pool.submit(lambda: bystander.execute("SELECT pg_sleep(2), 'slept'").fetchone())
+        t0 = time.monotonic()
+        sleeping = pool.submit(lambda: victim.execute("SELECT pg_sleep(30)"))
+        time.sleep(0.5)
+        victim.cancel_safe(timeout=5)
+        with pytest.raises(pgerr.QueryCanceled):
+            sleeping.result(timeout=10)
+        assert time.monotonic() - t0 < 5
+        assert bystanding.result(timeout=10) == ("", "slept")
+        for conn in (victim, bystander):  # both go on, on whichever server comes next
+            assert conn.execute("SELECT 'usable'").fetchone() == ("usable",)
+
+
+def test_jdbc_query_timeout_cancels_only_its_statement(sidecar: SidecarProcess) -> None:
+    """pgjdbc's Statement.setQueryTimeout sends a CancelRequest when the time is up."""
+    out = jdbc.run_source(jdbc.QUERY_TIMEOUT, sidecar.host, str(sidecar.port), DB, USER, PASSWORD)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.split() == ["cancelled", "57014", "usable"], out.stdout
+
+
 def test_checkout_timeout_and_fifo(
     sidecar_factory: Callable[..., SidecarProcess], writer: pg.PgNode
 ) -> None:
