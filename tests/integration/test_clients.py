@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from psycopg import errors as pgerr
 from sqlalchemy import orm
 
-from tests.harness import jdbc, node_pg, pg
+from tests.harness import jdbc, node_pg, pg, workloads
 from tests.harness.sidecar import SIDECAR_PASSWORDS, SidecarProcess, sidecar_config
 
 USER = "app_scram"
@@ -844,11 +844,8 @@ def test_jdbc_prepared_statements_and_transactions(sidecar: SidecarProcess, writ
     """pgjdbc, the JDBC driver: server-prepared statements (binary in one connection, an evicting
     cache in another, DEALLOCATE ALL in a third), SERIALIZABLE set through the JDBC API, batched
     inserts, isValid, explicit transactions."""
-    t, ref = _name(), _name()
     with _connect(sidecar) as conn:
-        conn.execute(f"CREATE TABLE {t} (w int, i int)")
-        conn.execute(f"CREATE TABLE {ref} (id int PRIMARY KEY, label text)")
-        conn.execute(f"INSERT INTO {ref} SELECT g, 'r' || g FROM generate_series(1, 100) g")
+        t, ref = workloads.create_tables(conn)
     result = jdbc.run_workload(sidecar.host, sidecar.port, DB, USER, PASSWORD, t, ref, workers=4, rounds=50)
     assert result.returncode == 0 and not result.errors, result
     assert result.inserted == 2 * 4 * 50 // 5, result
@@ -858,11 +855,8 @@ def test_jdbc_prepared_statements_and_transactions(sidecar: SidecarProcess, writ
 def test_node_postgres_pool(sidecar: SidecarProcess, writer: pg.PgNode) -> None:
     """node-postgres: a pg.Pool, named statements (Parse once per connection, then Bind only),
     unnamed parameterized and simple queries, INSERTs in explicit transactions."""
-    t, ref = _name(), _name()
     with _connect(sidecar) as conn:
-        conn.execute(f"CREATE TABLE {t} (w int, i int)")
-        conn.execute(f"CREATE TABLE {ref} (id int PRIMARY KEY, label text)")
-        conn.execute(f"INSERT INTO {ref} SELECT g, 'r' || g FROM generate_series(1, 100) g")
+        t, ref = workloads.create_tables(conn)
     result = node_pg.run_workload(sidecar.host, sidecar.port, DB, USER, PASSWORD, t, ref, tasks=8, rounds=30)
     assert result.returncode == 0 and not result.errors, result
     assert result.inserted == 8 * 30 // 6, result

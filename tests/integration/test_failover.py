@@ -126,6 +126,17 @@ def wait_state(
         time.sleep(0.02)
 
 
+def crash_and_promote(topo: pg.Topology, sidecar: SidecarProcess, pause: float) -> None:
+    """Crash a1; once the sidecar is failing over, wait `pause`, promote a2 and wait until the
+    sidecar is up on it."""
+    crash = time.time()
+    topo.a1.crash()
+    wait_state(sidecar, "failing_over", crash)
+    time.sleep(pause)
+    topo.a2.promote()
+    wait_state(sidecar, "up", crash, writer=topo.a2)
+
+
 def conn_id(sidecar: SidecarProcess, application_name: str) -> str:
     """The sidecar's id (``c12``) of the client that logged in with `application_name`."""
     ids = [e.fields["conn"] for e in log_events(sidecar.log_text(), "client_login")
@@ -318,12 +329,7 @@ def test_idle_session_moves_to_the_new_writer_with_its_state(fresh_topology, sid
     assert prepared
     assert server_port(conn) == topo.a1.port
 
-    crash = time.time()
-    topo.a1.crash()
-    wait_state(sidecar, "failing_over", crash)
-    time.sleep(1.0)
-    topo.a2.promote()
-    wait_state(sidecar, "up", crash, writer=topo.a2)
+    crash_and_promote(topo, sidecar, pause=1.0)
 
     # The next query: no error, on a2, with the session's settings and prepared statement.
     assert server_port(conn) == topo.a2.port
@@ -366,12 +372,7 @@ def test_jdbc_connections_go_on_after_a_writer_crash(fresh_topology, sidecar_fac
     ) as sessions:
         before = sessions.step(7)  # rounds 0-6: the next one, 7, is in autocommit
         assert before.errors == [] and before.inserted == 21, before
-        crash = time.time()
-        topo.a1.crash()
-        wait_state(sidecar, "failing_over", crash)
-        time.sleep(0.5)
-        topo.a2.promote()
-        wait_state(sidecar, "up", crash, writer=topo.a2)
+        crash_and_promote(topo, sidecar, pause=0.5)
         after = sessions.step(6)
         assert after.errors == [] and after.inserted == 39, after
     rows = topo.a2.query(f"SELECT count(*), count(DISTINCT (w, i)) FROM {table}", dbname=pg.APP_DB)

@@ -40,7 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import errors as pgerr
 from sqlalchemy import orm
 
-from tests.harness import jdbc, node_pg, pg
+from tests.harness import jdbc, node_pg, pg, workloads
 from tests.harness.sidecar import SIDECAR_PASSWORDS, SidecarProcess, sidecar_config
 
 USER = "app_scram"
@@ -280,11 +280,8 @@ def test_fifty_clients_never_use_more_than_pool_size_servers(
 def test_psycopg_prepared_statements_across_hundreds_of_transactions(
     sidecar: SidecarProcess, writer: pg.PgNode
 ) -> None:
-    t, ref = _name(), _name()
     with _connect(sidecar) as conn:
-        conn.execute(f"CREATE TABLE {t} (w int, i int)")
-        conn.execute(f"CREATE TABLE {ref} (id int PRIMARY KEY, label text)")
-        conn.execute(f"INSERT INTO {ref} SELECT g, 'r' || g FROM generate_series(1, 100) g")
+        t, ref = workloads.create_tables(conn)
 
     # Each connection starts the cycle at another query, so psycopg's `_pg3_0` names a different
     # statement on every connection: the sidecar must keep the clients' names apart.
@@ -411,11 +408,8 @@ def test_jdbc_server_prepared_statements_over_two_servers(sidecar: SidecarProces
     (Close, then Parse again), one running DEALLOCATE ALL now and then, one SERIALIZABLE through
     the JDBC API; batched inserts, isValid checks, some rounds inside explicit transactions.
     JdbcWorkload.java checks every answer; the rows are counted here."""
-    t, ref = _name(), _name()
     with _connect(sidecar) as conn:
-        conn.execute(f"CREATE TABLE {t} (w int, i int)")
-        conn.execute(f"CREATE TABLE {ref} (id int PRIMARY KEY, label text)")
-        conn.execute(f"INSERT INTO {ref} SELECT g, 'r' || g FROM generate_series(1, 100) g")
+        t, ref = workloads.create_tables(conn)
     workers, rounds = 4, 150
     result = jdbc.run_workload(sidecar.host, sidecar.port, DB, USER, PASSWORD, t, ref, workers, rounds)
     _no_statement_confusion(result.errors)
@@ -429,11 +423,8 @@ def test_node_postgres_named_statements_over_two_servers(sidecar: SidecarProcess
     """node-postgres sends a named statement's Parse once per connection, then only its Bind: a
     pg.Pool of six connections, twelve concurrent tasks, two servers; also unnamed parameterized
     and simple queries, and INSERTs in explicit transactions. workload.mjs checks every answer."""
-    t, ref = _name(), _name()
     with _connect(sidecar) as conn:
-        conn.execute(f"CREATE TABLE {t} (w int, i int)")
-        conn.execute(f"CREATE TABLE {ref} (id int PRIMARY KEY, label text)")
-        conn.execute(f"INSERT INTO {ref} SELECT g, 'r' || g FROM generate_series(1, 100) g")
+        t, ref = workloads.create_tables(conn)
     tasks, rounds = 12, 60
     result = node_pg.run_workload(sidecar.host, sidecar.port, DB, USER, PASSWORD, t, ref, tasks, rounds)
     _no_statement_confusion(result.errors)
