@@ -1,6 +1,7 @@
 """Run pgjdbc, a real JDBC client, against a sidecar for the integration tests: JdbcWorkload.java
-(threads, each a connection, checking every answer) and JdbcSessions.java (connections driven step
-by step, so a test can fail the database over between two steps).
+(threads, each a connection, checking every answer), JdbcSessions.java (connections driven step
+by step, so a test can fail the database over between two steps) and JdbcQueryTimeout.java
+(Statement.setQueryTimeout, which cancels through a CancelRequest).
 
 Java runs the file as a single source program (Java 11+) with Debian's pgjdbc on the class path;
 `make test` installs both (default-jdk-headless, libpostgresql-jdbc-java) when missing.
