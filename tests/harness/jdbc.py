@@ -20,22 +20,13 @@ from types import TracebackType
 
 import pytest
 
+from tests.harness import workloads
+
 JDBC_JAR = Path("/usr/share/java/postgresql.jar")  # Debian's libpostgresql-jdbc-java
 WORKLOAD = Path(__file__).with_name("JdbcWorkload.java")
 SESSIONS = Path(__file__).with_name("JdbcSessions.java")
 QUERY_TIMEOUT = Path(__file__).with_name("JdbcQueryTimeout.java")
 TIMEOUT = 180  # the JVM compiles the source first: a few seconds before any connection
-
-
-@dataclass(frozen=True)
-class WorkloadResult:
-    returncode: int
-    errors: list[str]  # the workload's "ERROR ..." lines: one per failed round
-    inserted: int | None  # rows its INSERTs reported, from the summary line (None: no summary)
-    output: str
-
-    def __str__(self) -> str:
-        return f"exit {self.returncode}\n{self.output}"
 
 
 def java() -> str:
@@ -49,24 +40,26 @@ def java() -> str:
     return binary
 
 
+def _argv(source: Path, *args: str) -> list[str]:
+    return [java(), "-cp", str(JDBC_JAR), str(source), *args]
+
+
 def run_source(source: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Run a single-file Java program of this folder with pgjdbc on the class path."""
-    return subprocess.run(
-        [java(), "-cp", str(JDBC_JAR), str(source), *args], capture_output=True, text=True, timeout=TIMEOUT
-    )
+    return subprocess.run(_argv(source, *args), capture_output=True, text=True, timeout=TIMEOUT)
 
 
 def run_workload(
     host: str, port: int, db: str, user: str, password: str, table: str, ref: str, workers: int, rounds: int
-) -> WorkloadResult:
+) -> workloads.WorkloadResult:
     """Run the workload (see JdbcWorkload.java): `table (w int, i int)` takes its inserts, `ref (id,
     label)` holds ids 1..100 labelled 'r<id>'."""
     out = run_source(WORKLOAD, host, str(port), db, user, password, table, ref, str(workers), str(rounds))
     summary = re.search(r"^inserted=(\d+) errors=\d+$", out.stdout, re.M)
-    return WorkloadResult(
+    return workloads.WorkloadResult(
         returncode=out.returncode,
-        errors=[line for line in out.stdout.splitlines() if line.startswith("ERROR")],
         inserted=int(summary.group(1)) if summary else None,
+        errors=[line for line in out.stdout.splitlines() if line.startswith("ERROR")],
         output=out.stdout + out.stderr,
     )
 
@@ -81,8 +74,7 @@ class JdbcSessions:
     """JdbcSessions.java as a context manager: `step(n)` runs n rounds on every connection."""
 
     def __init__(self, host: str, port: int, db: str, user: str, password: str, table: str, connections: int):
-        self._argv = [java(), "-cp", str(JDBC_JAR), str(SESSIONS), host, str(port), db, user, password,
-                      table, str(connections)]  # fmt: skip
+        self._argv = _argv(SESSIONS, host, str(port), db, user, password, table, str(connections))
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._proc: subprocess.Popen[str] | None = None
         self._seen: list[str] = []

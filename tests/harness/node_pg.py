@@ -9,25 +9,15 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.harness import workloads
+
 NODE_DIR = Path(__file__).with_name("node")
 WORKLOAD = NODE_DIR / "workload.mjs"
 TIMEOUT = 120
-
-
-@dataclass(frozen=True)
-class WorkloadResult:
-    returncode: int
-    inserted: int | None  # transactions with an INSERT committed (None: no summary line)
-    errors: list[str]
-    output: str
-
-    def __str__(self) -> str:
-        return f"exit {self.returncode}\n{self.output}"
 
 
 def node() -> str:
@@ -43,7 +33,7 @@ def node() -> str:
 
 def run_workload(
     host: str, port: int, db: str, user: str, password: str, table: str, ref: str, tasks: int, rounds: int
-) -> WorkloadResult:
+) -> workloads.WorkloadResult:
     """Run the workload: `table (w int, i int)` takes its inserts, `ref (id, label)` holds ids
     1..100 labelled 'r<id>'."""
     out = subprocess.run(
@@ -55,7 +45,7 @@ def run_workload(
         if line.startswith("{"):
             summary = json.loads(line)
             break
-    return WorkloadResult(
+    return workloads.WorkloadResult(
         returncode=out.returncode,
         inserted=summary["inserted"] if summary else None,
         errors=summary["errors"] if summary else [],

@@ -847,9 +847,7 @@ def test_jdbc_prepared_statements_and_transactions(sidecar: SidecarProcess, writ
     with _connect(sidecar) as conn:
         t, ref = workloads.create_tables(conn)
     result = jdbc.run_workload(sidecar.host, sidecar.port, DB, USER, PASSWORD, t, ref, workers=4, rounds=50)
-    assert result.returncode == 0 and not result.errors, result
-    assert result.inserted == 2 * 4 * 50 // 5, result
-    assert _wq(writer, f"SELECT count(*), count(DISTINCT (w, i)) FROM {t}") == [(80, 80)]
+    workloads.assert_done(result, writer, t, rows=2 * 4 * 50 // 5)
 
 
 def test_node_postgres_pool(sidecar: SidecarProcess, writer: pg.PgNode) -> None:
@@ -858,9 +856,7 @@ def test_node_postgres_pool(sidecar: SidecarProcess, writer: pg.PgNode) -> None:
     with _connect(sidecar) as conn:
         t, ref = workloads.create_tables(conn)
     result = node_pg.run_workload(sidecar.host, sidecar.port, DB, USER, PASSWORD, t, ref, tasks=8, rounds=30)
-    assert result.returncode == 0 and not result.errors, result
-    assert result.inserted == 8 * 30 // 6, result
-    assert _wq(writer, f"SELECT count(*), count(DISTINCT (w, i)) FROM {t}") == [(40, 40)]
+    workloads.assert_done(result, writer, t, rows=8 * 30 // 6)
 
 
 def test_pgbench(sidecar: SidecarProcess, writer: pg.PgNode, scratch_db: str) -> None:
