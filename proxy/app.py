@@ -23,7 +23,7 @@ from .admin import config_items
 from .aws import IamTokenSource, looks_like_aws_region, region_of_rds_host
 from .client import ClientSession
 from .metrics import Stats, make_registry
-from .pool import Pool, PoolSettings
+from .pool import Gate, Pool, PoolSettings
 from .protocol.auth import ScramVerifier
 from .protocol.sqlstate import CannotConnectNow, ProxyError, ShuttingDown, TooManyClients
 from .server import ServerConnection, TlsSettings, connect, send_cancel
@@ -55,8 +55,8 @@ class Sidecar:
         # Open unless new transactions must wait (admin PAUSE; later, a failover in progress).
         self._gate = asyncio.Event()
         self._gate.set()
-        # Mirrors `_gate` as a plain attribute: read by every client read on the data path.
-        self.gate_closed = False
+        # Mirrors `_gate` as a plain flag: read by every client read on the data path.
+        self.gate = Gate()
         self.gate_reason = ""
         self._gate_for_failover = False  # held by a failover (bounded) rather than PAUSE
         self.client_ssl_context = self._client_ssl_context()
@@ -180,13 +180,13 @@ class Sidecar:
         if self._gate.is_set():
             self.gate_reason = reason
             self._gate.clear()
-            self.gate_closed = True
+            self.gate.closed = True
             logs.event("transactions_held", reason=reason)
 
     def open_gate(self) -> None:
         if not self._gate.is_set():
             self._gate.set()
-            self.gate_closed = False
+            self.gate.closed = False
             logs.event("transactions_released", reason=self.gate_reason, waiting=self.held_requests)
             self.gate_reason = ""
 

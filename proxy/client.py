@@ -145,6 +145,7 @@ class ClientSession(asyncio.Protocol):
     def __init__(self, sidecar: Sidecar) -> None:
         self.id = f"c{next(_client_ids)}"
         self.sidecar = sidecar
+        self._gate = sidecar.gate  # (read per client read: held here, a native attribute)
         self.state = ClientState.STARTUP
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -230,7 +231,7 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._linked:
             server = self.server
-            if self.sidecar.gate_closed and self._between_transactions():
+            if self._gate.closed and self._between_transactions():
                 self._unlink()
                 self._hold(data)
                 self._start(self._resume_after_gate())
@@ -309,8 +310,7 @@ class ClientSession(asyncio.Protocol):
         if out is not None:
             out.write(data)
         server.outstanding += 1  # one ReadyForQuery will answer it
-        server.request_started.append(monotonic())
-        server.request_kinds.append(self._note_statement(data, 5) if kind < 0 else kind)
+        server.in_flight.push(self._note_statement(data, 5) if kind < 0 else kind)
         return True
 
     def _between_answers(self, server: ServerConnection) -> bool:
@@ -513,8 +513,7 @@ class ClientSession(asyncio.Protocol):
         """A fast path's request to the server `_server_now` gave: queue the answers it expects
         (the last at its Sync or Query) as `tracker.fast`, note it in flight, and send it."""
         server.tracker.expect_fast(expected)  # (nothing in flight, skipping nothing: checked)
-        server.request_started.append(monotonic())
-        server.request_kinds.append(kind)
+        server.in_flight.push(kind)
         out = server.transport
         if out is not None:
             out.write(data)
@@ -530,7 +529,7 @@ class ClientSession(asyncio.Protocol):
                 return None
             return linked
         pool = self.pool
-        if pool is None or self.sidecar.gate_closed:
+        if pool is None or self._gate.closed:
             return None
         if self._parked:
             kept = self.server
@@ -564,7 +563,7 @@ class ClientSession(asyncio.Protocol):
         pool = self.pool
         assert server is not None and pool is not None
         self._parked = False
-        if not self.sidecar.gate_closed and pool.unpark(server):
+        if not self._gate.closed and pool.unpark(server):
             return server
         self.give_back(server)
         return None
@@ -581,7 +580,7 @@ class ClientSession(asyncio.Protocol):
         """Transaction mode's common case, without a task or a trip round the event loop: the gate
         is open and an idle server already has this client's settings."""
         pool = self.pool
-        if pool is None or self.sidecar.gate_closed:
+        if pool is None or self._gate.closed:
             return False
         server = pool.take_idle_now()
         if server is None:
@@ -644,12 +643,11 @@ class ClientSession(asyncio.Protocol):
             return Action.FORWARD
         if server is not None:
             server.outstanding += 1  # a Query or Sync: one ReadyForQuery will answer it
-            server.request_started.append(monotonic())
             if type_byte == m.F_QUERY:
-                server.request_kinds.append(self._note_statement(msg, 5))
+                server.in_flight.push(self._note_statement(msg, 5))
             else:
                 batch = self._batch_kind
-                server.request_kinds.append(REQUEST_OTHER if batch is None else batch)
+                server.in_flight.push(REQUEST_OTHER if batch is None else batch)
                 self._batch_kind = None
         return Action.FORWARD
 
@@ -704,9 +702,8 @@ class ClientSession(asyncio.Protocol):
         if type_byte == m.F_SYNC:
             tracker.sync_sent()
             tracker.expect(Expect.SYNC)
-            server.request_started.append(monotonic())
             kind = self._batch_kind
-            server.request_kinds.append(REQUEST_OTHER if kind is None else kind)
+            server.in_flight.push(REQUEST_OTHER if kind is None else kind)
             self._batch_kind = None
             return Action.FORWARD
         if type_byte == m.F_TERMINATE:
@@ -753,13 +750,11 @@ class ClientSession(asyncio.Protocol):
             self._owe(owed)
             return action
         if type_byte == m.F_QUERY:
-            server.request_started.append(monotonic())
             keyword = first_keyword(msg, 5)
-            server.request_kinds.append(_request_kind(keyword, msg, 5))
+            server.in_flight.push(_request_kind(keyword, msg, 5))
             return self._transaction_query(msg, server, keyword)
         if type_byte == m.F_FUNCTION_CALL:
-            server.request_started.append(monotonic())
-            server.request_kinds.append(REQUEST_OTHER)
+            server.in_flight.push(REQUEST_OTHER)
             tracker.expect(Expect.QUERY)
         return Action.FORWARD  # Flush
 
@@ -828,8 +823,11 @@ class ClientSession(asyncio.Protocol):
         if data and self.transport is not None:
             self.transport.write(data)
 
-    # ServerLink callbacks from the linked ServerConnection.
+    # Callbacks from the linked ServerConnection.
     def server_ready(self, status: int) -> Continuation | None:
+        """ReadyForQuery arrived (called only while `wants_ready`). A returned continuation runs
+        once the bytes so far have been written, with the server's relay paused (the client is
+        at a quiet point)."""
         server = self.server
         if server is None or status != m.TX_IDLE or server.outstanding or server.tracker:
             return None
@@ -865,6 +863,7 @@ class ClientSession(asyncio.Protocol):
             self._release_transaction_server()
 
     def server_error(self, fields: dict[str, str]) -> None:
+        """An ErrorResponse from the linked server (relayed; this only reports failures)."""
         server = self.server
         if server is not None and fields.get("C") in SERVER_GONE_STATES:
             self.sidecar.topology.report_failure(server.endpoint, m.error_summary(fields))
@@ -889,8 +888,8 @@ class ClientSession(asyncio.Protocol):
         """
         if server is not self.server:
             return
-        in_flight = len(server.request_started)
-        kinds = list(server.request_kinds)
+        in_flight = len(server.in_flight)
+        kinds = server.in_flight.kinds()
         in_block = server.tx_status in (m.TX_IN_BLOCK, m.TX_FAILED)
         broken = server.mid_response
         self.server = None

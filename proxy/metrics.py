@@ -53,7 +53,7 @@ class Histogram:
             if value <= bound:
                 break
             i += 1
-        self.counts[i] += 1
+        self.counts[i] = self.counts[i] + 1  # (compiled: unboxed, where `+=` is a generic call)
         self.total += value
         self.count += 1
 

@@ -45,6 +45,18 @@ class Parker(Protocol):
         """Unlink `server` and hand it to `Pool.release` (another client needs it)."""
 
 
+class Gate:
+    """Whether new transactions may start: `closed` while they are held (an operator's PAUSE, a
+    failover with no writer yet). The Sidecar opens and closes it; every client read on the data
+    path checks it, and this object, being compiled, makes that a native attribute read (the
+    Sidecar's own attributes are a generic getattr each)."""
+
+    __slots__ = ("closed",)
+
+    def __init__(self) -> None:
+        self.closed = False
+
+
 Opener = Callable[["Endpoint", dict[str, str], "str | None"], Awaitable[ServerConnection]]
 
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import ssl
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from time import monotonic  # by name: compiled, `time.monotonic` is a module getattr per call
-from typing import TYPE_CHECKING, Final, Protocol, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from . import logs
 from .metrics import Stats
@@ -36,7 +35,16 @@ from .statements import TRACKED_RESPONSE_TYPES, ResponseTracker, ServerStatement
 if TYPE_CHECKING:
     from sidecar_config import Endpoint
 
+    # The linked client, named by its class rather than a Protocol: compiled, the hot path then
+    # reads its attributes natively (`wants_ready`, `transport`) instead of by a generic getattr
+    # per answer. (Only ClientSession links; client.py imports this module, hence TYPE_CHECKING.)
+    from .client import ClientSession
+
 _server_ids = itertools.count(1)
+
+# `monotonic` again, for the per-request clock reads: compiled, a Final name is a C static, where
+# an imported name is a lookup in the module's dict at every call.
+_clock: Final = monotonic
 
 # Server -> client messages the data path must see: transaction boundaries, errors that reveal a
 # dying or demoted server, and parameter changes a moved session has to replay.
@@ -65,28 +73,74 @@ def merge_kinds(a: int | None, b: int) -> int:
     return REQUEST_READ if a == b == REQUEST_READ else REQUEST_OTHER
 
 
+class InFlight:
+    """The requests sent to a server that its ReadyForQuery has not answered yet, oldest first:
+    when each was sent (for the query-duration histogram) and its REQUEST_* kind (for the answer
+    owed if the server is lost).
+
+    Two lists used as a queue between `_head` and `_tail` rather than deques: compiled, every
+    operation here is native, where each deque append/popleft is a generic method call (four per
+    transaction). Slots are reused, so the usual one-request-at-a-time traffic allocates nothing."""
+
+    __slots__ = ("_head", "_kinds", "_started", "_tail")
+
+    def __init__(self) -> None:
+        self._started: list[float] = []
+        self._kinds: list[int] = []
+        self._head = 0  # the oldest unanswered request
+        self._tail = 0  # one past the newest
+
+    def __len__(self) -> int:
+        return self._tail - self._head
+
+    def push(self, kind: int) -> None:
+        tail = self._tail
+        if tail < len(self._kinds):
+            self._started[tail] = _clock()
+            self._kinds[tail] = kind
+        else:
+            self._started.append(_clock())
+            self._kinds.append(kind)
+        self._tail = tail + 1
+
+    def pop(self) -> float:
+        """Forget the oldest request; when it was sent (-1.0 if none was in flight)."""
+        head = self._head
+        if head >= self._tail:
+            return -1.0
+        started = self._started[head]
+        head += 1
+        if head == self._tail:
+            self.clear()  # the usual case: nothing in flight, start again at slot 0
+        elif head >= _COMPACT_AFTER and head * 2 >= self._tail:
+            # A long pipeline: drop the answered part so the lists stay bounded by what is in flight.
+            del self._started[:head]
+            del self._kinds[:head]
+            self._tail -= head
+            self._head = 0
+        else:
+            self._head = head
+        return started
+
+    def kinds(self) -> list[int]:
+        return self._kinds[self._head : self._tail]
+
+    def clear(self) -> None:
+        self._head = self._tail = 0
+        if len(self._kinds) > _COMPACT_AFTER:
+            self._started = []  # (after a long pipeline: its slots are not kept)
+            self._kinds = []
+
+
+_COMPACT_AFTER: Final = 1024
+
+
 class ServerState(Enum):
     CONNECTING = "connecting"
     LOGIN = "login"
     IDLE = "idle"
     ACTIVE = "active"
     CLOSED = "closed"
-
-
-class ServerLink(Protocol):
-    """What a linked ServerConnection needs from its client (a ClientSession)."""
-
-    transport: asyncio.Transport | None
-    wants_ready: bool  # call server_ready at each ReadyForQuery (else skipped: hot path)
-
-    def server_ready(self, status: int) -> Continuation | None:
-        """ReadyForQuery arrived. A returned continuation runs once the bytes so far have been
-        written, with this server's relay paused (the client is at a quiet point)."""
-        ...
-
-    def server_error(self, fields: dict[str, str]) -> None: ...
-
-    def server_lost(self, server: ServerConnection, reason: str) -> None: ...
 
 
 class UpstreamError(ProxyError):
@@ -148,17 +202,14 @@ class ServerConnection(asyncio.Protocol):
         self.outstanding = 0  # Query/Sync messages sent whose ReadyForQuery has not come back
         self.created_at = monotonic()
         self.last_used = self.created_at
-        self.client: ServerLink | None = None  # the linked client, if any
+        self.client: ClientSession | None = None  # the linked client, if any
         self.close_reason: str | None = None
         self.applied: dict[str, str] = {}  # session settings the sidecar set here (lowercase names)
         self.statements = ServerStatements(0)  # sidecar-wide prepared statements (transaction mode)
         self.tracker = ResponseTracker()  # answers owed, in order (transaction mode)
         self.unnamed_from: bytes | None = None  # whose unnamed statement this server holds
         self.held_notifications: list[bytes] = []  # NOTIFYs that arrived while detached
-        self.request_started: deque[float] = deque()  # when each unanswered request was sent
-        # Per unanswered request, what it is (REQUEST_*): decides the error owed if the server
-        # is lost before it answers.
-        self.request_kinds: deque[int] = deque()
+        self.in_flight = InFlight()  # the unanswered requests: when sent, and what (REQUEST_*)
         self.stats = stats if stats is not None else Stats()
         self._tracked = False
         self._continuation: Continuation | None = None
@@ -254,11 +305,10 @@ class ServerConnection(asyncio.Protocol):
 
     # ---------------------------------------------------------------- linked mode
 
-    def link(self, client: ServerLink, tracked: bool = False) -> None:
+    def link(self, client: ClientSession, tracked: bool = False) -> None:
         """Start relaying this server's output to `client` (`tracked`: match answers to requests)."""
         self.client = client
-        self.request_started.clear()
-        self.request_kinds.clear()
+        self.in_flight.clear()
         self.state = ServerState.ACTIVE
         self.last_used = monotonic()
         if tracked != self._tracked:
@@ -303,7 +353,7 @@ class ServerConnection(asyncio.Protocol):
                 return Action.DROP
         return Action.FORWARD
 
-    def _on_ready(self, status: int, client: ServerLink | None) -> Continuation | None:
+    def _on_ready(self, status: int, client: ClientSession | None) -> Continuation | None:
         """Untracked ReadyForQuery: account for it; what the client wants run at this quiet point."""
         self.tx_status = status
         self._answered()
@@ -333,10 +383,9 @@ class ServerConnection(asyncio.Protocol):
         stats.queries += 1
         if self.tx_status == m.TX_IDLE:
             stats.transactions += 1
-        if self.request_started:
-            stats.query_duration.observe(monotonic() - self.request_started.popleft())
-        if self.request_kinds:
-            self.request_kinds.popleft()
+        started = self.in_flight.pop()
+        if started >= 0.0:
+            stats.query_duration.observe(_clock() - started)
 
     def _inspect_tracked(self, type_byte: int, msg: memoryview) -> Action:
         client = self.client

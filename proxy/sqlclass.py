@@ -61,6 +61,9 @@ def session_keyword_at(buf: bytes | memoryview, start: int) -> bool:
     for most statements); True means look closer."""
     if start >= len(buf):
         return False
+    if not isinstance(buf, bytes):
+        # (The usual caller passes bytes, which makes the read below native when compiled.)
+        return session_keyword_at(bytes(buf[start : start + 1]), 0)
     first = buf[start] | 0x20
     return not (0x61 <= first <= 0x7A) or _SESSION_INITIALS[first] != 0
 
@@ -91,6 +94,15 @@ def lone_select(buf: bytes | memoryview, start: int) -> bool:
         or not _BLANK[raw[start + 6]]
     ):
         return False
+    # The common case decided on the bytes, without a decoded copy: no parenthesis (no call) and
+    # no semicolon but one ending the text (psql and pgbench end theirs so). `in` with an int
+    # needle: a bytes needle is first tried as an int, an exception raised and cleared inside;
+    # and no bytes methods (`find`), which compiled are generic calls costlier than the copy.
+    if 0x28 not in raw:
+        if 0x3B not in raw:
+            return True
+        if raw[n - 1] == 0 and raw[n - 2] == 0x3B and 0x3B not in raw[start + 7 : n - 2]:
+            return True
     text = raw.decode("latin-1")
     semicolon = text.find(";", start + 7)
     if semicolon >= 0 and (semicolon + 1 == n or raw[semicolon + 1] != 0):

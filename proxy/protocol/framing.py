@@ -18,17 +18,22 @@ from collections.abc import Callable, Iterable
 from enum import IntEnum
 from typing import Final
 
+from mypy_extensions import i64
+
 from .sqlstate import ProtocolViolation
 
 _LEN: Final = struct.Struct("!i")
 _len_from: Final = _LEN.unpack_from
 
 
-def length_at(data: bytes, pos: int) -> int:
+def length_at(data: bytes, pos: i64) -> i64:
     """The message length (big-endian int32) at `data[pos:pos + 4]`, read as unsigned: a negative
     one comes out above any limit. Compiled (mypyc), four byte reads and shifts cost a tenth of
-    `struct.unpack_from` and its tuple; this runs for every message header on the data path."""
-    return (data[pos] << 24) | (data[pos + 1] << 16) | (data[pos + 2] << 8) | data[pos + 3]
+    `struct.unpack_from` and its tuple; this runs for every message header on the data path, so
+    in machine integers (i64), not Python ints that mypyc checks for overflow at every step."""
+    return (
+        (i64(data[pos]) << 24) | (i64(data[pos + 1]) << 16) | (i64(data[pos + 2]) << 8) | i64(data[pos + 3])
+    )
 
 
 HEADER_SIZE: Final = 5
@@ -226,12 +231,13 @@ class Relay:
         look at); else -1 and the caller takes the general path, `feed`. The fast path for a whole
         request (ending in Sync) or a whole answer (ending in ReadyForQuery). `start`: where the
         messages to check begin (the caller has looked at those before it)."""
-        if self._paused or self._carry or self._stream_left:
+        if self._paused or self._stream_left or len(self._carry):
             return -1
-        n = len(data)
-        limit = self._max
+        # (Machine integers: compiled, the loop's arithmetic then needs no overflow checks.)
+        n: i64 = len(data)
+        limit: i64 = self._max
         valid = self._valid
-        pos = start
+        pos: i64 = start
         while pos + HEADER_SIZE <= n:
             type_byte = data[pos]
             length = length_at(data, pos + 1)

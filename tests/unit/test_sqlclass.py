@@ -22,6 +22,8 @@ def query(sql: str) -> bytes:
         ("SELECT 'a;b'", False),  # a `;` in a literal: looked at closer, not misread
         ("select 1; select 2", False),
         ("select 1 ;;", False),
+        ("SELECT a FROM t WHERE b = ';';", False),  # ends in `;`, but another came before
+        ("SELECT 1; SELECT 2;", False),
         ("SELECT pg_advisory_lock(1)", False),
         ("SELECT PG_TRY_ADVISORY_LOCK(1)", False),
         ("SELECT set_config('app.x', '1', false)", False),
