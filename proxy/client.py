@@ -46,7 +46,6 @@ from .server import (
     REQUEST_COMMIT,
     REQUEST_OTHER,
     REQUEST_READ,
-    Continuation,
     ServerConnection,
     ServerState,
     merge_kinds,
@@ -824,21 +823,20 @@ class ClientSession(asyncio.Protocol):
             self.transport.write(data)
 
     # Callbacks from the linked ServerConnection.
-    def server_ready(self, status: int) -> Continuation | None:
-        """ReadyForQuery arrived (called only while `wants_ready`). A returned continuation runs
-        once the bytes so far have been written, with the server's relay paused (the client is
-        at a quiet point)."""
+    def server_ready(self, status: int) -> bool:
+        """ReadyForQuery arrived (called only while `wants_ready`). True: the client is at a quiet
+        point, and the server calls `quiet_point` once the bytes so far have been written, with
+        its relay paused. (A flag rather than a callback returned: compiled, a bound method is
+        an allocation and a generic call per transaction.)"""
         server = self.server
         if server is None or status != m.TX_IDLE or server.outstanding or server.tracker:
-            return None
+            return False
         if self._relay.mid_message:
-            return None
+            return False
         maintenance = self._settings_dirty or self._reset_all or bool(self._reset_names) or self._discarded
-        if not maintenance and not self.transaction_mode:
-            return None
-        return self._quiet_point
+        return maintenance or self.transaction_mode
 
-    def _quiet_point(self) -> None:
+    def quiet_point(self) -> None:
         """The server finished everything asked of it: maintain, and in transaction mode release it."""
         server = self.server
         if server is None:

@@ -52,9 +52,6 @@ _LINKED_WATCH: Final = watch_table((m.B_READY_FOR_QUERY, m.B_ERROR, m.B_PARAMETE
 # Transaction pooling renames prepared statements, so every answer is matched to its request.
 _TRACKED_WATCH: Final = watch_table(TRACKED_RESPONSE_TYPES)
 
-Continuation = Callable[[], None]
-
-
 # What a request sent to the server was, for the answer owed if the server is lost before
 # answering it: a COMMIT's outcome is unknown (08007); so is an autocommit write's; a read outside
 # a transaction block is simply retried (40001).
@@ -212,7 +209,9 @@ class ServerConnection(asyncio.Protocol):
         self.in_flight = InFlight()  # the unanswered requests: when sent, and what (REQUEST_*)
         self.stats = stats if stats is not None else Stats()
         self._tracked = False
-        self._continuation: Continuation | None = None
+        # The client's `server_ready` said True while the relay was mid-read: call its
+        # `quiet_point` once the bytes before the pause have been written.
+        self._quiet_due = False
         self._max = max_message_size
         self._reader = MessageReader(max_message_size)
         self._relay = Relay(_LINKED_WATCH, self._inspect, max_message_size)
@@ -245,13 +244,13 @@ class ServerConnection(asyncio.Protocol):
                     self.tracker.clear()
                     self.tx_status = status
                     self._answered()
-                    then = client.server_ready(status)
+                    due = client.server_ready(status)
                 else:
-                    then = self._on_ready(status, client)
-                if then is not None:
+                    due = self._on_ready(status, client)
+                if due:
                     # (Unlike Action.FORWARD_PAUSE, no `hold`: the read ended with the
                     # ReadyForQuery, so there is nothing after it to keep back.)
-                    then()
+                    client.quiet_point()
                 return
             try:
                 spans = self._relay.feed(data)
@@ -265,9 +264,9 @@ class ServerConnection(asyncio.Protocol):
             if self.close_reason is not None:
                 self.close(self.close_reason)  # its FATAL goodbye, dropped above
                 return
-            if self._continuation is not None and self._relay.paused:
-                then, self._continuation = self._continuation, None
-                then()
+            if self._quiet_due and self._relay.paused:
+                self._quiet_due = False
+                client.quiet_point()
             return
         if self._ssl_reply is not None and not self._ssl_reply.done():
             self._ssl_reply.set_result(data)
@@ -330,7 +329,7 @@ class ServerConnection(asyncio.Protocol):
     def unlink(self) -> None:
         """Stop relaying; output that arrives meanwhile is read by the sidecar's own queries."""
         self.client = None
-        self._continuation = None
+        self._quiet_due = False
         if self.state is ServerState.ACTIVE:
             self.state = ServerState.IDLE
         self.last_used = monotonic()
@@ -341,9 +340,8 @@ class ServerConnection(asyncio.Protocol):
     def _inspect(self, type_byte: int, msg: memoryview) -> Action:
         client = self.client
         if type_byte == m.B_READY_FOR_QUERY:
-            then = self._on_ready(msg[5], client)
-            if then is not None:
-                self._continuation = then
+            if self._on_ready(msg[5], client):
+                self._quiet_due = True
                 return Action.FORWARD_PAUSE
         elif type_byte == m.B_PARAMETER_STATUS:
             name, value = m.decode_parameter_status(msg[5:])
@@ -353,15 +351,15 @@ class ServerConnection(asyncio.Protocol):
                 return Action.DROP
         return Action.FORWARD
 
-    def _on_ready(self, status: int, client: ClientSession | None) -> Continuation | None:
-        """Untracked ReadyForQuery: account for it; what the client wants run at this quiet point."""
+    def _on_ready(self, status: int, client: ClientSession | None) -> bool:
+        """Untracked ReadyForQuery: account for it; True if the client wants its `quiet_point`."""
         self.tx_status = status
         self._answered()
         if self.outstanding:
             self.outstanding -= 1
         if client is not None and client.wants_ready:
             return client.server_ready(status)
-        return None
+        return False
 
     def _server_going_away(self, msg: memoryview) -> bool:
         """Count an ErrorResponse; True if it is the server's FATAL goodbye (shutdown, crash,
@@ -406,11 +404,14 @@ class ServerConnection(asyncio.Protocol):
             self._relay.insert(bytes(msg) + after if forward else after)
             forward = False
         pause = False
-        if type_byte == m.B_READY_FOR_QUERY and not self.tracker and client is not None:
-            then = client.server_ready(self.tx_status)
-            if then is not None:
-                self._continuation = then
-                pause = True
+        if (
+            type_byte == m.B_READY_FOR_QUERY
+            and not self.tracker
+            and client is not None
+            and client.server_ready(self.tx_status)
+        ):
+            self._quiet_due = True
+            pause = True
         if pause:
             return Action.FORWARD_PAUSE if forward else Action.DROP_PAUSE
         return Action.FORWARD if forward else Action.DROP
