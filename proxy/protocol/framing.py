@@ -30,10 +30,13 @@ def length_at(data: bytes, pos: i64) -> i64:
     """The message length (big-endian int32) at `data[pos:pos + 4]`, read as unsigned: a negative
     one comes out above any limit. Compiled (mypyc), four byte reads and shifts cost a tenth of
     `struct.unpack_from` and its tuple; this runs for every message header on the data path, so
-    in machine integers (i64), not Python ints that mypyc checks for overflow at every step."""
-    return (
-        (i64(data[pos]) << 24) | (i64(data[pos + 1]) << 16) | (i64(data[pos + 2]) << 8) | i64(data[pos + 3])
-    )
+    in machine integers (i64), not Python ints that mypyc checks for overflow at every step. (Typed
+    locals rather than `i64(...)` calls, which run as Python calls when the sources run.)"""
+    b0: i64 = data[pos]
+    b1: i64 = data[pos + 1]
+    b2: i64 = data[pos + 2]
+    b3: i64 = data[pos + 3]
+    return (b0 << 24) | (b1 << 16) | (b2 << 8) | b3
 
 
 HEADER_SIZE: Final = 5
