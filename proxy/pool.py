@@ -21,20 +21,16 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from time import monotonic  # by name: compiled, `time.monotonic` is a module getattr per call
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import logs
 from .protocol.sqlstate import SERVER_GONE_STATES, ProxyError, TooManyClients, UpstreamUnavailable
-from .server import ServerConnection, ServerState, UpstreamError
+from .server import ServerConnection, ServerState, UpstreamError, clock
 from .statements import ServerStatements
 from .topology import TopologyMonitor
 
 if TYPE_CHECKING:
     from sidecar_config import Endpoint
-
-# `monotonic` for the per-transaction reads (park, unpark): compiled, a Final name is a C static,
-# where an imported name is a lookup in the module's dict at every call.
-_clock: Final = monotonic
 
 
 class WriterChanged(UpstreamUnavailable):
@@ -121,13 +117,13 @@ class Pool:
             return False
         self.active.discard(server)
         self.parked[server] = client
-        server.last_used = _clock()
+        server.last_used = clock()
         return True
 
     def unpark(self, server: ServerConnection) -> bool:
         """The parked server's client starts a transaction on it: True if it still may (else the
         client gives it back and is served like any other)."""
-        now = _clock()
+        now = clock()
         if (
             self._usable(server, now, ServerState.ACTIVE) is not None  # (still linked to it)
             or now - server.last_used > self.settings.server_check_after_idle

@@ -42,9 +42,9 @@ if TYPE_CHECKING:
 
 _server_ids = itertools.count(1)
 
-# `monotonic` again, for the per-request clock reads: compiled, a Final name is a C static, where
-# an imported name is a lookup in the module's dict at every call.
-_clock: Final = monotonic
+# `monotonic` again, for the per-request clock reads (here and in pool.py): compiled, a Final name
+# is a C static, where an imported name is a lookup in the module's dict at every call.
+clock: Final = monotonic
 
 # Server -> client messages the data path must see: transaction boundaries, errors that reveal a
 # dying or demoted server, and parameter changes a moved session has to replay.
@@ -93,10 +93,10 @@ class InFlight:
     def push(self, kind: int) -> None:
         tail = self._tail
         if tail < len(self._kinds):
-            self._started[tail] = _clock()
+            self._started[tail] = clock()
             self._kinds[tail] = kind
         else:
-            self._started.append(_clock())
+            self._started.append(clock())
             self._kinds.append(kind)
         self._tail = tail + 1
 
@@ -383,7 +383,7 @@ class ServerConnection(asyncio.Protocol):
             stats.transactions += 1
         started = self.in_flight.pop()
         if started >= 0.0:
-            stats.query_duration.observe(_clock() - started)
+            stats.query_duration.observe(clock() - started)
 
     def _inspect_tracked(self, type_byte: int, msg: memoryview) -> Action:
         client = self.client
