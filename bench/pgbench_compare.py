@@ -14,7 +14,9 @@
    found): starts a sidecar and a PgBouncer in session mode, reads their VmRSS at idle, opens 1,000
    client connections that log in with SCRAM and then stay idle, reads VmRSS again.
 5. Prints a table with TPS, mean latency and the ratios sidecar/PgBouncer (same pool mode) and
-   sidecar/direct, the memory figures, and the targets of the issue marked PASS or MISS.
+   sidecar/direct; each proxy's CPU per transaction (user, kernel) and the share of each run it
+   spent on a CPU and waiting for one, read from /proc around every run; the memory figures; and
+   the targets of the issue marked PASS or MISS.
 
 Every process it starts (PostgreSQL, PgBouncer, sidecars) listens on a free loopback port and is
 stopped on the way out (try/finally plus atexit), also after Ctrl-C or SIGTERM.
@@ -204,6 +206,60 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise BenchError(f"no VmRSS in /proc/{pid}/status")
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """A proxy process's CPU so far: user and system ticks of all its threads (/proc/PID/stat), and
+    its main thread's time on a CPU and runnable but waiting for one (/proc/PID/schedstat, ns).
+    The proxies here do their work on the main thread (the others are idle resolver pools)."""
+
+    user_ticks: int
+    sys_ticks: int
+    run_ns: int
+    wait_ns: int
+    at: float  # monotonic seconds
+
+
+def cpu_sample(pid: int) -> CpuSample | None:
+    """None when /proc does not say (another OS, a kernel without schedstat, the process gone)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        # Fields after the command name, which may itself hold spaces and parentheses.
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        run_ns, wait_ns = (int(x) for x in Path(f"/proc/{pid}/schedstat").read_text().split()[:2])
+        return CpuSample(int(stat[11]), int(stat[12]), run_ns, wait_ns, time.monotonic())
+    return None
+
+
+@dataclass
+class ProxyCpu:
+    """What one pgbench run cost the proxy in its path, per transaction and as shares of the run."""
+
+    user_us: float  # CPU per transaction, user side
+    sys_us: float  # ... and in the kernel
+    on_cpu: float  # fraction of the run the proxy's main thread was on a CPU
+    waiting: float  # fraction it was runnable but waiting for a CPU
+
+    @property
+    def total_us(self) -> float:
+        return self.user_us + self.sys_us
+
+
+def proxy_cpu(before: CpuSample | None, after: CpuSample | None, transactions: int) -> ProxyCpu | None:
+    if before is None or after is None or transactions <= 0 or after.at <= before.at:
+        return None
+    ticks = (after.user_ticks - before.user_ticks) + (after.sys_ticks - before.sys_ticks)
+    run_us = (after.run_ns - before.run_ns) / 1000
+    # The split from the tick counters (coarse, 100 Hz), the amount from schedstat (ns).
+    user_share = (after.user_ticks - before.user_ticks) / ticks if ticks > 0 else 0.0
+    per_tx = run_us / transactions
+    wall_ns = (after.at - before.at) * 1e9
+    return ProxyCpu(
+        per_tx * user_share,
+        per_tx * (1 - user_share),
+        (after.run_ns - before.run_ns) / wall_ns,
+        (after.wait_ns - before.wait_ns) / wall_ns,
+    )
 
 
 def nofile_limit(pid: int) -> int | None:
@@ -668,6 +724,8 @@ def server_connections(node: PgNode) -> int:
 class Run:
     tps: float
     latency_ms: float
+    transactions: int = 0
+    cpu: ProxyCpu | None = None  # the proxy's, where the target is one
 
 
 class PgbenchFailed(RuntimeError):
@@ -679,6 +737,7 @@ class PgbenchFailed(RuntimeError):
 
 _TPS = re.compile(r"^tps = ([0-9.]+)", re.M)
 _LAT = re.compile(r"^latency average = ([0-9.]+) ms", re.M)
+_TXNS = re.compile(r"^number of transactions actually processed: (\d+)", re.M)
 
 
 def run_pgbench(port: int, case: Case, duration: int) -> Run:
@@ -713,12 +772,12 @@ def run_pgbench(port: int, case: Case, duration: int) -> Run:
     except subprocess.TimeoutExpired as exc:
         out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         raise PgbenchFailed(-1, f"timed out after {duration + 120}s\n{out}") from exc
-    tps, lat = _TPS.search(proc.stdout), _LAT.search(proc.stdout)
+    tps, lat, txns = _TPS.search(proc.stdout), _LAT.search(proc.stdout), _TXNS.search(proc.stdout)
     # Exit code 2 means some client aborted ("Run was aborted; the above results are incomplete"):
     # its partial figures would flatter nobody, so the run counts as failed.
     if proc.returncode != 0 or tps is None or lat is None:
         raise PgbenchFailed(proc.returncode, proc.stderr if proc.stderr.strip() else proc.stdout)
-    return Run(float(tps.group(1)), float(lat.group(1)))
+    return Run(float(tps.group(1)), float(lat.group(1)), int(txns.group(1)) if txns else 0)
 
 
 @dataclass
@@ -737,6 +796,19 @@ class Cell:
     def latency_ms(self) -> float | None:
         return (
             statistics.median(r.latency_ms for r in self.runs) if self.runs and self.error is None else None
+        )
+
+    @property
+    def cpu(self) -> ProxyCpu | None:
+        """The proxy's CPU figures, each the median over the rounds."""
+        cpus = [r.cpu for r in self.runs if r.cpu is not None]
+        if not cpus or self.error is not None:
+            return None
+        return ProxyCpu(
+            statistics.median(c.user_us for c in cpus),
+            statistics.median(c.sys_us for c in cpus),
+            statistics.median(c.on_cpu for c in cpus),
+            statistics.median(c.waiting for c in cpus),
         )
 
     @property
@@ -765,7 +837,9 @@ def benchmark(
     duration: int,
     rounds: int,
     pgb_version: tuple[int, int],
+    pids: dict[str, int],
 ) -> dict[str, dict[str, Cell]]:
+    """`pids`: the proxy process behind each target that has one, whose CPU each run reads."""
     results: dict[str, dict[str, Cell]] = {c.key: {t.name: Cell() for t in targets} for c in cases}
     for case in cases:
         say(f"\n== {case.label}: {len(targets)} targets x {rounds} round(s) x {duration}s")
@@ -778,6 +852,8 @@ def benchmark(
                     continue
                 if case.reset_tables:
                     reset_tpcb_tables(node)
+                pid = pids.get(target.name)
+                before = cpu_sample(pid) if pid is not None else None
                 try:
                     run = run_pgbench(target.port, case, duration)
                 except PgbenchFailed as exc:
@@ -789,6 +865,8 @@ def benchmark(
                         cell.note = f"error (pgbench exit {exc.returncode})"
                     parts.append(f"{target.name} {cell.note}")
                     continue
+                if pid is not None:
+                    run.cpu = proxy_cpu(before, cpu_sample(pid), run.transactions)
                 cell.runs.append(run)
                 parts.append(f"{target.name} {run.tps:,.0f}")
             say(f"  round {rnd}: " + " | ".join(parts))
@@ -993,6 +1071,45 @@ def print_table(
     say("byte splice (bench/splice.py, no parsing), the floor for a Python proxy here; vs PgB session mode.")
 
 
+def print_cpu(targets: Sequence[Target], cases: Sequence[Case], results: dict[str, dict[str, Cell]]) -> None:
+    """Each proxy's CPU per transaction: unlike TPS, nearly free of the machine's drift, and it says
+    why a ratio is what it is (with the proxy's one thread short of CPU, TPS follows 1 / CPU)."""
+    by_name = {t.name: t for t in targets}
+    rows = [
+        (case, name, cell)
+        for case in cases
+        for name, cell in results[case.key].items()
+        if by_name[name].kind != "direct" and cell.cpu is not None
+    ]
+    if not rows:
+        return
+    say("\nProxy CPU per transaction (/proc; median over the rounds)")
+    header = (
+        f"{'case':<40} {'target':<22} {'user µs':>8} {'kernel µs':>10} {'total µs':>9} {'on CPU':>7}"
+        f" {'waiting':>8} {'PgB / it':>9}"
+    )
+    say(header)
+    say("-" * len(header))
+    shown: str | None = None
+    for case, name, cell in rows:
+        cpu = cell.cpu
+        assert cpu is not None
+        t = by_name[name]
+        vs = "-"
+        pgb = results[case.key].get(f"pgbouncer-{t.mode}")
+        if t.kind in ("sidecar", "splice") and pgb is not None and pgb.cpu is not None and cpu.total_us > 0:
+            vs = fmt_ratio(pgb.cpu.total_us / cpu.total_us)
+        label = case.label if case.key != shown else ""
+        shown = case.key
+        say(
+            f"{label:<40} {name:<22} {cpu.user_us:>8.2f} {cpu.sys_us:>10.2f} {cpu.total_us:>9.2f}"
+            f" {cpu.on_cpu * 100:>6.0f}% {cpu.waiting * 100:>7.0f}% {vs:>9}"
+        )
+    say("on CPU / waiting: share of the run the proxy's main thread ran, or was runnable but waited for a")
+    say("CPU (schedstat). PgB / it: PgBouncer's CPU per transaction over this proxy's, the TPS ratio to")
+    say("expect when each proxy gets the same CPU share and that share is what limits the run.")
+
+
 def print_errors(cases: Sequence[Case], results: dict[str, dict[str, Cell]]) -> None:
     shown = False
     for case in cases:
@@ -1080,6 +1197,11 @@ def evaluate(
             # under the target, a miss is not the sidecar's parsing. (Not for -C: the splice does
             # not pool, so each of its connections is a new PostgreSQL backend.)
             notes.append(f"no-parsing splice {floor / ref:.2f}x; pgsidecar / splice {side / floor:.2f}x")
+        side_cpu, ref_cpu = side_cell.cpu, ref_cell.cpu
+        if side_cpu is not None and ref_cpu is not None:
+            notes.append(
+                f"proxy CPU per transaction {side_cpu.total_us:.1f} µs, PgBouncer's {ref_cpu.total_us:.1f} µs"
+            )
         note = f" ({'; '.join(notes)})" if notes else ""
         checks.append(Check(th.label, want, f"{r:.2f}x{note}", "PASS" if r >= th.minimum else "MISS"))
     label = f"{IDLE_CLIENTS} idle clients, sidecar session mode"
@@ -1180,7 +1302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             except PgbenchFailed as exc:
                 say(f"  warning: warm-up on {t.name} failed (exit {exc.returncode})\n{tail(exc.output, 6)}")
 
-        results = benchmark(targets, args.case_list, node, args.duration, args.rounds, pgb_version)
+        pids = {name: svc.pid for name, svc in services.items()}
+        results = benchmark(targets, args.case_list, node, args.duration, args.rounds, pgb_version, pids)
         for svc in services.values():
             svc.stop()
         # Memory last: its 1,000 logins (and as many server connections) are a storm the
@@ -1193,6 +1316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{os.cpu_count()} CPUs"
         )
         print_table(targets, args.case_list, results)
+        print_cpu(targets, args.case_list, results)
         print_errors(args.case_list, results)
         if mems:
             print_memory(mems)
@@ -1219,6 +1343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "latency_ms": cell.latency_ms,
                             "note": cell.note,
                             "error": cell.error,
+                            "proxy_cpu": asdict(cell.cpu) if cell.cpu is not None else None,
                             "runs": [asdict(r) for r in cell.runs],
                         }
                         for name, cell in results[case.key].items()
