@@ -154,10 +154,16 @@ class ServerStatements:
 class ResponseTracker:
     """Walks a server's answers against what was sent (see module docstring)."""
 
-    __slots__ = ("fast", "queue", "skipping")
+    __slots__ = ("_pending", "_queued", "fast", "queue", "skipping")
 
     def __init__(self) -> None:
         self.queue: deque[Entry] = deque()
+        # A fast path's entries, not yet copied into `queue`: the answer ending in ReadyForQuery
+        # usually settles them at once (`clear`), so they go into the deque only when an answer
+        # must be walked message by message (`_flush`). Compiled, the deque's methods are generic
+        # calls (about 300 instructions each); a tuple attribute is a native store.
+        self._pending: tuple[Entry, ...] = ()
+        self._queued = False  # whether `queue` may hold entries (so `clear` must empty it)
         # After an error in an extended-protocol batch the server ignores everything up to Sync;
         # messages sent meanwhile get no entry (they will get no answer).
         self.skipping = False
@@ -167,10 +173,21 @@ class ResponseTracker:
         self.fast = False
 
     def __bool__(self) -> bool:
-        return bool(self.queue)
+        return len(self._pending) > 0 or (self._queued and len(self.queue) > 0)
+
+    def _flush(self) -> deque[Entry]:
+        """The queue, with any pending fast-path entries at its end (they were queued last)."""
+        if self._pending:
+            self.queue.extend(self._pending)
+            self._pending = ()
+        self._queued = True
+        return self.queue
 
     def clear(self) -> None:
-        self.queue.clear()
+        self._pending = ()
+        if self._queued:
+            self.queue.clear()
+            self._queued = False
         self.skipping = False
         self.fast = False
 
@@ -180,8 +197,9 @@ class ResponseTracker:
         """Queue an entry; returns bytes owed to the client right now (a synthetic answer with
         nothing before it in the queue), else b""."""
         self.fast = False
-        self.queue.append(Entry(kind, name, data))
-        if len(self.queue) == 1 and kind in _SYNTHETIC:
+        queue = self._flush()
+        queue.append(Entry(kind, name, data))
+        if len(queue) == 1 and kind in _SYNTHETIC:
             return self.pop_synthetic(tx_status)
         return b""
 
@@ -189,13 +207,16 @@ class ResponseTracker:
         """A fast path's one request (after its Sync or Query): `entries` are shared, plain
         (neither hidden nor synthetic) and never changed, so the answer needs no matching."""
         self.skipping = False
-        self.queue.extend(entries)
+        if self._pending or self._queued:
+            self._flush().extend(entries)  # (not the usual case: nothing else is in flight)
+        else:
+            self._pending = entries
         self.fast = True
 
     def pop_synthetic(self, tx_status: int) -> bytes:
         """Answers owed for synthetic entries now at the head of the queue."""
         out = b""
-        queue = self.queue
+        queue = self._flush()
         while queue and queue[0].kind in _SYNTHETIC:
             out += queue.popleft().data
         return out
@@ -206,7 +227,7 @@ class ResponseTracker:
         Returns (forward it, bytes to send before it, bytes to send after it, names of statements
         that turned out not to be prepared because the server skipped or rejected their Parse).
         """
-        queue = self.queue
+        queue = self._flush()
         before = self.pop_synthetic(tx_status)
         if type_byte in ASYNC_TYPES or not queue:
             return True, before, b"", []
