@@ -94,6 +94,7 @@ class Pool:
         self.connecting = 0  # logins in progress
         self.waiters: deque[asyncio.Future[ServerConnection | None]] = deque()
         self._topology = topology
+        self._writer = topology.published  # (compiled: read natively at every checkout)
         self._open = opener
         self._tasks: set[asyncio.Task[None]] = set()
         self._connect_slots = asyncio.Semaphore(settings.max_concurrent_connects)
@@ -146,7 +147,7 @@ class Pool:
         """Why `server` (in `state`) must not be handed out, or None if it may."""
         if server.state is not state or server.transport is None:
             return server.close_reason or "connection closed"
-        writer = self._topology.writer
+        writer = self._writer.writer
         if server.endpoint is not writer and server.endpoint != writer:  # `is`: the common case, cheaply
             return f"{server.endpoint} is no longer the writer"
         if now - server.created_at > self.settings.server_lifetime:

@@ -46,6 +46,18 @@ _server_ids = itertools.count(1)
 # is a C static, where an imported name is a lookup in the module's dict at every call.
 clock: Final = monotonic
 
+
+class WriterCell:
+    """The writer as the topology monitor last published it (None while unknown). The monitor
+    keeps its `writer` here; the pool reads it at every checkout and, this object being compiled,
+    natively (the monitor is plain Python: reading its attribute compiled is a generic getattr,
+    about 190 instructions). Defined here because topology.py and pool.py both import this module."""
+
+    __slots__ = ("writer",)
+
+    def __init__(self) -> None:
+        self.writer: Endpoint | None = None
+
 # Server -> client messages the data path must see: transaction boundaries, errors that reveal a
 # dying or demoted server, and parameter changes a moved session has to replay.
 _LINKED_WATCH: Final = watch_table((m.B_READY_FOR_QUERY, m.B_ERROR, m.B_PARAMETER_STATUS))

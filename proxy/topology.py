@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from . import logs
 from .protocol.sqlstate import ProxyError, UpstreamUnavailable
-from .server import QueryResult, ServerConnection
+from .server import QueryResult, ServerConnection, WriterCell
 
 if TYPE_CHECKING:
     from sidecar_config import Endpoint, RegionConfig
@@ -308,7 +308,7 @@ class TopologyMonitor:
         self._provider = provider
         self._interval = check_interval
         self.hold_timeout = hold_timeout
-        self.writer: Endpoint | None = None  # the confirmed writer, None while unknown
+        self.published = WriterCell()  # `writer`, where the pool reads it
         self.writer_region: str | None = None
         self.writer_timeline = 0
         self.state = ClusterState.OUTAGE  # nothing is known until the first probe answers
@@ -440,6 +440,15 @@ class TopologyMonitor:
         target = ClusterState.RECOVERING if recovering else ClusterState.UP
         self.recovery_required = False
         self._transition(target, node.endpoint, node.region, None)
+
+    @property
+    def writer(self) -> Endpoint | None:
+        """The confirmed writer, None while unknown."""
+        return self.published.writer
+
+    @writer.setter
+    def writer(self, endpoint: Endpoint | None) -> None:
+        self.published.writer = endpoint
 
     @property
     def writer_seen(self) -> bool:
