@@ -69,7 +69,14 @@ def session_keyword_at(buf: bytes | memoryview, start: int) -> bool:
 
 
 def mentions_session_functions(buf: bytes | memoryview, start: int) -> bool:
-    text = bytes(buf[start:]).lower()
+    raw = buf if isinstance(buf, bytes) else bytes(buf)
+    # A function is called with parentheses: without one (most UPDATEs and DELETEs, many SELECTs)
+    # nothing is called, and the lowercased copy and its two searches (generic calls compiled,
+    # over 3,000 instructions) are not needed. (Over the whole message: a `(` in its header only
+    # means looking closer.)
+    if 0x28 not in raw:
+        return False
+    text = raw[start:].lower()
     return text.find(_SESSION_FUNCTIONS[0]) >= 0 or text.find(_SESSION_FUNCTIONS[1]) >= 0
 
 
@@ -123,7 +130,15 @@ _MORE_STATEMENTS: Final = re.compile(rb";\s*[^\s\x00]")
 
 
 def has_more_statements(text: bytes | memoryview, start: int = 0) -> bool:
-    return _MORE_STATEMENTS.search(text, start) is not None
+    raw = text if isinstance(text, bytes) else bytes(text)
+    # The usual answers without the regex: no `;` at all, or one that ends a Query's text (psql
+    # and pgbench end theirs so; the text is NUL-terminated).
+    if 0x3B not in raw:
+        return False
+    n = len(raw)
+    if n >= start + 2 and raw[n - 1] == 0 and raw[n - 2] == 0x3B and 0x3B not in raw[start : n - 2]:
+        return False
+    return _MORE_STATEMENTS.search(raw, start) is not None
 
 
 def needs_transaction_check(keyword: bytes, text: bytes | memoryview, start: int = 0) -> bool:

@@ -54,3 +54,32 @@ def test_session_function_and_statement_checks_ignore_case_and_position() -> Non
     assert not mentions_session_functions(query("select advisor from t"), 5)
     assert has_more_statements(query("select 1;  update t set a = 1"), 5)
     assert not has_more_statements(query("select 1;  "), 5)
+
+
+@pytest.mark.parametrize(
+    ("sql", "more"),
+    [
+        ("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 7;", False),  # one, ending
+        ("update t set a = 1", False),  # none
+        ("select 1;select 2", True),
+        ("select 1; select 2;", True),
+        ("select ';'", True),  # a `;` inside a literal: looked at, and taken as more (the safe side)
+        ("select 1;\n  ", False),  # only blanks after it
+    ],
+)
+def test_more_statements_decided_without_the_regex_where_it_can_be(sql: str, more: bool) -> None:
+    assert has_more_statements(query(sql), 5) is more
+    assert has_more_statements(memoryview(query(sql)), 5) is more
+    assert has_more_statements(sql.encode()) is more  # a bare text, not NUL-terminated
+
+
+def test_session_functions_need_a_call() -> None:
+    # No parenthesis anywhere: nothing can be called.
+    assert not mentions_session_functions(query("update t set advisory = 1 where set_config = 2"), 5)
+    assert mentions_session_functions(query("SELECT SET_CONFIG('a.b', 'c', false)"), 5)
+    assert mentions_session_functions(memoryview(query("select pg_advisory_lock(1)")), 5)
+    # A `(` only in the message header (length 40) still gets the full, correct look.
+    sql = "select advisor_name from teams where x=1"
+    message = query(sql[: 40 - 5])
+    assert message[1:5] == (40).to_bytes(4, "big") and 0x28 in message[:5]
+    assert not mentions_session_functions(message, 5)
