@@ -20,7 +20,6 @@ import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from time import monotonic  # by name: compiled, `time.monotonic` is a module getattr per call
 from typing import TYPE_CHECKING, Protocol
 
 from . import logs
@@ -200,7 +199,7 @@ class Pool:
         if not self.idle and (not self._reclaim() or not self.idle):
             return None  # (a new connection is `acquire`'s to open)
         server = self.idle[-1]
-        now = monotonic()
+        now = clock()
         if (
             self._usable(server, now) is not None
             or now - server.last_used > self.settings.server_check_after_idle
@@ -211,7 +210,7 @@ class Pool:
         return server
 
     async def _take_idle(self) -> ServerConnection | None:
-        now = monotonic()
+        now = clock()
         while self.idle:
             server = self.idle.pop()
             why = self._usable(server, now)
@@ -313,7 +312,7 @@ class Pool:
         )
         while True:
             await asyncio.sleep(interval)
-            now = monotonic()
+            now = clock()
             for server in list(self.idle):
                 why = self._usable(server, now)
                 if why is not None:
@@ -329,7 +328,7 @@ class Pool:
                     client.give_back(server)
             idle = len(self.idle) + len(self.parked)
             missing = min(self.settings.min_idle - idle, self.settings.size - self.total)
-            if missing > 0 and self._topology.writer is not None:
+            if missing > 0 and self._writer.writer is not None:
                 results = await asyncio.gather(
                     *(self._open_new(self._password, for_idle=True) for _ in range(missing)),
                     return_exceptions=True,
@@ -354,12 +353,12 @@ class Pool:
         if why is None and not server.settle():
             why = "unexpected output from the server between transactions"
         if why is None:
-            why = self._usable(server, monotonic())
+            why = self._usable(server, clock())
         if why is not None:
             self._drop(server, why)
             return
         if not reset:
-            server.last_used = monotonic() if idle_since is None else idle_since
+            server.last_used = clock() if idle_since is None else idle_since
             if not self._wake_one(server):
                 self.idle.append(server)
             return
@@ -387,7 +386,7 @@ class Pool:
         self.resetting.discard(server)
         # DISCARD ALL (the default reset) leaves the server as it was after login.
         server.applied = {}
-        server.last_used = monotonic()
+        server.last_used = clock()
         if not self._wake_one(server):
             self.idle.append(server)
 

@@ -69,15 +69,23 @@ def session_keyword_at(buf: bytes | memoryview, start: int) -> bool:
 
 
 def mentions_session_functions(buf: bytes | memoryview, start: int) -> bool:
-    raw = buf if isinstance(buf, bytes) else bytes(buf)
+    # (A memoryview is copied once, from `start`; bytes are searched where they are.)
+    raw = buf if isinstance(buf, bytes) else bytes(buf[start:])
     # A function is called with parentheses: without one (most UPDATEs and DELETEs, many SELECTs)
     # nothing is called, and the lowercased copy and its two searches (generic calls compiled,
     # over 3,000 instructions) are not needed. (Over the whole message: a `(` in its header only
     # means looking closer.)
     if 0x28 not in raw:
         return False
-    text = raw[start:].lower()
+    text = (raw[start:] if isinstance(buf, bytes) else raw).lower()
     return text.find(_SESSION_FUNCTIONS[0]) >= 0 or text.find(_SESSION_FUNCTIONS[1]) >= 0
+
+
+def _one_ending_semicolon(raw: bytes, start: int) -> bool:
+    """The NUL-terminated text at `start` has a `;` only at its very end (psql and pgbench end
+    their statements so): one statement, decided without a regex or a decoded copy."""
+    n = len(raw)
+    return n >= start + 2 and raw[n - 1] == 0 and raw[n - 2] == 0x3B and 0x3B not in raw[start : n - 2]
 
 
 def lone_select(buf: bytes | memoryview, start: int) -> bool:
@@ -108,7 +116,7 @@ def lone_select(buf: bytes | memoryview, start: int) -> bool:
     if 0x28 not in raw:
         if 0x3B not in raw:
             return True
-        if raw[n - 1] == 0 and raw[n - 2] == 0x3B and 0x3B not in raw[start + 7 : n - 2]:
+        if _one_ending_semicolon(raw, start + 7):
             return True
     text = raw.decode("latin-1")
     semicolon = text.find(";", start + 7)
@@ -130,15 +138,11 @@ _MORE_STATEMENTS: Final = re.compile(rb";\s*[^\s\x00]")
 
 
 def has_more_statements(text: bytes | memoryview, start: int = 0) -> bool:
-    raw = text if isinstance(text, bytes) else bytes(text)
-    # The usual answers without the regex: no `;` at all, or one that ends a Query's text (psql
-    # and pgbench end theirs so; the text is NUL-terminated).
-    if 0x3B not in raw:
+    # The usual answers without the regex: no `;` at all, or only the one ending a Query's text.
+    # (A memoryview, from the general path, goes to the regex as it is: no copy.)
+    if isinstance(text, bytes) and (0x3B not in text or _one_ending_semicolon(text, start)):
         return False
-    n = len(raw)
-    if n >= start + 2 and raw[n - 1] == 0 and raw[n - 2] == 0x3B and 0x3B not in raw[start : n - 2]:
-        return False
-    return _MORE_STATEMENTS.search(raw, start) is not None
+    return _MORE_STATEMENTS.search(text, start) is not None
 
 
 def needs_transaction_check(keyword: bytes, text: bytes | memoryview, start: int = 0) -> bool:
