@@ -30,6 +30,7 @@ A few common pool pings and version probes are cached as well.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -171,7 +172,11 @@ class FrontDoorCache:
         if target is None:
             return
         tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "w") as fh:
+        # Owner-only (it holds answers of the application's database), whatever the umask; a
+        # temporary file left by a crash with other permissions is replaced.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
             fh.write(self.to_json())
             fh.flush()
             os.fsync(fh.fileno())
