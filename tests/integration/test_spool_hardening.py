@@ -34,11 +34,15 @@ import psycopg
 import yaml
 from psycopg.pq import DiagnosticField, ExecStatus
 
+from proxy.metrics import Stats
+from proxy.spool import SpooledStatement, SpoolRecord, new_record_id
+from proxy.spool.replay import Replayer
 from proxy.spool.sqlite_store import SqliteSpoolStore
 from tests.harness import pg
 from tests.harness.sidecar import PROJECT_ROOT, sidecar_config
 from tests.integration.test_failover import connect, metric, sqlstate_of_call, wait_state
 from tests.integration.test_spool_drills import wait_drained
+from tests.integration.test_spool_replay import USER, _connector
 
 ATTACK = "INSERT INTO {t}(v) VALUES ('x1\\', ' || {wipe}()) -- ')"
 SUBQUERY = "INSERT INTO {t}(v) VALUES ('x2\\', ' || (SELECT count(*) FROM {victim})) -- ')"
@@ -234,3 +238,47 @@ def test_missing_spool_directory_is_created_owner_only(tmp_path: Path) -> None:
     asyncio.run(main())
     assert _mode(where.parent) == 0o700 and _mode(where.parent.parent) == 0o700
     assert _mode(where) == 0o600
+
+
+# ---------------------------------------------------------------- records stored before the fix
+
+
+def test_a_stored_record_is_replayed_as_the_classifier_read_it(
+    shared_topology: pg.Topology, tmp_path: Path
+) -> None:
+    """A record an older sidecar stored under standard_conforming_strings=off with a backslash
+    (the attack, acknowledged) goes to the dead letters instead of running wipe(); one under
+    off without a backslash is replayed with on and means the same; a table's clock defaults
+    are pinned to the record's acknowledgement instant."""
+    a1 = shared_topology.a1
+    o = _objects(a1)
+    settings = {"standard_conforming_strings": "off", "client_encoding": "UTF8", "TimeZone": "UTC"}
+    acked = dt.datetime(2025, 6, 7, 8, 9, 10, 111213, tzinfo=dt.UTC)
+    attack = SpoolRecord.new(USER, pg.APP_DB, [SpooledStatement(ATTACK.format(**o), tag="INSERT 0 1")],
+                             settings)  # fmt: skip
+    plain = SpoolRecord(
+        new_record_id(), acked.timestamp(), USER, pg.APP_DB, settings,
+        (SpooledStatement(f"INSERT INTO {o['t']}(v) VALUES ('plain')", tag="INSERT 0 1"),
+         SpooledStatement(f"INSERT INTO {o['stamps']} (id) VALUES ('old')", tag="INSERT 0 1")),
+    )  # fmt: skip
+    stats = Stats()
+
+    async def main() -> None:
+        store = SqliteSpoolStore(tmp_path / "old.db")
+        await store.open()
+        try:
+            for record in (attack, plain):
+                await store.append(record)
+            result = await Replayer(store, _connector(a1), stats, "test-owner", lease_ttl=5).drain()
+            assert (result.replayed, result.dead_letter, result.remaining) == (1, 1, 0), result
+            (dead,) = await store.dead_letters()
+            assert dead.id == attack.id and "ambiguous" in dead.error and dead.sqlstate == "22P06"
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+    assert a1.query(f"SELECT count(*) FROM {o['victim']}", dbname=pg.APP_DB) == [(5,)]
+    assert a1.query(f"SELECT count(*) FROM {o['calls']}", dbname=pg.APP_DB) == [(0,)]
+    assert a1.query(f"SELECT v FROM {o['t']}", dbname=pg.APP_DB) == [("plain",)]
+    (row,) = a1.query(f"SELECT created_at, day, noted - created_at FROM {o['stamps']}", dbname=pg.APP_DB)
+    assert row == (acked, acked.date(), dt.timedelta(hours=1)), row
