@@ -358,10 +358,18 @@ class ClockDefaults:
 
     def __init__(self) -> None:
         self._columns: dict[tuple[str, str, str, tuple[str, ...]], list[Column]] = {}
+        self._targets: dict[str, tuple[str, ...] | None] = {}  # by statement text: drivers repeat it
+
+    def _target(self, sql: str) -> tuple[str, ...] | None:
+        if sql not in self._targets:
+            if len(self._targets) >= 4096:
+                self._targets.clear()
+            self._targets[sql] = insert_target(sql)
+        return self._targets[sql]
 
     async def statements(self, conn: ServerConnection, record: SpoolRecord) -> list[str]:
         """The record's statements as they are to run: with clock defaults pinned."""
-        targets = [insert_target(stmt.sql) for stmt in record.statements]
+        targets = [self._target(stmt.sql) for stmt in record.statements]
         where = (record.user, record.database, record.settings.get("search_path", ""))
         missing = sorted({t for t in targets if t is not None and (*where, t) not in self._columns})
         if missing:

@@ -28,7 +28,7 @@ from typing import Any
 
 from .. import logs
 from .record import DeadLetter, SpoolRecord
-from .store import SpoolRefused, SpoolStore, SpoolUnavailable
+from .store import SpoolRefused, SpoolStore, SpoolUnavailable, owner_only
 
 # Far above any sane transaction of simple INSERTs, far below what would make one commit stall
 # every other client for long.
@@ -134,19 +134,6 @@ def spool_path_problem(path: Path) -> str | None:
     if path.exists() and (path.is_dir() or not os.access(path, os.R_OK | os.W_OK)):
         return f"spool.path {str(path)!r} is unusable: not a writable file"
     return None
-
-
-def owner_only(path: Path) -> None:
-    """Take group and other permissions off `path` if it exists (best effort: a file owned by
-    someone else is left as it is, and logged)."""
-    try:
-        mode = path.stat().st_mode & 0o777
-        if mode & 0o077:
-            os.chmod(path, mode & 0o700)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        logs.event("spool_file_mode", logs.WARNING, path=str(path), error=exc.strerror or str(exc))
 
 
 class SqliteSpoolStore(SpoolStore):
