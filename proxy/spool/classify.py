@@ -183,6 +183,7 @@ def text_refusal(
             return "\\' in a string literal is not allowed under this session's backslash_quote"
     return None
 
+
 # Functions equal to the transaction's (or statement's) start instant: pinned to the spool time.
 # clock_timestamp() is deliberately absent: it differs row by row and is "another function".
 _TIMESTAMPTZ_FUNCTIONS = frozenset({"now", "transaction_timestamp", "statement_timestamp"})
