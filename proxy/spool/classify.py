@@ -668,7 +668,7 @@ class Column:
 
     name: str
     default: str | None  # pg_get_expr of the default, or None
-    generated: bool = False
+    generated: bool = False  # (or not insertable by the user): never given a value
 
 
 def insert_target(sql: str) -> tuple[str, ...] | None:

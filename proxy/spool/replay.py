@@ -319,6 +319,8 @@ def _opening(
 # search_path resolves the name: what `ClockDefaults` pins.
 COLUMNS_SQL = (
     "SELECT a.attname, pg_catalog.pg_get_expr(d.adbin, d.adrelid), a.attgenerated <> '' "
+    # A column the user may not INSERT into (column privileges) is left to its default.
+    "OR NOT pg_catalog.has_column_privilege(a.attrelid, a.attnum, 'INSERT') "
     "FROM pg_catalog.pg_attribute a LEFT JOIN pg_catalog.pg_attrdef d "
     "ON d.adrelid = a.attrelid AND d.adnum = a.attnum "
     "WHERE a.attrelid = pg_catalog.to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped "

@@ -261,16 +261,24 @@ def test_a_stored_record_is_replayed_as_the_classifier_read_it(
         (SpooledStatement(f"INSERT INTO {o['t']}(v) VALUES ('plain')", tag="INSERT 0 1"),
          SpooledStatement(f"INSERT INTO {o['stamps']} (id) VALUES ('old')", tag="INSERT 0 1")),
     )  # fmt: skip
+    # Column privileges: a clock default the user may not set explicitly stays a default.
+    narrow = f"narrow_{uuid.uuid4().hex[:8]}"
+    a1.execute(f"CREATE TABLE {narrow} (id text, created_at timestamptz DEFAULT now()); "
+               f"GRANT SELECT, INSERT (id) ON {narrow} TO {USER}", dbname=pg.APP_DB)  # fmt: skip
+    column_privilege = SpoolRecord(
+        new_record_id(), acked.timestamp(), USER, pg.APP_DB, settings,
+        (SpooledStatement(f"INSERT INTO {narrow} (id) VALUES ('n')", tag="INSERT 0 1"),),
+    )  # fmt: skip
     stats = Stats()
 
     async def main() -> None:
         store = SqliteSpoolStore(tmp_path / "old.db")
         await store.open()
         try:
-            for record in (attack, plain):
+            for record in (attack, plain, column_privilege):
                 await store.append(record)
             result = await Replayer(store, _connector(a1), stats, "test-owner", lease_ttl=5).drain()
-            assert (result.replayed, result.dead_letter, result.remaining) == (1, 1, 0), result
+            assert (result.replayed, result.dead_letter, result.remaining) == (2, 1, 0), result
             (dead,) = await store.dead_letters()
             assert dead.id == attack.id and "ambiguous" in dead.error and dead.sqlstate == "22P06"
         finally:
@@ -282,3 +290,4 @@ def test_a_stored_record_is_replayed_as_the_classifier_read_it(
     assert a1.query(f"SELECT v FROM {o['t']}", dbname=pg.APP_DB) == [("plain",)]
     (row,) = a1.query(f"SELECT created_at, day, noted - created_at FROM {o['stamps']}", dbname=pg.APP_DB)
     assert row == (acked, acked.date(), dt.timedelta(hours=1)), row
+    assert a1.query(f"SELECT id FROM {narrow}", dbname=pg.APP_DB) == [("n",)]
