@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from pglast import parse_sql
+from pglast.ast import A_Const, String
 
 from proxy.spool.classify import (
     Classifier,
@@ -259,7 +261,8 @@ COLUMNS = [
     Column("later", "(now() + '01:00:00'::interval)"),
     Column("g", "now()", generated=True),
 ]
-PINNED = "CAST('2026-11-23 10:00:00.123456+00' AS timestamp with time zone)"
+PINNED_TEXT = "2026-11-23 10:00:00.123456+00"
+PINNED = f"CAST('{PINNED_TEXT}' AS timestamp with time zone)"
 
 
 def test_pin_defaults_adds_omitted_clock_columns() -> None:
@@ -290,3 +293,19 @@ def test_pin_defaults_leaves_other_statements_verbatim() -> None:
     assert insert_target('insert into "S".t values (1)') == ("S", "t")
     assert pinned_default("nextval('s'::regclass)", AT) is None
     assert pinned_default("clock_timestamp()", AT) is None  # row by row: not a transaction instant
+
+
+def test_pinned_statement_keeps_backslash_literals_for_standard_conforming_strings_on() -> None:
+    # The replay runs with standard_conforming_strings on: the deparsed text must read back as
+    # the same constants there (pglast reads as on does).
+    sql = "INSERT INTO t (id, v) VALUES (1, 'a\\b\\\\c''d'), (2, E'e\\\\f\\'')"
+    out = pin_defaults(sql, COLUMNS[:4], AT)
+    assert out != sql and text_refusal(out, ON) is None
+
+    def strings(text: str) -> list[str]:
+        select = parse_sql(text)[0].stmt.selectStmt
+        return [v.val.sval for row in select.valuesLists for v in row
+                if isinstance(v, A_Const) and isinstance(v.val, String)]  # fmt: skip
+
+    assert strings(sql) == ["a\\b\\\\c'd", "e\\f'"]
+    assert strings(out) == strings(sql) and out.count(PINNED) == 2
