@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 from pglast import parse_sql
-from pglast.ast import A_Const, String
+from pglast.ast import A_Const, InsertStmt, SelectStmt, String
 
 from proxy.spool.classify import (
     Classifier,
@@ -303,8 +303,9 @@ def test_pinned_statement_keeps_backslash_literals_for_standard_conforming_strin
     assert out != sql and text_refusal(out, ON) is None
 
     def strings(text: str) -> list[str]:
-        select = parse_sql(text)[0].stmt.selectStmt
-        return [v.val.sval for row in select.valuesLists for v in row
+        stmt = parse_sql(text)[0].stmt
+        assert isinstance(stmt, InsertStmt) and isinstance(stmt.selectStmt, SelectStmt)
+        return [str(v.val.sval) for row in stmt.selectStmt.valuesLists or () for v in row
                 if isinstance(v, A_Const) and isinstance(v.val, String)]  # fmt: skip
 
     assert strings(sql) == ["a\\b\\\\c'd", "e\\f'"]
