@@ -33,6 +33,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from fractions import Fraction
 
 from .. import logs
 from ..metrics import Stats
@@ -329,9 +330,10 @@ COLUMNS_SQL = (
 
 
 def acknowledged_at(record: SpoolRecord) -> dt.datetime:
-    """The instant the record's transaction was acknowledged (its now()), to the microsecond
-    (created_at is that instant's timestamp(): exact to well under a microsecond)."""
-    return _EPOCH + dt.timedelta(microseconds=round(record.created_at * 1_000_000))
+    """The instant the record's transaction was acknowledged (its now()), to the microsecond:
+    created_at is that instant's timestamp(), a float within 0.25 us of it until 2106; the
+    product is taken exactly (a float product could round by another 0.25 us)."""
+    return _EPOCH + dt.timedelta(microseconds=round(Fraction(record.created_at) * 1_000_000))
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)

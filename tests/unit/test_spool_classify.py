@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import random
 
 import pytest
 from pglast import parse_sql
 from pglast.ast import A_Const, InsertStmt, SelectStmt, String
 
+from proxy.spool import SpoolRecord
 from proxy.spool.classify import (
     Classifier,
     Column,
@@ -22,6 +24,7 @@ from proxy.spool.classify import (
     pinned_literal,
     text_refusal,
 )
+from proxy.spool.replay import acknowledged_at
 
 AT = dt.datetime(2026, 11, 23, 10, 0, 0, 123456, tzinfo=dt.UTC)
 
@@ -310,3 +313,15 @@ def test_pinned_statement_keeps_backslash_literals_for_standard_conforming_strin
 
     assert strings(sql) == ["a\\b\\\\c'd", "e\\f'"]
     assert strings(out) == strings(sql) and out.count(PINNED) == 2
+
+
+def test_acknowledgement_instant_survives_the_record_to_the_microsecond() -> None:
+    # Records keep it as float seconds (created_at); DEFAULT now() is pinned from that, and
+    # must equal what an explicit now() was pinned to.
+    rng = random.Random(18)
+    for _ in range(20_000):
+        instant = dt.datetime(2020, 1, 1, tzinfo=dt.UTC) + dt.timedelta(
+            microseconds=rng.randrange(0, 80 * 365 * 86400 * 10**6)  # 2020 to 2100
+        )
+        record = SpoolRecord("r", instant.timestamp(), "u", "d")
+        assert acknowledged_at(SpoolRecord.from_json(record.to_json())) == instant
