@@ -46,11 +46,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def main() -> None:
         await Sidecar(cfg, args.config).serve_forever()
 
+    from .spool import SpoolError
+
     try:
         uvloop.run(main())
     except OSError as exc:
         # Typically the listen address is taken: say which, instead of a traceback.
         logs.event("startup_failed", logs.ERROR, listen=str(cfg.listen), error=str(exc))
+        return 1
+    except SpoolError as exc:
+        # The spool cannot be opened (spool.path unusable, DynamoDB unreachable): one line.
+        logs.event("startup_failed", logs.ERROR, error=str(exc))
         return 1
     return EXIT_OK
 
@@ -59,6 +65,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if cfg is None:
         return EXIT_CONFIG
+    if cfg.spool.backend == "sqlite":
+        from pathlib import Path
+
+        from .spool.sqlite_store import spool_path_problem
+
+        problem = spool_path_problem(Path(cfg.spool.path))
+        if problem is not None:
+            print(f"pgsidecar: invalid configuration\n{problem}", file=sys.stderr)
+            return EXIT_CONFIG
     print(f"# {args.config}: valid. Effective configuration (secrets hidden):")
     print(dump_effective(cfg), end="")
     return EXIT_OK

@@ -27,6 +27,7 @@ from .spool.classify import Classifier
 from .spool.frontdoor import FrontDoorCache, fill_from_server
 from .spool.outage import OutageResponder
 from .spool.replay import Replayer
+from .spool.store import owner_only
 from .topology import ClusterState
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ class SpoolService:
         self.store: SpoolStore | None = None
         self.classifier = Classifier(config.tables)
         self.frontdoor = FrontDoorCache.load(frontdoor_path(config.path))
+        owner_only(frontdoor_path(config.path))  # one an older version wrote with the umask's mode
         # The replay lease's owner names this sidecar, not this process: a sidecar restarted after
         # a crash (SIGKILL, OOM) mid-replay takes its own lease back at once, instead of waiting
         # out the dead process's lease (30 s) while RECOVERING holds every new transaction.

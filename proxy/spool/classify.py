@@ -1,4 +1,4 @@
-"""What may be spooled while no writer exists (DESIGN §1 P5), decided by PostgreSQL's own parser.
+r"""What may be spooled while no writer exists (DESIGN §1 P5), decided by PostgreSQL's own parser.
 
 A statement is spoolable when replaying it later cannot give a different result from running it
 now: `INSERT INTO t [(cols)] VALUES (...)[, ...] [ON CONFLICT [target] DO NOTHING]` whose values
@@ -13,13 +13,57 @@ savepoints) and the few SETs that shape how spooled text is read are classified 
 outage responder can play the server for whole transactions.
 
 Results are cached by SQL text (bounded LRU): drivers send the same text over and over.
+
+What the text means, at acknowledgement and at replay
+------------------------------------------------------
+pglast reads SQL as PostgreSQL does with its defaults: `standard_conforming_strings=on`, UTF-8.
+The replay must run the stored text under rules that give it the meaning the classifier checked,
+and the client must never be told "committed" for text PostgreSQL would read otherwise in its
+session. Setting by setting (`text_refusal` and the replayer implement this):
+
+* standard_conforming_strings: with `off`, a backslash inside '...' escapes the next character,
+  so `'x1\', ' || wipe()) -- '` is two constants to pglast and a call of wipe() to PostgreSQL.
+  The two readings differ only at a backslash inside a plain '...' (or N'...') literal, and
+  PostgreSQL rejects U&'...' under `off`; before the first such point both scanners see the same
+  tokens. So while the session's value is off (startup packet, `options=-c`, a SET before or
+  during the outage, or the server's default), SQL text containing a backslash or U&' is refused
+  (57P03, nothing stored); other text reads the same under both values. The value that counts is
+  the one in force when the text arrives (PostgreSQL parses a whole Query string, then runs its
+  SETs). The replay always runs with `on`, whatever the record says; a record stored by an older
+  sidecar under `off` with a backslash in it is dead-lettered rather than guessed at.
+* escape_string_warning: only adds a WARNING under `off`; never changes a value. Not carried.
+* backslash_quote: only decides whether \' in an E'' string (or under `off`) is an error; it
+  never gives accepted text another meaning. A session with `off` (or `safe_encoding` with a
+  client-only encoding) has \' text refused, so nothing PostgreSQL would reject is acknowledged.
+  SET backslash_quote during the outage needs the database (refused).
+* client_encoding: the server converts the bytes from the client's encoding before it scans
+  them; in client-only encodings (SJIS, BIG5, GBK, UHC, GB18030) a multibyte character may end
+  in the byte 0x5C, the backslash. The spool reads text as UTF-8; under any other encoding, text
+  with a byte above 0x7F is refused. ASCII reads the same in every encoding PostgreSQL accepts
+  from clients. Parameter values are stored as raw bytes and replayed under the record's
+  client_encoding, so the server converts them exactly as it would have.
+* search_path: resolves the table. The record carries it when the session set it (startup,
+  options, a SET before or during the outage); otherwise the replay logs in as the same user to
+  the same database and gets the same role/database default.
+* DateStyle, IntervalStyle, TimeZone: change how date/time/interval literals (and the pinned
+  clock's casts) are read. Every record carries the session's values (the server's reported
+  defaults unless the client set them) and the replay applies them with set_config(..., true).
+  Likewise lc_monetary (money input), array_nulls (array input), timezone_abbreviations
+  (timestamp input) and xmloption (xml input) are carried when the session set them.
+* bytea_output, extra_float_digits, application_name: output only (a spooled INSERT returns no
+  rows: RETURNING is refused). Carried, harmless.
+* SET ROLE / SESSION AUTHORIZATION / session_replication_role: the replay cannot reproduce them
+  as the login user; a session that has them set gets its INSERTs refused.
+* Column defaults that read the clock (`DEFAULT now()`, CURRENT_DATE, ...) are pinned at replay
+  to the acknowledgement instant, like an explicit now() (see `proxy.spool.replay`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -48,13 +92,16 @@ from pglast.ast import (
 from pglast.enums import (
     A_Expr_Kind,
     DiscardMode,
+    LimitOption,
     OnConflictAction,
+    SetOperation,
     SQLValueFunctionOp,
     TransactionStmtKind,
     VariableSetKind,
 )
 from pglast.parser import ParseError
 from pglast.stream import RawStream
+from pglast.visitors import Visitor
 
 # Settings a client may SET during an outage: the ones that change how spooled SQL text and
 # parameter bytes are read at replay (so the record carries them), plus application_name, which
@@ -69,7 +116,73 @@ SPOOL_SETTINGS: dict[str, str] = {
     "application_name": "application_name",
     "extra_float_digits": "extra_float_digits",
     "bytea_output": "bytea_output",
+    "lc_monetary": "lc_monetary",
+    "array_nulls": "array_nulls",
+    "timezone_abbreviations": "timezone_abbreviations",
+    "xmloption": "xmloption",
 }
+
+# Session state the replay cannot reproduce as the login user: INSERTs are refused while set.
+UNREPLAYABLE_SETTINGS = frozenset({"role", "session_authorization", "session_replication_role"})
+
+# Client encodings where a multibyte character may contain the byte 0x5C (PostgreSQL accepts them
+# from clients only): `backslash_quote = safe_encoding` rejects \' for them.
+_CLIENT_ONLY_ENCODINGS = frozenset({"sjis", "shiftjis", "mskanji", "big5", "gbk", "cp936", "uhc",
+                                    "gb18030", "shiftjis2004", "win936", "win949", "win950"})  # fmt: skip
+
+
+def pg_bool(value: str | None, default: bool) -> bool:
+    """A boolean setting as PostgreSQL reads it (on/off, true/false, yes/no, 1/0 and unique
+    prefixes); `default` when unset. Anything unreadable counts as False, the cautious reading
+    for standard_conforming_strings."""
+    if value is None:
+        return default
+    text = value.strip().strip("'").lower()
+    if not text:
+        return False
+    return text in ("1", "on") or "true".startswith(text) or "yes".startswith(text)
+
+
+def encoding_key(name: str | None) -> str:
+    """PostgreSQL's encoding-name normalization: lowercase, letters and digits only."""
+    return "".join(ch for ch in (name or "utf8").lower() if ch.isalnum())
+
+
+def is_utf8(name: str | None) -> bool:
+    return encoding_key(name) in ("utf8", "unicode")
+
+
+def text_refusal(
+    text: str | bytes, settings: Mapping[str, str], backslash_quote: str | None = None
+) -> str | None:
+    """Why SQL `text` (as received, or as stored) cannot be spooled under the session's
+    `settings` (canonical names, as a record carries them), or None when pglast's reading is
+    PostgreSQL's. See the module docstring."""
+    encoding = settings.get("client_encoding")
+    raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    if not is_utf8(encoding) and not raw.isascii():
+        return (
+            f"SQL text with non-ASCII characters cannot be spooled under client_encoding {encoding} "
+            "(only UTF8; pass such values as parameters)"
+        )
+    if b"\\" not in raw and b"&'" not in raw:
+        return None
+    if not pg_bool(settings.get("standard_conforming_strings"), True):
+        if b"\\" in raw:
+            return (
+                "SQL text with a backslash cannot be spooled while standard_conforming_strings is off "
+                "(pass the value as a parameter, or use standard_conforming_strings = on)"
+            )
+        if re.search(rb"[uU]&'", raw):
+            return "U&'...' literals are not allowed while standard_conforming_strings is off"
+    if b"\\'" in raw:
+        quote = (backslash_quote or "safe_encoding").strip().lower()
+        if quote in ("off", "false", "no", "0") or (
+            quote not in ("on", "true", "yes", "1") and encoding_key(encoding) in _CLIENT_ONLY_ENCODINGS
+        ):
+            return "\\' in a string literal is not allowed under this session's backslash_quote"
+    return None
+
 
 # Functions equal to the transaction's (or statement's) start instant: pinned to the spool time.
 # clock_timestamp() is deliberately absent: it differs row by row and is "another function".
@@ -502,4 +615,122 @@ def pin_clock(sql: str, instant: dt.datetime) -> str:
     stmt.selectStmt.valuesLists = tuple(
         tuple(_pin(value, literal) for value in row) for row in stmt.selectStmt.valuesLists or ()
     )
+    return str(RawStream()(stmt))
+
+
+# --------------------------------------------------------------------------------------------
+# Pinning the clock in column defaults (done at replay, where the table's defaults are known).
+
+
+class _ClockPinner(Visitor):
+    """Replaces every clock reading of an expression with the pinned instant."""
+
+    def __init__(self, literal: str) -> None:
+        super().__init__()
+        self.literal = literal
+        self.found = False
+
+    def visit_FuncCall(self, ancestors: object, node: FuncCall) -> Node | None:
+        if _func_name(node) in _TIMESTAMPTZ_FUNCTIONS and not node.args and not node.agg_star:
+            self.found = True
+            return _pinned_node(self.literal, None, -1)
+        return None
+
+    def visit_SQLValueFunction(self, ancestors: object, node: SQLValueFunction) -> Node | None:
+        if node.op in _SVF_CASTS:
+            self.found = True
+            typmod = node.typmod if node.typmod is not None else -1
+            return _pinned_node(self.literal, _SVF_CASTS[node.op], typmod)
+        return None
+
+
+def pinned_default(expression: str, instant: dt.datetime) -> Node | None:
+    """A column default (as pg_get_expr shows it) with its clock readings pinned to `instant`;
+    None when it does not read the clock (it is then left to the database)."""
+    try:
+        (raw,) = parse_sql(f"SELECT {expression}")
+    except (ParseError, ValueError):
+        return None
+    select = raw.stmt
+    if not isinstance(select, SelectStmt) or not select.targetList or len(select.targetList) != 1:
+        return None
+    pinner = _ClockPinner(pinned_literal(instant))
+    pinner(select)
+    if not pinner.found:
+        return None
+    target = select.targetList[0]
+    return target.val if isinstance(target, ResTarget) and isinstance(target.val, Node) else None
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of a spooled INSERT's table, from the catalog at replay."""
+
+    name: str
+    default: str | None  # pg_get_expr of the default, or None
+    generated: bool = False  # (or not insertable by the user): never given a value
+
+
+def insert_target(sql: str) -> tuple[str, ...] | None:
+    """The name parts of a spooled INSERT's table ([catalog,] [schema,] name), or None."""
+    try:
+        (raw,) = parse_sql(sql)
+    except (ParseError, ValueError):
+        return None
+    stmt = raw.stmt
+    if not isinstance(stmt, InsertStmt) or stmt.relation is None:
+        return None
+    rel = stmt.relation
+    return tuple(str(p) for p in (rel.catalogname, rel.schemaname, rel.relname) if p)
+
+
+def pin_defaults(sql: str, columns: list[Column], instant: dt.datetime) -> str:
+    """`sql` (one spooled INSERT) with the columns it leaves to a clock-reading default (omitted,
+    or given as DEFAULT) set to that default pinned to `instant`, so `DEFAULT now()` writes the
+    acknowledgement instant like an explicit now() does. Unchanged when there is none."""
+    pins: dict[str, Node] = {}
+    for column in columns:
+        if column.default is not None and not column.generated:
+            node = pinned_default(column.default, instant)
+            if node is not None:
+                pins[column.name] = node
+    if not pins:
+        return sql
+    (raw,) = parse_sql(sql)
+    stmt = raw.stmt
+    assert isinstance(stmt, InsertStmt)
+    select = stmt.selectStmt
+    if select is None:  # DEFAULT VALUES
+        rows: list[list[Node | None]] = [[]]
+        names: list[str] = []
+    else:
+        assert isinstance(select, SelectStmt)
+        rows = [list(row) for row in select.valuesLists or ()]
+        width = len(rows[0]) if rows else 0
+        if stmt.cols:
+            names = [str(t.name) for t in stmt.cols if isinstance(t, ResTarget)]
+        else:
+            names = [c.name for c in columns][:width]
+    changed = False
+    for name, node in pins.items():
+        if name in names:
+            index = names.index(name)
+            for row in rows:
+                if index < len(row) and isinstance(row[index], SetToDefault):
+                    row[index] = node
+                    changed = True
+        else:
+            names.append(name)
+            for row in rows:
+                row.append(node)
+            changed = True
+    if not changed:
+        return sql
+    stmt.cols = tuple(ResTarget(name=name) for name in names)
+    values = tuple(tuple(row) for row in rows)
+    if select is None:
+        stmt.selectStmt = SelectStmt(valuesLists=values, limitOption=LimitOption.LIMIT_OPTION_DEFAULT,
+                                     op=SetOperation.SETOP_NONE)  # fmt: skip
+    else:
+        select.valuesLists = values
     return str(RawStream()(stmt))

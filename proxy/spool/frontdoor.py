@@ -30,10 +30,12 @@ A few common pool pings and version probes are cached as well.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
 import struct
+import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -170,12 +172,19 @@ class FrontDoorCache:
         target = Path(path) if path is not None else self.path
         if target is None:
             return
-        tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "w") as fh:
-            fh.write(self.to_json())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        # mkstemp: owner-only (the file holds answers of the application's database) whatever
+        # the umask, and a name of its own, so two saves at once never write into one file.
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
+        try:
+            with open(fd, "w") as fh:
+                fh.write(self.to_json())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         self.dirty = False
 
     # ------------------------------------------------------------------ filling

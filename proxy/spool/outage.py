@@ -35,7 +35,15 @@ from dataclasses import dataclass, field
 
 from ..protocol import messages as m
 from ..protocol.sqlstate import ProtocolViolation
-from .classify import SPOOL_SETTINGS, Classifier, Kind, Statement
+from .classify import (
+    SPOOL_SETTINGS,
+    UNREPLAYABLE_SETTINGS,
+    Classifier,
+    Kind,
+    Statement,
+    is_utf8,
+    text_refusal,
+)
 from .frontdoor import FrontDoorCache, describe_and_rows
 from .record import SpooledStatement, SpoolRecord, new_record_id
 
@@ -134,15 +142,28 @@ def session_settings(startup: Mapping[str, str], server: Mapping[str, str] | Non
     for name in _BASELINE:
         if server and name in server:
             settings[name] = server[name]
-    for key, value in startup.items():
-        canonical = SPOOL_SETTINGS.get(key.lower())
-        if canonical is not None:
-            settings[canonical] = value
-    for key, value in _options(startup.get("options", "")):
-        canonical = SPOOL_SETTINGS.get(key.lower())
+    for key, value in _session_values(startup):
+        canonical = SPOOL_SETTINGS.get(key)
         if canonical is not None:
             settings[canonical] = value
     return settings
+
+
+def _session_values(startup: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(lowercase name, value) of every setting the session was given, in the order PostgreSQL
+    applies them (the last one wins): `options` first, then the other startup parameters, then
+    (as the session passes them, after those) what the session SET before the outage."""
+    pairs = [(k.lower(), v) for k, v in _options(startup.get("options", ""))]
+    pairs.extend((k.lower(), v) for k, v in startup.items() if k.lower() != "options")
+    return pairs
+
+
+def _session_value(startup: Mapping[str, str], name: str) -> str | None:
+    found = None
+    for key, value in _session_values(startup):
+        if key == name:
+            found = value
+    return found
 
 
 def _options(options: str) -> list[tuple[str, str]]:
@@ -201,6 +222,12 @@ class OutageResponder:
         self.database = database
         self._startup = dict(settings)
         self.settings = session_settings(settings, frontdoor.parameters(user, database))
+        # Read only to decide what text may be spooled (never replayed: see classify).
+        self._backslash_quote = _session_value(settings, "backslash_quote")
+        self._unreplayable = sorted(
+            name for name in UNREPLAYABLE_SETTINGS
+            if (_session_value(settings, name) or "").lower() not in ("", "none", "default", "origin")
+        )  # fmt: skip
         self._clock = clock
         self._new_id = new_id
         self.status = m.TX_IDLE  # what the next ReadyForQuery reports
@@ -229,6 +256,13 @@ class OutageResponder:
         if self._waiting is not None or self._refusing is not None:
             raise RuntimeError("OutageResponder fed while a verdict is outstanding")
         if type_byte == m.F_QUERY:
+            if not is_utf8(self.settings.get("client_encoding")) and not body.isascii():
+                # Not UTF-8 (nor to be decoded as such): refused before reading it. See classify.
+                reason = text_refusal(body, self.settings, self._backslash_quote)
+                if reason is not None:
+                    self._held = b""
+                    self._refusing = True
+                    return Reply(verdict=Unspoolable(reason))
             return self._simple(m.decode_query(body))
         if type_byte == m.F_SYNC:
             return self._sync()
@@ -377,6 +411,10 @@ class OutageResponder:
             raise _Error(
                 "25P02", "current transaction is aborted, commands ignored until end of transaction block"
             )
+        if kind is Kind.INSERT and self._unreplayable:
+            raise _NeedsDatabase(
+                f"this session has {', '.join(self._unreplayable)} set, which a replay cannot reproduce"
+            )
         if kind is Kind.INSERT:
             if self.read_only:
                 raise _Error("25006", "cannot execute INSERT in a read-only transaction")
@@ -482,6 +520,12 @@ class OutageResponder:
             answer = self.frontdoor.answer(self.user, self.database, sql)
             if answer is not None:
                 return Reply(answer + m.ready_for_query(self.status))
+        # PostgreSQL reads the whole Query string under the settings in force when it arrives
+        # (a SET inside it applies to the next one): so is it checked here.
+        reason = text_refusal(sql, self.settings, self._backslash_quote)
+        if reason is not None:
+            self._refusing = True
+            return Reply(verdict=Unspoolable(reason))
         statements = list(self.classifier.classify(sql).statements)
         if len(statements) == 1 and statements[0].kind is Kind.EMPTY:
             return Reply(m.empty_query_response() + m.ready_for_query(self.status))
@@ -541,6 +585,12 @@ class OutageResponder:
         if len(statements) > 1:
             raise _Error("42601", "cannot insert multiple commands into a prepared statement")
         stmt = statements[0]
+        # Parse reads the text under the settings in force now; the statement keeps that
+        # reading. Refused at Describe/Execute, like any statement that needs the database (a
+        # Parse gives no verdict: the session also replays its prepared statements through here).
+        reason = None if known else text_refusal(msg.query, self.settings, self._backslash_quote)
+        if reason is not None and stmt.kind is not Kind.SYNTAX_ERROR:
+            stmt = Statement(Kind.REFUSED, msg.query, reason=reason)
         if stmt.kind is Kind.SYNTAX_ERROR:
             raise _Error("42601", stmt.reason)
         count = max(stmt.param_count, len(msg.param_types))

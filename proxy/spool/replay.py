@@ -27,17 +27,20 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import datetime as dt
 import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from fractions import Fraction
 
 from .. import logs
 from ..metrics import Stats
 from ..protocol import messages as m
 from ..protocol.sqlstate import ProxyError
 from ..server import ServerConnection, UpstreamError
+from .classify import Column, insert_target, pin_defaults, text_refusal
 from .record import SpoolRecord
 from .store import SpoolError, SpoolStore
 
@@ -66,6 +69,9 @@ READ_ONLY_SETTINGS = frozenset(
     {"server_version", "server_encoding", "is_superuser", "session_authorization", "integer_datetimes",
      "in_hot_standby", "scram_iterations"}
 )  # fmt: skip
+
+# Settings the replay sets itself, whatever the record says (see `_opening`).
+_REPLACED_SETTINGS = frozenset({"standard_conforming_strings", "escape_string_warning"})
 
 # SQLSTATEs that say "not now" rather than "never": the record is retried at the next drain.
 TRANSIENT_CLASSES = ("08", "53", "57P", "58")
@@ -224,6 +230,34 @@ async def _exchange(conn: ServerConnection, data: bytes) -> _Reply:
         # ParseComplete, BindComplete, DataRow (RETURNING), NoData, notices: nothing to do.
 
 
+async def _exchange_rows(
+    conn: ServerConnection, data: bytes
+) -> tuple[_Reply, list[list[list[bytes | None]]]]:
+    """`_exchange`, also keeping each command's rows (the list at index i: command i's)."""
+    conn.send(data)
+    tags: list[str] = []
+    rows: list[list[list[bytes | None]]] = [[]]
+    error: dict[str, str] | None = None
+    error_at = -1
+    while True:
+        type_byte, body = await conn.read_message()
+        if type_byte == m.B_DATA_ROW:
+            rows[-1].append(m.decode_data_row(body))
+        elif type_byte == m.B_COMMAND_COMPLETE:
+            tags.append(m.decode_command_complete(body))
+            rows.append([])
+        elif type_byte == m.B_ERROR:
+            if error is None:
+                error = m.decode_error_fields(body)
+                error_at = len(tags)
+        elif type_byte == m.B_PARAMETER_STATUS:
+            name, value = m.decode_parameter_status(body)
+            conn.params[name] = value
+        elif type_byte == m.B_READY_FOR_QUERY:
+            conn.tx_status = m.decode_ready_for_query(body)
+            return _Reply(tags, error, error_at, conn.tx_status), rows
+
+
 def _describe(fields: dict[str, str]) -> str:
     """An error's message and detail (the SQLSTATE is kept apart, in its own field)."""
     detail = fields.get("D")
@@ -261,7 +295,13 @@ def _opening(
     """BEGIN and the record's settings (as messages), the settings applied, the record's
     client_encoding and the codec its statements are written in."""
     conn_codec = python_codec(conn.params.get("client_encoding"))
-    settings = [(k, v) for k, v in record.settings.items() if k.lower() not in READ_ONLY_SETTINGS]
+    settings = [
+        (k, v) for k, v in record.settings.items()
+        if k.lower() not in READ_ONLY_SETTINGS and k.lower() not in _REPLACED_SETTINGS
+    ]  # fmt: skip
+    # The classifier read the text with standard_conforming_strings on (text it could not read
+    # the same way was refused, or is dead-lettered: `ambiguity`): so is it replayed.
+    settings.append(("standard_conforming_strings", "on"))
     # client_encoding last: from then on the server reads text in the client's encoding, which is
     # how the record's statements and text parameters were written.
     settings.sort(key=lambda kv: kv[0].lower() == "client_encoding")
@@ -276,21 +316,127 @@ def _opening(
     return batch, settings, client_encoding, record_codec
 
 
-async def apply_record(conn: ServerConnection, record: SpoolRecord) -> ApplyOutcome:
+# The columns of a spooled INSERT's table, with their defaults, as the replay transaction's
+# search_path resolves the name: what `ClockDefaults` pins.
+COLUMNS_SQL = (
+    "SELECT a.attname, pg_catalog.pg_get_expr(d.adbin, d.adrelid), a.attgenerated <> '' "
+    # A column the user may not INSERT into (column privileges) is left to its default.
+    "OR NOT pg_catalog.has_column_privilege(a.attrelid, a.attnum, 'INSERT') "
+    "FROM pg_catalog.pg_attribute a LEFT JOIN pg_catalog.pg_attrdef d "
+    "ON d.adrelid = a.attrelid AND d.adnum = a.attnum "
+    "WHERE a.attrelid = pg_catalog.to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped "
+    "ORDER BY a.attnum"
+)
+
+
+def acknowledged_at(record: SpoolRecord) -> dt.datetime:
+    """The instant the record's transaction was acknowledged (its now()), to the microsecond:
+    created_at is that instant's timestamp(), a float within 0.25 us of it until 2106; the
+    product is taken exactly (a float product could round by another 0.25 us)."""
+    return _EPOCH + dt.timedelta(microseconds=round(Fraction(record.created_at) * 1_000_000))
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def ambiguity(record: SpoolRecord) -> str | None:
+    """Why a stored record cannot be replayed with the meaning it was acknowledged with (only
+    records from before the text checks at acknowledgement can have one), or None."""
+    for index, stmt in enumerate(record.statements):
+        reason = text_refusal(stmt.sql, record.settings)
+        if reason is not None:
+            return f"statement {index + 1}: {reason}; its meaning at acknowledgement is ambiguous"
+    return None
+
+
+class ClockDefaults:
+    """Pins column defaults that read the clock (`DEFAULT now()`, CURRENT_DATE, ...) to the
+    acknowledgement instant: the columns each spooled INSERT leaves to such a default are added
+    to it with the pinned value, exactly as an explicit now() is pinned when spooled.
+
+    The table's columns are read from the catalog (one round trip per table, search path, user
+    and database; kept for one drain) under the record's own settings, in a transaction that is
+    rolled back. Not pinned: clock readings in triggers, in domain defaults, and clock_timestamp()
+    (which differs row by row anyway).
+    """
+
+    def __init__(self) -> None:
+        self._columns: dict[tuple[str, str, str, tuple[str, ...]], list[Column]] = {}
+        self._targets: dict[str, tuple[str, ...] | None] = {}  # by statement text: drivers repeat it
+
+    def _target(self, sql: str) -> tuple[str, ...] | None:
+        if sql not in self._targets:
+            if len(self._targets) >= 4096:
+                self._targets.clear()
+            self._targets[sql] = insert_target(sql)
+        return self._targets[sql]
+
+    async def statements(self, conn: ServerConnection, record: SpoolRecord) -> list[str]:
+        """The record's statements as they are to run: with clock defaults pinned."""
+        targets = [self._target(stmt.sql) for stmt in record.statements]
+        where = (record.user, record.database, record.settings.get("search_path", ""))
+        missing = sorted({t for t in targets if t is not None and (*where, t) not in self._columns})
+        if missing:
+            looked_up = await self._lookup(conn, record, missing)
+            for name, columns in zip(missing, looked_up, strict=True):
+                self._columns[(*where, name)] = columns
+        instant = acknowledged_at(record)
+        out = []
+        for stmt, target in zip(record.statements, targets, strict=True):
+            found = self._columns.get((*where, target)) if target is not None else None
+            out.append(pin_defaults(stmt.sql, found, instant) if found else stmt.sql)
+        return out
+
+    async def _lookup(
+        self, conn: ServerConnection, record: SpoolRecord, targets: list[tuple[str, ...]]
+    ) -> list[list[Column]]:
+        batch, settings, _, record_codec = _opening(conn, record)
+        for target in targets:
+            name = ".".join(m.quote_ident(part) for part in target)
+            batch.append(_statement(COLUMNS_SQL.encode(), (TEXT_OID,), (0,), (name.encode(record_codec),)))
+        batch.append(_statement(b"ROLLBACK", (), (), ()))
+        batch.append(m.sync())
+        reply, rows = await _exchange_rows(conn, b"".join(batch))
+        if reply.error is not None:
+            await _rollback(conn)
+            code = reply.error.get("C", "XX000")
+            raise ReplayFailed(f"reading column defaults: {_describe(reply.error)}", code,
+                               retry=is_transient(code))  # fmt: skip
+        first = 1 + len(settings)
+        out = []
+        for index in range(len(targets)):
+            columns = []
+            for row in rows[first + index]:
+                attname, default, generated = row
+                columns.append(Column(
+                    (attname or b"").decode(record_codec),
+                    None if default is None else default.decode(record_codec),
+                    generated == b"t",
+                ))  # fmt: skip
+            out.append(columns)
+        return out
+
+
+async def apply_record(conn: ServerConnection, record: SpoolRecord,
+                       defaults: ClockDefaults | None = None) -> ApplyOutcome:  # fmt: skip
     """Apply one record as one transaction on `conn` (does not touch the store).
 
     Raises ReplayFailed for an SQL error (the transaction is rolled back first, the connection
     stays usable) and ProxyError/OSError when the connection itself fails.
     """
     await _rollback(conn)  # a connection left mid-transaction by an earlier failure
+    unclear = ambiguity(record)
+    if unclear is not None:
+        raise ReplayFailed(unclear, "22P06", retry=False)
+    sqls = await (defaults or ClockDefaults()).statements(conn, record)
     # One round trip: open the transaction, apply the settings, claim the record in the ledger,
     # run the statements, commit. A record already applied makes the ledger INSERT fail with a
     # unique violation, and the server then skips everything up to the Sync: nothing of it runs.
     batch, settings, client_encoding, record_codec = _opening(conn, record)
     batch.append(_statement(LEDGER_CLAIM.encode(), (TEXT_OID,), (0,), (record.id.encode(),)))
     try:
-        for stmt in record.statements:
-            batch.append(_statement(stmt.sql.encode(record_codec), stmt.param_oids, stmt.param_formats,
+        for stmt, sql in zip(record.statements, sqls, strict=True):
+            batch.append(_statement(sql.encode(record_codec), stmt.param_oids, stmt.param_formats,
                                     stmt.values))  # fmt: skip
     except UnicodeEncodeError as exc:
         raise ReplayFailed(
@@ -347,7 +493,8 @@ def _removal(store: SpoolStore, ids: list[str], outcome: ApplyOutcome) -> _Remov
     return _Removal(asyncio.ensure_future(store.remove_many(ids)), outcome, len(ids))
 
 
-async def apply_chunk(conn: ServerConnection, records: Sequence[SpoolRecord]) -> bool:
+async def apply_chunk(conn: ServerConnection, records: Sequence[SpoolRecord],
+                      defaults: ClockDefaults | None = None) -> bool:  # fmt: skip
     """Apply several records (same user, database and settings) in ONE transaction and one
     round trip: one commit flush for all of them. True when committed. On any error (a
     duplicate among them, a failing statement) everything is rolled back and False returned:
@@ -355,13 +502,20 @@ async def apply_chunk(conn: ServerConnection, records: Sequence[SpoolRecord]) ->
     either way: each record's ledger row commits or rolls back with its rows.
     """
     await _rollback(conn)
+    if any(ambiguity(record) is not None for record in records):
+        return False  # one by one: that record goes to the dead letters with the reason
+    defaults = defaults or ClockDefaults()
+    try:
+        texts = [await defaults.statements(conn, record) for record in records]
+    except ReplayFailed:
+        return False  # one by one: the failure is reported there
     batch, settings, _, record_codec = _opening(conn, records[0])
     expected = 2 + len(settings)
     try:
-        for record in records:
+        for record, sqls in zip(records, texts, strict=True):
             batch.append(_statement(LEDGER_CLAIM.encode(), (TEXT_OID,), (0,), (record.id.encode(),)))
-            for stmt in record.statements:
-                batch.append(_statement(stmt.sql.encode(record_codec), stmt.param_oids,
+            for stmt, sql in zip(record.statements, sqls, strict=True):
+                batch.append(_statement(sql.encode(record_codec), stmt.param_oids,
                                         stmt.param_formats, stmt.values))  # fmt: skip
             expected += 1 + len(record.statements)
     except UnicodeEncodeError:
@@ -427,6 +581,7 @@ class Replayer:
         # Where healthy connections go after a drain (e.g. back to a pool); default: closed.
         self.release = release
         self._lock = asyncio.Lock()
+        self._defaults = ClockDefaults()  # the tables' clock defaults, read once per drain
 
     async def drain(self) -> DrainResult:
         """Replay pending records until the store is empty or something transient stops it."""
@@ -547,7 +702,7 @@ class Replayer:
         try:
             conn = await asyncio.wait_for(self._connection(chunk[0], conns), self.record_timeout)
             async with asyncio.timeout(self.record_timeout):
-                committed = await apply_chunk(conn, chunk)
+                committed = await apply_chunk(conn, chunk, self._defaults)
         except (LedgerMissing, ProxyError, OSError, TimeoutError):
             # Whatever went wrong, the one-by-one path meets it again and reports it properly.
             self._drop(conns, key, "chunked replay failed")
@@ -578,7 +733,7 @@ class Replayer:
             return f"cannot connect as {record.user} to {record.database}: {message}"
         try:
             async with asyncio.timeout(self.record_timeout):
-                outcome = await apply_record(conn, record)
+                outcome = await apply_record(conn, record, self._defaults)
         except ReplayFailed as exc:
             if exc.retry:
                 logs.event("spool_replay_retry_later", logs.WARNING, record=record.id, sqlstate=exc.sqlstate,

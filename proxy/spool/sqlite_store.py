@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import queue
 import sqlite3
 import threading
@@ -27,7 +28,7 @@ from typing import Any
 
 from .. import logs
 from .record import DeadLetter, SpoolRecord
-from .store import SpoolRefused, SpoolStore, SpoolUnavailable
+from .store import SpoolRefused, SpoolStore, SpoolUnavailable, owner_only
 
 # Far above any sane transaction of simple INSERTs, far below what would make one commit stall
 # every other client for long.
@@ -95,6 +96,46 @@ def _deliver_all(outcomes: list[tuple[_Op, BaseException | None]]) -> None:
             loop.call_soon_threadsafe(_settle_all, batch)
 
 
+def make_spool_directory(path: Path) -> None:
+    """Create the missing directories above `path` (spool.path), owner-only, and log it; an
+    existing one that cannot be used raises SpoolUnavailable naming spool.path."""
+    problem = spool_path_problem(path)
+    if problem is not None:
+        raise SpoolUnavailable(problem)
+    parent = path.parent
+    if not parent.is_dir():
+        missing = []
+        here = parent
+        while not here.exists() and here != here.parent:
+            missing.append(here)
+            here = here.parent
+        try:
+            for directory in reversed(missing):
+                directory.mkdir(mode=0o700)
+        except OSError as exc:
+            raise SpoolUnavailable(
+                f"cannot create the directory {str(parent)!r} for the spool file (spool.path "
+                f"{str(path)!r}): {exc.strerror or exc}"
+            ) from exc
+        if missing:
+            logs.event("spool_directory_created", path=str(parent), mode="0700")
+
+
+def spool_path_problem(path: Path) -> str | None:
+    """Why the spool file `path` (spool.path) cannot be created or written, or None. Missing
+    directories are fine when the nearest existing one is writable (they will be created)."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"spool.path {str(path)!r} is unusable: {str(parent)!r} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"spool.path {str(path)!r} is unusable: the directory {str(parent)!r} is not writable"
+    if path.exists() and (path.is_dir() or not os.access(path, os.R_OK | os.W_OK)):
+        return f"spool.path {str(path)!r} is unusable: not a writable file"
+    return None
+
+
 class SqliteSpoolStore(SpoolStore):
     name = "sqlite"
 
@@ -137,13 +178,15 @@ class SqliteSpoolStore(SpoolStore):
     # ---------------------------------------------------------------- writer thread
 
     def _connect(self) -> sqlite3.Connection:
-        parent = self.path.parent
+        make_spool_directory(self.path)
         try:
-            parent.mkdir(parents=True, exist_ok=True)
+            # Owner-only, whatever the umask: the records hold application data. SQLite gives
+            # the -wal and -shm files the main file's permissions.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            owner_only(self.path)
         except OSError as exc:
             raise SpoolUnavailable(
-                f"cannot create the directory {str(parent)!r} for the spool file (spool.path): "
-                f"{exc.strerror or exc}"
+                f"cannot create the spool file {str(self.path)!r} (spool.path): {exc.strerror or exc}"
             ) from exc
         try:
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), so a
@@ -160,6 +203,9 @@ class SqliteSpoolStore(SpoolStore):
             conn.execute("PRAGMA synchronous = FULL")
             for ddl in _SCHEMA:
                 conn.execute(ddl)
+            # Files an older version (or another process) created with wider permissions.
+            for suffix in ("-wal", "-shm"):
+                owner_only(self.path.with_name(self.path.name + suffix))
         except sqlite3.Error as exc:
             raise SpoolUnavailable(
                 f"cannot open the spool file {str(self.path)!r} (spool.path): {exc}"

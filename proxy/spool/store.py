@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import logs
 from .record import DeadLetter, SpoolRecord
 
 if TYPE_CHECKING:
@@ -37,6 +40,19 @@ class SpoolRefused(SpoolError):
 
 class SpoolUnavailable(SpoolError):
     """The store cannot be reached or written right now (I/O error, throttling, network)."""
+
+
+def owner_only(path: Path) -> None:
+    """Take group and other permissions off `path` if it exists (best effort: a file owned by
+    someone else is left as it is, and logged)."""
+    try:
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            os.chmod(path, mode & 0o700)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        logs.event("spool_file_mode", logs.WARNING, path=str(path), error=exc.strerror or str(exc))
 
 
 class SpoolStore(abc.ABC):

@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import datetime as dt
+import random
 
 import pytest
+from pglast import parse_sql
+from pglast.ast import A_Const, InsertStmt, SelectStmt, String
 
-from proxy.spool.classify import Classifier, Kind, Statement, classify_sql, pin_clock, pinned_literal
+from proxy.spool import SpoolRecord
+from proxy.spool.classify import (
+    Classifier,
+    Column,
+    Kind,
+    Statement,
+    classify_sql,
+    insert_target,
+    pg_bool,
+    pin_clock,
+    pin_defaults,
+    pinned_default,
+    pinned_literal,
+    text_refusal,
+)
+from proxy.spool.replay import acknowledged_at
 
 AT = dt.datetime(2026, 11, 23, 10, 0, 0, 123456, tzinfo=dt.UTC)
 
@@ -188,3 +206,122 @@ def test_cache_returns_same_object_and_is_bounded() -> None:
     classifier.classify("select 1")
     classifier.classify("select 2")
     assert classifier.classify("insert into t values (1)") is not first  # evicted, re-parsed
+
+
+# ---------------------------------------------------------------- text PostgreSQL reads otherwise
+
+ON = {"standard_conforming_strings": "on", "client_encoding": "UTF8"}
+OFF = {"standard_conforming_strings": "off", "client_encoding": "UTF8"}
+WIPE = "INSERT INTO t(v) VALUES ('x1\\', ' || wipe()) -- ')"
+
+
+@pytest.mark.parametrize(
+    ("sql", "settings", "backslash_quote", "refused"),
+    [
+        (WIPE, ON, None, None),  # read as PostgreSQL reads it under on: two constants
+        (WIPE, OFF, None, "backslash"),
+        (WIPE, {"standard_conforming_strings": "false"}, None, "backslash"),
+        (WIPE, {"standard_conforming_strings": "of"}, None, "backslash"),  # a prefix of off
+        (WIPE, {"standard_conforming_strings": "bogus"}, None, "backslash"),  # unreadable: cautious
+        ("INSERT INTO t VALUES (E'a\\\\b')", OFF, None, "backslash"),
+        ("INSERT INTO t VALUES ('plain', $1)", OFF, None, None),
+        ("INSERT INTO t VALUES (U&'d\\0061t')", ON, None, None),
+        ("INSERT INTO t VALUES (U&'dat')", OFF, None, "U&"),
+        ("INSERT INTO t VALUES ('été')", {"client_encoding": "LATIN1"}, None, "client_encoding LATIN1"),
+        ("INSERT INTO t VALUES ('ete')", {"client_encoding": "SJIS"}, None, None),
+        ("INSERT INTO t VALUES ('été')", {"client_encoding": "utf-8"}, None, None),
+        ("INSERT INTO t VALUES (E'\\'')", ON, "off", "backslash_quote"),
+        ("INSERT INTO t VALUES (E'\\'')", ON, None, None),
+        ("INSERT INTO t VALUES (E'\\'')", {"client_encoding": "SJIS"}, "safe_encoding", "backslash_quote"),
+        ("INSERT INTO t VALUES (E'\\'')", {"client_encoding": "SJIS"}, "on", None),
+    ],
+)
+def test_text_refusal(
+    sql: str, settings: dict[str, str], backslash_quote: str | None, refused: str | None
+) -> None:
+    reason = text_refusal(sql, settings, backslash_quote)
+    if refused is None:
+        assert reason is None
+    else:
+        assert reason is not None and refused in reason
+    assert text_refusal(sql.encode("utf-8"), settings, backslash_quote) == reason
+
+
+def test_pg_bool() -> None:
+    assert all(pg_bool(v, False) for v in ("on", "ON", "true", "t", "tr", "yes", "y", "1", "'on'"))
+    assert not any(pg_bool(v, True) for v in ("off", "of", "false", "f", "no", "n", "0", "", "o", "junk"))
+    assert pg_bool(None, True) and not pg_bool(None, False)
+
+
+# ---------------------------------------------------------------- clock defaults, pinned at replay
+
+COLUMNS = [
+    Column("n", "nextval('t_n_seq'::regclass)"),
+    Column("id", None),
+    Column("at", None),
+    Column("Created At", "now()"),
+    Column("day", "CURRENT_DATE"),
+    Column("later", "(now() + '01:00:00'::interval)"),
+    Column("g", "now()", generated=True),
+]
+PINNED_TEXT = "2026-11-23 10:00:00.123456+00"
+PINNED = f"CAST('{PINNED_TEXT}' AS timestamp with time zone)"
+
+
+def test_pin_defaults_adds_omitted_clock_columns() -> None:
+    out = pin_defaults("INSERT INTO s.t (id, at) VALUES ($1, now())", COLUMNS, AT)
+    assert out == (
+        f'INSERT INTO s.t (id, at, "Created At", day, later) VALUES ($1, now(), {PINNED}, '
+        f"CAST({PINNED} AS pg_catalog.date), {PINNED} + CAST('01:00:00' AS interval))"
+    )
+
+
+def test_pin_defaults_positional_keyword_and_default_values() -> None:
+    positional = pin_defaults("INSERT INTO t VALUES (DEFAULT, 1, 2), (3, 4, 5)", COLUMNS, AT)
+    assert positional.startswith(
+        'INSERT INTO t (n, id, at, "Created At", day, later) VALUES (DEFAULT, 1, 2, '
+    )
+    keyword = pin_defaults("""INSERT INTO t (id, "Created At") VALUES (1, DEFAULT), (2, '2020-01-01')""",
+                           COLUMNS[:4], AT)  # fmt: skip
+    assert keyword == f"""INSERT INTO t (id, "Created At") VALUES (1, {PINNED}), (2, '2020-01-01')"""
+    assert pin_defaults("INSERT INTO t DEFAULT VALUES", COLUMNS[:4], AT) == (
+        f'INSERT INTO t ("Created At") VALUES ({PINNED})'
+    )
+
+
+def test_pin_defaults_leaves_other_statements_verbatim() -> None:
+    sql = "insert into t (id, \"Created At\") values (1, '2020-01-01')  -- given"
+    assert pin_defaults(sql, COLUMNS[:4], AT) == sql
+    assert pin_defaults("insert into t (id) values (1)", COLUMNS[:3], AT) == "insert into t (id) values (1)"
+    assert insert_target('insert into "S".t values (1)') == ("S", "t")
+    assert pinned_default("nextval('s'::regclass)", AT) is None
+    assert pinned_default("clock_timestamp()", AT) is None  # row by row: not a transaction instant
+
+
+def test_pinned_statement_keeps_backslash_literals_for_standard_conforming_strings_on() -> None:
+    # The replay runs with standard_conforming_strings on: the deparsed text must read back as
+    # the same constants there (pglast reads as on does).
+    sql = "INSERT INTO t (id, v) VALUES (1, 'a\\b\\\\c''d'), (2, E'e\\\\f\\'')"
+    out = pin_defaults(sql, COLUMNS[:4], AT)
+    assert out != sql and text_refusal(out, ON) is None
+
+    def strings(text: str) -> list[str]:
+        stmt = parse_sql(text)[0].stmt
+        assert isinstance(stmt, InsertStmt) and isinstance(stmt.selectStmt, SelectStmt)
+        return [str(v.val.sval) for row in stmt.selectStmt.valuesLists or () for v in row
+                if isinstance(v, A_Const) and isinstance(v.val, String)]  # fmt: skip
+
+    assert strings(sql) == ["a\\b\\\\c'd", "e\\f'"]
+    assert strings(out) == strings(sql) and out.count(PINNED) == 2
+
+
+def test_acknowledgement_instant_survives_the_record_to_the_microsecond() -> None:
+    # Records keep it as float seconds (created_at); DEFAULT now() is pinned from that, and
+    # must equal what an explicit now() was pinned to.
+    rng = random.Random(18)
+    for _ in range(20_000):
+        instant = dt.datetime(2020, 1, 1, tzinfo=dt.UTC) + dt.timedelta(
+            microseconds=rng.randrange(0, 80 * 365 * 86400 * 10**6)  # 2020 to 2100
+        )
+        record = SpoolRecord("r", instant.timestamp(), "u", "d")
+        assert acknowledged_at(SpoolRecord.from_json(record.to_json())) == instant

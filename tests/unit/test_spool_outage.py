@@ -307,3 +307,63 @@ def test_deallocate_and_discard_all() -> None:
     assert tags(s.query("DISCARD ALL")) == ["DISCARD ALL", "ZI"]
     s.query("insert into t values (1)")
     assert s.records[0].settings["TimeZone"] == "Etc/UTC"
+
+
+# ---------------------------------------------------------------- text PostgreSQL reads otherwise
+
+WIPE = b"INSERT INTO t(v) VALUES ('x1\\', ' || wipe()) -- ')"
+
+
+def test_backslash_under_standard_conforming_strings_off_is_refused() -> None:
+    s = Session()
+    assert tags(s.query("SET standard_conforming_strings = off")) == ["SET", "ZI"]
+    assert tags(s.send([("Q", WIPE + b"\x00")])) == ["E57P03", "ZI"]
+    assert "standard_conforming_strings" in s.refusals[-1]
+    # Extended protocol: Parse is answered, the statement refused at Describe/Execute.
+    parse = ("P", b"\x00" + WIPE + b"\x00\x00\x00")
+    bind = ("B", b"\x00\x00\x00\x00\x00\x00\x00\x00")
+    assert tags(s.send([parse, bind, ("D", b"P\x00"), ("E", b"\x00\x00\x00\x00\x00"), ("S", b"")])) == [
+        "1", "2", "E57P03", "ZI"
+    ]  # fmt: skip
+    # Text without a backslash reads the same under both values; parameters are not SQL text.
+    assert tags(s.query("insert into t values ('plain')")) == ["INSERT 0 1", "ZI"]
+    assert tags(s.send(PSYCOPG_INSERT)) == ["1", "2", "n", "INSERT 0 1", "ZI"]
+    assert len(s.records) == 2 and all(b"\\" not in r.statements[0].sql.encode() for r in s.records)
+    # Back to on: the same text is read as pglast reads it, and spooled.
+    s.query("SET standard_conforming_strings = on")
+    assert tags(s.send([("Q", WIPE + b"\x00")])) == ["INSERT 0 1", "ZI"]
+
+
+def test_the_setting_in_force_when_the_query_arrives_counts() -> None:
+    # PostgreSQL parses a whole Query string before running the SET in it.
+    s = Session()
+    sql = b"SET standard_conforming_strings = off; " + WIPE + b"\x00"
+    assert tags(s.send([("Q", sql)])) == ["SET", "INSERT 0 1", "ZI"]
+    assert tags(s.send([("Q", WIPE + b"\x00")])) == ["E57P03", "ZI"]
+
+
+def test_standard_conforming_strings_off_from_options_or_the_server() -> None:
+    s = Session(settings={"options": "-c standard_conforming_strings=off"})
+    assert tags(s.send([("Q", WIPE + b"\x00")])) == ["E57P03", "ZI"]
+    s = Session(settings={"standard_conforming_strings": "off"})  # captured before the outage
+    assert tags(s.send([("Q", WIPE + b"\x00")])) == ["E57P03", "ZI"]
+    assert s.records == []
+
+
+def test_non_utf8_client_encoding_takes_ascii_text_only() -> None:
+    s = Session(settings={"client_encoding": "SJIS"})
+    # 0x95 0x5C is one SJIS character whose second byte is a backslash.
+    assert tags(s.send([("Q", b"insert into t values ('\x95\\', 1)\x00")])) == ["E57P03", "ZI"]
+    assert "client_encoding" in s.refusals[-1]
+    assert tags(s.query("insert into t values ('ascii')")) == ["INSERT 0 1", "ZI"]
+    assert s.records[0].settings["client_encoding"] == "SJIS"
+
+
+def test_session_set_before_options_and_unreplayable_role() -> None:
+    # options first, then the startup parameters and what the session SET: the last one wins.
+    s = Session(settings={"options": "-c DateStyle=German", "datestyle": "ISO, DMY"})
+    s.query("insert into t values (1)")
+    assert s.records[0].settings["DateStyle"] == "ISO, DMY"
+    s = Session(settings={"session_replication_role": "replica"})
+    assert tags(s.query("insert into t values (1)")) == ["E57P03", "ZI"]
+    assert "session_replication_role" in s.refusals[-1]
