@@ -42,7 +42,8 @@ class Sidecar:
         self.clients: set[ClientSession] = set()  # every open client connection
         self.admitted = 0  # clients past startup, counted against pool.max_clients
         self.pools: dict[tuple[str, str], Pool] = {}
-        self.cancel_keys: dict[tuple[int, int], ClientSession] = {}
+        # Open sessions by the secret of the key they were given (unique; process ids need not be).
+        self.cancel_keys: dict[int, ClientSession] = {}
         self.statements = StatementRegistry()  # sidecar-wide prepared statement names
         self.stats = Stats()
         self.held_requests = 0  # requests waiting for a writer (failover)
@@ -381,7 +382,9 @@ class Sidecar:
             self.admitted -= 1
 
     async def forward_cancel(self, key: tuple[int, int], conn_id: str) -> None:
-        client = self.cancel_keys.get(key)
+        client = self.cancel_keys.get(key[1])
+        if client is not None and client.backend_key != key:
+            client = None  # the secret alone is not enough: PostgreSQL checks both halves too
         # Only a server running something of the client's: a server kept between transactions
         # may be taken over by another client before the cancel lands.
         server = client.running_on if client is not None else None

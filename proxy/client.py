@@ -77,6 +77,10 @@ _client_ids = itertools.count(1)
 _SYNC: Final = b"S\x00\x00\x00\x04"
 # A BackendKeyData's process id and secret, drawn as signed int32s (as the message carries them).
 _KEY_PARTS: Final = struct.Struct("!ii")
+# Process ids the sidecar makes up (transaction mode, the admin console, a login during an outage)
+# start here: Linux never gives a process an id this high (PID_MAX_LIMIT is 2**22), so such an id
+# can name no real backend, and pg_terminate_backend() of it terminates nothing by mistake.
+_MADE_UP_PIDS: Final = 1 << 22
 _EXECUTE_SYNC: Final = b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00" + _SYNC
 _DESCRIBE_EXECUTE_SYNC: Final = b"D\x00\x00\x00\x06P\x00" + _EXECUTE_SYNC
 # The answers the fast paths' requests owe, as `ResponseTracker.expect_fast` takes them.
@@ -153,7 +157,11 @@ class ClientSession(asyncio.Protocol):
         self.startup_params: dict[str, str] = {}  # as sent by the client
         self.startup_settings: dict[str, str] = {}  # settable startup params + `options` (lowercase)
         self.settings: dict[str, str] = {}  # the session's settings now: what a new server must get
-        self.backend_key: tuple[int, int] | None = None  # the key we hand out for CancelRequest
+        # The key handed out in BackendKeyData: (process id, secret). Session mode: the id of the
+        # first server's backend (what pg_backend_pid() says there); else one the sidecar makes up.
+        # The secret is the sidecar's own, unique among open sessions: CancelRequests find the
+        # session by it (two sessions may show the same process id, e.g. one pooled server reused).
+        self.backend_key: tuple[int, int] | None = None
         self.server: ServerConnection | None = None
         self.pool: Pool | None = None
         self.connected_at = monotonic()
@@ -1342,7 +1350,9 @@ class ClientSession(asyncio.Protocol):
             self.sidecar.passthrough_verified(self.user, self._password)
         if self.sidecar.spooling is not None:
             self.sidecar.spooling.note_login(self.user, self.database, self._password)
-        self._logged_in(server.params)
+        first_backend = server.backend_key
+        own_pid = first_backend[0] if first_backend is not None and not self.transaction_mode else None
+        self._logged_in(server.params, own_pid)
         logs.event(
             "client_ready",
             conn=self.id,
@@ -1542,14 +1552,15 @@ class ClientSession(asyncio.Protocol):
         self.startup_settings = lower_keys(wanted)
         self.settings = dict(self.startup_settings)
 
-    def _logged_in(self, params: dict[str, str]) -> None:
-        """Tell the client it is in: AuthenticationOk, the server's parameters, our key, ready."""
+    def _logged_in(self, params: dict[str, str], pid: int | None = None) -> None:
+        """Tell the client it is in: AuthenticationOk, the server's parameters, our key, ready.
+        `pid`: the process id to hand out (session mode: its first server's)."""
         self._send(
             m.frames(
                 [
                     m.auth_ok(),
                     *(m.parameter_status(k, v) for k, v in params.items()),
-                    self._register_backend_key(),
+                    self._register_backend_key(pid),
                     m.ready_for_query(m.TX_IDLE),
                 ]
             )
@@ -1565,14 +1576,21 @@ class ClientSession(asyncio.Protocol):
             await server.simple_query(sql)
         server.applied = dict(self.settings)
 
-    def _register_backend_key(self) -> bytes:
-        # One read of the system CSPRNG (what `secrets` draws on) for both halves, where two
-        # secrets.randbits calls cost two trips through random.SystemRandom's Python code.
-        pid, secret = _KEY_PARTS.unpack(urandom(8))
-        key = ((pid & 0x7FFFFFFF) or 1, secret)
-        self.backend_key = key
-        self.sidecar.cancel_keys[key] = self
-        return m.backend_key_data(*key)
+    def _register_backend_key(self, pid: int | None = None) -> bytes:
+        """The BackendKeyData for this session, registered for CancelRequests under its secret.
+        `pid`: the process id to show (None: a made-up one that names no real process)."""
+        keys = self.sidecar.cancel_keys
+        while True:
+            # One read of the system CSPRNG (what `secrets` draws on) for both halves, where two
+            # secrets.randbits calls cost two trips through random.SystemRandom's Python code.
+            drawn, secret = _KEY_PARTS.unpack(urandom(8))
+            if secret not in keys:
+                break
+        if pid is None:
+            pid = _MADE_UP_PIDS + (drawn & 0x7FFFFFFF) % ((1 << 31) - _MADE_UP_PIDS)
+        self.backend_key = (pid, secret)
+        keys[secret] = self
+        return m.backend_key_data(pid, secret)
 
     # ---------------------------------------------------------------- closing
 
@@ -1609,9 +1627,8 @@ class ClientSession(asyncio.Protocol):
                 self.pool.forget(server)
             else:
                 self.pool.release(server, reset=not self.transaction_mode)
-        if self.backend_key is not None:
-            with contextlib.suppress(KeyError):
-                del self.sidecar.cancel_keys[self.backend_key]
+        if self.backend_key is not None and self.sidecar.cancel_keys.get(self.backend_key[1]) is self:
+            del self.sidecar.cancel_keys[self.backend_key[1]]
         self.sidecar.client_closed(self, counted=self._counted)
         logs.event(
             "client_closed",
