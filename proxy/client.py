@@ -963,13 +963,15 @@ class ClientSession(asyncio.Protocol):
                 first = False
         self._send(owed)
         if status == m.TX_FAILED:
-            self._answer_aborted(AbortedTransaction(first_error_sent=in_flight > 0))
+            self._answer_aborted(first_error_sent=in_flight > 0)
         elif self._relay.buffered and self._task is None:
             self._start(self._attach_next())
 
-    def _answer_aborted(self, aborted: AbortedTransaction) -> None:
+    def _answer_aborted(self, first_error_sent: bool) -> None:
         """Answer the client locally until it ends the transaction the failover cut."""
-        self._aborted = aborted
+        # Statements prepared before the cut still exist for the client (a driver may have
+        # prepared its ROLLBACK long ago), as they would in PostgreSQL after an error.
+        self._aborted = AbortedTransaction(first_error_sent, self._known_statements())
         self._relay.set_inspector(self._inspect_aborted, _ALL_FRONTEND)
         self._relay.resume()  # everything held is answered (dropped) by _inspect_aborted
         self._after_aborted()
@@ -979,7 +981,10 @@ class ClientSession(asyncio.Protocol):
         if type_byte == m.F_TERMINATE or aborted is None:
             return Action.DROP_PAUSE
         self._send(aborted.on_message(type_byte, msg))
-        return Action.DROP_PAUSE if aborted.done else Action.DROP
+        if not aborted.done:
+            return Action.DROP
+        # The rest of an extended-protocol batch after its ROLLBACK is the server's to answer.
+        return Action.HOLD if aborted.hand_back_message else Action.DROP_PAUSE
 
     def _after_aborted(self) -> None:
         aborted = self._aborted
@@ -989,10 +994,36 @@ class ClientSession(asyncio.Protocol):
             self.close("client sent Terminate")
             return
         self._aborted = None
+        self._adopt_aborted_statements(aborted)
         self._restore_inspector()
+        if aborted.handback is not None:
+            # What followed the ROLLBACK in the client's query string runs on the server, answered
+            # as part of the same request (ROLLBACK; DEALLOCATE ALL: two results, one ReadyForQuery).
+            self._relay.unread(aborted.handback)
         logs.event("aborted_transaction_ended", conn=self.id)
         if self._relay.buffered and self._task is None:
             self._start(self._attach_next())
+
+    def _adopt_aborted_statements(self, aborted: AbortedTransaction) -> None:
+        """Named statements the client prepared or closed while its transaction was answered
+        here: PostgreSQL keeps both past the end of the block, so the session does too."""
+        router = self.router
+        for name in aborted.closed:
+            if router is None:
+                self._session_statements.pop(name, None)
+            else:
+                router.statements.pop(name, None)
+                router.local.pop(name, None)
+        for name, parse in aborted.parsed.items():
+            if router is None:
+                self._session_statements[name] = parse
+                continue
+            decoded = m.decode_parse(parse[5:])
+            global_name = self.sidecar.statements.name_for(decoded.query, decoded.param_types)
+            router.local.pop(name, None)
+            router.statements[name] = ClientStatement(
+                global_name, parse_message(global_name, decoded.query, decoded.param_types)
+            )
 
     # ---------------------------------------------------------------- server changes
 
