@@ -369,3 +369,63 @@ def _wait_until(condition, timeout: float = 15.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def _cut_session(sidecar, node: pg.PgNode, application_name: str) -> None:
+    """Terminate the session's server (a failover's cut, without the failover: the session moves
+    to another server of the same writer exactly as it would to a new one)."""
+    offset = sidecar.log_offset()
+    node.query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+        (application_name,),
+    )
+    sidecar.wait_for_log("event=session_cut", since=offset)
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_through_the_sidecar_what_follows_rollback_runs_on_the_new_server(
+    shared_topology, sidecar_factory, mode
+):
+    sidecar = sidecar_factory({"auth": {"method": "trust"}, "pool": {"mode": mode}})
+    client = RawClient(sidecar.port, timeout=15)
+    try:
+        client.startup("app_trust", pg.APP_DB, application_name="answerer-e2e")
+        assert client.read_until("ZE")[-1].type == "Z"
+        # A driver's named ROLLBACK, prepared before the transaction (pgjdbc does this).
+        client.send(P("rb", "ROLLBACK") + SYNC)
+        assert [m.type for m in client.read_until("Z")] == ["1", "Z"]
+
+        def answer(data: bytes) -> list[tuple[str, bytes]]:
+            client.send(data)
+            return [(m.type, m.body) for m in client.read_until("Z") if m.type != "N"]
+
+        assert answer(Q("BEGIN; SELECT 1"))[-1] == ("Z", b"T")
+        _cut_session(sidecar, shared_topology.a1, "answerer-e2e")
+        first = answer(Q("SELECT 1"))
+        assert [t for t, _ in first] == ["E", "Z"] and first[-1][1] == b"E"
+        # Simple query: ROLLBACK answered here, DEALLOCATE ALL by the server, one ReadyForQuery.
+        assert answer(Q("ROLLBACK; DEALLOCATE ALL")) == [
+            ("C", b"ROLLBACK\x00"),
+            ("C", b"DEALLOCATE ALL\x00"),
+            ("Z", b"I"),
+        ]
+        # Again, with the extended protocol and the statement prepared before the cut.
+        client.send(P("rb", "ROLLBACK") + SYNC)
+        assert [m.type for m in client.read_until("Z")] == ["1", "Z"]
+        assert answer(Q("BEGIN; SELECT 1"))[-1] == ("Z", b"T")
+        _cut_session(sidecar, shared_topology.a1, "answerer-e2e")
+        assert answer(Q("SELECT 1"))[-1] == ("Z", b"E")
+        got = answer(B("", "rb") + E("") + P("", "SELECT 7") + B("", "") + E("") + SYNC)
+        assert got == [
+            ("2", b""),
+            ("C", b"ROLLBACK\x00"),
+            ("1", b""),
+            ("2", b""),
+            ("D", struct.pack("!hi", 1, 1) + b"7"),
+            ("C", b"SELECT 1\x00"),
+            ("Z", b"I"),
+        ]
+        # The statement prepared before the cut is still there for the client, on its new server.
+        assert answer(B("", "rb") + E("") + SYNC) == [("2", b""), ("C", b"ROLLBACK\x00"), ("Z", b"I")]
+    finally:
+        client.close()
