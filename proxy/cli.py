@@ -41,17 +41,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.configure(cfg.log_format, cfg.log_level)
     import uvloop
 
-    from .app import Sidecar
+    from .app import ListenError, Sidecar
 
     async def main() -> None:
         await Sidecar(cfg, args.config).serve_forever()
 
     try:
         uvloop.run(main())
+    except ListenError as exc:
+        # Typically the address is taken: say which setting and address, instead of a traceback.
+        logs.event("startup_failed", logs.ERROR, setting=exc.setting, address=exc.address, error=exc.reason)
+        return EXIT_FAILED
     except OSError as exc:
-        # Typically the listen address is taken: say which, instead of a traceback.
-        logs.event("startup_failed", logs.ERROR, listen=str(cfg.listen), error=str(exc))
-        return 1
+        logs.event("startup_failed", logs.ERROR, error=str(exc))
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -61,6 +64,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     print(f"# {args.config}: valid. Effective configuration (secrets hidden):")
     print(dump_effective(cfg), end="")
+    for warning in cfg.warnings():
+        print(f"pgsidecar: warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 

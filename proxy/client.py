@@ -36,6 +36,7 @@ from .protocol.framing import Action, MessageReader, Relay, length_at, valid_typ
 from .protocol.sqlstate import (
     SERVER_GONE_STATES,
     CannotConnectNow,
+    FeatureNotSupported,
     ProtocolViolation,
     ProxyError,
     SqlState,
@@ -1269,14 +1270,24 @@ class ClientSession(asyncio.Protocol):
 
     async def _negotiate(self) -> m.StartupPacket | None:
         """Read startup packets until a StartupMessage; None when the connection was a cancel."""
+        ssl_done = gss_done = False
         while True:
             startup = await self._read_startup()
-            if startup.code == m.SSL_REQUEST_CODE:
-                await self._answer_ssl_request()
+            # Each encryption request is answered once, as PostgreSQL does (a GSSENCRequest only
+            # until SSL is on); another one is a protocol version no server speaks.
+            if startup.code == m.SSL_REQUEST_CODE and not ssl_done:
+                ssl_done = True
+                gss_done = await self._answer_ssl_request() or gss_done
                 continue
-            if startup.code == m.GSSENC_REQUEST_CODE:
+            if startup.code == m.GSSENC_REQUEST_CODE and not gss_done:
+                gss_done = True
                 self._send(b"N")
                 continue
+            if startup.code in (m.SSL_REQUEST_CODE, m.GSSENC_REQUEST_CODE):
+                raise FeatureNotSupported(
+                    f"unsupported frontend protocol {startup.major}.{startup.minor}: "
+                    "server supports 3.0 to 3.0"
+                )
             if startup.code == m.CANCEL_REQUEST_CODE:
                 assert startup.cancel_key is not None
                 await self.sidecar.forward_cancel(startup.cancel_key, self.id)
@@ -1294,11 +1305,12 @@ class ClientSession(asyncio.Protocol):
                 self._send(m.negotiate_protocol_version(0, unsupported))
             return startup
 
-    async def _answer_ssl_request(self) -> None:
+    async def _answer_ssl_request(self) -> bool:
+        """Answer an SSLRequest; True if the connection is now encrypted."""
         ctx = self.sidecar.client_ssl_context
         if ctx is None or self.transport is None:
             self._send(b"N")
-            return
+            return False
         if self._reader.take_rest():
             # Bytes after SSLRequest but before the handshake would be unencrypted injection.
             raise ProtocolViolation("received unencrypted data after SSLRequest")
@@ -1307,6 +1319,7 @@ class ClientSession(asyncio.Protocol):
         transport = await loop.start_tls(self.transport, self, ctx, server_side=True)
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        return True
 
     async def _authenticate(self, startup: m.StartupPacket) -> None:
         self.state = ClientState.AUTH
@@ -1330,11 +1343,15 @@ class ClientSession(asyncio.Protocol):
         self._counted = True
         auth_cfg = self.sidecar.config.auth
         user_cfg = auth_cfg.user(self.user)
-        if user_cfg is None and auth_cfg.users and auth_cfg.method != "passthrough":
+        mock = None
+        if user_cfg is None and auth_cfg.method in ("md5", "scram-sha-256"):
+            # Not configured: a password exchange all the same, failing as a wrong password does.
+            mock = self.sidecar.mock_salt(self.user)
+        elif user_cfg is None and auth_cfg.users and auth_cfg.method != "passthrough":
             raise UnknownUser(f'role "{self.user}" is not configured in pgsidecar (auth.users)')
         secret = user_cfg.password.get_secret_value() if user_cfg and user_cfg.password else None
         authenticator = ClientAuthenticator(
-            auth_cfg.method, self.user, secret, self.sidecar.scram_verifier(self.user, secret)
+            auth_cfg.method, self.user, secret, self.sidecar.scram_verifier(self.user, secret), mock
         )
         first = authenticator.start()
         if first:
