@@ -392,11 +392,11 @@ def test_a_taken_listen_fails_before_the_spool_is_opened(shared_topology, tmp_pa
     result = _run_sidecar(config, tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode != 0
+    assert not spool.exists()
+    assert "spool_opened" not in output
     assert "Traceback" not in output
     (line,) = [line for line in output.splitlines() if "startup_failed" in line]
     assert "setting=listen" in line and f"127.0.0.1:{taken_port}" in line
-    assert not spool.exists()
-    assert "spool_opened" not in output
 
 
 def _check_config(config: dict[str, Any], tmp_path: Path) -> subprocess.CompletedProcess[str]:
