@@ -131,7 +131,8 @@ def sidecar_answer(node: pg.PgNode, inputs: bytes) -> list[Msg]:
             rest = raw + rest
         if aborted.handback is not None:
             rest = aborted.handback + rest
-        assume(not _uses_unnamed_from_before(rest))
+        if _uses_unnamed_from_before(rest):
+            raise _KnownLimit
         server = _login(node)
         try:
             for parse in aborted.parsed.values():
@@ -142,6 +143,10 @@ def sidecar_answer(node: pg.PgNode, inputs: bytes) -> list[Msg]:
         finally:
             server.close()
     raise AssertionError("the answerer never ended the block, though the input ends with ROLLBACK")
+
+
+class _KnownLimit(Exception):
+    """The sequence depends on what the sidecar does not carry to the next server."""
 
 
 def _uses_unnamed_from_before(rest: bytes) -> bool:
@@ -175,7 +180,11 @@ def normalized(msgs: list[Msg]) -> list[tuple[str, object]]:
 def assert_same_answers(node: pg.PgNode, inputs: bytes) -> None:
     inputs += SYNC + Q("ROLLBACK")  # the block always ends
     expected = normalized(postgres_answer(node, inputs))
-    got = normalized(sidecar_answer(node, inputs))
+    try:
+        got = normalized(sidecar_answer(node, inputs))
+    except _KnownLimit:
+        assume(False)  # (generated sequences only: no named case hits it)
+        return
     assert got == expected, f"inputs {list(split_messages(inputs))}"
 
 
