@@ -24,7 +24,7 @@ from .aws import IamTokenSource, looks_like_aws_region, region_of_rds_host
 from .client import ClientSession
 from .metrics import Stats, make_registry
 from .pool import Gate, Pool, PoolSettings
-from .protocol.auth import ScramVerifier
+from .protocol.auth import ScramVerifier, mock_salt
 from .protocol.sqlstate import CannotConnectNow, ProxyError, ShuttingDown, TooManyClients
 from .server import ServerConnection, TlsSettings, connect, send_cancel
 from .spooling import SpoolNow, SpoolService
@@ -42,7 +42,8 @@ class Sidecar:
         self.clients: set[ClientSession] = set()  # every open client connection
         self.admitted = 0  # clients past startup, counted against pool.max_clients
         self.pools: dict[tuple[str, str], Pool] = {}
-        self.cancel_keys: dict[tuple[int, int], ClientSession] = {}
+        # Open sessions by the secret of the key they were given (unique; process ids need not be).
+        self.cancel_keys: dict[int, ClientSession] = {}
         self.statements = StatementRegistry()  # sidecar-wide prepared statement names
         self.stats = Stats()
         self.held_requests = 0  # requests waiting for a writer (failover)
@@ -77,6 +78,15 @@ class Sidecar:
         # round trip without the password itself being kept beyond its session.
         self._verified_key = secrets.token_bytes(32)
         self._verified: dict[str, bytes] = {}
+        # The secret behind the salts shown to unknown user names. Derived from the configured
+        # secrets where there are some, so it stays the same across restarts as a configured
+        # verifier's salt does (one-way: it reveals nothing of them); else random.
+        secrets_text = [u.password.get_secret_value() for u in config.auth.users if u.password is not None]
+        self._mock_key = (
+            hashlib.sha256("\x00".join(["pgsidecar mock SCRAM salt", *secrets_text]).encode()).digest()
+            if secrets_text
+            else secrets.token_bytes(32)
+        )
         self._stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()  # one reload at a time: each diffs against the last
         self._background: set[asyncio.Task[None]] = set()  # signal-started tasks, kept from GC
@@ -354,6 +364,10 @@ class Sidecar:
             self._verifiers[key] = verifier
         return verifier
 
+    def mock_salt(self, user: str) -> bytes:
+        """The SCRAM salt shown to a user name that is not configured (see ClientAuthenticator)."""
+        return mock_salt(user, self._mock_key)
+
     def _password_tag(self, password: str | None) -> bytes:
         return hmac.new(self._verified_key, (password or "").encode(), hashlib.sha256).digest()
 
@@ -381,7 +395,9 @@ class Sidecar:
             self.admitted -= 1
 
     async def forward_cancel(self, key: tuple[int, int], conn_id: str) -> None:
-        client = self.cancel_keys.get(key)
+        client = self.cancel_keys.get(key[1])
+        if client is not None and client.backend_key != key:
+            client = None  # the secret alone is not enough: PostgreSQL checks both halves too
         # Only a server running something of the client's: a server kept between transactions
         # may be taken over by another client before the cancel lands.
         server = client.running_on if client is not None else None
@@ -400,6 +416,29 @@ class Sidecar:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        # The sockets first: a taken address must stop the start before anything else is opened
+        # (the spool file, the probes' connections). Bound, but not accepting until the end.
+        listen = self.config.listen
+        try:
+            listener = await loop.create_server(
+                lambda: ClientSession(self),
+                listen.host,
+                listen.port,
+                reuse_address=True,
+                backlog=1024,
+                start_serving=False,
+            )
+        except OSError as exc:
+            raise ListenError("listen", str(listen), exc) from exc
+        # Metrics and health next, serving at once: an operator (or a test) can already scrape;
+        # /readyz says "starting" until the listener accepts clients.
+        if self.config.metrics_listen is not None:
+            where = self.config.metrics_listen
+            try:
+                self._http = await http.serve(where.host, where.port, make_registry(self), self.readiness)
+            except OSError as exc:
+                listener.close()
+                raise ListenError("metrics_listen", str(where), exc) from exc
         if self.spooling is not None:
             await self.spooling.start()
             if self.spool_pending > 0:
@@ -410,21 +449,14 @@ class Sidecar:
         self.topology.start()
         if self.spooling is not None:
             await self._outage_at_startup()
-        # Metrics and health first: once clients can connect, an operator (or a test) can already
-        # scrape; /readyz says "starting" until the listener below is up.
-        if self.config.metrics_listen is not None:
-            where = self.config.metrics_listen
-            self._http = await http.serve(where.host, where.port, make_registry(self), self.readiness)
         # What startup built (modules, config models, the AWS and metrics clients) lives as long
         # as the process: out of the cyclic collector's way, its full collections, which session
         # churn (a login allocates hundreds of objects) keeps triggering, scan only what came after.
         # (Collected first, so that no garbage of startup's is kept for good.)
         gc.collect()
         gc.freeze()
-        listen = self.config.listen
-        self._listener = await loop.create_server(
-            lambda: ClientSession(self), listen.host, listen.port, reuse_address=True, backlog=1024
-        )
+        await listener.start_serving()
+        self._listener = listener
         logs.event(
             "listening",
             listen=str(listen),
@@ -433,6 +465,8 @@ class Sidecar:
             topology=self.config.upstream.topology,
             data_path=compiled.status,  # "compiled", or why the Python sources run (slower)
         )
+        for warning in self.config.warnings():
+            logs.event("config_warning", logs.WARNING, warning=warning)
 
     async def stop(self, reason: str) -> None:
         """Drain, then close everything.
@@ -552,6 +586,16 @@ class Sidecar:
         failover = self.config.failover
         if not self.topology.retune(self._make_provider(), failover.check_interval, failover.hold_timeout):
             logs.event("reload_topology_kind_needs_restart", logs.WARNING)
+
+
+class ListenError(Exception):
+    """An address the config names could not be bound (taken, not local, not permitted)."""
+
+    def __init__(self, setting: str, address: str, error: OSError) -> None:
+        super().__init__(f"cannot listen on {address} ({setting}): {error.strerror or error}")
+        self.setting = setting  # the config key: listen or metrics_listen
+        self.address = address
+        self.reason = error.strerror or str(error)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.configure(cfg.log_format, cfg.log_level)
     import uvloop
 
-    from .app import Sidecar
+    from .app import ListenError, Sidecar
 
     async def main() -> None:
         await Sidecar(cfg, args.config).serve_forever()
@@ -50,14 +50,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         uvloop.run(main())
+    except ListenError as exc:
+        # Typically the address is taken: say which setting and address, instead of a traceback.
+        logs.event("startup_failed", logs.ERROR, setting=exc.setting, address=exc.address, error=exc.reason)
+        return EXIT_FAILED
     except OSError as exc:
-        # Typically the listen address is taken: say which, instead of a traceback.
-        logs.event("startup_failed", logs.ERROR, listen=str(cfg.listen), error=str(exc))
-        return 1
+        logs.event("startup_failed", logs.ERROR, error=str(exc))
+        return EXIT_FAILED
     except SpoolError as exc:
         # The spool cannot be opened (spool.path unusable, DynamoDB unreachable): one line.
         logs.event("startup_failed", logs.ERROR, error=str(exc))
-        return 1
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -76,6 +79,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             return EXIT_CONFIG
     print(f"# {args.config}: valid. Effective configuration (secrets hidden):")
     print(dump_effective(cfg), end="")
+    for warning in cfg.warnings():
+        print(f"pgsidecar: warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -36,6 +36,7 @@ from .protocol.framing import Action, MessageReader, Relay, length_at, valid_typ
 from .protocol.sqlstate import (
     SERVER_GONE_STATES,
     CannotConnectNow,
+    FeatureNotSupported,
     ProtocolViolation,
     ProxyError,
     SqlState,
@@ -77,6 +78,10 @@ _client_ids = itertools.count(1)
 _SYNC: Final = b"S\x00\x00\x00\x04"
 # A BackendKeyData's process id and secret, drawn as signed int32s (as the message carries them).
 _KEY_PARTS: Final = struct.Struct("!ii")
+# Process ids the sidecar makes up (transaction mode, the admin console, a login during an outage)
+# start here: Linux never gives a process an id this high (PID_MAX_LIMIT is 2**22), so such an id
+# can name no real backend, and pg_terminate_backend() of it terminates nothing by mistake.
+_MADE_UP_PIDS: Final = 1 << 22
 _EXECUTE_SYNC: Final = b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00" + _SYNC
 _DESCRIBE_EXECUTE_SYNC: Final = b"D\x00\x00\x00\x06P\x00" + _EXECUTE_SYNC
 # The answers the fast paths' requests owe, as `ResponseTracker.expect_fast` takes them.
@@ -153,7 +158,11 @@ class ClientSession(asyncio.Protocol):
         self.startup_params: dict[str, str] = {}  # as sent by the client
         self.startup_settings: dict[str, str] = {}  # settable startup params + `options` (lowercase)
         self.settings: dict[str, str] = {}  # the session's settings now: what a new server must get
-        self.backend_key: tuple[int, int] | None = None  # the key we hand out for CancelRequest
+        # The key handed out in BackendKeyData: (process id, secret). Session mode: the id of the
+        # first server's backend (what pg_backend_pid() says there); else one the sidecar makes up.
+        # The secret is the sidecar's own, unique among open sessions: CancelRequests find the
+        # session by it (two sessions may show the same process id, e.g. one pooled server reused).
+        self.backend_key: tuple[int, int] | None = None
         self.server: ServerConnection | None = None
         self.pool: Pool | None = None
         self.connected_at = monotonic()
@@ -955,13 +964,15 @@ class ClientSession(asyncio.Protocol):
                 first = False
         self._send(owed)
         if status == m.TX_FAILED:
-            self._answer_aborted(AbortedTransaction(first_error_sent=in_flight > 0))
+            self._answer_aborted(first_error_sent=in_flight > 0)
         elif self._relay.buffered and self._task is None:
             self._start(self._attach_next())
 
-    def _answer_aborted(self, aborted: AbortedTransaction) -> None:
+    def _answer_aborted(self, first_error_sent: bool) -> None:
         """Answer the client locally until it ends the transaction the failover cut."""
-        self._aborted = aborted
+        # Statements prepared before the cut still exist for the client (a driver may have
+        # prepared its ROLLBACK long ago), as they would in PostgreSQL after an error.
+        self._aborted = AbortedTransaction(first_error_sent, self._known_statements())
         self._relay.set_inspector(self._inspect_aborted, _ALL_FRONTEND)
         self._relay.resume()  # everything held is answered (dropped) by _inspect_aborted
         self._after_aborted()
@@ -971,7 +982,10 @@ class ClientSession(asyncio.Protocol):
         if type_byte == m.F_TERMINATE or aborted is None:
             return Action.DROP_PAUSE
         self._send(aborted.on_message(type_byte, msg))
-        return Action.DROP_PAUSE if aborted.done else Action.DROP
+        if not aborted.done:
+            return Action.DROP
+        # The rest of an extended-protocol batch after its ROLLBACK is the server's to answer.
+        return Action.HOLD if aborted.hand_back_message else Action.DROP_PAUSE
 
     def _after_aborted(self) -> None:
         aborted = self._aborted
@@ -981,10 +995,36 @@ class ClientSession(asyncio.Protocol):
             self.close("client sent Terminate")
             return
         self._aborted = None
+        self._adopt_aborted_statements(aborted)
         self._restore_inspector()
+        if aborted.handback is not None:
+            # What followed the ROLLBACK in the client's query string runs on the server, answered
+            # as part of the same request (ROLLBACK; DEALLOCATE ALL: two results, one ReadyForQuery).
+            self._relay.unread(aborted.handback)
         logs.event("aborted_transaction_ended", conn=self.id)
         if self._relay.buffered and self._task is None:
             self._start(self._attach_next())
+
+    def _adopt_aborted_statements(self, aborted: AbortedTransaction) -> None:
+        """Named statements the client prepared or closed while its transaction was answered
+        here: PostgreSQL keeps both past the end of the block, so the session does too."""
+        router = self.router
+        for name in aborted.closed:
+            if router is None:
+                self._session_statements.pop(name, None)
+            else:
+                router.statements.pop(name, None)
+                router.local.pop(name, None)
+        for name, parse in aborted.parsed.items():
+            if router is None:
+                self._session_statements[name] = parse
+                continue
+            decoded = m.decode_parse(parse[5:])
+            global_name = self.sidecar.statements.name_for(decoded.query, decoded.param_types)
+            router.local.pop(name, None)
+            router.statements[name] = ClientStatement(
+                global_name, parse_message(global_name, decoded.query, decoded.param_types)
+            )
 
     # ---------------------------------------------------------------- server changes
 
@@ -1230,14 +1270,24 @@ class ClientSession(asyncio.Protocol):
 
     async def _negotiate(self) -> m.StartupPacket | None:
         """Read startup packets until a StartupMessage; None when the connection was a cancel."""
+        ssl_done = gss_done = False
         while True:
             startup = await self._read_startup()
-            if startup.code == m.SSL_REQUEST_CODE:
-                await self._answer_ssl_request()
+            # Each encryption request is answered once, as PostgreSQL does (a GSSENCRequest only
+            # until SSL is on); another one is a protocol version no server speaks.
+            if startup.code == m.SSL_REQUEST_CODE and not ssl_done:
+                ssl_done = True
+                gss_done = await self._answer_ssl_request() or gss_done
                 continue
-            if startup.code == m.GSSENC_REQUEST_CODE:
+            if startup.code == m.GSSENC_REQUEST_CODE and not gss_done:
+                gss_done = True
                 self._send(b"N")
                 continue
+            if startup.code in (m.SSL_REQUEST_CODE, m.GSSENC_REQUEST_CODE):
+                raise FeatureNotSupported(
+                    f"unsupported frontend protocol {startup.major}.{startup.minor}: "
+                    "server supports 3.0 to 3.0"
+                )
             if startup.code == m.CANCEL_REQUEST_CODE:
                 assert startup.cancel_key is not None
                 await self.sidecar.forward_cancel(startup.cancel_key, self.id)
@@ -1255,11 +1305,12 @@ class ClientSession(asyncio.Protocol):
                 self._send(m.negotiate_protocol_version(0, unsupported))
             return startup
 
-    async def _answer_ssl_request(self) -> None:
+    async def _answer_ssl_request(self) -> bool:
+        """Answer an SSLRequest; True if the connection is now encrypted."""
         ctx = self.sidecar.client_ssl_context
         if ctx is None or self.transport is None:
             self._send(b"N")
-            return
+            return False
         if self._reader.take_rest():
             # Bytes after SSLRequest but before the handshake would be unencrypted injection.
             raise ProtocolViolation("received unencrypted data after SSLRequest")
@@ -1268,6 +1319,7 @@ class ClientSession(asyncio.Protocol):
         transport = await loop.start_tls(self.transport, self, ctx, server_side=True)
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        return True
 
     async def _authenticate(self, startup: m.StartupPacket) -> None:
         self.state = ClientState.AUTH
@@ -1291,11 +1343,15 @@ class ClientSession(asyncio.Protocol):
         self._counted = True
         auth_cfg = self.sidecar.config.auth
         user_cfg = auth_cfg.user(self.user)
-        if user_cfg is None and auth_cfg.users and auth_cfg.method != "passthrough":
+        mock = None
+        if user_cfg is None and auth_cfg.method in ("md5", "scram-sha-256"):
+            # Not configured: a password exchange all the same, failing as a wrong password does.
+            mock = self.sidecar.mock_salt(self.user)
+        elif user_cfg is None and auth_cfg.users and auth_cfg.method != "passthrough":
             raise UnknownUser(f'role "{self.user}" is not configured in pgsidecar (auth.users)')
         secret = user_cfg.password.get_secret_value() if user_cfg and user_cfg.password else None
         authenticator = ClientAuthenticator(
-            auth_cfg.method, self.user, secret, self.sidecar.scram_verifier(self.user, secret)
+            auth_cfg.method, self.user, secret, self.sidecar.scram_verifier(self.user, secret), mock
         )
         first = authenticator.start()
         if first:
@@ -1342,7 +1398,9 @@ class ClientSession(asyncio.Protocol):
             self.sidecar.passthrough_verified(self.user, self._password)
         if self.sidecar.spooling is not None:
             self.sidecar.spooling.note_login(self.user, self.database, self._password)
-        self._logged_in(server.params)
+        first_backend = server.backend_key
+        own_pid = first_backend[0] if first_backend is not None and not self.transaction_mode else None
+        self._logged_in(server.params, own_pid)
         logs.event(
             "client_ready",
             conn=self.id,
@@ -1542,14 +1600,15 @@ class ClientSession(asyncio.Protocol):
         self.startup_settings = lower_keys(wanted)
         self.settings = dict(self.startup_settings)
 
-    def _logged_in(self, params: dict[str, str]) -> None:
-        """Tell the client it is in: AuthenticationOk, the server's parameters, our key, ready."""
+    def _logged_in(self, params: dict[str, str], pid: int | None = None) -> None:
+        """Tell the client it is in: AuthenticationOk, the server's parameters, our key, ready.
+        `pid`: the process id to hand out (session mode: its first server's)."""
         self._send(
             m.frames(
                 [
                     m.auth_ok(),
                     *(m.parameter_status(k, v) for k, v in params.items()),
-                    self._register_backend_key(),
+                    self._register_backend_key(pid),
                     m.ready_for_query(m.TX_IDLE),
                 ]
             )
@@ -1565,14 +1624,21 @@ class ClientSession(asyncio.Protocol):
             await server.simple_query(sql)
         server.applied = dict(self.settings)
 
-    def _register_backend_key(self) -> bytes:
-        # One read of the system CSPRNG (what `secrets` draws on) for both halves, where two
-        # secrets.randbits calls cost two trips through random.SystemRandom's Python code.
-        pid, secret = _KEY_PARTS.unpack(urandom(8))
-        key = ((pid & 0x7FFFFFFF) or 1, secret)
-        self.backend_key = key
-        self.sidecar.cancel_keys[key] = self
-        return m.backend_key_data(*key)
+    def _register_backend_key(self, pid: int | None = None) -> bytes:
+        """The BackendKeyData for this session, registered for CancelRequests under its secret.
+        `pid`: the process id to show (None: a made-up one that names no real process)."""
+        keys = self.sidecar.cancel_keys
+        while True:
+            # One read of the system CSPRNG (what `secrets` draws on) for both halves, where two
+            # secrets.randbits calls cost two trips through random.SystemRandom's Python code.
+            drawn, secret = _KEY_PARTS.unpack(urandom(8))
+            if secret not in keys:
+                break
+        if pid is None:
+            pid = _MADE_UP_PIDS + (drawn & 0x7FFFFFFF) % ((1 << 31) - _MADE_UP_PIDS)
+        self.backend_key = (pid, secret)
+        keys[secret] = self
+        return m.backend_key_data(pid, secret)
 
     # ---------------------------------------------------------------- closing
 
@@ -1609,9 +1675,8 @@ class ClientSession(asyncio.Protocol):
                 self.pool.forget(server)
             else:
                 self.pool.release(server, reset=not self.transaction_mode)
-        if self.backend_key is not None:
-            with contextlib.suppress(KeyError):
-                del self.sidecar.cancel_keys[self.backend_key]
+        if self.backend_key is not None and self.sidecar.cancel_keys.get(self.backend_key[1]) is self:
+            del self.sidecar.cancel_keys[self.backend_key[1]]
         self.sidecar.client_closed(self, counted=self._counted)
         logs.event(
             "client_closed",

@@ -59,8 +59,10 @@ class WriterCell:
         self.writer: Endpoint | None = None
 
 # Server -> client messages the data path must see: transaction boundaries, errors that reveal a
-# dying or demoted server, and parameter changes a moved session has to replay.
-_LINKED_WATCH: Final = watch_table((m.B_READY_FOR_QUERY, m.B_ERROR, m.B_PARAMETER_STATUS))
+# dying or demoted server, parameter changes a moved session has to replay, and notifications
+# (whose process id may need to become the one the client was given). Looking a type up in the
+# table costs the same whatever it holds: other messages pay nothing for the ones watched.
+_LINKED_WATCH: Final = watch_table((m.B_READY_FOR_QUERY, m.B_ERROR, m.B_PARAMETER_STATUS, m.B_NOTIFICATION))
 # Transaction pooling renames prepared statements, so every answer is matched to its request.
 _TRACKED_WATCH: Final = watch_table(TRACKED_RESPONSE_TYPES)
 
@@ -334,7 +336,8 @@ class ServerConnection(asyncio.Protocol):
         spans = self._relay.resume() if self._relay.paused else []
         if out is not None:
             for data in pending:
-                out.write(data)
+                renamed = self._own_notification(memoryview(data))
+                out.write(data if renamed is None else renamed)
             for span in spans:
                 out.write(span)
 
@@ -358,10 +361,29 @@ class ServerConnection(asyncio.Protocol):
         elif type_byte == m.B_PARAMETER_STATUS:
             name, value = m.decode_parameter_status(msg[5:])
             self.params[name] = value
+        elif type_byte == m.B_NOTIFICATION:
+            renamed = self._own_notification(msg)
+            if renamed is not None:
+                self._relay.insert(renamed)
+                return Action.DROP
         else:  # ErrorResponse
             if self._server_going_away(msg):
                 return Action.DROP
         return Action.FORWARD
+
+    def _own_notification(self, msg: memoryview) -> bytes | None:
+        """A NotificationResponse sent by this very backend (the session's own NOTIFY), rewritten
+        to carry the process id its client was given, when that is another server's (a session
+        moved by a failover); None: relay it as it is. Session mode only: in transaction mode
+        LISTEN is refused, so no notification reaches a client."""
+        client = self.client
+        key = self.backend_key
+        if client is None or key is None or len(msg) < 9:
+            return None
+        given = client.backend_key
+        if given is None or given[0] == key[0] or int.from_bytes(msg[5:9], "big", signed=True) != key[0]:
+            return None
+        return m.message(b"A", given[0].to_bytes(4, "big", signed=True) + bytes(msg[9:]))
 
     def _on_ready(self, status: int, client: ClientSession | None) -> bool:
         """Untracked ReadyForQuery: account for it; True if the client wants its `quiet_point`."""

@@ -340,6 +340,33 @@ class SidecarConfig(_Model):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     client_tls: ClientTlsConfig | None = None
 
+    def warnings(self) -> list[str]:
+        """What is valid but will likely not work, for check-config and the startup log.
+
+        The topology probe must log in upstream with credentials from this file: a probe user
+        without a password in auth.users (passthrough with no users, say) only works where
+        PostgreSQL trusts that user, so this warns rather than refuses.
+        """
+        upstream = self.upstream
+        if upstream.iam_auth:
+            return []  # the probe logs in with an IAM token
+        user = upstream.probe_user or "postgres"
+        configured = self.auth.user(user)
+        if configured is not None and configured.password_kind == "plain":
+            return []
+        if configured is not None and configured.password_kind == "scram-sha-256":
+            why = f'auth.users gives "{user}" a SCRAM verifier, which cannot log in anywhere'
+        elif not self.auth.users:
+            why = f"auth.users is empty (auth.method {self.auth.method})"
+        else:
+            why = f'auth.users has no password for "{user}"'
+        return [
+            f'upstream.probe_user: the topology probe logs in as "{user}" without a password: {why}. '
+            "Unless PostgreSQL trusts that user (pg_hba.conf trust), the probe can never log in and "
+            "no writer will ever be found. List the probe user with its plain password in auth.users "
+            "(and set upstream.probe_user to it), or use upstream.iam_auth."
+        ]
+
     @model_validator(mode="after")
     def _cross_section(self) -> Self:
         if self.metrics_listen is not None and self.metrics_listen == self.listen:

@@ -32,6 +32,8 @@ SCRAM_ITERATIONS = 4096
 # each nonce in Python, twice over: the shorter nonce cuts that work at each login by about half
 # with 144 bits of randomness kept.
 SERVER_NONCE_BYTES = 18
+# The length of the salts PostgreSQL makes (SCRAM_DEFAULT_SALT_LEN); the sidecar's too, mock or not.
+MOCK_SALT_BYTES = 16
 
 
 def md5_hex(data: bytes) -> str:
@@ -99,8 +101,10 @@ class ScramVerifier:
 
     @classmethod
     def from_password(cls, password: str) -> ScramVerifier:
+        # A salt as long as PostgreSQL's (scramp's own is twice that): every salt the sidecar
+        # shows, real or mock, then has the same length.
         salt, stored_key, server_key, iterations = _MECHANISM.make_auth_info(
-            password, iteration_count=SCRAM_ITERATIONS
+            password, iteration_count=SCRAM_ITERATIONS, salt=secrets.token_bytes(MOCK_SALT_BYTES)
         )
         return cls(salt, stored_key, server_key, iterations)
 
@@ -116,13 +120,26 @@ class ClientAuthenticator:
     `secret` is the configured password (plain text, an `md5...` hash, or a SCRAM verifier), or None
     for trust and passthrough. For passthrough the collected password is in `password` afterwards;
     the caller proves it by logging in upstream.
+
+    `mock_salt`: the user is not configured. As PostgreSQL does for a role that does not exist, the
+    exchange still runs (a SCRAM salt derived from the user name, stable from one attempt to the
+    next as a real user's is; a random md5 salt) and fails only at its end, with the very error a
+    wrong password gets: nobody learns from the answers which users exist.
     """
 
-    def __init__(self, method: str, user: str, secret: str | None, verifier: ScramVerifier | None = None):
+    def __init__(
+        self,
+        method: str,
+        user: str,
+        secret: str | None,
+        verifier: ScramVerifier | None = None,
+        mock_salt: bytes | None = None,
+    ):
         self.method = method
         self.user = user
         self._secret = secret
         self._verifier = verifier
+        self._mock_salt = mock_salt
         self._salt = b""
         self._scram: Any = None  # scramp's ScramServer (untyped library)
         self.password: str | None = None  # passthrough only
@@ -140,6 +157,9 @@ class ClientAuthenticator:
         if self.method == "passthrough":
             return m.auth_cleartext()
         if self.method == "md5":
+            if self._mock_salt is not None:
+                self._salt = secrets.token_bytes(4)
+                return m.auth_md5(self._salt)
             if self._secret is None or ScramVerifier.is_verifier(self._secret):
                 raise FeatureNotSupported(
                     f'md5 authentication needs a plain or md5 password for user "{self.user}"'
@@ -148,7 +168,11 @@ class ClientAuthenticator:
             return m.auth_md5(self._salt)
         if self.method == "scram-sha-256":
             verifier = self._verifier
-            if verifier is None:
+            if self._mock_salt is not None:
+                # Random keys: no proof can match them.
+                keys = secrets.token_bytes(32), secrets.token_bytes(32)
+                verifier = ScramVerifier(self._mock_salt, *keys, SCRAM_ITERATIONS)
+            elif verifier is None:
                 if self._secret is None:
                     raise AuthenticationFailed(self._failure())
                 verifier = ScramVerifier.for_secret(self._secret)
@@ -170,6 +194,8 @@ class ClientAuthenticator:
             return None
         if self.method == "md5":
             answer = m.decode_password(body)
+            if self._mock_salt is not None:
+                raise AuthenticationFailed(self._failure())
             assert self._secret is not None
             expected = md5_response(self.user, self._secret, self._salt)
             if not hmac.compare_digest(answer.encode(), expected.encode()):
@@ -198,6 +224,12 @@ class ClientAuthenticator:
 
     def _failure(self) -> str:
         return f'password authentication failed for user "{self.user}"'
+
+
+def mock_salt(user: str, key: bytes) -> bytes:
+    """The SCRAM salt shown for a user that is not configured: what PostgreSQL's scram_mock_salt
+    makes (SHA-256 of the name and a secret nonce), so it is the same at every attempt."""
+    return hmac.new(key, user.encode(), hashlib.sha256).digest()[:MOCK_SALT_BYTES]
 
 
 def server_nonce() -> str:
