@@ -180,6 +180,10 @@ class ClientSession(asyncio.Protocol):
         self.wants_ready = self.transaction_mode
         self._task: asyncio.Task[None] | None = None  # attach / maintenance in progress
         self._reading_paused = False
+        # The client's transport is above its write high-water mark (the client is not reading):
+        # local answerers (outage responder, admin console) stop until it drains.
+        self._write_paused = False
+        self._writable: asyncio.Future[None] | None = None  # `drained()` waits on it
         # Set by statements seen on the way to the server, acted on at the next quiet point.
         self._settings_dirty = False
         self._custom_names: set[str] = set()  # dotted settings the session touched, read by name
@@ -259,6 +263,11 @@ class ClientSession(asyncio.Protocol):
                     self._relay.feed(data)
                 except ProtocolViolation as exc:
                     self.fail(exc)
+                    return
+                # Answered locally, each message as it is read; held (bounded) while the client
+                # does not read its answers or a spool write is under way.
+                if self._write_paused or self._relay.buffered > _HOLD_LIMIT:
+                    self._pause_reading()
                 return
             if self._aborted is not None:
                 try:
@@ -275,7 +284,13 @@ class ClientSession(asyncio.Protocol):
             return
         if self.state is ClientState.CLOSED:
             return
-        self._reader.feed(data)
+        # The handshake, a login waiting for a server, the admin console: each reads whole
+        # messages when it is ready for them. Past the bound, stop reading the socket until it is
+        # (`_wait_input`): what the client sends meanwhile waits in its own socket buffers.
+        reader = self._reader
+        reader.feed(data)
+        if reader.buffered > _HOLD_LIMIT:
+            self._pause_reading()
         self._wake()
 
     def _session_fast(self, server: ServerConnection, data: bytes) -> bool:
@@ -604,14 +619,41 @@ class ClientSession(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The client reads slower than the server sends: stop reading the server (bounded buffers).
+        self._write_paused = True
         server = self.server
         if server is not None and server.transport is not None:
             server.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._write_paused = False
         server = self.server
         if server is not None and server.transport is not None:
             server.transport.resume_reading()
+        if self._outage is not None and self._task is None:
+            self._answer_outage_input()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    def _pause_reading(self) -> None:
+        """Stop reading the client: what it sends waits in its socket (a bounded buffer here)."""
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    async def drained(self) -> None:
+        """Returns once the client is reading its answers (the transport's write buffer is under
+        its high-water mark): a local answerer (the admin console) waits here before making more."""
+        while self._write_paused and self.transport is not None:
+            self._writable = asyncio.get_running_loop().create_future()
+            try:
+                await self._writable
+            finally:
+                self._writable = None
 
     # ---------------------------------------------------------------- hot path
 
@@ -1172,6 +1214,7 @@ class ClientSession(asyncio.Protocol):
     async def _wait_input(self) -> None:
         if self._eof or self.transport is None:
             raise ConnectionResetError("client disconnected during login")
+        self._resume_reading()  # no whole message is left: read on (the message is bounded)
         self._wakeup = asyncio.get_running_loop().create_future()
         try:
             await self._wakeup
@@ -1209,6 +1252,7 @@ class ClientSession(asyncio.Protocol):
                 if startup is None:
                     return
                 await self._authenticate(startup)
+                self._reader.authenticated()
             finally:
                 deadline.cancel()
             await self._attach_server()
@@ -1358,9 +1402,19 @@ class ClientSession(asyncio.Protocol):
             self._relay.hold()
         else:
             self._link(server)
+        self._hand_over_input()
+
+    def _hand_over_input(self) -> None:
+        """Logged in: what the client sent past the handshake goes the way of any later input,
+        and reading (paused at the handshake's bound) goes on under that path's bounds."""
         rest = self._reader.take_rest()
         if rest:
             self.data_received(rest)
+        if self._outage is not None:
+            if self._task is None:  # (else the spool write under way answers the rest)
+                self._answer_outage_input()
+        elif self.state is ClientState.ACTIVE and self._relay.buffered <= _HOLD_LIMIT:
+            self._resume_reading()
 
     # ---------------------------------------------------------------- full outage (spool)
 
@@ -1381,9 +1435,7 @@ class ClientSession(asyncio.Protocol):
         logs.event("client_ready", conn=self.id, upstream=None, mode="outage (spooling)")
         self._relay.hold()
         self._enter_outage()
-        rest = self._reader.take_rest()
-        if rest:
-            self.data_received(rest)
+        self._hand_over_input()
 
     def _enter_outage(self) -> None:
         """Serve this session with an OutageResponder until a writer is back."""
@@ -1416,6 +1468,11 @@ class ClientSession(asyncio.Protocol):
         if type_byte == m.F_TERMINATE:
             self.close("client sent Terminate")
             return Action.DROP_PAUSE
+        if self._write_paused:
+            # The client is not reading its answers: answer no more until it does
+            # (`resume_writing`), and read no more meanwhile.
+            self._pause_reading()
+            return Action.HOLD
         if (
             not self._outage_batch
             and not responder.in_transaction
@@ -1490,7 +1547,21 @@ class ClientSession(asyncio.Protocol):
                 self._send(responder.refuse(verdict.reason))
                 break
         if self.state is ClientState.ACTIVE and self._outage is responder:
-            self._relay.resume()
+            self._answer_outage_input()
+
+    def _answer_outage_input(self) -> None:
+        """Answer what the client sent while the responder waited (a spool write, a client not
+        reading its answers), then read on if nothing more is held."""
+        if self.state is not ClientState.ACTIVE:
+            return
+        if self._relay.paused:
+            try:
+                self._relay.resume()
+            except ProtocolViolation as exc:
+                self.fail(exc)
+                return
+        if self._outage is not None and not self._relay.paused and not self._write_paused:
+            self._resume_reading()
 
     def _restore_inspector(self) -> None:
         """Back to forwarding after answering locally (aborted transaction, outage)."""

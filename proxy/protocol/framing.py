@@ -42,19 +42,36 @@ def length_at(data: bytes, pos: i64) -> i64:
 HEADER_SIZE: Final = 5
 # The longest startup packet PostgreSQL itself accepts (MAX_STARTUP_PACKET_LENGTH).
 MAX_STARTUP_PACKET: Final = 10000
+# The longest message PostgreSQL reads before authentication is done (PG_MAX_AUTH_TOKEN_LENGTH: a
+# password, a SASL message). limits.max_message_size applies only after: an unauthenticated peer
+# must not make the sidecar buffer 64 MiB per connection.
+MAX_AUTH_MESSAGE: Final = 65535
 
 
 class MessageReader:
-    """Buffers handshake bytes and yields whole messages. Not for the data path."""
+    """Buffers handshake bytes and yields whole messages. Not for the data path.
 
-    __slots__ = ("_buf", "_max")
+    Until `authenticated()`, a typed message may be at most MAX_AUTH_MESSAGE bytes, as in
+    PostgreSQL; after, limits.max_message_size (the admin console reads through this too)."""
+
+    __slots__ = ("_authenticated", "_buf", "_max")
 
     def __init__(self, max_message_size: int) -> None:
         self._buf = bytearray()
         self._max = max_message_size
+        self._authenticated = False
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet taken as whole messages."""
+        return len(self._buf)
+
+    def authenticated(self) -> None:
+        """The peer proved who it is: messages up to limits.max_message_size from now on."""
+        self._authenticated = True
 
     def read_startup(self) -> bytes | None:
         """The body (after the int32 length) of an untyped startup packet, once complete."""
@@ -74,6 +91,12 @@ class MessageReader:
         if len(self._buf) < HEADER_SIZE:
             return None
         (length,) = _len_from(self._buf, 1)
+        if not self._authenticated and length > MAX_AUTH_MESSAGE:
+            # PostgreSQL's words ("invalid message length"), with the limit that was crossed.
+            raise ProtocolViolation(
+                f"invalid message length {length} for message type {bytes(self._buf[:1])!r} before "
+                f"authentication (at most {MAX_AUTH_MESSAGE} bytes)"
+            )
         check_length(self._buf[0], length, self._max)
         end = 1 + length
         if len(self._buf) < end:
