@@ -99,6 +99,9 @@ _CLIENT_VALID: Final = valid_type_table(m.FRONTEND_TYPES)
 _TERMINATE: Final = m.terminate()
 # Client bytes held while its server is busy or being acquired; past this, stop reading the socket.
 _HOLD_LIMIT: Final = 256 * 1024
+# After a malformed message, how long the answers to the requests before it may take before the
+# client gets its 08P01 anyway (a backstop: they normally come within the query's run time).
+_ANSWERS_BEFORE_FATAL: Final = 30.0
 # Writers lost in a row while one request waits for a server before it is failed (a flapping
 # cluster must end in an error, not an endless wait).
 _WRITER_CHANGES_PER_REQUEST: Final = 4
@@ -204,6 +207,7 @@ class ClientSession(asyncio.Protocol):
         self._eof = False
         self._handshake_task: asyncio.Task[None] | None = None
         self._close_reason: str | None = None
+        self._failing: asyncio.Task[None] | None = None  # 08P01 after the answers still due
         self._counted = False  # whether this session holds a pool.max_clients slot
 
     @property
@@ -247,22 +251,22 @@ class ClientSession(asyncio.Protocol):
                     return  # the next request of an open transaction, on its own server
             try:
                 spans = self._relay.feed(data)
-            except ProxyError as exc:
-                self.fail(exc)
+            except Exception as exc:  # (costs nothing unless raised)
+                self._malformed(exc)
                 return
             out = server.transport if server is not None else None
             if out is not None:
                 for span in spans:
                     out.write(span)
             if self._relay.paused and self._linked:  # Terminate
-                self.close("client sent Terminate")
+                self._relay_stopped()
             return
         if self.state is ClientState.ACTIVE:
             if self._outage is not None:
                 try:
                     self._relay.feed(data)
-                except ProtocolViolation as exc:
-                    self.fail(exc)
+                except Exception as exc:
+                    self._malformed(exc)
                     return
                 # Answered locally, each message as it is read; held (bounded) while the client
                 # does not read its answers or a spool write is under way.
@@ -272,8 +276,8 @@ class ClientSession(asyncio.Protocol):
             if self._aborted is not None:
                 try:
                     self._relay.feed(data)
-                except ProxyError as exc:
-                    self.fail(exc)
+                except Exception as exc:
+                    self._malformed(exc)
                     return
                 self._after_aborted()
                 return
@@ -463,7 +467,7 @@ class ClientSession(asyncio.Protocol):
         pool = self.pool
         assert router is not None
         n = len(data)
-        if pool is None or n > self._max_message or data[5] == 0 or not data.endswith(_SYNC):
+        if pool is None or n < 14 or n > self._max_message or data[5] == 0 or not data.endswith(_SYNC):
             return False
         if self._relay.buffered or self._batch_kind is not None or 1 + length_at(data, 1) != n - 5:
             return False
@@ -1005,7 +1009,11 @@ class ClientSession(asyncio.Protocol):
         """Answer the client locally until it ends the transaction the failover cut."""
         self._aborted = aborted
         self._relay.set_inspector(self._inspect_aborted, _ALL_FRONTEND)
-        self._relay.resume()  # everything held is answered (dropped) by _inspect_aborted
+        try:
+            self._relay.resume()  # everything held is answered (dropped) by _inspect_aborted
+        except Exception as exc:
+            self._malformed(exc)
+            return
         self._after_aborted()
 
     def _inspect_aborted(self, type_byte: int, msg: memoryview) -> Action:
@@ -1063,17 +1071,71 @@ class ClientSession(asyncio.Protocol):
         self.server = server
         self._linked = True
         server.link(self, tracked=self.transaction_mode)
-        spans = self._relay.resume()
+        try:
+            spans = self._relay.resume()
+        except Exception as exc:
+            self._malformed(exc)
+            return
         out = server.transport
         if out is not None:
             for span in spans:
                 out.write(span)
         if self._relay.paused and self._linked:  # the held input ended with Terminate
-            self.close("client sent Terminate")
+            self._relay_stopped()
             return
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
+
+    def _malformed(self, exc: Exception) -> None:
+        """The client sent a message that cannot be framed or relayed (or an inspector failed on
+        it). As PostgreSQL, which reads and answers messages in order: what came before it still
+        goes to the server and the client gets its answers; then 08P01 (FATAL) and the connection
+        closes. Nothing after the bad message is read."""
+        if isinstance(exc, ProxyError):
+            error = exc
+        elif isinstance(exc, (IndexError, ValueError, struct.error)):  # a decoder ran off a message
+            error = ProtocolViolation(f"malformed message from the client: {exc}")
+        else:
+            logs.event("client_internal_error", logs.ERROR, conn=self.id, error=repr(exc))
+            error = ProxyError(f"internal error in pgsidecar: {exc!r}")
+        spans = self._relay.stop()
+        self._pause_reading()
+        server = self.server
+        out = server.transport if server is not None and self._linked else None
+        if out is not None:
+            for span in spans:
+                out.write(span)
+        if self._answers_due():
+            loop = asyncio.get_running_loop()
+            self._failing = loop.create_task(self._fail_when_answered(error))
+        else:
+            self.fail(error)
+
+    def _relay_stopped(self) -> None:
+        """Linked, the relay paused itself: at the client's Terminate, or for good after a
+        malformed message (input read meanwhile is dropped: the client gets its 08P01 once its
+        earlier requests are answered)."""
+        if self._failing is None:
+            self.close("client sent Terminate")
+            return
+        self._relay.stop()
+        self._reading_paused = False  # (whoever resumed reading did not say)
+        self._pause_reading()
+
+    def _answers_due(self) -> bool:
+        """Requests of the client's still unanswered by its linked server."""
+        server = self.server
+        if server is None or not self._linked or self.state is not ClientState.ACTIVE:
+            return False
+        return len(server.in_flight) > 0
+
+    async def _fail_when_answered(self, error: ProxyError) -> None:
+        # (Polled: this runs once per misbehaving client, never on the data path.)
+        deadline = monotonic() + _ANSWERS_BEFORE_FATAL
+        while self._answers_due() and monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        self.fail(error)
 
     def _unlink(self) -> None:
         self._linked = False
@@ -1557,8 +1619,8 @@ class ClientSession(asyncio.Protocol):
         if self._relay.paused:
             try:
                 self._relay.resume()
-            except ProtocolViolation as exc:
-                self.fail(exc)
+            except Exception as exc:
+                self._malformed(exc)
                 return
         if self._outage is not None and not self._relay.paused and not self._write_paused:
             self._resume_reading()
