@@ -1071,6 +1071,11 @@ class ClientSession(asyncio.Protocol):
         self.server = server
         self._linked = True
         server.link(self, tracked=self.transaction_mode)
+        # Read on before the held input goes out, not after: if it fills the server's write
+        # buffer, the server's `pause_writing` stops reading the client, and must not be undone.
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
         try:
             spans = self._relay.resume()
         except Exception as exc:
@@ -1082,10 +1087,6 @@ class ClientSession(asyncio.Protocol):
                 out.write(span)
         if self._relay.paused and self._linked:  # the held input ended with Terminate
             self._relay_stopped()
-            return
-        if self._reading_paused and self.transport is not None:
-            self._reading_paused = False
-            self.transport.resume_reading()
 
     def _malformed(self, exc: Exception) -> None:
         """The client sent a message that cannot be framed or relayed (or an inspector failed on
