@@ -297,9 +297,9 @@ def test_outage_responder_stops_reading_a_client_that_reads_no_answers(
     assert [m.type for m in answer] == ["T", "D", "C", "Z"], answer
     one = query(b"SELECT 1")
     pipelined = one * 20_000  # 260 KiB
-    rise, sent = attack(outage_sidecar, [lambda: send_for(client.sock, repeat(pipelined, 80 * MiB), 4)])
-    # (The old responder read on and buffered every answer: about 11 MiB of RSS a second.)
-    assert rise < 20 * MiB, f"RSS rose by {rise / MiB:.0f} MiB while {sent / MiB:.0f} MiB were sent"
+    rise, sent = attack(outage_sidecar, [lambda: send_for(client.sock, repeat(pipelined, 80 * MiB), 5)])
+    # (The old responder read on and buffered every answer: 6 to 11 MiB of RSS a second here.)
+    assert rise < 10 * MiB, f"RSS rose by {rise / MiB:.0f} MiB while {sent / MiB:.0f} MiB were sent"
     # The client reads again: everything it sent is answered, in order, and the session goes on.
     client.sock.settimeout(60)
     rest = one[sent % len(one) :] if sent % len(one) else b""
@@ -355,7 +355,7 @@ def test_admin_flood_does_not_starve_logins_or_the_probe(shared_topology: Any, t
                 took = time.monotonic() - started
                 # Generous: a login takes milliseconds; the old console held the loop for seconds
                 # per read of commands, and the whole flood for half a minute.
-                assert took < 3.0, f"a login and SELECT 1 took {took:.1f}s during the admin flood"
+                assert took < 5.0, f"a login and SELECT 1 took {took:.1f}s during the admin flood"
             time.sleep(1.5)  # more than a probe timeout, still within the flood
             assert writer.is_alive() or reader.is_alive()
             assert metric(sidecar, "pgsidecar_failovers_total", kind="instance") == failovers
