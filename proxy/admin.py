@@ -8,6 +8,7 @@ answered as an ordinary result set of text columns. Commands live in one table (
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections import Counter
@@ -48,6 +49,10 @@ _EXTENDED = frozenset({m.F_PARSE, m.F_BIND, m.F_DESCRIBE, m.F_EXECUTE, m.F_CLOSE
 # COPY sub-protocol messages outside COPY are ignored by PostgreSQL too.
 _IGNORED = frozenset({m.F_COPY_DATA, m.F_COPY_DONE, m.F_COPY_FAIL})
 _TX_STATUS = {m.TX_IDLE: "idle", m.TX_IN_BLOCK: "in transaction", m.TX_FAILED: "failed transaction"}
+# Messages answered before the console lets the event loop run other work. Pipelined commands
+# are all at hand at once (reading them never suspends), and a few SHOW commands take a
+# millisecond: without a yield, one client's flood would stall every login and the writer probe.
+_MESSAGES_PER_TURN = 32
 
 
 class AdminCommandError(ProxyError):
@@ -140,7 +145,15 @@ class AdminConsole:
         )
         logs.event("admin_session_started", conn=session.id, user=session.user, peer=session.peer)
         skipping = False  # after a refused extended message, until Sync
+        turn = 0
         while True:
+            turn += 1
+            if turn == _MESSAGES_PER_TURN:
+                turn = 0
+                await asyncio.sleep(0)
+            # Answers go out only as fast as the client reads them (its transport's write buffer
+            # stays bounded); unread input meanwhile waits in the client's socket.
+            await session.drained()
             try:
                 type_byte, body = await self._read()
             except ConnectionResetError:

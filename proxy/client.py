@@ -104,6 +104,9 @@ _CLIENT_VALID: Final = valid_type_table(m.FRONTEND_TYPES)
 _TERMINATE: Final = m.terminate()
 # Client bytes held while its server is busy or being acquired; past this, stop reading the socket.
 _HOLD_LIMIT: Final = 256 * 1024
+# After a malformed message, how long the answers to the requests before it may take before the
+# client gets its 08P01 anyway (a backstop: they normally come within the query's run time).
+_ANSWERS_BEFORE_FATAL: Final = 30.0
 # Writers lost in a row while one request waits for a server before it is failed (a flapping
 # cluster must end in an error, not an endless wait).
 _WRITER_CHANGES_PER_REQUEST: Final = 4
@@ -189,6 +192,10 @@ class ClientSession(asyncio.Protocol):
         self.wants_ready = self.transaction_mode
         self._task: asyncio.Task[None] | None = None  # attach / maintenance in progress
         self._reading_paused = False
+        # The client's transport is above its write high-water mark (the client is not reading):
+        # local answerers (outage responder, admin console) stop until it drains.
+        self._write_paused = False
+        self._writable: asyncio.Future[None] | None = None  # `drained()` waits on it
         # Set by statements seen on the way to the server, acted on at the next quiet point.
         self._settings_dirty = False
         self._custom_names: set[str] = set()  # dotted settings the session touched, read by name
@@ -209,6 +216,7 @@ class ClientSession(asyncio.Protocol):
         self._eof = False
         self._handshake_task: asyncio.Task[None] | None = None
         self._close_reason: str | None = None
+        self._failing: asyncio.Task[None] | None = None  # 08P01 after the answers still due
         self._counted = False  # whether this session holds a pool.max_clients slot
 
     @property
@@ -252,28 +260,33 @@ class ClientSession(asyncio.Protocol):
                     return  # the next request of an open transaction, on its own server
             try:
                 spans = self._relay.feed(data)
-            except ProxyError as exc:
-                self.fail(exc)
+            except Exception as exc:  # (costs nothing unless raised)
+                self._malformed(exc)
                 return
             out = server.transport if server is not None else None
             if out is not None:
                 for span in spans:
                     out.write(span)
             if self._relay.paused and self._linked:  # Terminate
-                self.close("client sent Terminate")
+                self._relay_stopped()
             return
         if self.state is ClientState.ACTIVE:
             if self._outage is not None:
                 try:
                     self._relay.feed(data)
-                except ProtocolViolation as exc:
-                    self.fail(exc)
+                except Exception as exc:
+                    self._malformed(exc)
+                    return
+                # Answered locally, each message as it is read; held (bounded) while the client
+                # does not read its answers or a spool write is under way.
+                if self._write_paused or self._relay.buffered > _HOLD_LIMIT:
+                    self._pause_reading()
                 return
             if self._aborted is not None:
                 try:
                     self._relay.feed(data)
-                except ProxyError as exc:
-                    self.fail(exc)
+                except Exception as exc:
+                    self._malformed(exc)
                     return
                 self._after_aborted()
                 return
@@ -284,7 +297,13 @@ class ClientSession(asyncio.Protocol):
             return
         if self.state is ClientState.CLOSED:
             return
-        self._reader.feed(data)
+        # The handshake, a login waiting for a server, the admin console: each reads whole
+        # messages when it is ready for them. Past the bound, stop reading the socket until it is
+        # (`_wait_input`): what the client sends meanwhile waits in its own socket buffers.
+        reader = self._reader
+        reader.feed(data)
+        if reader.buffered > _HOLD_LIMIT:
+            self._pause_reading()
         self._wake()
 
     def _session_fast(self, server: ServerConnection, data: bytes) -> bool:
@@ -457,7 +476,7 @@ class ClientSession(asyncio.Protocol):
         pool = self.pool
         assert router is not None
         n = len(data)
-        if pool is None or n > self._max_message or data[5] == 0 or not data.endswith(_SYNC):
+        if pool is None or n < 14 or n > self._max_message or data[5] == 0 or not data.endswith(_SYNC):
             return False
         if self._relay.buffered or self._batch_kind is not None or 1 + length_at(data, 1) != n - 5:
             return False
@@ -613,14 +632,41 @@ class ClientSession(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The client reads slower than the server sends: stop reading the server (bounded buffers).
+        self._write_paused = True
         server = self.server
         if server is not None and server.transport is not None:
             server.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._write_paused = False
         server = self.server
         if server is not None and server.transport is not None:
             server.transport.resume_reading()
+        if self._outage is not None and self._task is None:
+            self._answer_outage_input()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    def _pause_reading(self) -> None:
+        """Stop reading the client: what it sends waits in its socket (a bounded buffer here)."""
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    async def drained(self) -> None:
+        """Returns once the client is reading its answers (the transport's write buffer is under
+        its high-water mark): a local answerer (the admin console) waits here before making more."""
+        while self._write_paused and self.transport is not None:
+            self._writable = asyncio.get_running_loop().create_future()
+            try:
+                await self._writable
+            finally:
+                self._writable = None
 
     # ---------------------------------------------------------------- hot path
 
@@ -974,7 +1020,11 @@ class ClientSession(asyncio.Protocol):
         # prepared its ROLLBACK long ago), as they would in PostgreSQL after an error.
         self._aborted = AbortedTransaction(first_error_sent, self._known_statements())
         self._relay.set_inspector(self._inspect_aborted, _ALL_FRONTEND)
-        self._relay.resume()  # everything held is answered (dropped) by _inspect_aborted
+        try:
+            self._relay.resume()  # everything held is answered (dropped) by _inspect_aborted
+        except Exception as exc:
+            self._malformed(exc)
+            return
         self._after_aborted()
 
     def _inspect_aborted(self, type_byte: int, msg: memoryview) -> Action:
@@ -1061,17 +1111,72 @@ class ClientSession(asyncio.Protocol):
         self.server = server
         self._linked = True
         server.link(self, tracked=self.transaction_mode)
-        spans = self._relay.resume()
+        # Read on before the held input goes out, not after: if it fills the server's write
+        # buffer, the server's `pause_writing` stops reading the client, and must not be undone.
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        try:
+            spans = self._relay.resume()
+        except Exception as exc:
+            self._malformed(exc)
+            return
         out = server.transport
         if out is not None:
             for span in spans:
                 out.write(span)
         if self._relay.paused and self._linked:  # the held input ended with Terminate
+            self._relay_stopped()
+
+    def _malformed(self, exc: Exception) -> None:
+        """The client sent a message that cannot be framed or relayed (or an inspector failed on
+        it). As PostgreSQL, which reads and answers messages in order: what came before it still
+        goes to the server and the client gets its answers; then 08P01 (FATAL) and the connection
+        closes. Nothing after the bad message is read."""
+        if isinstance(exc, ProxyError):
+            error = exc
+        elif isinstance(exc, (IndexError, ValueError, struct.error)):  # a decoder ran off a message
+            error = ProtocolViolation(f"malformed message from the client: {exc}")
+        else:
+            logs.event("client_internal_error", logs.ERROR, conn=self.id, error=repr(exc))
+            error = ProxyError(f"internal error in pgsidecar: {exc!r}")
+        spans = self._relay.stop()
+        self._pause_reading()
+        server = self.server
+        out = server.transport if server is not None and self._linked else None
+        if out is not None:
+            for span in spans:
+                out.write(span)
+        if self._answers_due():
+            loop = asyncio.get_running_loop()
+            self._failing = loop.create_task(self._fail_when_answered(error))
+        else:
+            self.fail(error)
+
+    def _relay_stopped(self) -> None:
+        """Linked, the relay paused itself: at the client's Terminate, or for good after a
+        malformed message (input read meanwhile is dropped: the client gets its 08P01 once its
+        earlier requests are answered)."""
+        if self._failing is None:
             self.close("client sent Terminate")
             return
-        if self._reading_paused and self.transport is not None:
-            self._reading_paused = False
-            self.transport.resume_reading()
+        self._relay.stop()
+        self._reading_paused = False  # (whoever resumed reading did not say)
+        self._pause_reading()
+
+    def _answers_due(self) -> bool:
+        """Requests of the client's still unanswered by its linked server."""
+        server = self.server
+        if server is None or not self._linked or self.state is not ClientState.ACTIVE:
+            return False
+        return len(server.in_flight) > 0
+
+    async def _fail_when_answered(self, error: ProxyError) -> None:
+        # (Polled: this runs once per misbehaving client, never on the data path.)
+        deadline = monotonic() + _ANSWERS_BEFORE_FATAL
+        while self._answers_due() and monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        self.fail(error)
 
     def _unlink(self) -> None:
         self._linked = False
@@ -1212,6 +1317,7 @@ class ClientSession(asyncio.Protocol):
     async def _wait_input(self) -> None:
         if self._eof or self.transport is None:
             raise ConnectionResetError("client disconnected during login")
+        self._resume_reading()  # no whole message is left: read on (the message is bounded)
         self._wakeup = asyncio.get_running_loop().create_future()
         try:
             await self._wakeup
@@ -1249,6 +1355,7 @@ class ClientSession(asyncio.Protocol):
                 if startup is None:
                     return
                 await self._authenticate(startup)
+                self._reader.authenticated()
             finally:
                 deadline.cancel()
             await self._attach_server()
@@ -1416,9 +1523,19 @@ class ClientSession(asyncio.Protocol):
             self._relay.hold()
         else:
             self._link(server)
+        self._hand_over_input()
+
+    def _hand_over_input(self) -> None:
+        """Logged in: what the client sent past the handshake goes the way of any later input,
+        and reading (paused at the handshake's bound) goes on under that path's bounds."""
         rest = self._reader.take_rest()
         if rest:
             self.data_received(rest)
+        if self._outage is not None:
+            if self._task is None:  # (else the spool write under way answers the rest)
+                self._answer_outage_input()
+        elif self.state is ClientState.ACTIVE and self._relay.buffered <= _HOLD_LIMIT:
+            self._resume_reading()
 
     # ---------------------------------------------------------------- full outage (spool)
 
@@ -1439,9 +1556,7 @@ class ClientSession(asyncio.Protocol):
         logs.event("client_ready", conn=self.id, upstream=None, mode="outage (spooling)")
         self._relay.hold()
         self._enter_outage()
-        rest = self._reader.take_rest()
-        if rest:
-            self.data_received(rest)
+        self._hand_over_input()
 
     def _enter_outage(self) -> None:
         """Serve this session with an OutageResponder until a writer is back."""
@@ -1474,6 +1589,11 @@ class ClientSession(asyncio.Protocol):
         if type_byte == m.F_TERMINATE:
             self.close("client sent Terminate")
             return Action.DROP_PAUSE
+        if self._write_paused:
+            # The client is not reading its answers: answer no more until it does
+            # (`resume_writing`), and read no more meanwhile.
+            self._pause_reading()
+            return Action.HOLD
         if (
             not self._outage_batch
             and not responder.in_transaction
@@ -1548,7 +1668,21 @@ class ClientSession(asyncio.Protocol):
                 self._send(responder.refuse(verdict.reason))
                 break
         if self.state is ClientState.ACTIVE and self._outage is responder:
-            self._relay.resume()
+            self._answer_outage_input()
+
+    def _answer_outage_input(self) -> None:
+        """Answer what the client sent while the responder waited (a spool write, a client not
+        reading its answers), then read on if nothing more is held."""
+        if self.state is not ClientState.ACTIVE:
+            return
+        if self._relay.paused:
+            try:
+                self._relay.resume()
+            except Exception as exc:
+                self._malformed(exc)
+                return
+        if self._outage is not None and not self._relay.paused and not self._write_paused:
+            self._resume_reading()
 
     def _restore_inspector(self) -> None:
         """Back to forwarding after answering locally (aborted transaction, outage)."""

@@ -42,19 +42,36 @@ def length_at(data: bytes, pos: i64) -> i64:
 HEADER_SIZE: Final = 5
 # The longest startup packet PostgreSQL itself accepts (MAX_STARTUP_PACKET_LENGTH).
 MAX_STARTUP_PACKET: Final = 10000
+# The longest message PostgreSQL reads before authentication is done (PG_MAX_AUTH_TOKEN_LENGTH: a
+# password, a SASL message). limits.max_message_size applies only after: an unauthenticated peer
+# must not make the sidecar buffer 64 MiB per connection.
+MAX_AUTH_MESSAGE: Final = 65535
 
 
 class MessageReader:
-    """Buffers handshake bytes and yields whole messages. Not for the data path."""
+    """Buffers handshake bytes and yields whole messages. Not for the data path.
 
-    __slots__ = ("_buf", "_max")
+    Until `authenticated()`, a typed message may be at most MAX_AUTH_MESSAGE bytes, as in
+    PostgreSQL; after, limits.max_message_size (the admin console reads through this too)."""
+
+    __slots__ = ("_authenticated", "_buf", "_max")
 
     def __init__(self, max_message_size: int) -> None:
         self._buf = bytearray()
         self._max = max_message_size
+        self._authenticated = False
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet taken as whole messages."""
+        return len(self._buf)
+
+    def authenticated(self) -> None:
+        """The peer proved who it is: messages up to limits.max_message_size from now on."""
+        self._authenticated = True
 
     def read_startup(self) -> bytes | None:
         """The body (after the int32 length) of an untyped startup packet, once complete."""
@@ -74,6 +91,12 @@ class MessageReader:
         if len(self._buf) < HEADER_SIZE:
             return None
         (length,) = _len_from(self._buf, 1)
+        if not self._authenticated and length > MAX_AUTH_MESSAGE:
+            # PostgreSQL's words ("invalid message length"), with the limit that was crossed.
+            raise ProtocolViolation(
+                f"invalid message length {length} for message type {bytes(self._buf[:1])!r} before "
+                f"authentication (at most {MAX_AUTH_MESSAGE} bytes)"
+            )
         check_length(self._buf[0], length, self._max)
         end = 1 + length
         if len(self._buf) < end:
@@ -132,7 +155,10 @@ class Relay:
     except around a message that straddled two reads, which is carried over in a small buffer.
     """
 
-    __slots__ = ("_carry", "_insert", "_inspect", "_max", "_paused", "_stream_left", "_valid", "_watch")
+    __slots__ = (
+        "_carry", "_insert", "_inspect", "_max", "_paused", "_stream_left", "_valid", "_watch",
+        "spans_before_error",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -150,6 +176,9 @@ class Relay:
         self._stream_left = 0  # bytes of an unwatched message still to pass through
         self._paused = False
         self._insert: list[bytes] = []  # bytes the inspector wants placed before the current message
+        # When `feed` raises (a malformed message, or the inspector refused one): the spans of the
+        # input before that message, still to be written (`stop` hands them over).
+        self.spans_before_error: list[Span] = []
 
     @property
     def paused(self) -> bool:
@@ -194,6 +223,17 @@ class Relay:
         precedes it (a synthetic ParseComplete the client expects before a BindComplete).
         """
         self._insert.append(data)
+
+    def stop(self) -> list[Span]:
+        """After `feed` raised: drop everything held and stop for good (nothing after a malformed
+        message can be framed). Returns the spans of what came before it, to be written."""
+        spans = self.spans_before_error
+        self.spans_before_error = []
+        self._carry.clear()
+        self._insert.clear()
+        self._stream_left = 0
+        self._paused = True
+        return spans
 
     def resume_empty(self) -> bool:
         """Continue after a pause if nothing is held, carried or being streamed (True); else
@@ -268,7 +308,11 @@ class Relay:
             if pos == n:
                 return out
         if self._carry:
-            pos = self._finish_carried(data, pos, out)
+            try:
+                pos = self._finish_carried(data, pos, out)
+            except Exception:
+                self.spans_before_error = out
+                raise
             if pos < 0 or self._paused:
                 return out
         return self._scan(data, pos, out)
@@ -331,47 +375,56 @@ class Relay:
         inspect = self._inspect
         span_start = pos
         view: memoryview | None = None
-        while pos + HEADER_SIZE <= n:
-            type_byte = data[pos]
-            length = length_at(data, pos + 1)
-            if length < 4 or length > limit or (valid is not None and not valid[type_byte]):
-                self._check(type_byte, length)
-            end = pos + 1 + length
-            if not watch[type_byte]:
+        # (One try around the loop, entered once per read: it costs nothing per message.)
+        try:
+            while pos + HEADER_SIZE <= n:
+                type_byte = data[pos]
+                length = length_at(data, pos + 1)
+                if length < 4 or length > limit or (valid is not None and not valid[type_byte]):
+                    self._check(type_byte, length)
+                end = pos + 1 + length
+                if not watch[type_byte]:
+                    if end > n:
+                        # Stream the head of a long unwatched message now; the rest follows later.
+                        self._stream_left = end - n
+                        pos = n
+                        break
+                    pos = end
+                    continue
                 if end > n:
-                    # Stream the head of a long unwatched message now; the rest follows later.
-                    self._stream_left = end - n
-                    pos = n
                     break
-                pos = end
-                continue
-            if end > n:
-                break
-            if view is None:
-                view = memoryview(data)
-            action = inspect(type_byte, view[pos:end])
-            if self._insert:
-                span_start = self._emit(data, view, span_start, pos, out)
-                out.extend(self._insert)
-                self._insert.clear()
-            if action is Action.FORWARD:
-                pos = end
-                continue
-            if action is Action.HOLD:
-                self._emit(data, view, span_start, pos, out)
-                self._paused = True
-                self._carry += view[pos:]
-                return out
-            if action is Action.FORWARD_PAUSE:
-                pos = end
-                span_start = self._emit(data, view, span_start, pos, out)
-            else:
-                self._emit(data, view, span_start, pos, out)
-                pos = span_start = end
-            if action >= Action.FORWARD_PAUSE:
-                self._paused = True
-                self._carry += view[pos:]
-                return out
+                if view is None:
+                    view = memoryview(data)
+                action = inspect(type_byte, view[pos:end])
+                if self._insert:
+                    span_start = self._emit(data, view, span_start, pos, out)
+                    out.extend(self._insert)
+                    self._insert.clear()
+                if action is Action.FORWARD:
+                    pos = end
+                    continue
+                if action is Action.HOLD:
+                    self._emit(data, view, span_start, pos, out)
+                    self._paused = True
+                    self._carry += view[pos:]
+                    return out
+                if action is Action.FORWARD_PAUSE:
+                    pos = end
+                    span_start = self._emit(data, view, span_start, pos, out)
+                else:
+                    self._emit(data, view, span_start, pos, out)
+                    pos = span_start = end
+                if action >= Action.FORWARD_PAUSE:
+                    self._paused = True
+                    self._carry += view[pos:]
+                    return out
+        except Exception:
+            # The message at `pos` is malformed (or its inspector refused it): keep what came
+            # before it, whole messages all, for the caller to write before it fails the peer.
+            self._insert.clear()
+            self._emit(data, memoryview(data), span_start, pos, out)
+            self.spans_before_error = out
+            raise
         if span_start < pos:
             if span_start == 0 and pos == n:
                 out.append(data)

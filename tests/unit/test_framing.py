@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from proxy.protocol import messages as m
 from proxy.protocol.framing import (
     HEADER_SIZE,
+    MAX_AUTH_MESSAGE,
     MAX_STARTUP_PACKET,
     Action,
     Inspector,
@@ -524,6 +525,66 @@ def test_message_reader_rejects_oversized_and_short_lengths_from_the_header() ->
     reader.feed(b"p" + struct.pack("!i", 3))
     with pytest.raises(ProtocolViolation, match="invalid message length 3"):
         reader.read_message()
+
+
+def test_before_authentication_a_message_over_65535_bytes_is_refused_from_its_header() -> None:
+    # PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH, whatever limits.max_message_size allows later.
+    reader = MessageReader(64 * 1024 * 1024)
+    reader.feed(b"p" + struct.pack("!i", 60 * 1024 * 1024 + 4))
+    with pytest.raises(ProtocolViolation, match=r"invalid message length 62914564 .* before auth") as info:
+        reader.read_message()
+    assert info.value.code == SqlState.PROTOCOL_VIOLATION.value
+    at_limit = frame(m.F_PASSWORD, b"x" * (MAX_AUTH_MESSAGE - 4))
+    reader = MessageReader(64 * 1024 * 1024)
+    reader.feed(at_limit)
+    assert reader.read_message() == (m.F_PASSWORD, at_limit[5:])
+
+
+def test_after_authentication_messages_up_to_max_message_size_are_read() -> None:
+    big = frame(m.F_QUERY, b"x" * 100_000)
+    reader = MessageReader(MAX)
+    reader.authenticated()
+    reader.feed(big[:70_000])
+    assert reader.read_message() is None
+    assert reader.buffered == 70_000
+    reader.feed(big[70_000:])
+    assert reader.read_message() == (m.F_QUERY, big[5:])
+    assert reader.buffered == 0
+
+
+def test_relay_keeps_the_spans_before_a_malformed_message() -> None:
+    # Two good messages, then an unknown type byte: what came before it is handed over by `stop`.
+    good = frame(ord("Q"), b"SELECT 1\0") + frame(ord("S"), b"")
+    seen: list[bytes] = []
+    relay = Relay(watch_table(b"Q"), collecting(seen), MAX, valid_types=valid_type_table(b"QS"))
+    with pytest.raises(ProtocolViolation, match="unknown message type"):
+        relay.feed(good + b"\x00\x00\x00\x00\x04" + frame(ord("Q"), b"SELECT 2\0"))
+    assert joined(relay.stop()) == good
+    assert seen == [good[:14]]
+    assert relay.paused and relay.buffered == 0 and relay.stop() == []
+    relay.feed(frame(ord("Q"), b"more\0"))  # held, never scanned
+    assert seen == [good[:14]]
+
+
+def test_relay_keeps_the_spans_before_a_message_its_inspector_refuses() -> None:
+    def refuse_second(_type: int, view: memoryview) -> Action:
+        if bytes(view[5:]) == b"bad\0":
+            raise ProtocolViolation("refused")
+        return Action.FORWARD
+
+    first = frame(ord("Q"), b"one\0")
+    relay = Relay(watch_table(b"Q"), refuse_second, MAX)
+    assert joined(relay.feed(first[:3])) == b""
+    with pytest.raises(ProtocolViolation, match="refused"):
+        relay.feed(first[3:] + frame(ord("Q"), b"bad\0"))
+    assert joined(relay.stop()) == first
+    # Refused as the message completing a carried header: nothing before it in this read.
+    relay = Relay(watch_table(b"Q"), refuse_second, MAX)
+    bad = frame(ord("Q"), b"bad\0")
+    relay.feed(bad[:4])
+    with pytest.raises(ProtocolViolation):
+        relay.feed(bad[4:])
+    assert relay.stop() == []
 
 
 def test_take_rest_returns_the_partial_message_after_the_last_whole_one() -> None:
