@@ -116,8 +116,11 @@ def probe(token: str) -> bytes:
     return sync + query("") + sync + query(f"ROLLBACK; SELECT '{token}'")
 
 
-def run_session_input(port: int, fi: FuzzInput, timeout: float = ANSWER_TIMEOUT) -> str | None:
-    """None if the sidecar behaved; else what went wrong."""
+def run_session_input(
+    port: int, fi: FuzzInput, timeout: float = ANSWER_TIMEOUT, outage: bool = False
+) -> str | None:
+    """None if the sidecar behaved; else what went wrong. During an outage (`outage`) the probe's
+    SELECT cannot be served: its 57P03 (after hold_timeout) is the answer."""
     conn = login(port)
     try:
         if fi.disconnect_at is not None:
@@ -134,6 +137,8 @@ def run_session_input(port: int, fi: FuzzInput, timeout: float = ANSWER_TIMEOUT)
             if token.encode() in conn.buf and any(
                 t == b"D" and token.encode() in body for t, body in conn.messages()
             ):
+                return None
+            if outage and _refused_in_outage(conn):
                 return None
             if not conn.fill(deadline):
                 break
@@ -167,6 +172,19 @@ def run_login_input(port: int, fi: FuzzInput, bound: float) -> str | None:
         return f"login neither completed nor refused within {bound:g}s; got {bytes(conn.buf[:200])!r}"
     finally:
         conn.close()
+
+
+def _refused_in_outage(conn: Conn) -> bool:
+    # The probe's two Syncs and two Queries answered (at least three ReadyForQuery: a Sync inside
+    # COPY gets none), the last of them with 57P03.
+    msgs = conn.messages()
+    return (
+        len(msgs) >= 2
+        and msgs[-1][0] == b"Z"
+        and msgs[-2][0] == b"E"
+        and b"C57P03\x00" in msgs[-2][1]
+        and sum(1 for t, _ in msgs if t == b"Z") >= 3
+    )
 
 
 def _logged_in(buf: bytearray) -> bool:
@@ -314,6 +332,9 @@ class SidecarWatch:
                 # The exception is the first line after the frames (which are indented).
                 last = next((x for x in lines[n + 1 :] if x and not x[0].isspace()), "?")
                 found.append((f"log: traceback ending in {last.split(':')[0]}", "\n".join(lines[n : n + 40])))
+            elif "event=client_internal_error" in line:
+                # The client gets XX000 for what was its own bad input: a bug even without traceback.
+                found.append((f"log: client_internal_error {line.partition('error=')[2][:60]}", line[:300]))
             elif "Fatal error on transport" in line:
                 found.append(("log: Fatal error on transport", line))
             elif "Exception" in line and not line.startswith(" "):
@@ -335,9 +356,10 @@ class Bystander:
     """A psycopg client that loops queries with known answers beside the fuzzer.
 
     Every iteration: ``SELECT $1::int + 1``; its own parameters (application_name, DateStyle)
-    unchanged; a write to its own table, then (unless `spooling`: during an outage the write is
-    spooled, so it cannot be read back) the row read back. It reconnects every 20 iterations, so
-    it also meets server connections fuzzed sessions used before (stale state shows there).
+    unchanged; a write to its own table, then the row read back. With `spooling` (an outage: no
+    reads, the write is spooled) only the write, acknowledged with ``INSERT 0 1``. It reconnects
+    every 20 iterations, so it also meets server connections fuzzed sessions used before (stale
+    state shows there).
     """
 
     dsn: str
@@ -400,15 +422,8 @@ class Bystander:
             conn.close()
 
     def _iteration(self, conn: psycopg.Connection[Any], rng: random.Random, i: int) -> None:
-        n = rng.randrange(-(2**30), 2**30)
-        row = self._call("select", lambda: conn.execute("SELECT %s::int + 1", (n,)).fetchone())
-        self._expect(i, "SELECT $1::int + 1", row, (n + 1,))
-        for name, want in (("application_name", "fuzz-bystander"), ("DateStyle", "ISO, MDY")):
-            got = conn.info.parameter_status(name)
-            if got != want:
-                self.failures.append(f"iteration {i}: ParameterStatus {name}={got!r}, expected {want!r}")
-        shown = self._call("show", lambda: conn.execute("SHOW application_name").fetchone())
-        self._expect(i, "SHOW application_name", shown, ("fuzz-bystander",))
+        if not self.spooling:
+            self._reads(conn, rng, i)
         ident = f"b-{i}-{uuid.uuid4().hex[:8]}"
         tag = self._call("insert", lambda: conn.execute(
             f"INSERT INTO {self.table} (id) VALUES (%s)", (ident,)
@@ -423,6 +438,17 @@ class Bystander:
             ).fetchone())  # fmt: skip
             self._expect(i, "read back", got, (1,))
         self.answers += 1
+
+    def _reads(self, conn: psycopg.Connection[Any], rng: random.Random, i: int) -> None:
+        n = rng.randrange(-(2**30), 2**30)
+        row = self._call("select", lambda: conn.execute("SELECT %s::int + 1", (n,)).fetchone())
+        self._expect(i, "SELECT $1::int + 1", row, (n + 1,))
+        for name, want in (("application_name", "fuzz-bystander"), ("DateStyle", "ISO, MDY")):
+            got = conn.info.parameter_status(name)
+            if got != want:
+                self.failures.append(f"iteration {i}: ParameterStatus {name}={got!r}, expected {want!r}")
+        shown = self._call("show", lambda: conn.execute("SHOW application_name").fetchone())
+        self._expect(i, "SHOW application_name", shown, ("fuzz-bystander",))
 
     def _expect(self, i: int, what: str, got: object, want: object) -> None:
         if got != want:

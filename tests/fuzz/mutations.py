@@ -1,10 +1,11 @@
 """Hypothesis strategies that turn recorded client streams into hostile inputs.
 
 A stream phase is cut into its messages (segments); a few operators then damage it the way a
-buggy driver, a proxy in the middle or an attacker would: bit flips, random type bytes, corrupt or
-huge length fields, deleted, duplicated, swapped or foreign (spliced) messages, random bytes,
-truncation. How the result reaches the sidecar is drawn too: in how many writes (split at random
-points) and whether the client vanishes part-way.
+buggy driver, a proxy in the middle or an attacker would: bodies cut short (with a matching
+length), bit flips, random type bytes, corrupt or huge length fields, deleted, duplicated,
+swapped or foreign (spliced) messages, random bytes, truncation. How the result reaches the
+sidecar is drawn too: in how many writes (split at random points) and whether the client
+vanishes part-way.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ Phase = Literal["login", "session"]
 # just over a limit, sign bit, near 2 GiB).
 LENGTHS = (0, 1, 3, 4, 5, -1, -(2**31), 2**31 - 1, 2**30, 2**20 + 1, 10_001, 65_536)
 
-OPERATORS = ("flip", "type", "length", "delete", "duplicate", "swap", "splice", "insert", "truncate")
+OPERATORS = (
+    "shorten", "flip", "type", "length", "delete", "duplicate", "swap", "splice", "insert", "truncate",
+)  # fmt: skip
 
 
 @dataclass
@@ -127,7 +130,12 @@ def fuzz_inputs(
             segs.append(b"")
         i = draw(st.integers(0, len(segs) - 1))
         seg = bytearray(segs[i])
-        if op == "flip" and seg:
+        if op == "shorten" and len(seg) >= 5 and _length_offset(bytes(seg), phase) == 1:
+            # A well-framed message whose body ends early: the decoders' bounds, not the framer's.
+            keep = draw(st.integers(0, len(seg) - 5))
+            seg = bytearray(seg[:1] + struct.pack("!i", 4 + keep) + seg[5 : 5 + keep])
+            ops.append(f"shorten seg{i} body to {keep}")
+        elif op == "flip" and seg:
             j = draw(st.integers(0, len(seg) - 1))
             bit = draw(st.integers(0, 7))
             seg[j] ^= 1 << bit

@@ -9,7 +9,8 @@ Hypothesis-generated inputs. It fails on:
 - a fuzz connection neither answered nor closed with an ErrorResponse (session phase: the probe
   sent after a complete input; login phase: by client_login_timeout);
 - any wrong answer, error or unanswered request of the well-behaved client (``Bystander``);
-- "Traceback", "Fatal error on transport" or "Exception" in the sidecar's log;
+- "Traceback", "Fatal error on transport", "Exception" or ``client_internal_error`` in the
+  sidecar's log;
 - sidecar RSS above its baseline + 64 MiB (after a flood, connection still open, or at any check);
 - a server connection left idle in a transaction, or a sidecar that no longer accepts clients.
 
@@ -272,7 +273,7 @@ def test_fuzz_during_outage(fresh_topology, start_sidecar, tmp_path):
     sidecar = start_sidecar(_config(
         topo, "session",
         spool={"backend": "sqlite", "path": str(tmp_path / "spool.db")},
-        failover={"check_interval": "100ms", "hold_timeout": "1s"},
+        failover={"check_interval": "100ms", "hold_timeout": "100ms"},
     ))  # fmt: skip
     # The sidecar stands in for a (user, database) during an outage only if it saw it while up.
     with psycopg.connect(sidecar.dsn(), connect_timeout=10) as conn:
@@ -290,7 +291,7 @@ def test_fuzz_during_outage(fresh_topology, start_sidecar, tmp_path):
         findings.examples += 1
         last.append(fi.describe()[:400])
         try:
-            failure = driver.run_session_input(sidecar.port, fi, timeout=8.0)
+            failure = driver.run_session_input(sidecar.port, fi, timeout=8.0, outage=True)
         except (AssertionError, OSError) as exc:
             failure = f"fuzz connection could not log in: {exc}"
         if failure is not None:
@@ -299,7 +300,9 @@ def test_fuzz_during_outage(fresh_topology, start_sidecar, tmp_path):
 
     run_fuzz(check, fuzz_inputs(STREAMS, "session"))
     bystander.stop()
+    offset = sidecar.log_offset()
     topo.a1.start()
+    sidecar.wait_for_log("state=up", timeout=30, since=offset)
     _replayed_once(findings, topo.a1, table, bystander.acked)
     _finish(findings, sidecar, None, bystander, watch, last)
 
