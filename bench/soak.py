@@ -29,11 +29,13 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -59,6 +61,7 @@ OUTAGE = 6.0  # seconds spent in a full outage
 RSS_SLACK_MIB = 32.0
 FD_SLACK = 32
 IDLE_IN_TXN_S = 10
+_COUNTER = re.compile(r'^pgsidecar_(spool_records_total|failovers_total)\{\w+="(\w+)"\} (\S+)$')
 
 
 def say(text: str = "") -> None:
@@ -185,6 +188,7 @@ class Report:
     rss: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # warm, max after, end
     fds: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     tracebacks: int = 0
+    counters: Counter[str] = field(default_factory=Counter)  # sidecar metrics, summed over restarts
     violations: list[str] = field(default_factory=list)
 
 
@@ -297,9 +301,22 @@ class Soak:
             set_sync(self.writer, [self._next_target().name])
         elif kind == "sidecar_kill":
             for name, proc in list(self.sidecars.items()):
+                self._scrape(proc)  # its counters die with it
                 proc.kill()
                 self._start_sidecar(name)
         self.report.faults[kind] += 1
+
+    def _scrape(self, proc: SidecarProcess) -> None:
+        """Add the sidecar's spool and failover counters to the report's totals."""
+        try:
+            with urllib.request.urlopen(proc.metrics_url + "/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return
+        for line in text.splitlines():
+            match = _COUNTER.match(line)
+            if match:
+                self.report.counters[f"{match.group(1)}{{{match.group(2)}}}"] += int(float(match.group(3)))
 
     # -- main loop -----------------------------------------------------------------------------
 
@@ -367,6 +384,8 @@ class Soak:
             f"wrong answers {r.wrong_answers}, idle-in-transaction {r.idle_in_txn}")  # fmt: skip
         if not final:
             return
+        for proc in self.sidecars.values():
+            self._scrape(proc)
         r.tracebacks = sum(s.log_text().count("Traceback") for s in self.sidecars.values())
         warm = self.warm_at or (self.samples[0].at if self.samples else time.time())
         for name in self.sidecars:
@@ -396,6 +415,11 @@ class Soak:
             self.topo.stop_all()
 
 
+def _counters(r: Report, prefix: str) -> str:
+    picked = sorted((k.split("{")[1].rstrip("}"), v) for k, v in r.counters.items() if k.startswith(prefix))
+    return ", ".join(f"{label} {v}" for label, v in picked) or "0"
+
+
 def print_report(r: Report) -> None:
     say(f"\n#### Soak: {r.minutes:g} min, {r.cycles} full fault cycles, faults "
         + ", ".join(f"{k} x{v}" for k, v in r.faults.items()) + "\n")  # fmt: skip
@@ -405,6 +429,8 @@ def print_report(r: Report) -> None:
         ("acknowledged rows lost / duplicated", f"{r.lost} / {r.duplicates}"),
         ("wrong answers", str(r.wrong_answers)),
         ("errors by SQLSTATE", ", ".join(f"{k}:{v}" for k, v in r.errors.most_common(8)) or "0"),
+        ("spool records (summed over sidecar restarts)", _counters(r, "spool")),
+        ("failovers completed (both sidecars)", _counters(r, "failovers")),
         ("servers idle in transaction > 10 s", str(r.idle_in_txn)),
         ("tracebacks in sidecar logs", str(r.tracebacks)),
     ]

@@ -206,6 +206,7 @@ class FloodResult:
     sent: int  # bytes the sidecar (or the kernel's socket buffers) accepted
     rss_mib: float  # sidecar RSS right after, connection still open
     answered: str  # what the sidecar said (types), or "" if nothing
+    refused: bool | None = None  # flood_unauthenticated: refused with an ErrorResponse at once
 
 
 def flood(
@@ -246,9 +247,10 @@ def flood(
 
 
 def flood_unauthenticated(sidecar: SidecarProcess, clients: int = 64) -> FloodResult:
-    """`clients` connections each start a password message just under max_message_size (1 MiB in
-    the fuzz config) and send all but its last byte, before anyone has authenticated: a sidecar
-    that accepts that much from strangers holds clients x 1 MiB."""
+    """`clients` connections each start a 1 MiB password message and send all but its last byte,
+    before anyone has authenticated. No login needs more than a few KiB (PostgreSQL caps a SASL
+    message at 64 KiB), so each should be refused with an ErrorResponse from its header alone;
+    a sidecar that waits for the body holds clients x 1 MiB for strangers."""
     size = 1024 * 1024 - 64
     body = b"SCRAM-SHA-256\x00" + struct.pack("!i", size) + b"n" * (size - 32)
     msg = b"p" + struct.pack("!i", 4 + len(body)) + body
@@ -266,24 +268,32 @@ def flood_unauthenticated(sidecar: SidecarProcess, clients: int = 64) -> FloodRe
             except OSError:
                 pass  # refused early: what a bounded sidecar does
         rss = rss_mib(sidecar.pid)
-        return FloodResult(f"{clients} unauthenticated clients x 1 MiB password message", sent, rss, "")
+        # Judged on the newest connection, well within client_login_timeout (which would also
+        # close it with an error): refused from the header, or left waiting for the body.
+        last = conns[-1]
+        deadline = time.monotonic() + 0.5
+        while not has_error(last.buf) and last.fill(deadline):
+            pass
+        refused = has_error(last.buf)
+        name = f"{clients} unauthenticated clients x 1 MiB password message"
+        return FloodResult(name, sent, rss, "refused" if refused else "waiting for the body", refused)
     finally:
         for conn in conns:
             conn.close()
 
 
-def floods(sidecar: SidecarProcess, logged_in: bool) -> list[FloodResult]:
+def floods(sidecar: SidecarProcess, logged_in: bool, authenticates: bool = False) -> list[FloodResult]:
     """The floods for one sidecar: before login (a startup packet and a password message that
-    claim ~1 GiB), or after (one message over max_message_size; pipelined queries whose answers
-    are never read; CopyData into a COPY)."""
+    claim ~1 GiB; with `authenticates`, i.e. not trust, many clients' 1 MiB password messages),
+    or after (one message over max_message_size; pipelined queries whose answers are never
+    read; CopyData into a COPY)."""
     big = struct.pack("!i", 2**30)
     if not logged_in:
         password = startup_packet(USER) + b"p" + big
         return [
             flood(sidecar, "startup packet of 1 GiB", big + struct.pack("!i", 196608), b"x" * 4096, False),
             flood(sidecar, "password message of 1 GiB", password, b"x" * 4096, False),
-            flood_unauthenticated(sidecar),
-        ]
+        ] + ([flood_unauthenticated(sidecar)] if authenticates else [])
     copy = query("CREATE TEMP TABLE fz_flood (a text); COPY fz_flood FROM STDIN")
     return [
         flood(sidecar, "query of 1 GiB", b"Q" + big, b"x" * 4096, True),

@@ -184,9 +184,13 @@ def start_sidecar(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Sidecar
 
 def _flood_findings(findings: Findings, sidecar: SidecarProcess, watch: driver.SidecarWatch,
                     logged_in: bool) -> None:  # fmt: skip
-    for result in driver.floods(sidecar, logged_in):
+    authenticates = sidecar.config["auth"]["method"] != "trust"
+    for result in driver.floods(sidecar, logged_in, authenticates):
         print(f"flood {result.name}: {result.sent / driver.MIB:.1f} MiB accepted, "
               f"RSS {result.rss_mib:.0f} MiB, answered {result.answered}")  # fmt: skip
+        if result.refused is False:
+            detail = f"{result.name}: {result.answered}, {result.sent / driver.MIB:.0f} MiB accepted"
+            findings.add("oversize password message before authentication not refused", detail)
         if result.rss_mib > watch.bound:
             findings.add(f"flood '{result.name}' buffered without bound",
                          f"{result.sent / driver.MIB:.0f} MiB accepted, sidecar RSS {result.rss_mib:.0f} MiB "
