@@ -5,6 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint build bench bench-failover bench-spool clean
+.PHONY: fuzz bench-soak
 
 # (PGSIDECAR_PURE: the compiled data path is built by `build` below, with the venv's mypy.)
 $(STAMP): pyproject.toml
@@ -75,3 +76,13 @@ test: $(NODE_STAMP)
 
 bench-spool: $(BUILT)
 	$(VENV)/bin/python -m bench.spool_bench $(ARGS)
+
+# The protocol fuzzer's long run (tests/fuzz/), for a release: FUZZ_SECONDS spread over its four
+# modes with random seeds (`make test` runs it briefly, derandomized).
+FUZZ_SECONDS ?= 1800
+fuzz: $(BUILT)
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(VENV)/bin/pytest -q -p no:cacheprovider tests/fuzz $(ARGS)
+
+# Soak and chaos (bench/soak.py): 30 minutes of mixed load under a repeating fault schedule.
+bench-soak: $(BUILT)
+	$(VENV)/bin/python -m bench.soak $(ARGS)
