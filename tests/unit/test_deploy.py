@@ -391,10 +391,15 @@ def test_containerfile_is_a_pinned_multi_stage_build(containerfile: list[tuple[s
         name, _, tag = image.partition("@")[0].partition(":")
         assert name == "python", image
         assert tag.startswith("3.11-slim"), f"{image}: pin python 3.11 slim"
-    # Installed from pyproject, not in editable mode: the runtime stage has no source tree.
-    installs = [rest for keyword, rest in containerfile if keyword == "RUN" and "pip install" in rest]
-    assert installs and all(re.search(r"pip install (\S+ )*\.(\s|$)", r) for r in installs), installs
+    # Built from the wheel `pip wheel .` makes (pip's isolated build, so the data path is compiled
+    # as anywhere else), then installed from it: not editable, the runtime stage has no source tree.
+    runs = [rest for keyword, rest in containerfile if keyword == "RUN"]
+    assert any(re.search(r"pip wheel (\S+ )*\.(\s|$)", r) for r in runs), runs
+    assert not any("--no-build-isolation" in r for r in runs)
+    installs = [r for r in runs if "pip install" in r]
+    assert installs and all(re.search(r"pip install (\S+ )*/wheels/pgsidecar-\*\.whl", r) for r in installs)
     assert not any(" -e " in r or "--editable" in r for r in installs)
+    assert any("proxy.compiled.status != 'compiled'" in r for r in runs), "fail a build that runs the sources"
     assert "COPY --from=build" in " ".join(f"{k} {r}" for k, r in final_stage(containerfile))
 
 
