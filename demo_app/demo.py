@@ -190,8 +190,9 @@ class Drill:
         except psycopg.Error:
             return None  # it went down in between (the next fault): the caller asks again
 
-    def report(self, phase: str, after: threading.Thread | None = None) -> None:
-        """Print `phase`'s row once its orders have their answers (and the rows before it)."""
+    def report(self, phase: str, after: threading.Thread | None = None, at: float | None = None) -> None:
+        """Print `phase`'s row once its orders have their answers (and the rows before it), stamped
+        `at` (seconds into the drill; default: when it is printed)."""
         self.settle(phase, 2 * HOLD_TIMEOUT + 5)  # a held request, then a held reconnect
         if after is not None:
             after.join()
@@ -211,18 +212,27 @@ class Drill:
         row = phase_row(phase, self.log.snapshot(), counts)
         self.rows.append(row)
         note = f" ({row.pending} still waiting)" if row.pending else ""
-        say(f"  {self.rel():6.1f}s  == {row_summary(row)}{note}")
+        say(f"  {self.rel() if at is None else at:6.1f}s  == {row_summary(row)}{note}")
 
     def next_phase(self, name: str) -> None:
-        """Start phase `name` (new orders count for it) and report the previous one in the
-        background: its last orders may be held by the sidecar, and the drill must not wait for them
-        before injecting the next fault."""
+        """End the current phase and start `name` (new orders count for it). The ended phase's
+        result is printed first when the database can be asked now (a writer, nothing spooled):
+        its last orders are answered within moments. Otherwise (the end of the outage: its orders
+        are in the spool) it is printed in the background once replay has put them in the
+        database, so the drill does not wait before the next step."""
         previous = self.phase
-        self.begin(name)
-        self._reporter = threading.Thread(
-            target=self.report, args=(previous, self._reporter), name=f"report-{previous}", daemon=True
-        )
-        self._reporter.start()
+        start = self.rel()
+        with self._lock:
+            self.phases.append((name, start))
+        status = self.sidecar_status()
+        if status.state == "up" and status.spool_pending == 0 and self._reporter is None:
+            self.report(previous, at=start)
+        else:
+            self._reporter = threading.Thread(
+                target=self.report, args=(previous, self._reporter), name=f"report-{previous}", daemon=True
+            )
+            self._reporter.start()
+        say(f"  {start:6.1f}s  -- {name}")
 
     # -- the phases -------------------------------------------------------------------------------
 
