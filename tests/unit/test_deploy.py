@@ -37,6 +37,9 @@ CONTAINER_CONFIG = DEPLOY / "container" / "sidecar.yaml"
 K8S = DEPLOY / "kubernetes" / "pgsidecar.yaml"
 CFN = DEPLOY / "cloudformation" / "aurora-global.yaml"
 README = DEPLOY / "README.md"
+DASHBOARD = DEPLOY / "grafana" / "pgsidecar.json"
+ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
+ALERT_TESTS = DEPLOY / "prometheus" / "alerts.test.yaml"
 
 # What the `env:VAR` references of the example configs need to validate. Dummy values: the check
 # is about the config's shape, not about these secrets.
@@ -98,7 +101,8 @@ def seconds(value: str) -> float:
 
 @pytest.mark.parametrize(
     "path",
-    [UNIT, SYSTEMD_CONFIG, SYSUSERS, CONTAINERFILE, CONTAINER_IGNORE, CONTAINER_CONFIG, K8S, CFN, README],
+    [UNIT, SYSTEMD_CONFIG, SYSUSERS, CONTAINERFILE, CONTAINER_IGNORE, CONTAINER_CONFIG, K8S, CFN, DASHBOARD,
+     ALERTS, ALERT_TESTS, README],
     ids=lambda p: str(p.relative_to(DEPLOY)),
 )
 def test_artifact_exists_and_is_documented(path: Path) -> None:

@@ -97,3 +97,13 @@ def test_aurora_global_example_spans_two_regions_with_the_dynamodb_spool() -> No
     assert spool["backend"] == "dynamodb"
     assert spool["dynamodb"]["create_table"] is False
     assert spool["dynamodb"]["region"] == regions[0]["name"]
+
+
+def test_readme_lists_every_example_and_only_make_targets_that_exist() -> None:
+    readme = (REPO / "README.md").read_text()
+    for path in EXAMPLES.glob("*.yaml"):
+        assert f"examples/{path.name}" in readme, f"README does not mention examples/{path.name}"
+    makefile = (REPO / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-z][a-z-]*):", makefile, re.M))
+    for target in set(re.findall(r"`make ([a-z][a-z-]*)", readme)):
+        assert target in targets, f"README names `make {target}`, which the Makefile does not have"
