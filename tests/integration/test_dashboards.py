@@ -170,3 +170,19 @@ def test_each_alert_fires_on_its_outage_and_stays_quiet_when_healthy() -> None:
              for c in t["alert_rule_test"] if not c["exp_alerts"]}  # fmt: skip
     assert fired == alerts, f"alerts never shown firing: {alerts - fired}"
     assert quiet == alerts, f"alerts not shown quiet on a healthy sidecar: {alerts - quiet}"
+
+
+def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
+    """Each panel's PromQL, with Grafana's variables given values, as a recording rule promtool checks."""
+    grafana = {"$instance": ".*", "$__rate_interval": "1m", "$__range": "1h"}
+    rules = []
+    for i, expr in enumerate(e for e in dashboard_exprs() if not e.startswith("label_values(")):
+        for variable, value in grafana.items():
+            expr = expr.replace(variable, value)
+        assert "$" not in expr, expr
+        rules.append({"record": f"pgsidecar:dashboard_query_{i}", "expr": expr})
+    path = tmp_path / "dashboard-queries.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = subprocess.run([promtool(), "check", "rules", str(path)], capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
