@@ -6,11 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint build bench bench-failover bench-spool clean
 
-# (PGSIDECAR_PURE: the compiled data path is built by `build` below, with the venv's mypy.)
+# (PGSIDECAR_PURE: the compiled data path is built by `build` below, with the venv's mypy. No build
+# isolation: pyproject's build requirements are what mypyc needs for a wheel, which this
+# editable install does not build; setuptools from the venv does.)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	PGSIDECAR_PURE=1 $(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q --upgrade pip 'setuptools==80.9.0'
+	PGSIDECAR_PURE=1 $(VENV)/bin/pip install -q --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
 # The data path (proxy/compiled.py's MODULES) compiled with mypyc into C extensions beside the
