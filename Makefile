@@ -7,11 +7,13 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test lint build bench bench-failover bench-spool clean
 .PHONY: fuzz bench-soak
 
-# (PGSIDECAR_PURE: the compiled data path is built by `build` below, with the venv's mypy.)
+# (PGSIDECAR_PURE: the compiled data path is built by `build` below, with the venv's mypy. No build
+# isolation: pyproject's build requirements are what mypyc needs for a wheel, which this
+# editable install does not build; setuptools from the venv does.)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	PGSIDECAR_PURE=1 $(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q --upgrade pip 'setuptools==80.9.0'
+	PGSIDECAR_PURE=1 $(VENV)/bin/pip install -q --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
 # The data path (proxy/compiled.py's MODULES) compiled with mypyc into C extensions beside the
@@ -51,7 +53,7 @@ clean:
 CHROMIUM_STAMP := $(VENV)/.chromium
 $(CHROMIUM_STAMP): $(STAMP)
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
-	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; }
 	touch $@
 test: $(CHROMIUM_STAMP)
 
@@ -60,7 +62,7 @@ test: $(CHROMIUM_STAMP)
 JDBC_STAMP := $(VENV)/.jdbc
 $(JDBC_STAMP): $(STAMP)
 	command -v java >/dev/null && command -v javac >/dev/null && test -f /usr/share/java/postgresql.jar || \
-	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q default-jdk-headless libpostgresql-jdbc-java; }
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends default-jdk-headless libpostgresql-jdbc-java; }
 	touch $@
 test: $(JDBC_STAMP)
 
@@ -69,7 +71,7 @@ test: $(JDBC_STAMP)
 NODE_STAMP := tests/harness/node/node_modules/.installed
 $(NODE_STAMP): tests/harness/node/package-lock.json
 	command -v node >/dev/null && command -v npm >/dev/null || \
-	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm; }
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nodejs npm; }
 	cd tests/harness/node && npm ci --silent --no-audit --no-fund
 	touch $@
 test: $(NODE_STAMP)
@@ -86,3 +88,20 @@ fuzz: $(BUILT)
 # Soak and chaos (bench/soak.py): 30 minutes of mixed load under a repeating fault schedule.
 bench-soak: $(BUILT)
 	$(VENV)/bin/python -m bench.soak $(ARGS)
+
+# The alert rules (deploy/prometheus) are checked with promtool, from Debian's `prometheus`
+# package; install it when missing. (On a host booted with systemd the package also enables a
+# Prometheus server on :9090; `systemctl disable --now prometheus` if you do not want it.)
+PROMTOOL_STAMP := $(VENV)/.promtool
+$(PROMTOOL_STAMP): $(STAMP)
+	command -v promtool >/dev/null || \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
+	touch $@
+test: $(PROMTOOL_STAMP)
+
+# The wheel as a user outside this checkout builds it (`pip wheel .`: mypyc in pip's isolated
+# build environment, about 2 minutes), installed into a fresh venv, must start with
+# data_path=compiled. Not part of `make test`, to keep the suite short; .ci/run runs both.
+.PHONY: wheel-check
+wheel-check: $(STAMP)
+	PGSIDECAR_WHEEL_CHECK=1 $(VENV)/bin/pytest -q tests/integration/test_wheel.py

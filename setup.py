@@ -1,12 +1,12 @@
 """Builds the data path's modules (proxy.compiled.MODULES) with mypyc, as C extensions.
 
 Everything else is in pyproject.toml. mypyc type-checks the whole program, so it needs mypy and
-the runtime dependencies installed: `make build` runs `setup.py build_ext --inplace` in the
-project's venv; elsewhere, install `.[build]` first, then `pip install --no-build-isolation .`
-(an isolated `pip install .` has neither and installs the sources only). The compiled
-modules are the same Python source, so an install without them still works: with PGSIDECAR_PURE=1,
-without mypy, or when the compile fails, pgsidecar runs from the sources (more CPU per
-transaction) and says so at startup.
+the runtime dependencies: `make build` runs `setup.py build_ext --inplace` in the project's venv,
+which has them; `pip wheel .` / `pip install .` get them into pip's isolated build environment from
+pyproject.toml's [build-system] requirements (the same pins), so the wheel carries the compiled
+modules for the platform that built it. The compiled modules are the same Python source, so an
+install without them still works: with PGSIDECAR_PURE=1, without mypy, or when the compile fails,
+pgsidecar runs from the sources (more CPU per transaction) and says so at startup.
 """
 
 from __future__ import annotations

@@ -11,9 +11,12 @@ load generator that books tables through the Cafe's HTTP form like a browser. Th
    acknowledges bookings from its durable spool;
 5. recovery: b1 comes back, the sidecar replays the spool, then lets traffic through.
 
-After each phase one table row: orders attempted, acknowledged (the thank-you page came back),
-failed, in the database (asked of the writer directly), duplicates, lost and the longest stall.
-After recovery the whole table again, judged against the recovered writer. With `--once` the demo
+The console shows a timeline: each phase and fault as it happens, and each phase's result once,
+when its orders have their answers and the database can be asked: orders attempted, acknowledged
+(the thank-you page came back), failed, in the database (asked of the writer directly),
+duplicates, lost and the longest stall. After recovery the whole table, every phase judged against
+the recovered writer. The sidecar's and the local DynamoDB endpoint's own output go to log files
+the demo names at start (kept after it exits). With `--once` the demo
 exits then: 0 only if no acknowledged order was lost, none was applied twice, and the outage phase
 did acknowledge orders (otherwise the demo would not have shown the spool at all). Without it the
 stack stays up until Ctrl-C. Everything started is stopped on the way out.
@@ -24,9 +27,11 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -54,7 +59,6 @@ OUTAGE_SPOOLING = 5.0  # outage time past hold_timeout, while the spool acknowle
 REPLAY_TIMEOUT = 30.0
 WORKERS = 4
 PAUSE = 0.1  # between a worker's orders: a busy cafe, not a benchmark on two shared cores
-COL_WIDTHS = (20, 9, 12, 6, 11, 10, 4, 13)
 
 PHASES = ("warm-up", "in-region failover", "region failover", "full outage", "recovery")
 
@@ -68,8 +72,15 @@ def say(text: str = "") -> None:
         print(text, flush=True)
 
 
-def row_line(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, COL_WIDTHS, strict=True)) + " |"
+def row_summary(row: PhaseRow) -> str:
+    """A phase's result as one line of the timeline."""
+
+    def opt(value: int | None) -> str:
+        return "?" if value is None else str(value)
+
+    return (f"{row.phase}: {row.acknowledged}/{row.attempted} acknowledged, {row.failed} failed, "
+            f"{opt(row.in_db)} in the database, {opt(row.duplicates)} duplicates, {opt(row.lost)} lost, "
+            f"longest stall {row.longest_stall:.2f}s")  # fmt: skip
 
 
 class Drill:
@@ -109,7 +120,7 @@ class Drill:
     def event(self, text: str) -> None:
         with self._lock:
             self.events.append((self.rel(), text))
-        say(f"  {self.rel():6.1f}s     {text}")
+        say(f"  {self.rel():6.1f}s       {text}")
 
     def _done(self, order: Order) -> None:
         with self._lock:
@@ -179,8 +190,9 @@ class Drill:
         except psycopg.Error:
             return None  # it went down in between (the next fault): the caller asks again
 
-    def report(self, phase: str, after: threading.Thread | None = None) -> None:
-        """Print `phase`'s row once its orders have their answers (and the rows before it)."""
+    def report(self, phase: str, after: threading.Thread | None = None, at: float | None = None) -> None:
+        """Print `phase`'s row once its orders have their answers (and the rows before it), stamped
+        `at` (seconds into the drill; default: when it is printed)."""
         self.settle(phase, 2 * HOLD_TIMEOUT + 5)  # a held request, then a held reconnect
         if after is not None:
             after.join()
@@ -199,19 +211,28 @@ class Drill:
                 time.sleep(0.2)
         row = phase_row(phase, self.log.snapshot(), counts)
         self.rows.append(row)
-        note = f"   ({row.pending} still waiting)" if row.pending else ""
-        say(row_line(row.cells()) + note)
+        note = f" ({row.pending} still waiting)" if row.pending else ""
+        say(f"  {self.rel() if at is None else at:6.1f}s  == {row_summary(row)}{note}")
 
     def next_phase(self, name: str) -> None:
-        """Start phase `name` (new orders count for it) and report the previous one in the
-        background: its last orders may be held by the sidecar, and the drill must not wait for them
-        before injecting the next fault."""
+        """End the current phase and start `name` (new orders count for it). The ended phase's
+        result is printed first when the database can be asked now (a writer, nothing spooled):
+        its last orders are answered within moments. Otherwise (the end of the outage: its orders
+        are in the spool) it is printed in the background once replay has put them in the
+        database, so the drill does not wait before the next step."""
         previous = self.phase
-        self.begin(name)
-        self._reporter = threading.Thread(
-            target=self.report, args=(previous, self._reporter), name=f"report-{previous}", daemon=True
-        )
-        self._reporter.start()
+        start = self.rel()
+        with self._lock:
+            self.phases.append((name, start))
+        status = self.sidecar_status()
+        if status.state == "up" and status.spool_pending == 0 and self._reporter is None:
+            self.report(previous, at=start)
+        else:
+            self._reporter = threading.Thread(
+                target=self.report, args=(previous, self._reporter), name=f"report-{previous}", daemon=True
+            )
+            self._reporter.start()
+        say(f"  {start:6.1f}s  -- {name}")
 
     # -- the phases -------------------------------------------------------------------------------
 
@@ -223,9 +244,8 @@ class Drill:
         self.load = LoadGenerator(
             stack.cafe.url, self.log, lambda: self.phase, workers=WORKERS, pause=PAUSE, on_done=self._done
         ).start()
-        say(f"\nfailover drill: {WORKERS} browsers booking tables through {stack.cafe.url}/reserve\n")
-        say(row_line(TABLE_HEADER))
-        say("|" + "|".join("-" * (w + 2) for w in COL_WIDTHS) + "|")
+        say(f"\nfailover drill: {WORKERS} browsers booking tables through {stack.cafe.url}/reserve")
+        say("(-- a phase begins; == a phase's result, once its orders are answered and counted)\n")
 
         self.begin(PHASES[0])
         time.sleep(WARMUP)
@@ -285,7 +305,7 @@ class Drill:
         time.sleep(STEADY_AFTER)
         stuck = self.load.stop()
         if stuck:
-            say(f"           ({stuck} load workers still waiting for an answer)")
+            say(f"                 ({stuck} load workers still waiting for an answer)")
         self.report(PHASES[4], self._reporter)
         return self.judge()
 
@@ -347,8 +367,10 @@ def run_demo(once: bool = False, spool: str = "dynamodb", cafe_port: int = 8080)
     signal.signal(signal.SIGTERM, _raise_exit)
     signal.signal(signal.SIGHUP, _raise_exit)
     started = time.monotonic()
+    # Logs outlive the run (the work directory with the spool does not): the place to look after.
+    log_dir = Path(tempfile.mkdtemp(prefix="pgsidecar-demo-logs-"))
     stack = DemoStack(spool="dynamodb" if spool == "dynamodb" else "sqlite", cafe_port=cafe_port,
-                      hold_timeout=f"{HOLD_TIMEOUT:g}s", say=say)  # fmt: skip
+                      hold_timeout=f"{HOLD_TIMEOUT:g}s", say=say, log_dir=log_dir)  # fmt: skip
     status: StatusServer | None = None
     play: LoadGenerator | None = None
     drill: Drill | None = None
@@ -372,6 +394,8 @@ def run_demo(once: bool = False, spool: str = "dynamodb", cafe_port: int = 8080)
         if stack.dynamodb is not None:
             say(f"spool            DynamoDB (moto) at {stack.dynamodb.endpoint_url}")
         say(f"sidecar log      {stack.sidecar.log_path}")
+        if stack.dynamodb is not None:
+            say(f"DynamoDB log     {stack.dynamodb.log_path}")
         for node in stack.topo.nodes:
             say(f"postgres {node.name}      {node.hostport}   {node.datadir}")
         say(f"(stack up in {time.monotonic() - started:.1f}s)")

@@ -66,22 +66,47 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 
 
 class LocalDynamoDB:
-    """moto's DynamoDB on a free loopback port (a real HTTP endpoint; boto3 talks to it as to AWS)."""
+    """moto's DynamoDB on a free loopback port (a real HTTP endpoint; boto3 talks to it as to AWS),
+    in its own process (demo_app/dynamodb_endpoint.py: one request at a time), its output in
+    `log_path`."""
 
-    def __init__(self) -> None:
-        from moto.server import ThreadedMotoServer
-
+    def __init__(self, log_path: Path, timeout: float = 30.0) -> None:
         self.port = free_port()
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
+        self.log_path = log_path
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
+        with log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "demo_app.dynamodb_endpoint", str(self.port)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,  # a Ctrl-C reaches the runner, which stops it last
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the local DynamoDB endpoint exited with {self.proc.returncode}: "
+                                   f"see {log_path}")  # fmt: skip
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the local DynamoDB endpoint did not listen within {timeout:g}s: "
+                                   f"see {log_path}")  # fmt: skip
+            time.sleep(0.05)
 
     @property
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self._server.stop()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,11 +164,17 @@ def parse_metrics(text: str) -> SidecarStatus:
 class SidecarProcess:
     """`python -m proxy run -c sidecar.yaml` with its log in `workdir`."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
+    ) -> None:
         self.config = config
         self.workdir = workdir
         self.config_path = workdir / "sidecar.yaml"
-        self.log_path = workdir / "sidecar.log"
+        self.log_path = (log_dir or workdir) / "sidecar.log"
         self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -324,7 +355,10 @@ class DemoStack:
         cafe_port: int = 8080,
         hold_timeout: str = "5s",
         say: Any = print,
+        log_dir: Path | None = None,
     ) -> None:
+        """`log_dir`: where the sidecar's and the DynamoDB endpoint's logs go, left in place by
+        `close()` (default: the work directory, removed with it)."""
         self.spool: SpoolBackend = spool
         self.say = say
         self.cafe_port = cafe_port
@@ -332,6 +366,8 @@ class DemoStack:
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="pgsidecar-demo-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_dir = log_dir or self.workdir
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         self._pg_base: Path | None = None
         self.topo: Topology | None = topology
         self._own_topo = topology is None
@@ -360,11 +396,11 @@ class DemoStack:
         env = {"CAFE_DB_PASSWORD": APP_PASSWORD}
         endpoint = None
         if self.spool == "dynamodb":
-            self.dynamodb = LocalDynamoDB()
+            self.dynamodb = LocalDynamoDB(self.log_dir / "dynamodb.log")
             endpoint = self.dynamodb.endpoint_url
             env.update(FAKE_AWS_ENV)
         config = sidecar_config(topo, self.workdir, self.spool, endpoint, hold_timeout=self.hold_timeout)
-        self.sidecar = SidecarProcess(config, self.workdir, env)
+        self.sidecar = SidecarProcess(config, self.workdir, env, log_dir=self.log_dir)
         self.sidecar.start()
         self.sidecar.wait_ready()
         self.cafe = CafeServer(self.sidecar.app_url(), self.cafe_port)

@@ -37,6 +37,9 @@ CONTAINER_CONFIG = DEPLOY / "container" / "sidecar.yaml"
 K8S = DEPLOY / "kubernetes" / "pgsidecar.yaml"
 CFN = DEPLOY / "cloudformation" / "aurora-global.yaml"
 README = DEPLOY / "README.md"
+DASHBOARD = DEPLOY / "grafana" / "pgsidecar.json"
+ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
+ALERT_TESTS = DEPLOY / "prometheus" / "alerts.test.yaml"
 
 # What the `env:VAR` references of the example configs need to validate. Dummy values: the check
 # is about the config's shape, not about these secrets.
@@ -98,7 +101,8 @@ def seconds(value: str) -> float:
 
 @pytest.mark.parametrize(
     "path",
-    [UNIT, SYSTEMD_CONFIG, SYSUSERS, CONTAINERFILE, CONTAINER_IGNORE, CONTAINER_CONFIG, K8S, CFN, README],
+    [UNIT, SYSTEMD_CONFIG, SYSUSERS, CONTAINERFILE, CONTAINER_IGNORE, CONTAINER_CONFIG, K8S, CFN, DASHBOARD,
+     ALERTS, ALERT_TESTS, README],
     ids=lambda p: str(p.relative_to(DEPLOY)),
 )
 def test_artifact_exists_and_is_documented(path: Path) -> None:
@@ -391,10 +395,15 @@ def test_containerfile_is_a_pinned_multi_stage_build(containerfile: list[tuple[s
         name, _, tag = image.partition("@")[0].partition(":")
         assert name == "python", image
         assert tag.startswith("3.11-slim"), f"{image}: pin python 3.11 slim"
-    # Installed from pyproject, not in editable mode: the runtime stage has no source tree.
-    installs = [rest for keyword, rest in containerfile if keyword == "RUN" and "pip install" in rest]
-    assert installs and all(re.search(r"pip install (\S+ )*\.(\s|$)", r) for r in installs), installs
+    # Built from the wheel `pip wheel .` makes (pip's isolated build, so the data path is compiled
+    # as anywhere else), then installed from it: not editable, the runtime stage has no source tree.
+    runs = [rest for keyword, rest in containerfile if keyword == "RUN"]
+    assert any(re.search(r"pip wheel (\S+ )*\.(\s|$)", r) for r in runs), runs
+    assert not any("--no-build-isolation" in r for r in runs)
+    installs = [r for r in runs if "pip install" in r]
+    assert installs and all(re.search(r"pip install (\S+ )*/wheels/pgsidecar-\*\.whl", r) for r in installs)
     assert not any(" -e " in r or "--editable" in r for r in installs)
+    assert any("proxy.compiled.status != 'compiled'" in r for r in runs), "fail a build that runs the sources"
     assert "COPY --from=build" in " ".join(f"{k} {r}" for k, r in final_stage(containerfile))
 
 
