@@ -984,8 +984,13 @@ class ClientSession(asyncio.Protocol):
         owed = b""
         status = m.TX_FAILED if in_block else m.TX_IDLE
         first = True
+        errors = self.sidecar.stats.client_errors
         for index in range(in_flight):
             kind = kinds[index] if index < len(kinds) else REQUEST_OTHER
+            if kind == REQUEST_COMMIT or (not in_block and kind != REQUEST_READ):
+                errors[SqlState.TRANSACTION_RESOLUTION_UNKNOWN.value] += 1
+            else:
+                errors[SqlState.SERIALIZATION_FAILURE.value if first else "25P02"] += 1
             if kind == REQUEST_COMMIT:
                 owed += m.error_response(
                     SqlState.TRANSACTION_RESOLUTION_UNKNOWN.value,
@@ -1665,6 +1670,7 @@ class ClientSession(asyncio.Protocol):
                     self._outage_batch = False
                     self._leave_outage()
                     return
+                self.sidecar.stats.client_errors[SqlState.CANNOT_CONNECT_NOW.value] += 1
                 self._send(responder.refuse(verdict.reason))
                 break
         if self.state is ClientState.ACTIVE and self._outage is responder:
@@ -1782,6 +1788,8 @@ class ClientSession(asyncio.Protocol):
             return
         if self.state is not ClientState.ACTIVE:
             self.sidecar.stats.clients_refused[exc.code] += 1
+        else:
+            self.sidecar.stats.client_errors[exc.code] += 1
         self._send(
             m.error_response(exc.code, exc.message, severity="FATAL", detail=exc.detail, hint=exc.hint)
         )

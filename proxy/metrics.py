@@ -80,6 +80,9 @@ class Stats:
     spool_records: Counter[str] = field(default_factory=Counter)  # by result
     clients_accepted: int = 0
     clients_refused: Counter[str] = field(default_factory=Counter)  # by SQLSTATE
+    # Errors the sidecar itself sent to logged-in clients (failover cuts, holds that timed out,
+    # outage refusals), by SQLSTATE; upstream's own errors are relayed, not counted here.
+    client_errors: Counter[str] = field(default_factory=Counter)
     server_logins: int = 0
 
 
@@ -117,6 +120,17 @@ FAMILIES = {
         Family("clients_accepted_total", "counter", "Client connections that completed login"),
         Family("clients_refused_total", "counter", "Client connections refused, by SQLSTATE", ("sqlstate",)),
         Family("server_logins_total", "counter", "Upstream connections opened and logged in"),
+        Family(
+            "client_errors_total",
+            "counter",
+            "Errors the sidecar itself sent to logged-in clients (failover cuts, holds, outage), by SQLSTATE",
+            ("sqlstate",),
+        ),
+        Family(
+            "stale_writers_fenced_total",
+            "counter",
+            "Nodes refused as writer (an older timeline, or a second writer on the newest), each once",
+        ),
         Family("pool_waiting_clients", "gauge", "Clients waiting for a free server connection"),
         Family("prepared_statements", "gauge", "Distinct statements named sidecar-wide (transaction mode)"),
     )
@@ -192,6 +206,9 @@ class SidecarCollector(Collector):
         for sqlstate, n in sorted(stats.clients_refused.items()):
             gauge("clients_refused_total", n, sqlstate)
         gauge("server_logins_total", stats.server_logins)
+        for sqlstate, n in sorted(stats.client_errors.items()):
+            gauge("client_errors_total", n, sqlstate)
+        gauge("stale_writers_fenced_total", topology.fenced)
         gauge("prepared_statements", len(sidecar.statements))
         yield from families.values()
 

@@ -333,6 +333,11 @@ class TopologyMonitor:
         self._probes_started = 0
         self._probe_done = asyncio.Event()
 
+    @property
+    def fenced(self) -> int:
+        """Stale writers refused so far, each (node, timeline) once."""
+        return len(self._fenced)
+
     def retune(self, provider: TopologyProvider, check_interval: float, hold_timeout: float) -> bool:
         """Apply a reloaded config: probe interval, hold, and hosts (False: the topology kind
         changed, which needs a restart)."""
@@ -390,16 +395,20 @@ class TopologyMonitor:
 
     def _choose_writer(self, nodes: list[NodeStatus]) -> NodeStatus | None:
         writers = [n for n in nodes if n.reachable and n.writer]
-        current = [n for n in writers if n.timeline >= self.max_timeline]
+        # The newest timeline counts, including one first seen in this very probe: a standby
+        # promoted while the old primary still answers supersedes it at once, and the old one is
+        # fenced now, not kept because it was "current".
+        newest = max([self.max_timeline, *(w.timeline for w in writers)])
+        current = [n for n in writers if n.timeline >= newest]
         for stale in writers:
-            if stale.timeline < self.max_timeline and (stale.endpoint, stale.timeline) not in self._fenced:
+            if stale.timeline < newest and (stale.endpoint, stale.timeline) not in self._fenced:
                 self._fenced.add((stale.endpoint, stale.timeline))
                 logs.event(
                     "stale_writer_fenced",
                     logs.ERROR,
                     upstream=str(stale.endpoint),
                     timeline=stale.timeline,
-                    newest_timeline=self.max_timeline,
+                    newest_timeline=newest,
                     action="never used: it claims to be writer on an older timeline",
                 )
         if not current:
