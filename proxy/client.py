@@ -873,7 +873,12 @@ class ClientSession(asyncio.Protocol):
             return
         if fields.get("C") in SERVER_GONE_STATES:
             self.sidecar.topology.report_failure(server.endpoint, m.error_summary(fields))
-        if server.outstanding == 0 and self._batch_kind is None and not self.transaction_mode:
+        if (
+            server.outstanding == 0
+            and self._batch_kind is None
+            and not self.transaction_mode
+            and fields.get("V", fields.get("S")) != "FATAL"  # (a goodbye: the session moves)
+        ):
             # No Query or Sync awaits an answer, so this error is of an extended-protocol batch
             # not synced yet: the server now skips everything up to its Sync. Noted as an open
             # batch, so a server given back before that Sync is resynchronised (Pool.release).

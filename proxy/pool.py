@@ -409,8 +409,9 @@ class Pool:
         # A timer, not asyncio.timeout(): that context manager runs as interpreted coroutines,
         # about 25k instructions per reset, and session mode resets at every client's exit.
         # On expiry the server is dropped, which ends the pending read with UpstreamUnavailable.
+        what = "resync" if sql is None else "reset query"
         deadline = asyncio.get_running_loop().call_later(
-            self.settings.connect_timeout, self._reset_timed_out, server
+            self.settings.connect_timeout, self._reset_timed_out, server, what
         )
         try:
             if sql is None:
@@ -420,7 +421,6 @@ class Pool:
         except ProxyError as exc:
             if server in self.resetting:  # not dropped by the deadline already
                 self.resetting.discard(server)
-                what = "resync" if sql is None else "reset query"
                 self._drop(server, f"{what} failed: {exc}")
             return
         finally:
@@ -443,9 +443,9 @@ class Pool:
         if not self._wake_one(server):
             self.idle.append(server)
 
-    def _reset_timed_out(self, server: ServerConnection) -> None:
+    def _reset_timed_out(self, server: ServerConnection, what: str) -> None:
         self.resetting.discard(server)
-        self._drop(server, f"reset or resync failed: no answer within {self.settings.connect_timeout:g}s")
+        self._drop(server, f"{what} failed: no answer within {self.settings.connect_timeout:g}s")
 
     def _wake_one(self, server: ServerConnection | None) -> bool:
         while self.waiters:
