@@ -166,6 +166,10 @@ class ClientSession(asyncio.Protocol):
         # The secret is the sidecar's own, unique among open sessions: CancelRequests find the
         # session by it (two sessions may show the same process id, e.g. one pooled server reused).
         self.backend_key: tuple[int, int] | None = None
+        # The ParameterStatus values this client has been told (one of the servers' shared dicts,
+        # never edited): at login, then whatever its linked server reports (`note_parameter`).
+        # A server whose values are another dict is compared at link (`tell_parameters`).
+        self.params_told: dict[str, str] = {}
         self.server: ServerConnection | None = None
         self.pool: Pool | None = None
         self.connected_at = monotonic()
@@ -580,6 +584,8 @@ class ClientSession(asyncio.Protocol):
         self.server = server
         self._linked = True
         server.link(self, tracked=True)
+        if server.params is not self.params_told:
+            self.tell_parameters(server.params)
         self._relay.resume()  # nothing is held: this only ends the pause between transactions
         return server
 
@@ -918,8 +924,20 @@ class ClientSession(asyncio.Protocol):
     def server_error(self, fields: dict[str, str]) -> None:
         """An ErrorResponse from the linked server (relayed; this only reports failures)."""
         server = self.server
-        if server is not None and fields.get("C") in SERVER_GONE_STATES:
+        if server is None:
+            return
+        if fields.get("C") in SERVER_GONE_STATES:
             self.sidecar.topology.report_failure(server.endpoint, m.error_summary(fields))
+        if (
+            server.outstanding == 0
+            and self._batch_kind is None
+            and not self.transaction_mode
+            and fields.get("V", fields.get("S")) != "FATAL"  # (a goodbye: the session moves)
+        ):
+            # No Query or Sync awaits an answer, so this error is of an extended-protocol batch
+            # not synced yet: the server now skips everything up to its Sync. Noted as an open
+            # batch, so a server given back before that Sync is resynchronised (Pool.release).
+            self._batch_kind = REQUEST_OTHER
 
     def server_lost(self, server: ServerConnection, reason: str) -> None:
         """The linked server connection closed (crash, shutdown, network)."""
@@ -1112,10 +1130,26 @@ class ClientSession(asyncio.Protocol):
             and self._relay.buffered > 0
         )
 
+    def tell_parameters(self, params: dict[str, str]) -> None:
+        """Tell the client `params`, its server's ParameterStatus values, where they differ from
+        what it was told before: another server (a transaction-mode switch, a session moved
+        after its server was lost) or the sidecar's own queries on this one (a reset's SETs).
+        Before anything from that server is relayed, so the client reads its answers with the
+        values they were made with (standard_conforming_strings, TimeZone, DateStyle, ...)."""
+        told = self.params_told
+        if params is told:
+            return
+        changed = [m.parameter_status(k, v) for k, v in params.items() if told.get(k) != v]
+        if changed:
+            self._send(b"".join(changed))
+        self.params_told = params
+
     def _link(self, server: ServerConnection) -> None:
         self.server = server
         self._linked = True
         server.link(self, tracked=self.transaction_mode)
+        if server.params is not self.params_told:
+            self.tell_parameters(server.params)
         # Read on before the held input goes out, not after: if it fills the server's write
         # buffer, the server's `pause_writing` stops reading the client, and must not be undone.
         if self._reading_paused and self.transport is not None:
@@ -1228,9 +1262,8 @@ class ClientSession(asyncio.Protocol):
             else {k: v for k, v in self.startup_settings.items() if k in self._reset_names}
         )
         if reset:
-            restored = await server.simple_query(set_config_sql(reset))
-            for status in restored.parameter_status:
-                self._send(status)
+            await server.simple_query(set_config_sql(reset))
+            self.tell_parameters(server.params)
         if self._settings_dirty or reset:
             result = await server.simple_query(capture_sql(self._custom_names))
             self.settings = {str(name): str(value) for name, value in result.rows}
@@ -1271,6 +1304,11 @@ class ClientSession(asyncio.Protocol):
                 return
             try:
                 await self._prepare_server(server)
+            except asyncio.CancelledError:
+                # The client left while its settings or statements were being restored: the
+                # server goes back, the pool reading past the answers given up.
+                pool.release(server, reset=not self.transaction_mode, unknown=True)
+                raise
             except UpstreamUnavailable as exc:
                 # The server died between checkout and use (a crash the probes have not seen
                 # yet): nothing of the client's went to it, so take another one (held if the
@@ -1753,6 +1791,7 @@ class ClientSession(asyncio.Protocol):
                 ]
             )
         )
+        self.params_told = params
         self.state = ClientState.ACTIVE
         self.sidecar.stats.clients_accepted += 1
 
@@ -1809,14 +1848,26 @@ class ClientSession(asyncio.Protocol):
             self._handshake_task.cancel()
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        linked = self._linked
         self._linked = False
         self._parked = False
         server, self.server = self.server, None
         if server is not None and self.pool is not None:
             if server.state is ServerState.CLOSED:
                 self.pool.forget(server)
+            elif self._relay.mid_message:
+                # Part of a message went to the server (a CopyData cut short): it would read
+                # whatever it is sent next as the rest of it. No Sync can recover that.
+                self.pool.discard(server, "client left in the middle of a message")
+            elif self.transaction_mode:
+                # Still linked means the client's last request did not end at a quiet point:
+                # an open batch, or an answer still due (Pool.release tells which).
+                maintenance = (
+                    self._settings_dirty or self._reset_all or bool(self._reset_names) or self._discarded
+                )
+                self.pool.release(server, reset=False, resync=linked, unknown=maintenance)
             else:
-                self.pool.release(server, reset=not self.transaction_mode)
+                self.pool.release(server, reset=True, resync=self._batch_kind is not None)
         if self.backend_key is not None and self.sidecar.cancel_keys.get(self.backend_key[1]) is self:
             del self.sidecar.cancel_keys[self.backend_key[1]]
         self.sidecar.client_closed(self, counted=self._counted)

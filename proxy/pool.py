@@ -337,11 +337,36 @@ class Pool:
                     if isinstance(result, BaseException) and not isinstance(result, ProxyError):
                         logs.event("pool_refill_failed", logs.WARNING, error=repr(result))
 
-    def release(self, server: ServerConnection, reset: bool = True) -> None:
-        """Take a server back from a client: reuse it if it is at rest, else close it.
+    def release(
+        self, server: ServerConnection, reset: bool = True, resync: bool = False, unknown: bool = False
+    ) -> None:
+        """Take a server back from a client: reuse it once it is in step, else close it.
 
         `reset` (session mode) runs `reset_query` first; transaction mode hands the server on as is,
         keeping its prepared statements and settings (the next client's are applied over them).
+        `resync`: the client may have left an extended-protocol batch open (messages with no Sync
+        yet, or an error the server skips to the next Sync from). `unknown` (transaction mode):
+        the client changed session state the sidecar has not read back yet (its maintenance did
+        not run), so the server's settings are not what `applied` says.
+
+        The rules. A server goes to another client only at a message boundary both ways, with its
+        last Query or Sync answered and every answer read, so the next client's first answer is
+        its own. Nothing here costs the data path anything: the client and the server already
+        track each condition, and it is looked at only now.
+        * Closed, inside a transaction block, a Query or Sync of the client's unanswered (it may
+          run for long; closing cancels it), or part of a server message relayed: close it.
+          (Part of a client message relayed, a CopyData cut short, is the client's to close with
+          `discard`: the server would read whatever it is sent next as the rest of that message.)
+        * Answers owed to the sidecar's own queries (given up when their client left during its
+          login or maintenance) or to the client's open batch (`resync`, or answers of its
+          unsynced messages still coming): put back in step before anything else runs (RESYNC,
+          answered by a ReadyForQuery; everything before it is read and dropped), bounded by
+          `connect_timeout`, then closed if it is not idle.
+        * Then session mode runs `reset_query` (in the same write as the RESYNC, so no extra
+          round trip); transaction mode runs DISCARD ALL if `unknown` or a query of the sidecar's
+          own was given up (its effect on the settings is unknown), else nothing.
+        Only then is the server idle (or handed to a waiter), with its ParameterStatus values as
+        the reset left them, which is what the next client is told.
         """
         self.active.discard(server)
         # A parked server has been idle since it was parked: keep that time (liveness check,
@@ -349,7 +374,7 @@ class Pool:
         idle_since = server.last_used if self.parked.pop(server, None) is not None else None
         if server.client is not None or server.state is ServerState.ACTIVE:
             server.unlink()  # (a transaction-mode client unlinks it itself before handing it back)
-        why = None if server.at_rest else "client left mid-transaction or mid-query"
+        why = server.unrecoverable
         if why is None and not server.settle():
             why = "unexpected output from the server between transactions"
         if why is None:
@@ -357,42 +382,70 @@ class Pool:
         if why is not None:
             self._drop(server, why)
             return
-        if not reset:
+        resync = resync or not server.at_rest  # (now: answers still owed to someone)
+        sql: str | None = None
+        if reset and self.settings.reset_query.strip():
+            sql = self.settings.reset_query
+        elif unknown or server.owed_own:
+            sql = "DISCARD ALL"
+        if sql is None and not resync:
             server.last_used = clock() if idle_since is None else idle_since
             if not self._wake_one(server):
                 self.idle.append(server)
             return
         self.resetting.add(server)
-        task = asyncio.get_running_loop().create_task(self._reset(server))
+        task = asyncio.get_running_loop().create_task(self._reset(server, sql, resync, reset))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _reset(self, server: ServerConnection) -> None:
+    def discard(self, server: ServerConnection, reason: str) -> None:
+        """Close a client's server that cannot be put back in step (see `release`)."""
+        self.parked.pop(server, None)
+        if server.client is not None or server.state is ServerState.ACTIVE:
+            server.unlink()
+        self._drop(server, reason)
+
+    async def _reset(self, server: ServerConnection, sql: str | None, resync: bool, session: bool) -> None:
         # A timer, not asyncio.timeout(): that context manager runs as interpreted coroutines,
         # about 25k instructions per reset, and session mode resets at every client's exit.
         # On expiry the server is dropped, which ends the pending read with UpstreamUnavailable.
+        what = "resync" if sql is None else "reset query"
         deadline = asyncio.get_running_loop().call_later(
-            self.settings.connect_timeout, self._reset_timed_out, server
+            self.settings.connect_timeout, self._reset_timed_out, server, what
         )
         try:
-            await server.simple_query(self.settings.reset_query)
+            if sql is None:
+                await server.resync()
+            else:
+                await server.simple_query(sql, resync=resync)
         except ProxyError as exc:
             if server in self.resetting:  # not dropped by the deadline already
                 self.resetting.discard(server)
-                self._drop(server, f"reset query failed: {exc}")
+                self._drop(server, f"{what} failed: {exc}")
             return
         finally:
             deadline.cancel()
         self.resetting.discard(server)
-        # DISCARD ALL (the default reset) leaves the server as it was after login.
-        server.applied = {}
+        server.tracker.clear()
+        if not server.at_rest:
+            # e.g. the client's unsynced batch had opened a transaction block: it is aborted now,
+            # but still open.
+            self._drop(server, "not idle after the client left mid-batch")
+            return
+        if sql is not None:
+            # DISCARD ALL (the default reset) leaves the server as it was after login.
+            server.applied = {}
+            server.held_notifications.clear()  # (the previous client's)
+            if not session:
+                server.statements.replace_all(set())
+                server.unnamed_from = None
         server.last_used = clock()
         if not self._wake_one(server):
             self.idle.append(server)
 
-    def _reset_timed_out(self, server: ServerConnection) -> None:
+    def _reset_timed_out(self, server: ServerConnection, what: str) -> None:
         self.resetting.discard(server)
-        self._drop(server, f"reset query failed: no answer within {self.settings.connect_timeout:g}s")
+        self._drop(server, f"{what} failed: no answer within {self.settings.connect_timeout:g}s")
 
     def _wake_one(self, server: ServerConnection | None) -> bool:
         while self.waiters:

@@ -58,6 +58,7 @@ class WriterCell:
     def __init__(self) -> None:
         self.writer: Endpoint | None = None
 
+
 # Server -> client messages the data path must see: transaction boundaries, errors that reveal a
 # dying or demoted server, parameter changes a moved session has to replay, and notifications
 # (whose process id may need to become the one the client was given). Looking a type up in the
@@ -69,6 +70,34 @@ _TRACKED_WATCH: Final = watch_table(TRACKED_RESPONSE_TYPES)
 # What a request sent to the server was, for the answer owed if the server is lost before
 # answering it: a COMMIT's outcome is unknown (08007); so is an autocommit write's; a read outside
 # a transaction block is simply retried (40001).
+# Puts a server back in step with the sidecar when a client left in the middle of an
+# extended-protocol batch (messages sent with no Sync yet, or an error the server is skipping to
+# Sync from): Execute of a portal that cannot exist fails, which rolls back the implicit transaction
+# the batch may have opened (a bare Sync would commit work the client never synced), and the Sync
+# then ends the skip with a ReadyForQuery. Inside a COPY FROM STDIN started by such a batch, the
+# Execute is an unexpected message: the COPY fails the same way. PostgreSQL logs the error, so
+# this is sent only when the client may have left a batch open, never routinely.
+RESYNC: Final = b"E\x00\x00\x00\x19pgsidecar_resync\x00\x00\x00\x00\x00" + b"S\x00\x00\x00\x04"
+
+# ParameterStatus values, one dict per distinct set: servers that report the same values share
+# it, so a transaction-mode client moving between them finds the dict it was told (`is`) and has
+# nothing to compare. Copy-on-write: a server whose value changes takes another dict, never
+# edits a shared one. Bounded: past the limit it starts over (sharing is only an optimisation).
+_SHARED_PARAMS: Final[dict[frozenset[tuple[str, str]], dict[str, str]]] = {}
+_SHARED_PARAMS_LIMIT: Final = 256
+
+
+def shared_params(params: dict[str, str]) -> dict[str, str]:
+    """The shared dict equal to `params` (which must not be changed afterwards)."""
+    key = frozenset(params.items())
+    shared = _SHARED_PARAMS.get(key)
+    if shared is None:
+        if len(_SHARED_PARAMS) >= _SHARED_PARAMS_LIMIT:
+            _SHARED_PARAMS.clear()
+        _SHARED_PARAMS[key] = shared = params
+    return shared
+
+
 REQUEST_OTHER: Final = 0
 REQUEST_COMMIT: Final = 1
 REQUEST_READ: Final = 2
@@ -207,10 +236,16 @@ class ServerConnection(asyncio.Protocol):
         self.endpoint = endpoint  # where this connection goes; compared against the writer
         self.state = ServerState.CONNECTING
         self.transport: asyncio.Transport | None = None
-        self.params: dict[str, str] = {}  # ParameterStatus values as this server reports them
+        # ParameterStatus values as this server reports them: a shared dict, replaced (never
+        # edited) when a value changes (`note_parameter`).
+        self.params: dict[str, str] = {}
         self.backend_key: tuple[int, int] | None = None  # for forwarding CancelRequests
         self.tx_status = m.TX_IDLE  # from the last ReadyForQuery
         self.outstanding = 0  # Query/Sync messages sent whose ReadyForQuery has not come back
+        # ReadyForQuery owed to the sidecar's own requests (its queries, a resync) whose answers
+        # nobody has read yet: one given up half way (its client left) leaves its answer behind,
+        # which the next reader skips and the pool waits for before anyone else gets the server.
+        self.owed_own = 0
         self.created_at = monotonic()
         self.last_used = self.created_at
         self.client: ClientSession | None = None  # the linked client, if any
@@ -360,7 +395,7 @@ class ServerConnection(asyncio.Protocol):
                 return Action.FORWARD_PAUSE
         elif type_byte == m.B_PARAMETER_STATUS:
             name, value = m.decode_parameter_status(msg[5:])
-            self.params[name] = value
+            self.note_parameter(name, value)
         elif type_byte == m.B_NOTIFICATION:
             renamed = self._own_notification(msg)
             if renamed is not None:
@@ -384,6 +419,17 @@ class ServerConnection(asyncio.Protocol):
         if given is None or given[0] == key[0] or int.from_bytes(msg[5:9], "big", signed=True) != key[0]:
             return None
         return m.message(b"A", given[0].to_bytes(4, "big", signed=True) + bytes(msg[9:]))
+
+    def note_parameter(self, name: str, value: str) -> None:
+        """A ParameterStatus from the server. Linked, it is being relayed: the client, told
+        everything this server reported before (`ClientSession.tell_parameters` at link), now
+        knows exactly this server's values too."""
+        params = dict(self.params)
+        params[name] = value
+        self.params = shared_params(params)
+        client = self.client
+        if client is not None:
+            client.params_told = self.params
 
     def _on_ready(self, status: int, client: ClientSession | None) -> bool:
         """Untracked ReadyForQuery: account for it; True if the client wants its `quiet_point`."""
@@ -426,7 +472,7 @@ class ServerConnection(asyncio.Protocol):
             self._answered()
         elif type_byte == m.B_PARAMETER_STATUS:
             name, value = m.decode_parameter_status(msg[5:])
-            self.params[name] = value
+            self.note_parameter(name, value)
         elif type_byte == m.B_ERROR and self._server_going_away(msg):
             return Action.DROP
         forward, before, after, failed = self.tracker.on_server_message(type_byte, self.tx_status)
@@ -457,9 +503,25 @@ class ServerConnection(asyncio.Protocol):
             self.state is not ServerState.CLOSED
             and self.tx_status == m.TX_IDLE
             and self.outstanding == 0
+            and self.owed_own == 0
             and not self.tracker
             and self._relay.at_boundary
         )
+
+    @property
+    def unrecoverable(self) -> str | None:
+        """Why this server, given back by a client, cannot be put back in step (it is closed
+        instead), or None if `resync` can (when it is not simply `at_rest`). See Pool.release."""
+        if self.state is ServerState.CLOSED:
+            return self.close_reason or "connection closed"
+        if self.tx_status != m.TX_IDLE:
+            return "client left mid-transaction"
+        if self.outstanding or len(self.in_flight):
+            # A Query or Sync still unanswered: it may run for long; closing cancels it.
+            return "client left mid-query"
+        if not self._relay.at_boundary:
+            return "client left mid-response"
+        return None
 
     @property
     def mid_response(self) -> bool:
@@ -526,6 +588,7 @@ class ServerConnection(asyncio.Protocol):
     async def login(self, params: dict[str, str], password: str | None) -> None:
         """Startup and authentication; returns once the server sent ReadyForQuery."""
         self.state = ServerState.LOGIN
+        reported: dict[str, str] = {}
         auth = UpstreamAuthenticator(params["user"], password)
         self.send(m.startup_message(params))
         while True:
@@ -536,11 +599,12 @@ class ServerConnection(asyncio.Protocol):
                     self.send(reply)
             elif type_byte == m.B_PARAMETER_STATUS:
                 name, value = m.decode_parameter_status(body)
-                self.params[name] = value
+                reported[name] = value
             elif type_byte == m.B_BACKEND_KEY_DATA:
                 self.backend_key = m.decode_backend_key_data(body)
             elif type_byte == m.B_READY_FOR_QUERY:
                 self.tx_status = m.decode_ready_for_query(body)
+                self.params = shared_params(reported)
                 self.state = ServerState.IDLE
                 return
             elif type_byte == m.B_ERROR:
@@ -552,9 +616,19 @@ class ServerConnection(asyncio.Protocol):
                 raise UpstreamError(fields)
             # NoticeResponse and NegotiateProtocolVersion need no answer during login.
 
-    async def simple_query(self, sql: str) -> QueryResult:
-        """Run one statement the sidecar itself needs (reset, SET, probe); text results."""
-        self.send(m.query(sql))
+    async def simple_query(self, sql: str, resync: bool = False) -> QueryResult:
+        """Run one statement the sidecar itself needs (reset, SET, probe); text results.
+        `resync`: send RESYNC first, in the same write (see there)."""
+        ahead = self.owed_own
+        if resync:
+            self.send(RESYNC + m.query(sql))
+            self.owed_own += 2
+            ahead += 1
+        else:
+            self.send(m.query(sql))
+            self.owed_own += 1
+        if ahead:
+            await self._read_past(ahead)
         result = QueryResult()
         error: UpstreamError | None = None
         while True:
@@ -567,7 +641,7 @@ class ServerConnection(asyncio.Protocol):
                 result.tag = m.decode_command_complete(body)
             elif type_byte == m.B_PARAMETER_STATUS:
                 name, value = m.decode_parameter_status(body)
-                self.params[name] = value
+                self.note_parameter(name, value)
                 result.parameter_status.append(m.message(b"S", body))
             elif type_byte == m.B_ERROR:
                 error = UpstreamError(m.decode_error_fields(body))
@@ -577,6 +651,7 @@ class ServerConnection(asyncio.Protocol):
                 self.held_notifications.append(m.message(b"A", body))
             elif type_byte == m.B_READY_FOR_QUERY:
                 self.tx_status = m.decode_ready_for_query(body)
+                self.owed_own -= 1
                 if error is not None:
                     raise error
                 return result
@@ -588,7 +663,11 @@ class ServerConnection(asyncio.Protocol):
         does not stop the others; the client gets that error when it uses the statement, as it
         would have directly.
         """
+        ahead = self.owed_own
         self.send(b"".join(msg + m.sync() for msg in parse_messages))
+        self.owed_own += len(parse_messages)
+        if ahead:
+            await self._read_past(ahead)
         errors: list[str] = []
         remaining = len(parse_messages)
         while remaining:
@@ -597,8 +676,34 @@ class ServerConnection(asyncio.Protocol):
                 errors.append(m.error_summary(m.decode_error_fields(body)))
             elif type_byte == m.B_READY_FOR_QUERY:
                 self.tx_status = m.decode_ready_for_query(body)
+                self.owed_own -= 1
                 remaining -= 1
         return errors
+
+    async def resync(self) -> None:
+        """Put the server back in step after a client left mid-batch (RESYNC), and read past
+        every answer still owed, its own and the client's. The caller bounds the wait."""
+        ahead = self.owed_own + 1
+        self.send(RESYNC)
+        self.owed_own += 1
+        await self._read_past(ahead)
+        self.tracker.clear()
+
+    async def _read_past(self, readies: int) -> None:
+        """Read and drop answers up to the `readies`-th ReadyForQuery: those of requests given up
+        (their readers gone) or of a client that left. What must not be lost is kept: reported
+        parameter values and NOTIFYs."""
+        while readies:
+            type_byte, body = await self.read_message()
+            if type_byte == m.B_READY_FOR_QUERY:
+                self.tx_status = m.decode_ready_for_query(body)
+                self.owed_own -= 1
+                readies -= 1
+            elif type_byte == m.B_PARAMETER_STATUS:
+                name, value = m.decode_parameter_status(body)
+                self.note_parameter(name, value)
+            elif type_byte == m.B_NOTIFICATION:
+                self.held_notifications.append(m.message(b"A", body))
 
     def close(self, reason: str) -> None:
         """Close the connection (politely with Terminate when it is at a boundary)."""

@@ -320,7 +320,7 @@ async def _collect(server: ServerConnection) -> bytes | None:
             out.append(m.message(bytes((type_byte,)), body))
         elif type_byte == m.B_PARAMETER_STATUS:
             name, value = m.decode_parameter_status(body)
-            server.params[name] = value
+            server.note_parameter(name, value)
 
 
 async def fill_from_server(

@@ -223,7 +223,7 @@ async def _exchange(conn: ServerConnection, data: bytes) -> _Reply:
                 error_at = len(tags)
         elif type_byte == m.B_PARAMETER_STATUS:
             name, value = m.decode_parameter_status(body)
-            conn.params[name] = value
+            conn.note_parameter(name, value)  # (never edited in place: the dict may be shared)
         elif type_byte == m.B_READY_FOR_QUERY:
             conn.tx_status = m.decode_ready_for_query(body)
             return _Reply(tags, error, error_at, conn.tx_status)
@@ -252,7 +252,7 @@ async def _exchange_rows(
                 error_at = len(tags)
         elif type_byte == m.B_PARAMETER_STATUS:
             name, value = m.decode_parameter_status(body)
-            conn.params[name] = value
+            conn.note_parameter(name, value)
         elif type_byte == m.B_READY_FOR_QUERY:
             conn.tx_status = m.decode_ready_for_query(body)
             return _Reply(tags, error, error_at, conn.tx_status), rows
