@@ -29,14 +29,15 @@ build: $(BUILT)
 demo: $(BUILT)
 	$(VENV)/bin/pgsidecar demo $(ARGS)
 
-# The suite starts with the linters: ruff and mypy clean is part of passing. It runs the compiled
-# build, the one that ships.
+# The suite starts with the linters: ruff, mypy and the import contracts (pyproject.toml's
+# [tool.importlinter]) clean is part of passing. It runs the compiled build, the one that ships.
 test: lint $(BUILT)
 	$(VENV)/bin/pytest -q $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy .
+	$(VENV)/bin/lint-imports
 
 bench: $(BUILT)
 	$(VENV)/bin/python -m bench.pgbench_compare $(ARGS)

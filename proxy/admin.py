@@ -12,13 +12,14 @@ import asyncio
 import dataclasses
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 from pydantic import SecretStr
 
 from sidecar_config import ConfigError
+from sidecar_config import config_items as config_items  # (importable from here, as before)
 
 from . import logs
 from .metrics import Histogram
@@ -31,10 +32,120 @@ from .protocol.sqlstate import (
 )
 
 if TYPE_CHECKING:
-    from sidecar_config import SidecarConfig
+    from sidecar_config import Endpoint, SidecarConfig
 
-    from .app import Sidecar
-    from .client import ClientSession
+    from .metrics import Stats
+    from .pool import Pool
+    from .server import ServerConnection
+    from .spooling import SpoolService
+    from .topology import TopologyMonitor
+
+
+# What the console reads and does, as Protocols: the Sidecar and the ClientSession provide them,
+# and this module imports neither (each is above it).
+
+
+class ConsoleSession(Protocol):
+    """The client connection the console answers on."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def user(self) -> str: ...
+
+    @property
+    def peer(self) -> str: ...
+
+    @property
+    def startup_params(self) -> Mapping[str, str]: ...
+
+    async def drained(self) -> None:
+        """Return once the client has read what was sent to it (its write buffer is low)."""
+
+
+class ClientRow(Protocol):
+    """A client as SHOW CLIENTS lists it."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def user(self) -> str: ...
+
+    @property
+    def database(self) -> str: ...
+
+    @property
+    def peer(self) -> str: ...
+
+    @property
+    def metric_state(self) -> str: ...
+
+    @property
+    def server(self) -> ServerConnection | None: ...
+
+    @property
+    def connected_at(self) -> float: ...
+
+    @property
+    def settings(self) -> Mapping[str, str]: ...
+
+    @property
+    def startup_params(self) -> Mapping[str, str]: ...
+
+
+class ReloadResult(Protocol):
+    @property
+    def changed(self) -> list[str]: ...
+
+    @property
+    def needs_restart(self) -> list[str]: ...
+
+
+class ConsoleHost(Protocol):
+    """What the console reads of the sidecar, and the operator's levers it pulls."""
+
+    @property
+    def config(self) -> SidecarConfig: ...
+
+    @property
+    def stats(self) -> Stats: ...
+
+    @property
+    def topology(self) -> TopologyMonitor: ...
+
+    @property
+    def pools(self) -> Mapping[tuple[str, str], Pool]: ...
+
+    @property
+    def clients(self) -> Collection[ClientRow]: ...
+
+    @property
+    def region_of(self) -> Mapping[str, str]: ...
+
+    @property
+    def spooling(self) -> SpoolService | None: ...
+
+    @property
+    def spool_pending(self) -> int: ...
+
+    @property
+    def held_requests(self) -> int: ...
+
+    def close_gate(self, reason: str) -> None: ...
+
+    def open_gate(self) -> None: ...
+
+    async def reload(self, source: str = ...) -> ReloadResult: ...
+
+    def passthrough_known(self, user: str, password: str | None) -> bool: ...
+
+    def passthrough_verified(self, user: str, password: str | None) -> None: ...
+
+    async def open_server(
+        self, endpoint: Endpoint, params: dict[str, str], password: str | None, timeout: float | None = None
+    ) -> ServerConnection: ...
 
 ADMIN_DATABASE = "pgsidecar"
 # Reported when no upstream connection has told us its version yet; psql only needs a plausible one.
@@ -94,7 +205,7 @@ class Command:
 class AdminConsole:
     """One admin session, on the connection of an authenticated `ClientSession`."""
 
-    def __init__(self, sidecar: Sidecar, session: ClientSession, read: Reader, send: Sender) -> None:
+    def __init__(self, sidecar: ConsoleHost, session: ConsoleSession, read: Reader, send: Sender) -> None:
         self.sidecar = sidecar
         self.session = session
         self._read = read  # the next whole message from the client
@@ -332,7 +443,7 @@ async def _show_stats(console: AdminConsole) -> Result:
     return Result("SHOW", ("name", "value"), list(stats_rows(console.sidecar)))
 
 
-def stats_rows(sidecar: Sidecar) -> Iterator[tuple[str, object]]:
+def stats_rows(sidecar: ConsoleHost) -> Iterator[tuple[str, object]]:
     """Every `Stats` field, read generically so a counter added there shows up here too."""
     stats = sidecar.stats
     for spec in dataclasses.fields(stats):
@@ -418,29 +529,6 @@ COMMANDS: dict[str, Command] = {
 
 # ------------------------------------------------------------------------------------------------
 # Rendering
-
-
-def config_items(config: SidecarConfig) -> dict[str, Any]:
-    """The effective config as dotted key -> value (`auth.users[0].name`), in config order.
-
-    Secrets stay `SecretStr`: equal when their values are, so a reload notices a changed password,
-    and rendered as *** by `_text`. Lists of plain values stay whole (one row for the hosts of a
-    region); lists of mappings get one key per item.
-    """
-    items: dict[str, Any] = {}
-    _flatten(config.model_dump(mode="python"), "", items)
-    return items
-
-
-def _flatten(value: Any, key: str, out: dict[str, Any]) -> None:
-    if isinstance(value, Mapping):
-        for name, item in value.items():
-            _flatten(item, f"{key}.{name}" if key else str(name), out)
-    elif isinstance(value, list | tuple) and any(isinstance(item, Mapping) for item in value):
-        for index, item in enumerate(value):
-            _flatten(item, f"{key}[{index}]", out)
-    else:
-        out[key] = value
 
 
 def _text(value: object) -> str | None:

@@ -10,24 +10,23 @@ import hmac
 import secrets
 import signal
 import ssl
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from sidecar_config import ConfigError, ConfigProblem, SidecarConfig, load_config
+from sidecar_config import ConfigError, ConfigProblem, SidecarConfig, config_items, load_config
 
 from . import compiled, http, logs
-from .admin import config_items
 from .aws import IamTokenSource, looks_like_aws_region, region_of_rds_host
 from .client import ClientSession
+from .hold import Gate, HoldController
 from .metrics import Stats, make_registry
-from .pool import Gate, Pool, PoolSettings
+from .pool import Pool, PoolSettings
 from .protocol.auth import ScramVerifier, mock_salt
-from .protocol.sqlstate import CannotConnectNow, ProxyError, ShuttingDown, TooManyClients
+from .protocol.sqlstate import ProxyError, ShuttingDown, TooManyClients
 from .server import ServerConnection, TlsSettings, connect, send_cancel
-from .spooling import SpoolNow, SpoolService
+from .spooling import SpoolService
 from .statements import StatementRegistry
 from .topology import AuroraProvider, ClusterState, StaticProvider, TopologyMonitor, TopologyProvider
 
@@ -46,20 +45,18 @@ class Sidecar:
         self.cancel_keys: dict[int, ClientSession] = {}
         self.statements = StatementRegistry()  # sidecar-wide prepared statement names
         self.stats = Stats()
-        self.held_requests = 0  # requests waiting for a writer (failover)
         self.spool_pending = 0  # transactions in the spool (full outage)
         # host:port -> region, for metric labels.
         self.region_of = {str(h): r.name for r in config.upstream.regions for h in r.hosts}
         for region in config.upstream.regions:
             self.region_of.update({str(e): region.name for e in (region.instances or {}).values()})
         self._http: asyncio.Server | None = None
-        # Open unless new transactions must wait (admin PAUSE; later, a failover in progress).
-        self._gate = asyncio.Event()
-        self._gate.set()
-        # Mirrors `_gate` as a plain flag: read by every client read on the data path.
-        self.gate = Gate()
-        self.gate_reason = ""
-        self._gate_for_failover = False  # held by a failover (bounded) rather than PAUSE
+        # Whether new work may start, wait, or go to the spool (PAUSE, failover, outage, drain).
+        self.hold = HoldController(
+            config.failover.hold_timeout, _spool_grace(config), lambda: self.topology.problem
+        )
+        # The gate every client read checks (a native attribute of a compiled object).
+        self.gate: Gate = self.hold.gate
         self.client_ssl_context = self._client_ssl_context()
         self.tls = TlsSettings(
             config.upstream.tls, str(config.upstream.ca_file) if config.upstream.ca_file else None
@@ -90,9 +87,7 @@ class Sidecar:
         self._stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()  # one reload at a time: each diffs against the last
         self._background: set[asyncio.Task[None]] = set()  # signal-started tasks, kept from GC
-        self.draining = False  # SIGTERM received: not ready, sessions close as they go idle
         self.spooling = SpoolService(self) if config.spool.backend != "none" else None
-        self._outage = asyncio.Event()  # set while in OUTAGE with a spool: held work is spooled
 
     # ---------------------------------------------------------------- wiring
 
@@ -186,54 +181,27 @@ class Sidecar:
 
     # ---------------------------------------------------------------- the gate (PAUSE / hold)
 
+    @property
+    def held_requests(self) -> int:
+        """Requests waiting for a writer (or a RESUME) now."""
+        return self.hold.held
+
+    @property
+    def draining(self) -> bool:
+        """SIGTERM received: not ready, sessions close as they go idle."""
+        return self.hold.draining
+
     def close_gate(self, reason: str) -> None:
-        if self._gate.is_set():
-            self.gate_reason = reason
-            self._gate.clear()
-            self.gate.closed = True
-            logs.event("transactions_held", reason=reason)
+        """An operator's PAUSE."""
+        self.hold.close(reason)
 
     def open_gate(self) -> None:
-        if not self._gate.is_set():
-            self._gate.set()
-            self.gate.closed = False
-            logs.event("transactions_released", reason=self.gate_reason, waiting=self.held_requests)
-            self.gate_reason = ""
+        """An operator's RESUME."""
+        self.hold.open()
 
     async def pass_gate(self) -> None:
-        """Return when new transactions may start: at once, unless held.
-
-        Held by a failover (no writer known), a request waits up to `failover.hold_timeout` and then
-        gets 57P03; held by an operator's PAUSE, it waits until RESUME.
-        """
-        if self._gate.is_set():
-            return
-        if self._outage.is_set() and self._gate_for_failover:
-            raise SpoolNow
-        self.held_requests += 1
-        try:
-            if not self._gate_for_failover:
-                await self._gate.wait()
-                return
-            hold = self.config.failover.hold_timeout
-            if self.spooling is not None:
-                # The cluster enters OUTAGE at the first probe after hold_timeout: wait for it.
-                hold += self.config.failover.check_interval + self.config.failover.probe_timeout
-            try:
-                async with asyncio.timeout(hold):
-                    await _first(self._gate.wait(), self._outage.wait())
-            except TimeoutError:
-                pass
-            if self._gate.is_set():
-                return
-            if self._outage.is_set():
-                raise SpoolNow
-            raise CannotConnectNow(
-                f"no writable database: held {self.config.failover.hold_timeout:g}s "
-                f"(failover.hold_timeout) without a writer; {self.topology.problem}"
-            )
-        finally:
-            self.held_requests -= 1
+        """Return when new transactions may start (see HoldController.pass_)."""
+        await self.hold.pass_()
 
     # ---------------------------------------------------------------- failover
 
@@ -247,15 +215,10 @@ class Sidecar:
         """Listener of the topology state machine: hold, cut, release, count."""
         if self.spooling is not None:
             self.spooling.state_changed(state)
-        if state is ClusterState.OUTAGE and self.spooling is not None:
-            self._outage.set()
-            logs.event("spooling_started", reason=self.topology.problem)
-        elif self._outage.is_set():
-            self._outage.clear()
+        # Spool in OUTAGE; without a writer, hold new transactions.
+        self.hold.cluster_state(state, writer is not None)
         if writer is None:
-            # Writer lost: hold new transactions, and never send anything more to the old writer.
-            self._gate_for_failover = True
-            self.close_gate(f"failover: {state.value}")
+            # Never send anything more to the old writer.
             if previous_writer is not None:
                 self._drop_connections_to(previous_writer, "the writer was lost")
             return
@@ -279,9 +242,8 @@ class Sidecar:
             # Nothing spooled to replay: recovery is immediate.
             self.topology.recovered()
             return
-        if state is ClusterState.UP and self._gate_for_failover:
-            self._gate_for_failover = False
-            self.open_gate()
+        if state is ClusterState.UP:
+            self.hold.release_failover()
 
     async def _outage_at_startup(self) -> None:
         """Started while no writer exists anywhere (e.g. restarted mid-outage): spool at once.
@@ -292,22 +254,19 @@ class Sidecar:
                 await self.topology.first_probe.wait()
         if self.topology.writer is None and self.topology.state is ClusterState.OUTAGE:
             self.topology.recovery_required = True
-            self._gate_for_failover = True
-            self.close_gate("no writer at startup")
-            self._outage.set()
-            logs.event("spooling_started", reason=self.topology.problem)
+            self.hold.hold_for_failover("no writer at startup")
+            self.hold.start_spooling()
 
     def release_after_drain_hold(self) -> None:
         """spool.max_drain_hold passed in RECOVERING: new work goes ahead of the backlog."""
-        if self._gate_for_failover:
-            self._gate_for_failover = False
+        if self.hold.for_failover:
             logs.event(
                 "drain_hold_expired",
                 logs.WARNING,
                 pending=self.spool_pending,
                 max_drain_hold=self.config.spool.max_drain_hold,
             )
-            self.open_gate()
+            self.hold.release_failover()
 
     def _drop_connections_to(self, endpoint: Endpoint, reason: str) -> None:
         for pool in self.pools.values():
@@ -326,7 +285,7 @@ class Sidecar:
             return False, "starting"
         if topology.writer is not None:
             return True, f"writer {topology.writer} ({topology.writer_region})"
-        if self._outage.is_set():
+        if self.hold.spooling:
             return True, f"no writer ({topology.problem}); simple INSERT transactions are spooled"
         return False, f"no writer: {topology.problem}"
 
@@ -444,8 +403,7 @@ class Sidecar:
             if self.spool_pending > 0:
                 # Transactions spooled before a restart replay before any new write runs.
                 self.topology.recovery_required = True
-                self._gate_for_failover = True
-                self.close_gate("replaying what the spool kept from before the restart")
+                self.hold.hold_for_failover("replaying what the spool kept from before the restart")
         self.topology.start()
         if self.spooling is not None:
             await self._outage_at_startup()
@@ -477,12 +435,11 @@ class Sidecar:
         """
         timeout = self.config.shutdown_timeout
         logs.event("shutting_down", reason=reason, clients=len(self.clients), shutdown_timeout=timeout)
-        self.draining = True
         if self._listener is not None:
             self._listener.close()
         # A session between transactions that sends more is held at the gate instead of starting
         # a transaction that the deadline could cut; held, it counts as idle and is closed below.
-        self.close_gate("shutting down")
+        self.hold.drain()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -574,7 +531,8 @@ class Sidecar:
             logs.configure(config.log_format, config.log_level)
         settings = self._pool_settings()
         for pool in self.pools.values():
-            _resize_pool(pool, settings)
+            pool.resize(settings)
+        self.hold.retune(config.failover.hold_timeout, _spool_grace(config))
         self.region_of = {str(h): r.name for r in config.upstream.regions for h in r.hosts}
         for region in config.upstream.regions:
             self.region_of.update({str(e): region.name for e in (region.instances or {}).values()})
@@ -660,27 +618,9 @@ def _changed_keys(before: dict[str, object], after: dict[str, object]) -> list[s
     return [key for key in {**before, **after} if before.get(key, missing) != after.get(key, missing)]
 
 
-def _resize_pool(pool: Pool, settings: PoolSettings) -> None:
-    grown = settings.size - pool.settings.size
-    pool.settings = settings
-    # Clients waiting on a full pool: each one woken loops back and opens a connection in the room
-    # just made.
-    for _ in range(grown):
-        if not pool._wake_one(None):
-            break
-    # Shrunk: surplus idle connections close now; busy ones retire through server_idle_timeout.
-    while pool.total > settings.size and (pool.idle or pool.parked):
-        if not pool.idle:
-            pool._reclaim()
-            continue
-        pool._drop(pool.idle[0], "pool.size reduced by reload")
-
-
-async def _first(*aws: Awaitable[object]) -> None:
-    """Return when the first of `aws` is done; cancel the others."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
+def _spool_grace(config: SidecarConfig) -> float | None:
+    """How much longer than the failover hold a held request waits with a spool: the cluster
+    enters OUTAGE at the first probe after hold_timeout (None: no spool)."""
+    if config.spool.backend == "none":
+        return None
+    return config.failover.check_interval + config.failover.probe_timeout

@@ -27,6 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+# us-east-1, eu-central-2, ap-southeast-4, us-gov-west-1, cn-northwest-1, il-central-1: defined
+# with the config, which validates upstream.aws_region with it.
+from sidecar_config.regions import AWS_REGION_PATTERN, looks_like_aws_region
+
 from . import logs
 from .protocol.sqlstate import UpstreamUnavailable
 
@@ -45,10 +49,6 @@ __all__ = [
     "region_of_rds_host",
 ]
 
-# us-east-1, eu-central-2, ap-southeast-4, us-gov-west-1, cn-northwest-1, il-central-1.
-AWS_REGION_PATTERN = r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$"
-_AWS_REGION = re.compile(AWS_REGION_PATTERN)
-
 TOKEN_LIFETIME = 900.0
 """Seconds RDS accepts a token after signing (fixed by AWS: X-Amz-Expires=900)."""
 DEFAULT_REFRESH_AFTER = 600.0
@@ -59,11 +59,6 @@ _STALE_MARGIN = 60.0
 
 TokenGenerator = Callable[[str, int, str, "str | None"], str]
 """``(host, port, user, region) -> token``; runs in a worker thread; raises IamTokenError."""
-
-
-def looks_like_aws_region(name: str) -> bool:
-    """Whether a configured region name is an AWS region (``us-east-1``), not a local label."""
-    return _AWS_REGION.fullmatch(name) is not None
 
 
 # mydb.cluster-c9akciq32.us-east-1.rds.amazonaws.com, inst-1.abc.cn-north-1.rds.amazonaws.com.cn

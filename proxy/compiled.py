@@ -38,6 +38,9 @@ MODULES: Final = (
     "proxy.client",
     "proxy.server",
     "proxy.pool",
+    "proxy.hold",  # Gate: read at every client read
+    "proxy.writer",  # WriterCell: read at every checkout
+    "proxy.requests",  # request kinds: classified per request
     "proxy.statements",
     "proxy.sqlclass",
     "proxy.metrics",

@@ -9,17 +9,15 @@ admin console's SHOW STATS reads the same `Stats`.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
-
-    from .app import Sidecar
 
 PREFIX = "pgsidecar_"
 
@@ -148,10 +146,86 @@ def _family(name: str) -> Metric:
     return HistogramMetricFamily(full, spec.help, labels=spec.labels)
 
 
+# What the collector reads at scrape time, as Protocols: this module sits below everything it
+# reports on (the server bumps `Stats`), so it names none of their classes.
+
+
+class ClientView(Protocol):
+    @property
+    def metric_state(self) -> str: ...
+
+
+class ServerView(Protocol):
+    @property
+    def endpoint(self) -> object: ...
+
+
+class PoolView(Protocol):
+    @property
+    def waiters(self) -> Sized: ...
+
+    @property
+    def idle(self) -> Iterable[ServerView]: ...
+
+    @property
+    def parked(self) -> Iterable[ServerView]: ...
+
+    @property
+    def active(self) -> Iterable[ServerView]: ...
+
+    @property
+    def resetting(self) -> Iterable[ServerView]: ...
+
+
+class TopologyView(Protocol):
+    @property
+    def writer(self) -> object | None: ...
+
+    @property
+    def writer_region(self) -> str | None: ...
+
+    @property
+    def state(self) -> ClusterStateView: ...
+
+    @property
+    def fenced(self) -> int: ...
+
+
+class ClusterStateView(Protocol):
+    @property
+    def value(self) -> str: ...
+
+
+class SidecarView(Protocol):
+    @property
+    def stats(self) -> Stats: ...
+
+    @property
+    def clients(self) -> Collection[ClientView]: ...
+
+    @property
+    def region_of(self) -> Mapping[str, str]: ...
+
+    @property
+    def pools(self) -> Mapping[tuple[str, str], PoolView]: ...
+
+    @property
+    def topology(self) -> TopologyView: ...
+
+    @property
+    def held_requests(self) -> int: ...
+
+    @property
+    def spool_pending(self) -> int: ...
+
+    @property
+    def statements(self) -> Sized: ...
+
+
 class SidecarCollector(Collector):
     """Reads the sidecar's state at scrape time."""
 
-    def __init__(self, sidecar: Sidecar) -> None:
+    def __init__(self, sidecar: SidecarView) -> None:
         self.sidecar = sidecar
 
     def collect(self) -> Iterator[Metric]:
@@ -213,7 +287,7 @@ class SidecarCollector(Collector):
         yield from families.values()
 
 
-def make_registry(sidecar: Sidecar) -> CollectorRegistry:
+def make_registry(sidecar: SidecarView) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SidecarCollector(sidecar))
     return registry

@@ -1,7 +1,9 @@
 """Pool: the server connections for one (user, database), shared by that pair's clients.
 
 A connection is in exactly one of `idle`, `parked`, `active` or `resetting` (or being opened,
-counted by `connecting`); `size` bounds their sum. Waiters are served first come, first served: a
+counted by `connecting`); `size` bounds their sum. Every change of place goes through `_move`,
+which also checks that the server's `ServerState` fits its new place (ARCHITECTURE.md, Server
+connections and the pool). Waiters are served first come, first served: a
 released connection is handed straight to the oldest waiter rather than put back where a newcomer
 could take it.
 
@@ -20,7 +22,7 @@ import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from . import logs
 from .protocol.sqlstate import SERVER_GONE_STATES, ProxyError, TooManyClients, UpstreamUnavailable
@@ -30,6 +32,29 @@ from .topology import TopologyMonitor
 
 if TYPE_CHECKING:
     from sidecar_config import Endpoint
+
+# Where a server is in its pool. NOWHERE: not (yet, or any more) in it: being opened, or closed.
+NOWHERE: Final = 0
+IDLE: Final = 1  # in `idle`: at rest, detached, ready for any client
+ACTIVE: Final = 2  # in `active`: handed to a client (linked, or about to be)
+PARKED: Final = 3  # in `parked`: at rest, still linked to the client that used it last
+RESETTING: Final = 4  # in `resetting`: running the reset query, a resync or a liveness check
+PLACE_NAMES: Final = ("nowhere", "idle", "active", "parked", "resetting")
+
+# The moves `_move` allows, as (from places, server states allowed in the new place), by new place.
+# A server is detached (IDLE) whenever the pool holds it at rest or works on it itself; a parked
+# one is still linked (ACTIVE) to its client; an active one is linked or about to be.
+_MOVES: Final[tuple[tuple[tuple[int, ...], tuple[ServerState, ...]], ...]] = (
+    ((NOWHERE, IDLE, ACTIVE, PARKED, RESETTING), ()),  # to NOWHERE: from anywhere, in any state
+    ((NOWHERE, ACTIVE, PARKED, RESETTING), (ServerState.IDLE,)),  # to IDLE
+    ((NOWHERE, IDLE, ACTIVE, PARKED, RESETTING), (ServerState.IDLE, ServerState.ACTIVE)),  # to ACTIVE
+    ((ACTIVE,), (ServerState.ACTIVE,)),  # to PARKED
+    ((IDLE, ACTIVE, PARKED), (ServerState.IDLE,)),  # to RESETTING
+)
+
+
+class IllegalMove(RuntimeError):
+    """A server was moved between pool places in a way the pool's rules do not allow: a bug."""
 
 
 class WriterChanged(UpstreamUnavailable):
@@ -42,18 +67,6 @@ class Parker(Protocol):
 
     def give_back(self, server: ServerConnection) -> None:
         """Unlink `server` and hand it to `Pool.release` (another client needs it)."""
-
-
-class Gate:
-    """Whether new transactions may start: `closed` while they are held (an operator's PAUSE, a
-    failover with no writer yet). The Sidecar opens and closes it; every client read on the data
-    path checks it, and this object, being compiled, makes that a native attribute read (the
-    Sidecar's own attributes are a generic getattr each)."""
-
-    __slots__ = ("closed",)
-
-    def __init__(self) -> None:
-        self.closed = False
 
 
 Opener = Callable[["Endpoint", dict[str, str], "str | None"], Awaitable[ServerConnection]]
@@ -90,6 +103,7 @@ class Pool:
         # At rest but still linked to the client that used it last, oldest first (see above).
         self.parked: dict[ServerConnection, Parker] = {}
         self.resetting: set[ServerConnection] = set()  # running the reset query after release
+        self._places: dict[ServerConnection, int] = {}  # where each server is (absent: NOWHERE)
         self.connecting = 0  # logins in progress
         self.waiters: deque[asyncio.Future[ServerConnection | None]] = deque()
         self._topology = topology
@@ -110,13 +124,54 @@ class Pool:
     def total(self) -> int:
         return len(self.idle) + len(self.parked) + len(self.active) + len(self.resetting) + self.connecting
 
+    def place_of(self, server: ServerConnection) -> int:
+        """Where `server` is (NOWHERE, IDLE, ACTIVE, PARKED or RESETTING)."""
+        return self._places.get(server, NOWHERE)
+
+    def _move(self, server: ServerConnection, to: int, client: Parker | None = None) -> None:
+        """Move `server` to place `to` (`client`: the one it stays with, for PARKED): the only
+        code that changes the pool's lists. Raises IllegalMove if the rules do not allow the
+        move from where the server is, or its state does not fit the new place."""
+        places = self._places
+        frm = places.get(server, NOWHERE)
+        allowed_from, states = _MOVES[to]
+        if frm not in allowed_from or (to != NOWHERE and server.state not in states):
+            raise IllegalMove(
+                f"server {server.id}: {PLACE_NAMES[frm]} -> {PLACE_NAMES[to]} "
+                f"is not a move the pool makes (server state {server.state.value})"
+            )
+        if frm == IDLE:
+            idle = self.idle
+            if idle and idle[-1] is server:  # the common case: the newest is taken
+                idle.pop()
+            else:
+                idle.remove(server)
+        elif frm == ACTIVE:
+            self.active.discard(server)
+        elif frm == PARKED:
+            del self.parked[server]
+        elif frm == RESETTING:
+            self.resetting.discard(server)
+        if to == NOWHERE:
+            places.pop(server, None)
+            return
+        places[server] = to
+        if to == IDLE:
+            self.idle.append(server)
+        elif to == ACTIVE:
+            self.active.add(server)
+        elif to == PARKED:
+            assert client is not None
+            self.parked[server] = client
+        else:
+            self.resetting.add(server)
+
     def park(self, server: ServerConnection, client: Parker) -> bool:
         """Let `client` keep `server` between transactions; False if another client waits for one
         (then the caller releases it). The caller made sure the server is at rest."""
         if self.waiters:
             return False
-        self.active.discard(server)
-        self.parked[server] = client
+        self._move(server, PARKED, client)
         server.last_used = clock()
         return True
 
@@ -129,8 +184,7 @@ class Pool:
             or now - server.last_used > self.settings.server_check_after_idle
         ):
             return False
-        del self.parked[server]
-        self.active.add(server)
+        self._move(server, ACTIVE)
         return True
 
     def _reclaim(self) -> bool:
@@ -185,9 +239,7 @@ class Pool:
                     # Handed a connection just as we gave up: put it back rather than leak it.
                     lost = waiter.result()
                     if lost is not None:
-                        self.active.discard(lost)
-                        if not self._wake_one(lost):
-                            self.idle.append(lost)
+                        self._rest(lost)
             if handed is not None:
                 return handed  # `_wake_one` already counted it as active
             # None: capacity freed up (a connection was dropped); loop to open one.
@@ -205,36 +257,36 @@ class Pool:
             or now - server.last_used > self.settings.server_check_after_idle
         ):
             return None
-        self.idle.pop()
-        self.active.add(server)
+        self._move(server, ACTIVE)
         return server
 
     async def _take_idle(self) -> ServerConnection | None:
         now = clock()
         while self.idle:
-            server = self.idle.pop()
+            server = self.idle[-1]
             why = self._usable(server, now)
             if why is None and now - server.last_used > self.settings.server_check_after_idle:
+                self._move(server, RESETTING)
                 why = await self._check_alive(server)
+                if why is None and self.place_of(server) != RESETTING:
+                    continue  # closed (and dropped) just as the check ended
             if why is not None:
                 self._drop(server, why)
                 continue
-            self.active.add(server)
+            self._move(server, ACTIVE)
             return server
         return None
 
     async def _check_alive(self, server: ServerConnection) -> str | None:
         # A connection idle for long may have been cut by a NAT or a restarted server; find out
-        # here rather than fail the client's first query on it.
-        self.resetting.add(server)
+        # here (the caller moved it to `resetting` meanwhile) rather than fail the client's first
+        # query on it.
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
                 await server.simple_query("SELECT 1")
             return None
         except (ProxyError, TimeoutError) as exc:
             return f"liveness check failed: {exc}"
-        finally:
-            self.resetting.discard(server)
 
     async def _open_new(self, password: str | None, for_idle: bool = False) -> ServerConnection:
         self.connecting += 1
@@ -253,10 +305,9 @@ class Pool:
         server.on_close(self._closed)
         server.statements = ServerStatements(self.settings.max_prepared_statements)
         if for_idle:
-            if not self._wake_one(server):
-                self.idle.append(server)
+            self._rest(server)
         else:
-            self.active.add(server)
+            self._move(server, ACTIVE)
         return server
 
     async def _open_on_writer(self, password: str | None) -> ServerConnection:
@@ -368,10 +419,9 @@ class Pool:
         Only then is the server idle (or handed to a waiter), with its ParameterStatus values as
         the reset left them, which is what the next client is told.
         """
-        self.active.discard(server)
         # A parked server has been idle since it was parked: keep that time (liveness check,
         # idle timeout).
-        idle_since = server.last_used if self.parked.pop(server, None) is not None else None
+        idle_since = server.last_used if self.place_of(server) == PARKED else None
         if server.client is not None or server.state is ServerState.ACTIVE:
             server.unlink()  # (a transaction-mode client unlinks it itself before handing it back)
         why = server.unrecoverable
@@ -390,17 +440,15 @@ class Pool:
             sql = "DISCARD ALL"
         if sql is None and not resync:
             server.last_used = clock() if idle_since is None else idle_since
-            if not self._wake_one(server):
-                self.idle.append(server)
+            self._rest(server)
             return
-        self.resetting.add(server)
+        self._move(server, RESETTING)
         task = asyncio.get_running_loop().create_task(self._reset(server, sql, resync, reset))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def discard(self, server: ServerConnection, reason: str) -> None:
         """Close a client's server that cannot be put back in step (see `release`)."""
-        self.parked.pop(server, None)
         if server.client is not None or server.state is ServerState.ACTIVE:
             server.unlink()
         self._drop(server, reason)
@@ -419,13 +467,13 @@ class Pool:
             else:
                 await server.simple_query(sql, resync=resync)
         except ProxyError as exc:
-            if server in self.resetting:  # not dropped by the deadline already
-                self.resetting.discard(server)
+            if self.place_of(server) == RESETTING:  # not dropped by the deadline already
                 self._drop(server, f"{what} failed: {exc}")
             return
         finally:
             deadline.cancel()
-        self.resetting.discard(server)
+        if self.place_of(server) != RESETTING:
+            return  # dropped meanwhile (closed just as the answer came)
         server.tracker.clear()
         if not server.at_rest:
             # e.g. the client's unsynced batch had opened a transaction block: it is aborted now,
@@ -440,42 +488,57 @@ class Pool:
                 server.statements.replace_all(set())
                 server.unnamed_from = None
         server.last_used = clock()
-        if not self._wake_one(server):
-            self.idle.append(server)
+        self._rest(server)
 
     def _reset_timed_out(self, server: ServerConnection, what: str) -> None:
-        self.resetting.discard(server)
         self._drop(server, f"{what} failed: no answer within {self.settings.connect_timeout:g}s")
+
+    def _rest(self, server: ServerConnection) -> None:
+        """`server` is back in step: to the oldest waiter, else idle."""
+        if server.state is not ServerState.IDLE:  # closed meanwhile (one a waiter gave up on)
+            self._drop(server, server.close_reason or "server closed the connection")
+        elif not self._wake_one(server):
+            self._move(server, IDLE)
 
     def _wake_one(self, server: ServerConnection | None) -> bool:
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
                 if server is not None:
-                    self.active.add(server)
+                    self._move(server, ACTIVE)
                 waiter.set_result(server)
                 return True
         return False
 
     def forget(self, server: ServerConnection) -> None:
         """A client's server closed under it: no longer counted."""
-        self.active.discard(server)
-        self.parked.pop(server, None)
+        self._move(server, NOWHERE)
 
     def _drop(self, server: ServerConnection, reason: str) -> None:
         logs.event("server_closed", server=server.id, upstream=str(server.endpoint), reason=reason)
-        self.active.discard(server)
-        self.parked.pop(server, None)
-        self.resetting.discard(server)
-        with contextlib.suppress(ValueError):
-            self.idle.remove(server)
+        self._move(server, NOWHERE)
         server.close(reason)
         self._wake_one(None)
 
     def _closed(self, server: ServerConnection) -> None:
         # The server went away on its own (idle in the pool, or mid-session).
-        if server in self.idle or server in self.resetting:
+        if self.place_of(server) in (IDLE, RESETTING):
             self._drop(server, server.close_reason or "server closed the connection")
+
+    def resize(self, settings: PoolSettings) -> None:
+        """New settings (a reload). Grown: clients waiting on a full pool are woken, each to open
+        a connection in the room just made. Shrunk: surplus idle (and parked) connections close
+        now; busy ones retire through server_idle_timeout."""
+        grown = settings.size - self.settings.size
+        self.settings = settings
+        for _ in range(grown):
+            if not self._wake_one(None):
+                break
+        while self.total > settings.size and (self.idle or self.parked):
+            if not self.idle:
+                self._reclaim()
+                continue
+            self._drop(self.idle[0], "pool.size reduced by reload")
 
     def drop_endpoint(self, endpoint: Endpoint, reason: str) -> None:
         """Close every idle connection to `endpoint` (active ones are cut by their clients)."""
@@ -486,8 +549,5 @@ class Pool:
         if self._housekeeper is not None:
             self._housekeeper.cancel()
         for server in [*self.idle, *self.resetting, *self.active, *self.parked]:
+            self._move(server, NOWHERE)
             server.close(reason)
-        self.idle.clear()
-        self.parked.clear()
-        self.resetting.clear()
-        self.active.clear()

@@ -30,6 +30,10 @@ from .protocol.sqlstate import (
     UpstreamUnavailable,
     error_class,
 )
+from .requests import REQUEST_COMMIT as REQUEST_COMMIT  # (importable from here: client.py does)
+from .requests import REQUEST_OTHER as REQUEST_OTHER
+from .requests import REQUEST_READ as REQUEST_READ
+from .requests import merge_kinds as merge_kinds
 from .statements import TRACKED_RESPONSE_TYPES, ResponseTracker, ServerStatements
 
 if TYPE_CHECKING:
@@ -47,18 +51,6 @@ _server_ids = itertools.count(1)
 clock: Final = monotonic
 
 
-class WriterCell:
-    """The writer as the topology monitor last published it (None while unknown). The monitor
-    keeps its `writer` here; the pool reads it at every checkout and, this object being compiled,
-    natively (the monitor is plain Python: reading its attribute compiled is a generic getattr,
-    about 190 instructions). Defined here because topology.py and pool.py both import this module."""
-
-    __slots__ = ("writer",)
-
-    def __init__(self) -> None:
-        self.writer: Endpoint | None = None
-
-
 # Server -> client messages the data path must see: transaction boundaries, errors that reveal a
 # dying or demoted server, parameter changes a moved session has to replay, and notifications
 # (whose process id may need to become the one the client was given). Looking a type up in the
@@ -67,9 +59,6 @@ _LINKED_WATCH: Final = watch_table((m.B_READY_FOR_QUERY, m.B_ERROR, m.B_PARAMETE
 # Transaction pooling renames prepared statements, so every answer is matched to its request.
 _TRACKED_WATCH: Final = watch_table(TRACKED_RESPONSE_TYPES)
 
-# What a request sent to the server was, for the answer owed if the server is lost before
-# answering it: a COMMIT's outcome is unknown (08007); so is an autocommit write's; a read outside
-# a transaction block is simply retried (40001).
 # Puts a server back in step with the sidecar when a client left in the middle of an
 # extended-protocol batch (messages sent with no Sync yet, or an error the server is skipping to
 # Sync from): Execute of a portal that cannot exist fails, which rolls back the implicit transaction
@@ -96,21 +85,6 @@ def shared_params(params: dict[str, str]) -> dict[str, str]:
             _SHARED_PARAMS.clear()
         _SHARED_PARAMS[key] = shared = params
     return shared
-
-
-REQUEST_OTHER: Final = 0
-REQUEST_COMMIT: Final = 1
-REQUEST_READ: Final = 2
-
-
-def merge_kinds(a: int | None, b: int) -> int:
-    """The kind of a batch (statements up to one Sync): a COMMIT anywhere makes it a COMMIT; it
-    is a read only if every statement is."""
-    if a is None:
-        return b
-    if REQUEST_COMMIT in (a, b):
-        return REQUEST_COMMIT
-    return REQUEST_READ if a == b == REQUEST_READ else REQUEST_OTHER
 
 
 class InFlight:

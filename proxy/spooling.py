@@ -16,10 +16,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from . import logs
+from .hold import HoldController
+from .hold import SpoolNow as SpoolNow  # (importable from here: client.py does)
+from .metrics import Stats
+from .pool import Pool
 from .protocol.sqlstate import ProxyError
 from .server import ServerConnection
 from .spool import SpoolError, SpoolRecord, SpoolStore, open_store
@@ -28,10 +33,35 @@ from .spool.frontdoor import FrontDoorCache, fill_from_server
 from .spool.outage import OutageResponder
 from .spool.replay import Replayer
 from .spool.store import owner_only
-from .topology import ClusterState
+from .topology import ClusterState, TopologyMonitor
 
 if TYPE_CHECKING:
-    from .app import Sidecar
+    from sidecar_config import Endpoint, SidecarConfig
+
+
+class SpoolHost(Protocol):
+    """What the spool service uses of the process that runs it (the Sidecar)."""
+
+    config: SidecarConfig
+    spool_pending: int  # transactions in the store; kept here, shown by metrics and the console
+
+    @property
+    def stats(self) -> Stats: ...
+
+    @property
+    def topology(self) -> TopologyMonitor: ...
+
+    @property
+    def hold(self) -> HoldController: ...
+
+    @property
+    def pools(self) -> Mapping[tuple[str, str], Pool]: ...
+
+    async def open_server(
+        self, endpoint: Endpoint, params: dict[str, str], password: str | None, timeout: float | None = None
+    ) -> ServerConnection: ...
+
+    def release_after_drain_hold(self) -> None: ...
 
 # How often the drain loop looks for work when nothing told it to.
 _IDLE_POLL = 1.0
@@ -41,11 +71,6 @@ _RETRY_AFTER = 0.5
 _FRONTDOOR_MAX_AGE = 3600.0
 
 
-class SpoolNow(Exception):
-    """Raised to a request waiting for a writer when the cluster enters OUTAGE with a spool:
-    serve it with an OutageResponder instead of failing it."""
-
-
 def frontdoor_path(spool_path: Path) -> Path:
     """The front-door cache lives next to the spool file (also with the DynamoDB backend: it is
     per sidecar, not shared)."""
@@ -53,7 +78,7 @@ def frontdoor_path(spool_path: Path) -> Path:
 
 
 class SpoolService:
-    def __init__(self, sidecar: Sidecar) -> None:
+    def __init__(self, sidecar: SpoolHost) -> None:
         self.sidecar = sidecar
         config = sidecar.config.spool
         self.store: SpoolStore | None = None
@@ -99,7 +124,7 @@ class SpoolService:
     @property
     def spooling(self) -> bool:
         """Whether writes go to the spool now: no writer anywhere, after the hold."""
-        return self.store is not None and self.sidecar.topology.state is ClusterState.OUTAGE
+        return self.store is not None and self.sidecar.hold.spooling
 
     def responder(self, user: str, database: str, settings: dict[str, str]) -> OutageResponder:
         return OutageResponder(self.frontdoor, self.classifier, user, database, settings)

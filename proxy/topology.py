@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from . import logs
 from .protocol.sqlstate import ProxyError, UpstreamUnavailable
-from .server import QueryResult, ServerConnection, WriterCell
+from .server import QueryResult, ServerConnection
+from .writer import WriterCell
 
 if TYPE_CHECKING:
     from sidecar_config import Endpoint, RegionConfig

@@ -1,5 +1,6 @@
 """Typed configuration for pgsidecar: models, loading with secret resolution, and error reporting."""
 
+from .items import config_items
 from .loader import ConfigError, ConfigProblem, dump_effective, load_config, parse_config
 from .models import (
     AuthConfig,
@@ -58,6 +59,7 @@ __all__ = [
     "SpoolConfig",
     "UpstreamConfig",
     "UserConfig",
+    "config_items",
     "dump_effective",
     "format_duration",
     "load_config",

@@ -13,9 +13,8 @@ from typing import Annotated, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from proxy.aws import looks_like_aws_region
-from proxy.protocol.auth import ScramVerifier
-
+from .regions import looks_like_aws_region
+from .scram import ScramVerifier
 from .units import ByteSize, Duration, Endpoint, EndpointField
 
 __all__ = [

@@ -5,8 +5,9 @@ While no writer exists, a transaction made only of simple INSERTs is acknowledge
 applies the records in id order, exactly once (a ledger row in the same upstream transaction).
 """
 
+from .backends import open_store
 from .record import DeadLetter, SpooledStatement, SpoolRecord, new_record_id
-from .store import SpoolError, SpoolRefused, SpoolStore, SpoolUnavailable, open_store
+from .store import SpoolError, SpoolRefused, SpoolStore, SpoolUnavailable
 
 __all__ = [
     "DeadLetter",

@@ -40,12 +40,25 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..protocol import messages as m
 
-if TYPE_CHECKING:
-    from ..server import ServerConnection
+
+class FillServer(Protocol):
+    """The logged-in server connection the cache is filled from (a `ServerConnection`, which is
+    above this module), detached from any client: its input is read whole."""
+
+    tx_status: int
+
+    @property
+    def params(self) -> Mapping[str, str]: ...
+
+    def send(self, data: bytes) -> None: ...
+
+    async def read_message(self) -> tuple[int, bytes]: ...
+
+    def note_parameter(self, name: str, value: str) -> None: ...
 
 FORMAT_VERSION = 1
 
@@ -305,7 +318,7 @@ def _parse_bind_text(sql: str, params: Sequence[str | None]) -> bytes:
             + m.message(b"E", b"\x00" + _I32.pack(0)) + m.sync())  # fmt: skip
 
 
-async def _collect(server: ServerConnection) -> bytes | None:
+async def _collect(server: FillServer) -> bytes | None:
     """The answer messages up to ReadyForQuery, raw; None if the server reported an error."""
     out: list[bytes] = []
     failed = False
@@ -325,7 +338,7 @@ async def _collect(server: ServerConnection) -> bytes | None:
 
 async def fill_from_server(
     cache: FrontDoorCache,
-    server: ServerConnection,
+    server: FillServer,
     user: str,
     database: str,
     queries: Iterable[str] | None = None,

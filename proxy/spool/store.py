@@ -17,13 +17,9 @@ import asyncio
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .. import logs
 from .record import DeadLetter, SpoolRecord
-
-if TYPE_CHECKING:
-    from sidecar_config import SpoolConfig
 
 
 class SpoolError(Exception):
@@ -123,28 +119,3 @@ class SpoolStore(abc.ABC):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
-
-
-def make_store(config: SpoolConfig) -> SpoolStore | None:
-    """The store `config` describes, not yet opened (None for backend none)."""
-    if config.backend == "none":
-        return None
-    if config.backend == "sqlite":
-        from .sqlite_store import SqliteSpoolStore
-
-        return SqliteSpoolStore(config.path)
-    # Imported only when configured: a sidecar without DynamoDB never loads boto3 for it.
-    from .dynamo_store import DynamoSpoolStore
-
-    dyn = config.dynamodb
-    return DynamoSpoolStore(
-        table=dyn.table, region=dyn.region, endpoint_url=dyn.endpoint_url, create_table=dyn.create_table
-    )
-
-
-async def open_store(config: SpoolConfig) -> SpoolStore | None:
-    """Make and open the configured store (None for backend none); SpoolUnavailable on failure."""
-    store = make_store(config)
-    if store is not None:
-        await store.open()
-    return store
