@@ -10,6 +10,7 @@ import hmac
 import secrets
 import signal
 import ssl
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -199,9 +200,10 @@ class Sidecar:
         """An operator's RESUME."""
         self.hold.open()
 
-    async def pass_gate(self) -> None:
-        """Return when new transactions may start (see HoldController.pass_)."""
-        await self.hold.pass_()
+    def pass_gate(self) -> Coroutine[None, None, None]:
+        """Awaited, returns when new transactions may start (HoldController.pass_, handed on as
+        is: no coroutine of its own per checkout)."""
+        return self.hold.pass_()
 
     # ---------------------------------------------------------------- failover
 
