@@ -53,7 +53,7 @@ _MOVES: Final[tuple[tuple[tuple[int, ...], tuple[ServerState, ...]], ...]] = (
 )
 
 
-class IllegalMove(RuntimeError):
+class IllegalMove(Exception):
     """A server was moved between pool places in a way the pool's rules do not allow: a bug."""
 
 
