@@ -116,9 +116,20 @@ def psql(host: str, port: int, *args: str, dbname: str = DB) -> subprocess.Compl
     return run_tool(psql_argv(host, port, *args, dbname=dbname))
 
 
-def pgbench(host: str, port: int, dbname: str, *args: str) -> subprocess.CompletedProcess[str]:
+def pgbench(sidecar: SidecarProcess, dbname: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """pgbench through the sidecar."""
     return run_tool(
-        [str(pg.find_bindir() / "pgbench"), "-h", host, "-p", str(port), "-U", USER, *args, dbname]
+        [
+            str(pg.find_bindir() / "pgbench"),
+            "-h",
+            sidecar.host,
+            "-p",
+            str(sidecar.port),
+            "-U",
+            USER,
+            *args,
+            dbname,
+        ]
     )
 
 

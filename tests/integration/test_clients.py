@@ -33,13 +33,13 @@ from tests.harness.clients import (
     PASSWORD,
     USER,
     item_model,
-    pgbench,
     psql,
     scratch_database,
     sqlalchemy_url,
 )
 from tests.harness.clients import connect as _connect
 from tests.harness.clients import direct as _direct
+from tests.harness.clients import pgbench as _pgbench
 from tests.harness.clients import query_writer as _wq
 from tests.harness.clients import unique_name as _name
 from tests.harness.clients import with_log as _fail_with_log
@@ -730,10 +730,6 @@ def test_sqlalchemy_orm_threads(sidecar: SidecarProcess, writer: pg.PgNode) -> N
 # ---------------------------------------------------------------------------------------------
 # pgbench
 # ---------------------------------------------------------------------------------------------
-
-
-def _pgbench(sidecar: SidecarProcess, dbname: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return pgbench(sidecar.host, sidecar.port, dbname, *args)
 
 
 def _processed(out: str) -> int:

@@ -47,12 +47,12 @@ from tests.harness.clients import (
     PASSWORD,
     USER,
     item_model,
-    pgbench,
     scratch_database,
     sqlalchemy_url,
 )
 from tests.harness.clients import connect as _connect
 from tests.harness.clients import direct as _direct
+from tests.harness.clients import pgbench as _pgbench
 from tests.harness.clients import psql as _psql
 from tests.harness.clients import psql_argv as _psql_argv
 from tests.harness.clients import query_writer as _wq
@@ -1255,10 +1255,6 @@ def test_sqlalchemy_queue_pool(
     finally:
         engine.dispose()
     assert _wq(writer, f"SELECT count(*), count(DISTINCT worker) FROM {t}", dbname=scratch_db) == [(240, 16)]
-
-
-def _pgbench(proc: SidecarProcess, dbname: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return pgbench(proc.host, proc.port, dbname, *args)
 
 
 def test_pgbench_all_query_modes(
