@@ -208,20 +208,27 @@ def empty_query_response() -> bytes:
     return message(b"I")
 
 
+# Body-less answers the transaction-mode router owes for each Parse/Bind/Close it hides: built once.
+_PARSE_COMPLETE: Final = message(b"1")
+_BIND_COMPLETE: Final = message(b"2")
+_CLOSE_COMPLETE: Final = message(b"3")
+_NO_DATA: Final = message(b"n")
+
+
 def parse_complete() -> bytes:
-    return message(b"1")
+    return _PARSE_COMPLETE
 
 
 def bind_complete() -> bytes:
-    return message(b"2")
+    return _BIND_COMPLETE
 
 
 def close_complete() -> bytes:
-    return message(b"3")
+    return _CLOSE_COMPLETE
 
 
 def no_data() -> bytes:
-    return message(b"n")
+    return _NO_DATA
 
 
 def parameter_description(param_types: Sequence[int]) -> bytes:
