@@ -66,7 +66,7 @@ from .sqlclass import (
     needs_transaction_check,
     session_keyword_at,
 )
-from .statements import ClientStatement, Entry, Expect, LocalStatement, StatementRouter, parse_message
+from .statements import ClientStatement, Entry, Expect, LocalStatement, StatementRouter
 
 if TYPE_CHECKING:
     from .app import Sidecar
@@ -75,15 +75,15 @@ if TYPE_CHECKING:
 _client_ids = itertools.count(1)
 # The tail of the common extended-protocol request: [Describe the unnamed portal,] Execute it (all
 # rows), Sync.
-_SYNC: Final = b"S\x00\x00\x00\x04"
+_SYNC: Final = m.sync()
 # A BackendKeyData's process id and secret, drawn as signed int32s (as the message carries them).
 _KEY_PARTS: Final = struct.Struct("!ii")
 # Process ids the sidecar makes up (transaction mode, the admin console, a login during an outage)
 # start here: Linux never gives a process an id this high (PID_MAX_LIMIT is 2**22), so such an id
 # can name no real backend, and pg_terminate_backend() of it terminates nothing by mistake.
 _MADE_UP_PIDS: Final = 1 << 22
-_EXECUTE_SYNC: Final = b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00" + _SYNC
-_DESCRIBE_EXECUTE_SYNC: Final = b"D\x00\x00\x00\x06P\x00" + _EXECUTE_SYNC
+_EXECUTE_SYNC: Final = m.execute() + _SYNC
+_DESCRIBE_EXECUTE_SYNC: Final = m.describe("P") + _EXECUTE_SYNC
 # The answers the fast paths' requests owe, as `ResponseTracker.expect_fast` takes them.
 _QUERY_ANSWER: Final = (Entry(Expect.QUERY),)
 _BIND_EXECUTE: Final = (Entry(Expect.BIND), Entry(Expect.EXECUTE), Entry(Expect.SYNC))
@@ -498,9 +498,9 @@ class ClientSession(asyncio.Protocol):
             return False
         router.local.pop(parse.name, None)
         router.statements[parse.name] = ClientStatement(
-            global_name, parse_message(global_name, parse.query, parse.param_types)
+            global_name, m.parse(global_name, parse.query, parse.param_types)
         )
-        self._send(m.message(b"1") + m.ready_for_query(m.TX_IDLE))
+        self._send(m.parse_complete() + m.ready_for_query(m.TX_IDLE))
         return True
 
     def _attach_parsed(self, data: bytes) -> bool:
@@ -788,11 +788,7 @@ class ClientSession(asyncio.Protocol):
                 # statement that raises, run at once (its ParseComplete and BindComplete hidden).
                 # The transaction aborts as PostgreSQL would make it, and the server skips the
                 # client's own Bind/Execute until Sync.
-                self._relay.insert(
-                    parse_message("", _raise_sql(refused), ())
-                    + m.message(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00")
-                    + m.message(b"E", b"\x00\x00\x00\x00\x00")
-                )
+                self._relay.insert(m.parse("", _raise_sql(refused)) + m.bind() + m.execute())
                 tracker.expect(Expect.PARSE_HIDDEN)
                 tracker.expect(Expect.BIND_HIDDEN)
                 tracker.expect(Expect.EXECUTE)
@@ -1096,7 +1092,7 @@ class ClientSession(asyncio.Protocol):
             global_name = self.sidecar.statements.name_for(decoded.query, decoded.param_types)
             router.local.pop(name, None)
             router.statements[name] = ClientStatement(
-                global_name, parse_message(global_name, decoded.query, decoded.param_types)
+                global_name, m.parse(global_name, decoded.query, decoded.param_types)
             )
 
     # ---------------------------------------------------------------- server changes
@@ -1622,7 +1618,7 @@ class ClientSession(asyncio.Protocol):
         known = {}
         for name, stmt in self.router.statements.items():
             parse = m.decode_parse(stmt.parse_message[5:])
-            known[name] = parse_message(name, parse.query, parse.param_types)
+            known[name] = m.parse(name, parse.query, parse.param_types)
         return known
 
     def _inspect_outage(self, type_byte: int, msg: memoryview) -> Action:
@@ -1756,12 +1752,10 @@ class ClientSession(asyncio.Protocol):
         they are prepared wherever the session's next transaction runs."""
         for name, sql, types in responder.named_statements():
             if self.router is None:
-                self._session_statements[name] = parse_message(name, sql, types)
+                self._session_statements[name] = m.parse(name, sql, types)
             elif name not in self.router.statements:
                 global_name = self.sidecar.statements.name_for(sql, types)
-                self.router.statements[name] = ClientStatement(
-                    global_name, parse_message(global_name, sql, types)
-                )
+                self.router.statements[name] = ClientStatement(global_name, m.parse(global_name, sql, types))
 
     async def _verify_upstream_password(self) -> None:
         """Passthrough: the password is right exactly when PostgreSQL accepts it."""

@@ -97,19 +97,6 @@ class ClientStatement:
     parse_message: bytes  # a complete Parse message under `global_name`
 
 
-def parse_message(name: str, query: str, param_types: tuple[int, ...]) -> bytes:
-    body = (
-        name.encode() + b"\x00" + query.encode() + b"\x00"
-        + len(param_types).to_bytes(2, "big")
-        + b"".join(oid.to_bytes(4, "big") for oid in param_types)
-    )  # fmt: skip
-    return m.message(b"P", body)
-
-
-def close_statement_message(name: str) -> bytes:
-    return m.message(b"C", b"S" + name.encode() + b"\x00")
-
-
 def rename_in(msg: memoryview, offset: int, old_len: int, new_name: str) -> bytes:
     """Copy of message `msg` with the C string of `old_len` bytes at `offset` replaced."""
     tail = msg[offset + old_len :]
@@ -280,7 +267,7 @@ class StatementRouter:
             statements.touch(stmt.global_name)
             return
         for old in statements.add(stmt.global_name):
-            relay.insert(close_statement_message(old))
+            relay.insert(m.close("S", old))
             server.tracker.expect(Expect.CLOSE_HIDDEN, old)
         relay.insert(stmt.parse_message)
         server.tracker.expect(Expect.PARSE_HIDDEN, stmt.global_name)
@@ -292,7 +279,7 @@ class StatementRouter:
         parse = m.decode_parse(msg[5:])
         if local is not None:
             self.local[parse.name] = local
-            return Action.DROP, self._owe(server, m.message(b"1"))
+            return Action.DROP, self._owe(server, m.parse_complete())
         self.local.pop(parse.name, None)
         if not parse.name:
             self.unnamed = bytes(msg)
@@ -300,17 +287,17 @@ class StatementRouter:
             tracker.expect(Expect.PARSE)
             return Action.FORWARD, b""
         global_name = self.registry.name_for(parse.query, parse.param_types)
-        stmt = ClientStatement(global_name, parse_message(global_name, parse.query, parse.param_types))
+        stmt = ClientStatement(global_name, m.parse(global_name, parse.query, parse.param_types))
         # PostgreSQL refuses to re-Parse an existing name (42P05) unless it was closed first; clients
         # that do so expect the new text, which the new mapping gives them.
         self.statements[parse.name] = stmt
         statements: ServerStatements = server.statements
         if global_name in statements:
             statements.touch(global_name)
-            owed = tracker.expect(Expect.SYNTHETIC, data=m.message(b"1"), tx_status=server.tx_status)
+            owed = tracker.expect(Expect.SYNTHETIC, data=m.parse_complete(), tx_status=server.tx_status)
             return Action.DROP, owed
         for old in statements.add(global_name):
-            relay.insert(close_statement_message(old))
+            relay.insert(m.close("S", old))
             tracker.expect(Expect.CLOSE_HIDDEN, old)
         relay.insert(stmt.parse_message)
         tracker.expect(Expect.PARSE, global_name)
@@ -351,7 +338,7 @@ class StatementRouter:
         local = self.local.get(statement)
         if local is not None:
             self.local_portals[portal] = local
-            return Action.DROP, self._owe(server, m.message(b"2"))
+            return Action.DROP, self._owe(server, m.bind_complete())
         self.local_portals.pop(portal, None)
         return self._rename(msg, 5 + portal_end + 1, Expect.BIND, server, relay), b""
 
@@ -361,10 +348,10 @@ class StatementRouter:
         name = _cstr_at(msg, 6)
         if msg[5] == 0x53:  # 'S'
             if name in self.local:  # no parameters, no rows
-                return Action.DROP, self._owe(server, m.message(b"t", b"\x00\x00") + m.message(b"n"))
+                return Action.DROP, self._owe(server, m.parameter_description(()) + m.no_data())
             return self._rename(msg, 6, Expect.DESCRIBE_STATEMENT, server, relay), b""
         if name in self.local_portals:
-            return Action.DROP, self._owe(server, m.message(b"n"))
+            return Action.DROP, self._owe(server, m.no_data())
         server.tracker.expect(Expect.DESCRIBE_PORTAL)
         return Action.FORWARD, b""
 
@@ -384,13 +371,13 @@ class StatementRouter:
         kind, name = m.decode_close(msg[5:])
         if kind == "S" and name in self.local:
             del self.local[name]
-            return Action.DROP, self._owe(server, m.message(b"3"))
+            return Action.DROP, self._owe(server, m.close_complete())
         if kind == "S" and name:
             # The statement stays prepared on the server for other clients; only the client's name
             # goes. PostgreSQL answers CloseComplete even for an unknown name, so do we.
             self.statements.pop(name, None)
             return Action.DROP, server.tracker.expect(
-                Expect.SYNTHETIC, data=m.message(b"3"), tx_status=server.tx_status
+                Expect.SYNTHETIC, data=m.close_complete(), tx_status=server.tx_status
             )
         server.tracker.expect(Expect.CLOSE)
         return Action.FORWARD, b""
