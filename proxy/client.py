@@ -762,8 +762,10 @@ class ClientSession(asyncio.Protocol):
             return Action.FORWARD
         if type_byte == m.F_TERMINATE:
             return Action.DROP_PAUSE
-        if tracker.skipping and type_byte != m.F_QUERY:
-            return Action.FORWARD  # ignored by the server until Sync; no answer to expect
+        if tracker.skipping:
+            # Ignored by the server until Sync, a Query too: no answer to expect, nothing it
+            # would do (a SET, a refused statement) happens.
+            return Action.FORWARD
         if type_byte == m.F_BIND:
             action, owed = router.on_bind(msg, server, self._relay)
             self._owe(owed)

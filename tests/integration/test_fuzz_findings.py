@@ -1,0 +1,81 @@
+"""Regressions for what the protocol fuzzer (tests/fuzz/) found, each reduced to a few raw messages.
+
+Each test sends the bytes a real client would never send, through the real sidecar, and checks
+the outcome PostgreSQL itself gives for the same bytes: the answers, or an ErrorResponse before
+the connection closes, within a bound far below the sidecar's own 30 s backstop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.harness.sidecar import SidecarProcess
+from tests.harness.streams import message, query
+from tests.harness.wire import Msg, RawClient, login_trust
+
+# Well above any answer on a loaded box, well below the 30 s the sidecar waits at most for the
+# answers owed before it closes a client that sent a malformed message.
+ANSWER_TIMEOUT = 10.0
+
+Factory = Callable[..., SidecarProcess]
+
+
+def _sidecar(factory: Factory, mode: str, **pool: Any) -> SidecarProcess:
+    return factory({"auth": {"method": "trust"}, "pool": {"mode": mode, **pool}})
+
+
+def _until(client: RawClient, done: Callable[[list[Msg]], bool]) -> list[Msg]:
+    """Messages until `done(messages)` or EOF; fails at ANSWER_TIMEOUT."""
+    client.sock.settimeout(ANSWER_TIMEOUT)
+    out: list[Msg] = []
+    try:
+        while not done(out):
+            msg = client.read()
+            if msg is None:
+                break
+            out.append(msg)
+    except TimeoutError:
+        got = [(m.type, m.body[:60]) for m in out]
+        raise AssertionError(f"no answer within {ANSWER_TIMEOUT:g}s; got {got}") from None
+    return out
+
+
+def _rows(msgs: list[Msg]) -> list[bytes]:
+    return [m.body for m in msgs if m.type == "D"]
+
+
+def _parse(sql: str, name: str = "") -> bytes:
+    return message(b"P", name.encode() + b"\x00" + sql.encode() + b"\x00\x00\x00")
+
+
+SYNC = message(b"S")
+# A message of a type that does not exist (0x0a): malformed wherever it comes.
+BAD_TYPE = b"\x0a\x00\x00\x00\x04"
+
+
+@pytest.mark.parametrize("mode", ["transaction"])
+def test_query_skipped_after_an_extended_protocol_error_is_not_awaited(sidecar_factory, mode):
+    """After an error in an extended-protocol batch PostgreSQL ignores every message up to Sync, a
+    simple Query too: Parse(bad), Query, Sync get one ErrorResponse and one ReadyForQuery. The
+    sidecar must not wait for an answer to that Query (the server would stay checked out, in
+    transaction mode for good), and the next request is answered as usual."""
+    sidecar = _sidecar(sidecar_factory, mode, size=1)
+    client = login_trust(sidecar.port)
+    client.send(_parse("SELEC nonsense") + query("SELECT 'skipped'") + SYNC + query("SELECT 'next'"))
+    msgs = _until(client, lambda out: any(m.type == "D" for m in out) and out[-1].type == "Z")
+    assert [m.type for m in msgs][:2] == ["E", "Z"], msgs
+    assert msgs[0].sqlstate == "42601"
+    assert [r for r in _rows(msgs)] == [b"\x00\x01\x00\x00\x00\x04next"]
+    if mode == "transaction":
+        # The server went back to the pool (size 1): another client gets it.
+        other = login_trust(sidecar.port)
+        other.query("SELECT 'other'")
+        rows = _rows(_until(other, lambda out: bool(out) and out[-1].type == "Z"))
+        assert rows == [b"\x00\x01\x00\x00\x00\x05other"]
+    # And a malformed message now ends the session at once: nothing is owed.
+    client.send(BAD_TYPE)
+    msgs = _until(client, lambda out: False)
+    assert msgs and msgs[-1].type == "E" and msgs[-1].sqlstate == "08P01", msgs
