@@ -102,6 +102,7 @@ _TRANSACTION_WATCH: Final = watch_table(
 )  # fmt: skip
 _CLIENT_VALID: Final = valid_type_table(m.FRONTEND_TYPES)
 _TERMINATE: Final = m.terminate()
+_COPY_FAIL: Final = m.message(b"f", b"the client sent a malformed message\x00")
 # Client bytes held while its server is busy or being acquired; past this, stop reading the socket.
 _HOLD_LIMIT: Final = 256 * 1024
 # After a malformed message, how long the answers to the requests before it may take before the
@@ -1155,6 +1156,11 @@ class ClientSession(asyncio.Protocol):
             for span in spans:
                 out.write(span)
         if self._answers_due():
+            if out is not None:
+                # A COPY FROM STDIN the client was feeding waits for the rest of its data, which
+                # will not come: CopyFail ends it, so the COPY's answer (its error) comes too.
+                # (PostgreSQL ignores a CopyFail outside COPY.)
+                out.write(_COPY_FAIL)
             loop = asyncio.get_running_loop()
             self._failing = loop.create_task(self._fail_when_answered(error))
         else:

@@ -7,11 +7,13 @@ the connection closes, within a bound far below the sidecar's own 30 s backstop.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
+from demo_app.cluster import APP_DB
 from tests.harness.sidecar import SidecarProcess
 from tests.harness.streams import message, query
 from tests.harness.wire import Msg, RawClient, login_trust
@@ -56,6 +58,16 @@ SYNC = message(b"S")
 BAD_TYPE = b"\x0a\x00\x00\x00\x04"
 
 
+@pytest.fixture
+def table(shared_topology) -> Iterator[str]:
+    """A table of the app database the raw clients (app_trust) may fill."""
+    name = f"fz_findings_{uuid.uuid4().hex[:8]}"
+    writer = shared_topology.a1
+    writer.execute(f"CREATE TABLE {name} (a text); GRANT ALL ON {name} TO app_trust", dbname=APP_DB)
+    yield name
+    writer.execute(f"DROP TABLE {name}", dbname=APP_DB)
+
+
 @pytest.mark.parametrize("mode", ["transaction"])
 def test_query_skipped_after_an_extended_protocol_error_is_not_awaited(sidecar_factory, mode):
     """After an error in an extended-protocol batch PostgreSQL ignores every message up to Sync, a
@@ -79,3 +91,22 @@ def test_query_skipped_after_an_extended_protocol_error_is_not_awaited(sidecar_f
     client.send(BAD_TYPE)
     msgs = _until(client, lambda out: False)
     assert msgs and msgs[-1].type == "E" and msgs[-1].sqlstate == "08P01", msgs
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_malformed_message_during_copy_from_stdin(sidecar_factory, shared_topology, table, mode):
+    """A malformed message while the client feeds a COPY FROM STDIN: the COPY cannot end by
+    itself (its server waits for the rest of the data), so its answer, which the sidecar waits
+    for before the 08P01, never came; the client heard nothing for 30 s. The sidecar now ends the
+    COPY with CopyFail: the client gets the COPY's error (57014, nothing copied), then the 08P01,
+    at once. (PostgreSQL answers 08P01 for the COPY itself, then its FATAL.)"""
+    sidecar = _sidecar(sidecar_factory, mode)
+    client = login_trust(sidecar.port)
+    client.query(f"COPY {table} FROM STDIN")
+    started = _until(client, lambda out: bool(out) and out[-1].type in "GEZ")
+    assert started[-1].type == "G", started
+    client.send(message(b"d", b"copied?\n") + BAD_TYPE)
+    msgs = _until(client, lambda out: False)  # until the sidecar closes the connection
+    answers = [(m.type, m.sqlstate) for m in msgs if m.type in "EZ"]
+    assert answers == [("E", "57014"), ("Z", None), ("E", "08P01")], msgs
+    assert shared_topology.a1.query(f"SELECT count(*) FROM {table}", dbname=APP_DB) == [(0,)]
