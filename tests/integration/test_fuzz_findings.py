@@ -54,6 +54,7 @@ def _parse(sql: str, name: str = "") -> bytes:
 
 
 SYNC = message(b"S")
+FLUSH = message(b"H")
 # A message of a type that does not exist (0x0a): malformed wherever it comes.
 BAD_TYPE = b"\x0a\x00\x00\x00\x04"
 
@@ -110,3 +111,31 @@ def test_malformed_message_during_copy_from_stdin(sidecar_factory, shared_topolo
     answers = [(m.type, m.sqlstate) for m in msgs if m.type in "EZ"]
     assert answers == [("E", "57014"), ("Z", None), ("E", "08P01")], msgs
     assert shared_topology.a1.query(f"SELECT count(*) FROM {table}", dbname=APP_DB) == [(0,)]
+
+
+def _bind_execute() -> bytes:
+    """Bind the unnamed statement to the unnamed portal (text results), Execute it."""
+    return message(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00") + message(b"E", b"\x00\x00\x00\x00\x00")
+
+
+def test_session_settings_read_back_only_after_the_batch_in_progress(sidecar_factory):
+    """Session mode reads a changed setting back (its own query on the server) at the next quiet
+    point. A ReadyForQuery is not one while the client has more extended-protocol messages on the
+    server that no Sync ended yet: the server answers those first, and the sidecar took their
+    answers for its own (a DataRow of one column: "not enough values to unpack", XX000 for the
+    client). Found by the protocol fuzzer (pgjdbc stream cut short after its SET)."""
+    sidecar = _sidecar(sidecar_factory, "session")
+    client = login_trust(sidecar.port)
+    # The Parse alone first (answered at the Flush), as the fuzzer's split writes had it.
+    client.send(_parse("SET application_name = 'findings'") + FLUSH)
+    assert [m.type for m in _until(client, lambda out: bool(out))] == ["1"]
+    client.send(_bind_execute() + SYNC + _parse("SELECT 'one'") + _bind_execute())
+    first = _until(client, lambda out: bool(out) and out[-1].type == "Z")
+    assert [m.type for m in first if m.type != "S"] == ["2", "C", "Z"], first
+    client.send(SYNC)
+    second = _until(client, lambda out: bool(out) and out[-1].type == "Z")
+    assert [m.type for m in second] == ["1", "2", "D", "C", "Z"], second
+    assert _rows(second) == [b"\x00\x01\x00\x00\x00\x03one"]
+    client.query("SHOW application_name")
+    shown = _until(client, lambda out: bool(out) and out[-1].type == "Z")
+    assert _rows(shown) == [b"\x00\x01\x00\x00\x00\x08findings"]
