@@ -203,6 +203,9 @@ class ClientSession(asyncio.Protocol):
         # A plain attribute, read on the hot path instead of a call per transaction.
         self.wants_ready = self.transaction_mode
         self._task: asyncio.Task[None] | None = None  # attach / maintenance in progress
+        # The server the sidecar's own queries run on for this session right now (reading settings
+        # back, bringing a server in line with the session): not to be handed on mid-query.
+        self._own_query_on: ServerConnection | None = None
         self._reading_paused = False
         # The client's transport is above its write high-water mark (the client is not reading):
         # local answerers (outage responder, admin console) stop until it drains.
@@ -1280,6 +1283,20 @@ class ClientSession(asyncio.Protocol):
         self.sidecar.topology.report_failure(server.endpoint, reason)
 
     async def _maintain_on(self, server: ServerConnection) -> None:
+        self._own_query_on = server
+        try:
+            await self._maintenance_queries(server)
+        finally:
+            self._own_query_on = None
+        self._maintained()
+        if self.state is not ClientState.ACTIVE:
+            return
+        if self.transaction_mode:
+            self._release_transaction_server()
+        else:
+            self._link(server)
+
+    async def _maintenance_queries(self, server: ServerConnection) -> None:
         reset = (
             self.startup_settings
             if self._reset_all
@@ -1298,13 +1315,6 @@ class ClientSession(asyncio.Protocol):
             server.statements.replace_all({str(row[0]) for row in result.rows})
         self._settings_dirty = self._reset_all = self._discarded = False
         self._reset_names.clear()
-        self._maintained()
-        if self.state is not ClientState.ACTIVE:
-            return
-        if self.transaction_mode:
-            self._release_transaction_server()
-        else:
-            self._link(server)
 
     def _maintained(self) -> None:
         """Maintenance done (or moot): the relay goes back to watching what it watches between."""
@@ -1333,9 +1343,11 @@ class ClientSession(asyncio.Protocol):
             if self.state is not ClientState.ACTIVE:
                 pool.release(server, reset=False)
                 return
+            self._own_query_on = server
             try:
                 await self._prepare_server(server)
             except UpstreamUnavailable as exc:
+                self._own_query_on = None
                 # The server died between checkout and use (a crash the probes have not seen
                 # yet): nothing of the client's went to it, so take another one (held if the
                 # writer is gone) instead of failing the client.
@@ -1345,8 +1357,10 @@ class ClientSession(asyncio.Protocol):
                 self.sidecar.topology.report_failure(server.endpoint, exc.message)
                 continue
             except ProxyError:
+                self._own_query_on = None
                 pool.release(server, reset=not self.transaction_mode)
                 raise
+            self._own_query_on = None
             if self.state is not ClientState.ACTIVE:
                 pool.release(server, reset=False)
                 return
@@ -1873,8 +1887,15 @@ class ClientSession(asyncio.Protocol):
             self._task.cancel()
         self._linked = False
         self._parked = False
+        own, self._own_query_on = self._own_query_on, None
+        if own is not None and self.pool is not None:
+            # The sidecar's own query is still running there (the task cancelled above stops
+            # waiting for it, the server does not): its answer would reach whoever gets the
+            # server next. Closed first, so the pool drops it.
+            own.close("client left while the sidecar's own query ran on its server")
+            self.pool.release(own, reset=False)
         server, self.server = self.server, None
-        if server is not None and self.pool is not None:
+        if server is not None and self.pool is not None and server is not own:
             if server.state is ServerState.CLOSED:
                 self.pool.forget(server)
             else:

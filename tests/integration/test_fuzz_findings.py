@@ -139,3 +139,26 @@ def test_session_settings_read_back_only_after_the_batch_in_progress(sidecar_fac
     client.query("SHOW application_name")
     shown = _until(client, lambda out: bool(out) and out[-1].type == "Z")
     assert _rows(shown) == [b"\x00\x01\x00\x00\x00\x08findings"]
+
+
+def test_client_leaving_during_the_sidecars_own_query_does_not_hand_its_answer_on(sidecar_factory):
+    """Transaction mode, a SET: after its ReadyForQuery the sidecar reads the session's settings
+    back with its own query on the server. A client that leaves at that moment had its server
+    handed to the next client with that query's answer still to come, so the next client got
+    it (a RowDescription and DataRows it never asked for) and every later answer one behind
+    (found by the protocol fuzzer: probes answered with the previous probe's rows). The window
+    is a round trip to PostgreSQL wide, so it is tried a number of times, each on the one server
+    of the pool."""
+    sidecar = _sidecar(sidecar_factory, "transaction", size=1)
+    for attempt in range(30):
+        leaving = login_trust(sidecar.port)
+        leaving.query("SET datestyle = 'ISO, DMY'")
+        _until(leaving, lambda out: bool(out) and out[-1].type == "Z")
+        leaving.close()  # while the sidecar reads the setting back
+        client = login_trust(sidecar.port)
+        client.query(f"SELECT 'mine-{attempt}'")
+        answer = _until(client, lambda out: bool(out) and out[-1].type == "Z")
+        assert [m.type for m in answer] == ["T", "D", "C", "Z"], (attempt, answer)
+        mine = f"mine-{attempt}".encode()
+        assert _rows(answer) == [b"\x00\x01" + len(mine).to_bytes(4, "big") + mine], (attempt, answer)
+        client.close()
