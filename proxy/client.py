@@ -1899,6 +1899,10 @@ class ClientSession(asyncio.Protocol):
             if server.state is ServerState.CLOSED:
                 self.pool.forget(server)
             else:
+                if server.tracker.skipping:
+                    # After an error in the client's extended-protocol batch the server ignores
+                    # everything until a Sync that will not come now: no use to anyone.
+                    server.close("client left after an error in its extended-protocol batch, before Sync")
                 self.pool.release(server, reset=not self.transaction_mode)
         if self.backend_key is not None and self.sidecar.cancel_keys.get(self.backend_key[1]) is self:
             del self.sidecar.cancel_keys[self.backend_key[1]]

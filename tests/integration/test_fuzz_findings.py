@@ -162,3 +162,22 @@ def test_client_leaving_during_the_sidecars_own_query_does_not_hand_its_answer_o
         mine = f"mine-{attempt}".encode()
         assert _rows(answer) == [b"\x00\x01" + len(mine).to_bytes(4, "big") + mine], (attempt, answer)
         client.close()
+
+
+def test_server_skipping_to_sync_is_not_handed_on(sidecar_factory):
+    """Transaction mode: a client whose Parse failed (answered at its Flush) leaves before its
+    Sync. Its server ignores everything until a Sync, so the next client that got it waited
+    forever for its first answer (found by the protocol fuzzer: the bystander's request
+    unanswered, the fuzz clients' probes too). Such a server is closed instead."""
+    sidecar = _sidecar(sidecar_factory, "transaction", size=1)
+    for attempt in range(3):
+        leaving = login_trust(sidecar.port)
+        leaving.send(_parse("SELEC nonsense") + FLUSH)
+        failed = _until(leaving, lambda out: bool(out))
+        assert failed[0].type == "E" and failed[0].sqlstate == "42601", failed
+        leaving.close()
+        client = login_trust(sidecar.port)
+        client.query(f"SELECT 'mine-{attempt}'")
+        answer = _until(client, lambda out: bool(out) and out[-1].type == "Z")
+        assert [m.type for m in answer] == ["T", "D", "C", "Z"], (attempt, answer)
+        client.close()
