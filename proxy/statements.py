@@ -141,7 +141,7 @@ class ServerStatements:
 class ResponseTracker:
     """Walks a server's answers against what was sent (see module docstring)."""
 
-    __slots__ = ("_pending", "_queued", "fast", "queue", "skipping")
+    __slots__ = ("_pending", "_queued", "fast", "queue", "skipped_requests", "skipping")
 
     def __init__(self) -> None:
         self.queue: deque[Entry] = deque()
@@ -158,6 +158,10 @@ class ResponseTracker:
         # no matching (no hidden or synthetic entry, one Sync or Query, last); any other `expect`
         # clears it. A whole answer ending in ReadyForQuery then settles the queue at once.
         self.fast = False
+        # Queries (and FunctionCalls) the server ignored because an error before them in the
+        # same batch started the skip to Sync: their ReadyForQuery will never come. The server
+        # connection takes them off its requests in flight (`take_skipped`).
+        self.skipped_requests = 0
 
     def __bool__(self) -> bool:
         return len(self._pending) > 0 or (self._queued and len(self.queue) > 0)
@@ -223,10 +227,13 @@ class ResponseTracker:
         if type_byte == 0x45:  # ErrorResponse
             if head.kind is Expect.QUERY:
                 return True, before, b"", []
-            # The failing message and everything up to Sync are skipped by the server.
-            while queue and queue[0].kind not in (Expect.SYNC, Expect.QUERY):
+            # The failing message and everything up to Sync are skipped by the server, a simple
+            # Query too (PostgreSQL ignores every message until Sync; only the Sync is answered).
+            while queue and queue[0].kind is not Expect.SYNC:
                 entry = queue.popleft()
-                if entry.kind in (Expect.PARSE, Expect.PARSE_HIDDEN) and entry.name:
+                if entry.kind is Expect.QUERY:
+                    self.skipped_requests += 1
+                elif entry.kind in (Expect.PARSE, Expect.PARSE_HIDDEN) and entry.name:
                     failed.append(entry.name)
             if not queue:
                 self.skipping = True
@@ -239,6 +246,12 @@ class ResponseTracker:
 
     def sync_sent(self) -> None:
         self.skipping = False
+
+    def take_skipped(self) -> int:
+        """How many requests (Query, FunctionCall) the server skipped since the last call."""
+        skipped = self.skipped_requests
+        self.skipped_requests = 0
+        return skipped
 
 
 class StatementRouter:
