@@ -66,7 +66,7 @@ from .sqlclass import (
     needs_transaction_check,
     session_keyword_at,
 )
-from .statements import ClientStatement, Entry, Expect, LocalStatement, StatementRouter, parse_message
+from .statements import ClientStatement, Entry, Expect, LocalStatement, StatementRouter
 
 if TYPE_CHECKING:
     from .app import Sidecar
@@ -75,25 +75,36 @@ if TYPE_CHECKING:
 _client_ids = itertools.count(1)
 # The tail of the common extended-protocol request: [Describe the unnamed portal,] Execute it (all
 # rows), Sync.
-_SYNC: Final = b"S\x00\x00\x00\x04"
+_SYNC: Final = m.sync()
 # A BackendKeyData's process id and secret, drawn as signed int32s (as the message carries them).
 _KEY_PARTS: Final = struct.Struct("!ii")
 # Process ids the sidecar makes up (transaction mode, the admin console, a login during an outage)
 # start here: Linux never gives a process an id this high (PID_MAX_LIMIT is 2**22), so such an id
 # can name no real backend, and pg_terminate_backend() of it terminates nothing by mistake.
 _MADE_UP_PIDS: Final = 1 << 22
-_EXECUTE_SYNC: Final = b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00" + _SYNC
-_DESCRIBE_EXECUTE_SYNC: Final = b"D\x00\x00\x00\x06P\x00" + _EXECUTE_SYNC
+_EXECUTE_SYNC: Final = m.execute() + _SYNC
+_DESCRIBE_EXECUTE_SYNC: Final = m.describe("P") + _EXECUTE_SYNC
 # The answers the fast paths' requests owe, as `ResponseTracker.expect_fast` takes them.
 _QUERY_ANSWER: Final = (Entry(Expect.QUERY),)
 _BIND_EXECUTE: Final = (Entry(Expect.BIND), Entry(Expect.EXECUTE), Entry(Expect.SYNC))
 _BIND_DESCRIBE_EXECUTE: Final = (Entry(Expect.BIND), Entry(Expect.DESCRIBE_PORTAL), *_BIND_EXECUTE[1:])
 _PARSE: Final = (Entry(Expect.PARSE),)
 
-_SESSION_WATCH: Final = watch_table((m.F_TERMINATE, m.F_QUERY, m.F_SYNC, m.F_PARSE, m.F_CLOSE))
+# (FunctionCall: a request of its own, answered by a ReadyForQuery like a Query.)
+_SESSION_WATCH: Final = watch_table(
+    (m.F_TERMINATE, m.F_QUERY, m.F_SYNC, m.F_PARSE, m.F_CLOSE, m.F_FUNCTION_CALL)
+)  # fmt: skip
 # Only while the session has a prepared statement that changes settings (`SET` prepared by a
 # driver): its effect happens at Bind/Execute, not at Parse, so Bind is watched then.
-_SESSION_WATCH_BIND: Final = watch_table((m.F_TERMINATE, m.F_QUERY, m.F_SYNC, m.F_PARSE, m.F_CLOSE, m.F_BIND))
+_SESSION_WATCH_BIND: Final = watch_table(
+    (m.F_TERMINATE, m.F_QUERY, m.F_SYNC, m.F_PARSE, m.F_CLOSE, m.F_FUNCTION_CALL, m.F_BIND)
+)  # fmt: skip
+# Only while the session's settings are to be read back at the next quiet point (`wants_ready`):
+# every extended-protocol message, so a batch not yet ended by Sync is known (`_batch_kind`).
+_SESSION_WATCH_BATCH: Final = watch_table(
+    (m.F_TERMINATE, m.F_QUERY, m.F_SYNC, m.F_PARSE, m.F_CLOSE, m.F_FUNCTION_CALL, m.F_BIND,
+     m.F_DESCRIBE, m.F_EXECUTE, m.F_FLUSH)
+)  # fmt: skip
 _ALL_FRONTEND: Final = watch_table(m.FRONTEND_TYPES)
 # Everything but COPY data, which streams through.
 _TRANSACTION_WATCH: Final = watch_table(
@@ -102,6 +113,7 @@ _TRANSACTION_WATCH: Final = watch_table(
 )  # fmt: skip
 _CLIENT_VALID: Final = valid_type_table(m.FRONTEND_TYPES)
 _TERMINATE: Final = m.terminate()
+_COPY_FAIL: Final = m.message(b"f", b"the client sent a malformed message\x00")
 # Client bytes held while its server is busy or being acquired; past this, stop reading the socket.
 _HOLD_LIMIT: Final = 256 * 1024
 # After a malformed message, how long the answers to the requests before it may take before the
@@ -195,6 +207,9 @@ class ClientSession(asyncio.Protocol):
         # A plain attribute, read on the hot path instead of a call per transaction.
         self.wants_ready = self.transaction_mode
         self._task: asyncio.Task[None] | None = None  # attach / maintenance in progress
+        # The server the sidecar's own queries run on for this session right now (reading settings
+        # back, bringing a server in line with the session): not to be handed on mid-query.
+        self._own_query_on: ServerConnection | None = None
         self._reading_paused = False
         # The client's transport is above its write high-water mark (the client is not reading):
         # local answerers (outage responder, admin console) stop until it drains.
@@ -498,9 +513,9 @@ class ClientSession(asyncio.Protocol):
             return False
         router.local.pop(parse.name, None)
         router.statements[parse.name] = ClientStatement(
-            global_name, parse_message(global_name, parse.query, parse.param_types)
+            global_name, m.parse(global_name, parse.query, parse.param_types)
         )
-        self._send(m.message(b"1") + m.ready_for_query(m.TX_IDLE))
+        self._send(m.parse_complete() + m.ready_for_query(m.TX_IDLE))
         return True
 
     def _attach_parsed(self, data: bytes) -> bool:
@@ -692,14 +707,28 @@ class ClientSession(asyncio.Protocol):
             self._batch_kind = merge_kinds(self._batch_kind, kind)
             return Action.FORWARD
         if type_byte == m.F_BIND:
-            portal_end = bytes(msg[5:]).find(b"\x00")
-            effects = self._statement_effects.get(_cstring(msg, 5 + portal_end + 1))
-            if effects is not None:
-                self._note_effects(effects)
+            if self._statement_effects:
+                portal_end = bytes(msg[5:]).find(b"\x00")
+                effects = self._statement_effects.get(_cstring(msg, 5 + portal_end + 1))
+                if effects is not None:
+                    self._note_effects(effects)
+            if self.wants_ready:
+                self._batch_open()
             return Action.FORWARD
         if type_byte == m.F_CLOSE:
             if msg[5] == 0x53:  # 'S'
                 self._session_statements.pop(_cstring(msg, 6), None)
+            if self.wants_ready:
+                self._batch_open()
+            return Action.FORWARD
+        if type_byte == m.F_FUNCTION_CALL:
+            if server is not None:
+                server.outstanding += 1
+                server.in_flight.push(REQUEST_OTHER)
+            return Action.FORWARD
+        if type_byte != m.F_QUERY and type_byte != m.F_SYNC:
+            # Describe, Execute, Flush: watched only while the settings are to be read back.
+            self._batch_open()
             return Action.FORWARD
         if server is not None:
             server.outstanding += 1  # a Query or Sync: one ReadyForQuery will answer it
@@ -710,6 +739,19 @@ class ClientSession(asyncio.Protocol):
                 server.in_flight.push(REQUEST_OTHER if batch is None else batch)
                 self._batch_kind = None
         return Action.FORWARD
+
+    def _batch_open(self) -> None:
+        """An extended-protocol message went to the server: until the client's Sync, a
+        ReadyForQuery is not a quiet point (the server has more to answer). Sync sends the
+        batch's kind, REQUEST_OTHER when no Parse said otherwise: marking it so changes nothing."""
+        if self._batch_kind is None:
+            self._batch_kind = REQUEST_OTHER
+
+    def _session_watch(self) -> bytes:
+        """What session mode's relay must look at now."""
+        if self.wants_ready:
+            return _SESSION_WATCH_BATCH
+        return _SESSION_WATCH_BIND if self._statement_effects else _SESSION_WATCH
 
     def _note_statement(self, msg: bytes | memoryview, sql_offset: int, parsed_as: str | None = None) -> int:
         """Note what a statement does to session state; returns its REQUEST_* kind. `parsed_as`:
@@ -730,7 +772,7 @@ class ClientSession(asyncio.Protocol):
         effects = classify(_cstring(msg, sql_offset))
         if parsed_as is not None and (effects.changes_settings or effects.discard_all):
             self._statement_effects[parsed_as] = effects
-            self._relay.set_inspector(self._inspect_session, _SESSION_WATCH_BIND)
+            self._relay.set_inspector(self._inspect_session, self._session_watch())
         else:
             self._note_effects(effects)
         if effects.deallocate is Deallocate.ALL or effects.discard_all:
@@ -746,6 +788,13 @@ class ClientSession(asyncio.Protocol):
     def _note_effects(self, effects: Effects) -> None:
         if not (effects.changes_settings or effects.discard_all):
             return
+        if (
+            not self.wants_ready
+            and not self.transaction_mode
+            and self._outage is None
+            and self._aborted is None
+        ):
+            self._relay.set_watch(_SESSION_WATCH_BATCH)
         self.wants_ready = True
         self._settings_dirty |= effects.changes_settings
         if effects.custom_names:
@@ -768,8 +817,10 @@ class ClientSession(asyncio.Protocol):
             return Action.FORWARD
         if type_byte == m.F_TERMINATE:
             return Action.DROP_PAUSE
-        if tracker.skipping and type_byte != m.F_QUERY:
-            return Action.FORWARD  # ignored by the server until Sync; no answer to expect
+        if tracker.skipping:
+            # Ignored by the server until Sync, a Query too: no answer to expect, nothing it
+            # would do (a SET, a refused statement) happens.
+            return Action.FORWARD
         if type_byte == m.F_BIND:
             action, owed = router.on_bind(msg, server, self._relay)
             self._owe(owed)
@@ -788,11 +839,7 @@ class ClientSession(asyncio.Protocol):
                 # statement that raises, run at once (its ParseComplete and BindComplete hidden).
                 # The transaction aborts as PostgreSQL would make it, and the server skips the
                 # client's own Bind/Execute until Sync.
-                self._relay.insert(
-                    parse_message("", _raise_sql(refused), ())
-                    + m.message(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00")
-                    + m.message(b"E", b"\x00\x00\x00\x00\x00")
-                )
+                self._relay.insert(m.parse("", _raise_sql(refused)) + m.bind() + m.execute())
                 tracker.expect(Expect.PARSE_HIDDEN)
                 tracker.expect(Expect.BIND_HIDDEN)
                 tracker.expect(Expect.EXECUTE)
@@ -894,8 +941,13 @@ class ClientSession(asyncio.Protocol):
             return False
         if self._relay.mid_message:
             return False
+        if self.transaction_mode:
+            return True
+        # Session mode: called only while maintenance is due. Not while the client has more
+        # extended-protocol messages on the server that no Sync ended yet: the server would answer
+        # them ahead of the sidecar's own queries.
         maintenance = self._settings_dirty or self._reset_all or bool(self._reset_names) or self._discarded
-        return maintenance or self.transaction_mode
+        return maintenance and self._batch_kind is None
 
     def quiet_point(self) -> None:
         """The server finished everything asked of it: maintain, and in transaction mode release it."""
@@ -1096,7 +1148,7 @@ class ClientSession(asyncio.Protocol):
             global_name = self.sidecar.statements.name_for(decoded.query, decoded.param_types)
             router.local.pop(name, None)
             router.statements[name] = ClientStatement(
-                global_name, parse_message(global_name, decoded.query, decoded.param_types)
+                global_name, m.parse(global_name, decoded.query, decoded.param_types)
             )
 
     # ---------------------------------------------------------------- server changes
@@ -1187,6 +1239,11 @@ class ClientSession(asyncio.Protocol):
             for span in spans:
                 out.write(span)
         if self._answers_due():
+            if out is not None:
+                # A COPY FROM STDIN the client was feeding waits for the rest of its data, which
+                # will not come: CopyFail ends it, so the COPY's answer (its error) comes too.
+                # (PostgreSQL ignores a CopyFail outside COPY.)
+                out.write(_COPY_FAIL)
             loop = asyncio.get_running_loop()
             self._failing = loop.create_task(self._fail_when_answered(error))
         else:
@@ -1247,7 +1304,7 @@ class ClientSession(asyncio.Protocol):
             logs.event("settings_not_captured", logs.WARNING, conn=self.id, reason=reason)
         self._settings_dirty = self._reset_all = self._discarded = False
         self._reset_names.clear()
-        self.wants_ready = self.transaction_mode
+        self._maintained()
         if self.server is server:
             self.server = None
         if self.pool is not None:
@@ -1256,6 +1313,20 @@ class ClientSession(asyncio.Protocol):
         self.sidecar.topology.report_failure(server.endpoint, reason)
 
     async def _maintain_on(self, server: ServerConnection) -> None:
+        self._own_query_on = server
+        try:
+            await self._maintenance_queries(server)
+        finally:
+            self._own_query_on = None
+        self._maintained()
+        if self.state is not ClientState.ACTIVE:
+            return
+        if self.transaction_mode:
+            self._release_transaction_server()
+        else:
+            self._link(server)
+
+    async def _maintenance_queries(self, server: ServerConnection) -> None:
         reset = (
             self.startup_settings
             if self._reset_all
@@ -1273,13 +1344,12 @@ class ClientSession(asyncio.Protocol):
             server.statements.replace_all({str(row[0]) for row in result.rows})
         self._settings_dirty = self._reset_all = self._discarded = False
         self._reset_names.clear()
+
+    def _maintained(self) -> None:
+        """Maintenance done (or moot): the relay goes back to watching what it watches between."""
         self.wants_ready = self.transaction_mode
-        if self.state is not ClientState.ACTIVE:
-            return
-        if self.transaction_mode:
-            self._release_transaction_server()
-        else:
-            self._link(server)
+        if not self.transaction_mode and self._outage is None and self._aborted is None:
+            self._relay.set_watch(self._session_watch())
 
     def _release_transaction_server(self) -> None:
         server, self.server = self.server, None
@@ -1302,6 +1372,7 @@ class ClientSession(asyncio.Protocol):
             if self.state is not ClientState.ACTIVE:
                 pool.release(server, reset=False)
                 return
+            self._own_query_on = server
             try:
                 await self._prepare_server(server)
             except asyncio.CancelledError:
@@ -1310,6 +1381,7 @@ class ClientSession(asyncio.Protocol):
                 pool.release(server, reset=not self.transaction_mode, unknown=True)
                 raise
             except UpstreamUnavailable as exc:
+                self._own_query_on = None
                 # The server died between checkout and use (a crash the probes have not seen
                 # yet): nothing of the client's went to it, so take another one (held if the
                 # writer is gone) instead of failing the client.
@@ -1319,8 +1391,10 @@ class ClientSession(asyncio.Protocol):
                 self.sidecar.topology.report_failure(server.endpoint, exc.message)
                 continue
             except ProxyError:
+                self._own_query_on = None
                 pool.release(server, reset=not self.transaction_mode)
                 raise
+            self._own_query_on = None
             if self.state is not ClientState.ACTIVE:
                 pool.release(server, reset=False)
                 return
@@ -1622,7 +1696,7 @@ class ClientSession(asyncio.Protocol):
         known = {}
         for name, stmt in self.router.statements.items():
             parse = m.decode_parse(stmt.parse_message[5:])
-            known[name] = parse_message(name, parse.query, parse.param_types)
+            known[name] = m.parse(name, parse.query, parse.param_types)
         return known
 
     def _inspect_outage(self, type_byte: int, msg: memoryview) -> Action:
@@ -1732,9 +1806,7 @@ class ClientSession(asyncio.Protocol):
         """Back to forwarding after answering locally (aborted transaction, outage)."""
         self._relay.set_inspector(
             self._inspect_transaction if self.transaction_mode else self._inspect_session,
-            _TRANSACTION_WATCH
-            if self.transaction_mode
-            else (_SESSION_WATCH_BIND if self._statement_effects else _SESSION_WATCH),
+            _TRANSACTION_WATCH if self.transaction_mode else self._session_watch(),
         )
 
     def _leave_outage(self) -> None:
@@ -1756,12 +1828,10 @@ class ClientSession(asyncio.Protocol):
         they are prepared wherever the session's next transaction runs."""
         for name, sql, types in responder.named_statements():
             if self.router is None:
-                self._session_statements[name] = parse_message(name, sql, types)
+                self._session_statements[name] = m.parse(name, sql, types)
             elif name not in self.router.statements:
                 global_name = self.sidecar.statements.name_for(sql, types)
-                self.router.statements[name] = ClientStatement(
-                    global_name, parse_message(global_name, sql, types)
-                )
+                self.router.statements[name] = ClientStatement(global_name, m.parse(global_name, sql, types))
 
     async def _verify_upstream_password(self) -> None:
         """Passthrough: the password is right exactly when PostgreSQL accepts it."""
@@ -1851,8 +1921,15 @@ class ClientSession(asyncio.Protocol):
         linked = self._linked
         self._linked = False
         self._parked = False
+        own, self._own_query_on = self._own_query_on, None
+        if own is not None and self.pool is not None:
+            # The sidecar's own query is still running there (the task cancelled above stops
+            # waiting for it, the server does not): its answer would reach whoever gets the
+            # server next. Closed first, so the pool drops it.
+            own.close("client left while the sidecar's own query ran on its server")
+            self.pool.release(own, reset=False)
         server, self.server = self.server, None
-        if server is not None and self.pool is not None:
+        if server is not None and self.pool is not None and server is not own:
             if server.state is ServerState.CLOSED:
                 self.pool.forget(server)
             elif self._relay.mid_message:
