@@ -225,7 +225,10 @@ class Sidecar:
                 hold += self.config.failover.check_interval + self.config.failover.probe_timeout
             try:
                 async with asyncio.timeout(hold):
-                    await _first(self._gate.wait(), self._outage.wait())
+                    # Waited for again if it closed before this ran (a hold taken over by another:
+                    # a lost writer connection confirmed, then the failover), within the same bound.
+                    while not self._gate.is_set() and not self._outage.is_set():
+                        await _first(self._gate.wait(), self._outage.wait())
             except TimeoutError:
                 pass
             if self._gate.is_set():
