@@ -58,6 +58,9 @@ class Sidecar:
         )
         # The gate every client read checks (a native attribute of a compiled object).
         self.gate: Gate = self.hold.gate
+        # The task confirming the writer after one of its connections closed under a client
+        # (`writer_connection_lost`; the hold itself is the controller's).
+        self._confirm_task: asyncio.Task[None] | None = None
         self.client_ssl_context = self._client_ssl_context()
         self.tls = TlsSettings(
             config.upstream.tls, str(config.upstream.ca_file) if config.upstream.ca_file else None
@@ -204,6 +207,29 @@ class Sidecar:
         """Awaited, returns when new transactions may start (HoldController.pass_, handed on as
         is: no coroutine of its own per checkout)."""
         return self.hold.pass_()
+
+    def writer_connection_lost(self, endpoint: Endpoint, reason: str) -> None:
+        """A server connection closed under a client. If it was to the writer, hold new
+        transactions until a probe that starts now says whether it still is the writer.
+
+        A crash closes the writer's connections one by one, tens of milliseconds before a probe
+        declares the failover: without the hold, a transaction started meanwhile (typically the
+        check an application makes after 08007) runs on a connection to the dying writer whose
+        backend has not exited yet. It is then cut too, or worse, reads there: a commit that was
+        waiting for its synchronous standby is invisible on the old writer but present on the
+        new one, so "not there, retry" duplicates it."""
+        if endpoint != self.topology.writer:
+            return  # not the writer
+        if not self.hold.hold_to_confirm(endpoint):
+            return  # already held (failover, PAUSE, a confirmation under way)
+        self._confirm_task = asyncio.get_running_loop().create_task(self._confirm_writer(endpoint, reason))
+
+    async def _confirm_writer(self, endpoint: Endpoint, reason: str) -> None:
+        try:
+            still = await self.topology.confirm_writer(endpoint, reason)
+        finally:
+            self._confirm_task = None
+        self.hold.confirmed(endpoint, still and self.topology.writer == endpoint)
 
     # ---------------------------------------------------------------- failover
 

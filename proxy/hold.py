@@ -8,7 +8,9 @@ One owner for what used to be spread over the Sidecar (`_gate`, `gate_reason`,
   held work is spooled (`SpoolNow`); UP -> released;
 * an operator's PAUSE and RESUME (held without a limit);
 * the drain at shutdown (held: a session between transactions is closed rather than started);
-* the drain hold in RECOVERING (`spool.max_drain_hold`), and an outage found at startup.
+* the drain hold in RECOVERING (`spool.max_drain_hold`), and an outage found at startup;
+* a connection to the writer lost under a client: held until a probe confirms the writer
+  (`hold_to_confirm`, `confirmed`), or until the failover that probe finds takes the hold over.
 
 What it answers: `gate.closed` (the data path's per-read check, a native attribute of a compiled
 object), `pass_()` (wait until new work may start, or raise `SpoolNow` / `CannotConnectNow`),
@@ -24,10 +26,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from . import logs
 from .protocol.sqlstate import CannotConnectNow
 from .topology import ClusterState
+
+if TYPE_CHECKING:
+    from sidecar_config import Endpoint
 
 
 class SpoolNow(Exception):
@@ -58,6 +64,9 @@ class HoldController:
         self.spooling = False  # OUTAGE with a spool: held work is spooled
         self.draining = False  # shutting down: not ready; sessions close as they go idle
         self.held = 0  # requests waiting in `pass_` now
+        # The writer whose connection closed under a client, while a probe confirms it is still
+        # the writer (new work held meanwhile, as for a failover).
+        self.confirming: Endpoint | None = None
         self.hold_timeout = hold_timeout
         self.spool_grace = spool_grace
         self._problem = problem
@@ -101,6 +110,24 @@ class HoldController:
         self.open()
         return True
 
+    def hold_to_confirm(self, writer: Endpoint) -> bool:
+        """A connection to `writer` closed under a client: hold new work until a probe says
+        whether it still is the writer (`confirmed`). False (nothing done) if already held."""
+        if not self._open.is_set():
+            return False
+        self.confirming = writer
+        self.hold_for_failover(f"a connection to the writer {writer} was lost: confirming the writer")
+        return True
+
+    def confirmed(self, writer: Endpoint, still: bool) -> None:
+        """The probe answered: released if `writer` still is the writer, unless something else
+        took the hold over meanwhile (a failover, which releases it itself)."""
+        if self.confirming != writer:
+            return
+        self.confirming = None
+        if still:
+            self.release_failover()
+
     def drain(self) -> None:
         """Shutting down: a session between transactions that sends more is held instead of
         starting a transaction the deadline could cut (and, held, counts as idle)."""
@@ -118,7 +145,14 @@ class HoldController:
         elif self.spooling:
             self.stop_spooling()
         if not writer_known:
-            self.hold_for_failover(f"failover: {state.value}")
+            reason = f"failover: {state.value}"
+            if self.confirming is not None:
+                # Held already while the lost connection was confirmed: now held by the failover
+                # (the same hold, not reopened in between: held requests go on waiting).
+                self.confirming = None
+                self.reason = reason
+                logs.event("transactions_held", reason=reason)
+            self.hold_for_failover(reason)
 
     def start_spooling(self) -> None:
         self.spooling = True
@@ -152,7 +186,10 @@ class HoldController:
                 hold += self.spool_grace
             try:
                 async with asyncio.timeout(hold):
-                    await _first(self._open.wait(), self._spool.wait())
+                    # Waited for again if it closed before this ran (a hold taken over by another:
+                    # a lost writer connection confirmed, then the failover), within the same bound.
+                    while not self._open.is_set() and not self._spool.is_set():
+                        await _first(self._open.wait(), self._spool.wait())
             except TimeoutError:
                 pass
             if self._open.is_set():
