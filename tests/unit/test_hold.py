@@ -12,6 +12,7 @@ import pytest
 from proxy.hold import HoldController, SpoolNow
 from proxy.protocol.sqlstate import CannotConnectNow
 from proxy.topology import ClusterState
+from sidecar_config import Endpoint
 
 UP, FAILING_OVER, OUTAGE, RECOVERING = (
     ClusterState.UP, ClusterState.FAILING_OVER, ClusterState.OUTAGE, ClusterState.RECOVERING,
@@ -166,5 +167,39 @@ def test_retune_applies_to_requests_held_from_then_on() -> None:
         hold.hold_for_failover("failover: failing_over")
         with pytest.raises(CannotConnectNow, match=r"held 0\.02s"):
             await asyncio.wait_for(hold.pass_(), 5)
+
+    run(test)
+
+
+def test_a_lost_writer_connection_holds_until_confirmed() -> None:
+    async def test() -> None:
+        hold = controller()
+        writer = Endpoint("10.0.0.1", 5432)
+        assert hold.hold_to_confirm(writer)
+        assert hold.gate.closed and hold.for_failover
+        assert not hold.hold_to_confirm(writer)  # held already
+        waiting = asyncio.create_task(hold.pass_())
+        await settle()
+        hold.confirmed(writer, True)
+        await asyncio.wait_for(waiting, 5)
+        assert not hold.gate.closed and hold.confirming is None
+
+    run(test)
+
+
+def test_a_failover_takes_over_the_confirmation_hold() -> None:
+    async def test() -> None:
+        hold = controller()
+        writer = Endpoint("10.0.0.1", 5432)
+        hold.hold_to_confirm(writer)
+        waiting = asyncio.create_task(hold.pass_())
+        await settle()
+        hold.cluster_state(FAILING_OVER, writer_known=False)
+        assert hold.reason == "failover: failing_over" and hold.confirming is None
+        hold.confirmed(writer, False)  # the probe's answer comes after: changes nothing
+        assert hold.gate.closed and not waiting.done()
+        hold.cluster_state(UP, writer_known=True)
+        assert hold.release_failover()
+        await asyncio.wait_for(waiting, 5)
 
     run(test)
