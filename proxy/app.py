@@ -12,6 +12,7 @@ import signal
 import ssl
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
@@ -19,7 +20,7 @@ from pydantic import ValidationError
 from sidecar_config import ConfigError, ConfigProblem, SidecarConfig, load_config
 
 from . import compiled, http, logs
-from .admin import config_items
+from .admin import AdminConsole, config_items
 from .aws import IamTokenSource, looks_like_aws_region, region_of_rds_host
 from .client import ClientSession
 from .metrics import Stats, make_registry
@@ -421,7 +422,7 @@ class Sidecar:
         listen = self.config.listen
         try:
             listener = await loop.create_server(
-                lambda: ClientSession(self),
+                lambda: ClientSession(self, partial(AdminConsole, self)),
                 listen.host,
                 listen.port,
                 reuse_address=True,

@@ -27,7 +27,6 @@ from time import monotonic  # by name: compiled, `time.monotonic` is a module ge
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from . import logs
-from .admin import ADMIN_DATABASE, AdminConsole
 from .local import AbortedTransaction, failover_error
 from .pool import WriterChanged
 from .protocol import messages as m
@@ -51,6 +50,7 @@ from .server import (
     ServerState,
     merge_kinds,
 )
+from .session.host import ADMIN_DATABASE, AdminFactory, SessionHost
 from .settings import capture_sql, lower_keys, set_config_sql, sync_sql
 from .spool import SpoolError
 from .spool.outage import OutageResponder, Store, Unspoolable
@@ -69,7 +69,6 @@ from .sqlclass import (
 from .statements import ClientStatement, Entry, Expect, LocalStatement, StatementRouter, parse_message
 
 if TYPE_CHECKING:
-    from .app import Sidecar
     from .pool import Pool
 
 _client_ids = itertools.count(1)
@@ -149,9 +148,10 @@ def parse_options(options: str) -> dict[str, str]:
 
 
 class ClientSession(asyncio.Protocol):
-    def __init__(self, sidecar: Sidecar) -> None:
+    def __init__(self, sidecar: SessionHost[ClientSession], admin: AdminFactory[ClientSession]) -> None:
         self.id = f"c{next(_client_ids)}"
         self.sidecar = sidecar
+        self._admin = admin  # makes the admin console for a login to ADMIN_DATABASE
         self._gate = sidecar.gate  # (read per client read: held here, a native attribute)
         self.state = ClientState.STARTUP
         self.transport: asyncio.Transport | None = None
@@ -1517,7 +1517,7 @@ class ClientSession(asyncio.Protocol):
         if self.database == ADMIN_DATABASE:
             # Served by the sidecar itself: no pool, no upstream, and not held by the gate (an
             # operator must be able to RESUME a paused sidecar).
-            console = AdminConsole(self.sidecar, self, self._read_message, self._send)
+            console = self._admin(self, self._read_message, self._send)
             await console.login(self._password)
             self.state = ClientState.ADMIN
             self.sidecar.stats.clients_accepted += 1
