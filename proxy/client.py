@@ -21,7 +21,6 @@ import contextlib
 import itertools
 import shlex
 import struct
-from enum import Enum
 from os import urandom
 from time import monotonic  # by name: compiled, `time.monotonic` is a module getattr per call
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -50,7 +49,23 @@ from .server import (
     ServerState,
     merge_kinds,
 )
+from .session import states
 from .session.host import ADMIN_DATABASE, AdminFactory, SessionHost
+from .session.states import (
+    ABORTED,
+    ADMIN,
+    CLOSED,
+    CONNECTING,
+    GATED,
+    HELD,
+    IDLE,
+    LINKED,
+    LOGGING_IN,
+    MAINTAINING,
+    OUTAGE,
+    PARKED,
+    IllegalTransition,
+)
 from .settings import capture_sql, lower_keys, set_config_sql, sync_sql
 from .spool import SpoolError
 from .spool.outage import OutageResponder, Store, Unspoolable
@@ -115,15 +130,6 @@ _WRITER_CHANGES_PER_REQUEST: Final = 4
 _NOT_SETTABLE: Final = frozenset({"user", "database", "replication", "options"})
 
 
-class ClientState(Enum):
-    STARTUP = "startup"
-    AUTH = "auth"
-    CONNECTING = "connecting"  # authenticated, waiting for a server connection
-    ACTIVE = "active"  # linked to a server
-    ADMIN = "admin"  # on the admin console: input is read whole by AdminConsole, no server ever
-    CLOSED = "closed"
-
-
 def parse_options(options: str) -> dict[str, str]:
     """Settings from the libpq `options` startup parameter (`-c name=value` / `--name=value`)."""
     settings: dict[str, str] = {}
@@ -153,7 +159,8 @@ class ClientSession(asyncio.Protocol):
         self.sidecar = sidecar
         self._admin = admin  # makes the admin console for a login to ADMIN_DATABASE
         self._gate = sidecar.gate  # (read per client read: held here, a native attribute)
-        self.state = ClientState.STARTUP
+        # The session's state (a `session.states` constant): changed only by `_to`.
+        self.state = LOGGING_IN
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.user = ""
@@ -186,15 +193,16 @@ class ClientSession(asyncio.Protocol):
             valid_types=_CLIENT_VALID,
         )
         self.router = StatementRouter(sidecar.statements) if self.transaction_mode else None
-        self._linked = False  # the relay forwards to `server` (else client input is held)
-        # Transaction mode, between transactions: `server` is kept (linked, at rest, in
-        # `pool.parked`) for the next transaction, until another client needs it.
-        self._parked = False
         # Whether the server must call `server_ready` at each ReadyForQuery: always in transaction
         # mode (the server goes back to the pool), in session mode only while maintenance is due.
         # A plain attribute, read on the hot path instead of a call per transaction.
         self.wants_ready = self.transaction_mode
-        self._task: asyncio.Task[None] | None = None  # attach / maintenance in progress
+        # The step under way (HELD: `_attach_next`; GATED: `_resume_after_gate`; MAINTAINING:
+        # `_maintain`; OUTAGE: `_act_on_verdict`), kept to be cancelled at close. It may outlive its
+        # state by a moment (a cut server ends MAINTAINING before the query fails), hence a field.
+        self._task: asyncio.Task[None] | None = None
+        # Flags orthogonal to the state: whether the client's socket is read (paused in any state
+        # once held input passes its bound) and whether the client reads its answers.
         self._reading_paused = False
         # The client's transport is above its write high-water mark (the client is not reading):
         # local answerers (outage responder, admin console) stop until it drains.
@@ -227,16 +235,34 @@ class ClientSession(asyncio.Protocol):
     def running_on(self) -> ServerConnection | None:
         """The server this client's current work runs on (not one merely kept between
         transactions)."""
-        return None if self._parked else self.server
+        return None if self.state == PARKED else self.server
 
     @property
     def metric_state(self) -> str:
-        """login | waiting (for a server) | active (linked to one) | idle (transaction mode, none)."""
-        if self.state in (ClientState.STARTUP, ClientState.AUTH):
-            return "login"
-        if self.state is ClientState.CONNECTING or (self._task is not None and self.server is None):
-            return "waiting"
-        return "active" if self.server is not None and not self._parked else "idle"
+        """login | waiting (for a server) | active (has one) | idle (none, nothing under way)."""
+        if self.state == OUTAGE and self._task is not None:
+            return "waiting"  # a request the spool cannot take waits for a writer
+        return states.METRIC_LABELS[self.state]
+
+    def _active(self) -> bool:
+        """Logged in (not the admin console) and not closed."""
+        return LINKED <= self.state <= OUTAGE
+
+    def _to(self, new: int) -> None:
+        """The one way the session's state changes: checked against `states.allowed`; entering or
+        leaving a state that answers locally (ABORTED, OUTAGE) switches the relay's inspector."""
+        old = self.state
+        if not states.allowed[old * states.COUNT + new]:
+            raise IllegalTransition(f"{self.id}: {states.name(old)} -> {states.name(new)}")
+        self.state = new
+        if new == ABORTED:
+            self._relay.set_inspector(self._inspect_aborted, _ALL_FRONTEND)
+        elif new == OUTAGE:
+            self._relay.set_inspector(self._inspect_outage, _ALL_FRONTEND)
+        elif old in (ABORTED, OUTAGE):
+            self._restore_inspector()
+        if states.LOGGED[new] or states.LOGGED[old]:
+            logs.event("client_state", logs.DEBUG, conn=self.id, state=states.name(new), was=states.name(old))
 
     # ---------------------------------------------------------------- asyncio.Protocol
 
@@ -249,10 +275,11 @@ class ClientSession(asyncio.Protocol):
         self._handshake_task = asyncio.get_running_loop().create_task(self._handshake())
 
     def data_received(self, data: bytes) -> None:
-        if self._linked:
+        state = self.state
+        if state == LINKED:
             server = self.server
             if self._gate.closed and self._between_transactions():
-                self._unlink()
+                self._unlink(GATED)
                 self._hold(data)
                 self._start(self._resume_after_gate())
                 return
@@ -271,35 +298,35 @@ class ClientSession(asyncio.Protocol):
             if out is not None:
                 for span in spans:
                     out.write(span)
-            if self._relay.paused and self._linked:  # Terminate
+            if self._relay.paused and self.state == LINKED:  # Terminate
                 self._relay_stopped()
             return
-        if self.state is ClientState.ACTIVE:
-            if self._outage is not None:
-                try:
-                    self._relay.feed(data)
-                except Exception as exc:
-                    self._malformed(exc)
-                    return
-                # Answered locally, each message as it is read; held (bounded) while the client
-                # does not read its answers or a spool write is under way.
-                if self._write_paused or self._relay.buffered > _HOLD_LIMIT:
-                    self._pause_reading()
+        if state == OUTAGE:
+            try:
+                self._relay.feed(data)
+            except Exception as exc:
+                self._malformed(exc)
                 return
-            if self._aborted is not None:
-                try:
-                    self._relay.feed(data)
-                except Exception as exc:
-                    self._malformed(exc)
-                    return
-                self._after_aborted()
+            # Answered locally, each message as it is read; held (bounded) while the client
+            # does not read its answers or a spool write is under way.
+            if self._write_paused or self._relay.buffered > _HOLD_LIMIT:
+                self._pause_reading()
+            return
+        if state == ABORTED:
+            try:
+                self._relay.feed(data)
+            except Exception as exc:
+                self._malformed(exc)
                 return
-            idle = (self.server is None or self._parked) and self._task is None
+            self._after_aborted()
+            return
+        if LINKED < state < ABORTED:  # IDLE, PARKED, HELD, GATED, MAINTAINING: held unless...
+            idle = state in (IDLE, PARKED) and self._task is None
             if idle and self.transaction_mode and self._attach_query(data):
                 return
             self._hold(data)
             return
-        if self.state is ClientState.CLOSED:
+        if state == CLOSED:
             return
         # The handshake, a login waiting for a server, the admin console: each reads whole
         # messages when it is ready for them. Past the bound, stop reading the socket until it is
@@ -363,7 +390,7 @@ class ClientSession(asyncio.Protocol):
 
     async def _resume_after_gate(self) -> None:
         await self.sidecar.pass_gate()
-        if self.state is ClientState.ACTIVE and self.server is not None:
+        if self.state == GATED and self.server is not None:  # (IDLE if the server was cut meanwhile)
             self._link(self.server)
 
     def _hold(self, data: bytes) -> None:
@@ -377,18 +404,19 @@ class ClientSession(asyncio.Protocol):
 
     def _serve_held(self) -> None:
         """Get a server for the input held while none is linked, unless one is already coming."""
-        if self._task is None and (self.server is None or self._parked):
+        state = self.state
+        if self._task is None and state in (IDLE, PARKED):
             if self._relay.buffered == len(_TERMINATE) and self._relay.peek(5) == _TERMINATE:
                 self.close("client sent Terminate")
                 return
-            if self._parked:
+            if state == PARKED:
                 server = self._unpark()
                 if server is not None:
                     self._link(server)  # the general path, on the server kept from last time
                     return
             if self.transaction_mode and self._attach_now():
                 return
-            self._start(self._attach_next())
+            self._attach_soon()
 
     def _attach_query(self, data: bytes) -> bool:
         """Transaction mode's most common request: one whole, plain Query (no session state, one
@@ -401,13 +429,13 @@ class ClientSession(asyncio.Protocol):
             return self._attach_prepared(data)
         if data[0] == m.F_PARSE:
             # (Answering a Parse here says the transaction status is idle: not inside one.)
-            return (not self._linked and self._prepare_here(data)) or self._attach_parsed(data)
+            return (self.state != LINKED and self._prepare_here(data)) or self._attach_parsed(data)
         if self._relay.whole(data) != m.F_QUERY:
             return False
         kind = _plain_kind(data, 5)
         if kind < 0:
             # The COMMIT that ends an open transaction: nothing to check or rewrite either.
-            if not self._linked or first_keyword(data, 5) not in _COMMITS or has_more_statements(data, 5):
+            if self.state != LINKED or first_keyword(data, 5) not in _COMMITS or has_more_statements(data, 5):
                 return False
             kind = REQUEST_COMMIT
         server = self._server_now()
@@ -554,7 +582,7 @@ class ClientSession(asyncio.Protocol):
         None (nothing done: the general path). Inside a transaction: its own server. Between
         transactions, if the gate is open: the server kept from the last one, else an idle server
         that already has the client's settings, linked (`_attach_now` for the fast paths)."""
-        if self._linked:  # inside a transaction: its own server (the caller checked it is free)
+        if self.state == LINKED:  # inside a transaction: its own server (the caller checked it is free)
             linked = self.server
             if linked is None or (prepared is not None and prepared not in linked.statements):
                 return None
@@ -562,13 +590,13 @@ class ClientSession(asyncio.Protocol):
         pool = self.pool
         if pool is None or self._gate.closed:
             return None
-        if self._parked:
+        if self.state == PARKED:
             kept = self.server
             assert kept is not None
             if kept.tracker.skipping or (prepared is not None and prepared not in kept.statements):
                 return None  # `_hold` runs it on this server through the general path
             if self._unpark() is not None:
-                self._linked = True
+                self._to(LINKED)
                 self._relay.resume()  # (as below)
                 return kept
         server = pool.take_idle_now()
@@ -582,7 +610,7 @@ class ClientSession(asyncio.Protocol):
             pool.release(server, reset=False)  # the general path prepares it
             return None
         self.server = server
-        self._linked = True
+        self._to(LINKED)
         server.link(self, tracked=True)
         if server.params is not self.params_told:
             self.tell_parameters(server.params)
@@ -595,15 +623,15 @@ class ClientSession(asyncio.Protocol):
         server = self.server
         pool = self.pool
         assert server is not None and pool is not None
-        self._parked = False
         if not self._gate.closed and pool.unpark(server):
-            return server
+            return server  # (still PARKED: the caller links it)
         self.give_back(server)
         return None
 
     def give_back(self, server: ServerConnection) -> None:
         """Hand the kept server back to the pool (`Parker`: another client needs it)."""
-        self._parked = False
+        if self.state == PARKED:
+            self._to(IDLE)
         if self.server is server:
             self.server = None
         if self.pool is not None:
@@ -631,7 +659,7 @@ class ClientSession(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        if self.state is not ClientState.CLOSED:
+        if self.state != CLOSED:
             reason = f"client connection lost: {exc}" if exc else "client disconnected"
             self._finish(reason)
         self._wake()
@@ -648,7 +676,7 @@ class ClientSession(asyncio.Protocol):
         server = self.server
         if server is not None and server.transport is not None:
             server.transport.resume_reading()
-        if self._outage is not None and self._task is None:
+        if self.state == OUTAGE and self._task is None:
             self._answer_outage_input()
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
@@ -909,16 +937,16 @@ class ClientSession(asyncio.Protocol):
             # Nobody waits for a server: keep this one for the next transaction, which then
             # starts without a checkout. Still linked, so whatever the server says meanwhile
             # (a FATAL goodbye) reaches this session.
-            self._linked = False
+            self._to(PARKED)
             self._relay.hold()
-            self._parked = True
             if self._relay.buffered:
                 self._serve_held()  # input that came with the last answer: the next transaction
             return
-        self._unlink()
         if maintenance:
+            self._unlink(MAINTAINING)
             self._start(self._maintain(server))
         else:
+            self._unlink(IDLE)
             self._release_transaction_server()
 
     def server_error(self, fields: dict[str, str]) -> None:
@@ -964,8 +992,9 @@ class ClientSession(asyncio.Protocol):
         in_block = server.tx_status in (m.TX_IN_BLOCK, m.TX_FAILED)
         broken = server.mid_response
         self.server = None
-        self._linked = False
-        self._parked = False
+        active = self._active()
+        if active and self.state != IDLE:
+            self._to(IDLE)
         self._relay.hold()
         server.unlink()
         if self.pool is not None:
@@ -982,6 +1011,8 @@ class ClientSession(asyncio.Protocol):
             in_transaction=in_block,
             reason=reason,
         )
+        if not active:
+            return  # a login's first server (the login fails on it), or the session is closing
         if broken:
             self.fail(
                 UpstreamUnavailable(f"lost upstream {server.endpoint} in the middle of a response: {reason}")
@@ -997,7 +1028,7 @@ class ClientSession(asyncio.Protocol):
             return
         if in_flight == 0 and not in_block:
             if self._relay.buffered and self._task is None:
-                self._start(self._attach_next())
+                self._attach_soon()
             return
         owed = b""
         status = m.TX_FAILED if in_block else m.TX_IDLE
@@ -1034,15 +1065,15 @@ class ClientSession(asyncio.Protocol):
         self._send(owed)
         if status == m.TX_FAILED:
             self._answer_aborted(first_error_sent=in_flight > 0)
-        elif self._relay.buffered and self._task is None:
-            self._start(self._attach_next())
+        elif self._relay.buffered and self._task is None and self.state == IDLE:
+            self._attach_soon()
 
     def _answer_aborted(self, first_error_sent: bool) -> None:
         """Answer the client locally until it ends the transaction the failover cut."""
         # Statements prepared before the cut still exist for the client (a driver may have
         # prepared its ROLLBACK long ago), as they would in PostgreSQL after an error.
         self._aborted = AbortedTransaction(first_error_sent, self._known_statements())
-        self._relay.set_inspector(self._inspect_aborted, _ALL_FRONTEND)
+        self._to(ABORTED)
         try:
             self._relay.resume()  # everything held is answered (dropped) by _inspect_aborted
         except Exception as exc:
@@ -1069,14 +1100,14 @@ class ClientSession(asyncio.Protocol):
             return
         self._aborted = None
         self._adopt_aborted_statements(aborted)
-        self._restore_inspector()
+        self._to(IDLE)
         if aborted.handback is not None:
             # What followed the ROLLBACK in the client's query string runs on the server, answered
             # as part of the same request (ROLLBACK; DEALLOCATE ALL: two results, one ReadyForQuery).
             self._relay.unread(aborted.handback)
         logs.event("aborted_transaction_ended", conn=self.id)
         if self._relay.buffered and self._task is None:
-            self._start(self._attach_next())
+            self._attach_soon()
 
     def _adopt_aborted_statements(self, aborted: AbortedTransaction) -> None:
         """Named statements the client prepared or closed while its transaction was answered
@@ -1101,6 +1132,11 @@ class ClientSession(asyncio.Protocol):
 
     # ---------------------------------------------------------------- server changes
 
+    def _attach_soon(self) -> None:
+        """HELD: get a server for the held input (`_attach_next`)."""
+        self._to(HELD)
+        self._start(self._attach_next())
+
     def _start(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._task = task
@@ -1119,16 +1155,10 @@ class ClientSession(asyncio.Protocol):
             self.fail(ProxyError(f"internal error in pgsidecar: {exc!r}"))
         elif self._needs_server():
             # Input arrived while the previous server was being released: get a new one.
-            self._start(self._attach_next())
+            self._attach_soon()
 
     def _needs_server(self) -> bool:
-        return (
-            self.state is ClientState.ACTIVE
-            and not self._linked
-            and self.server is None
-            and self._task is None
-            and self._relay.buffered > 0
-        )
+        return self.state == IDLE and self.server is None and self._task is None and self._relay.buffered > 0
 
     def tell_parameters(self, params: dict[str, str]) -> None:
         """Tell the client `params`, its server's ParameterStatus values, where they differ from
@@ -1146,7 +1176,7 @@ class ClientSession(asyncio.Protocol):
 
     def _link(self, server: ServerConnection) -> None:
         self.server = server
-        self._linked = True
+        self._to(LINKED)
         server.link(self, tracked=self.transaction_mode)
         if server.params is not self.params_told:
             self.tell_parameters(server.params)
@@ -1164,7 +1194,7 @@ class ClientSession(asyncio.Protocol):
         if out is not None:
             for span in spans:
                 out.write(span)
-        if self._relay.paused and self._linked:  # the held input ended with Terminate
+        if self._relay.paused and self.state == LINKED:  # the held input ended with Terminate
             self._relay_stopped()
 
     def _malformed(self, exc: Exception) -> None:
@@ -1182,7 +1212,7 @@ class ClientSession(asyncio.Protocol):
         spans = self._relay.stop()
         self._pause_reading()
         server = self.server
-        out = server.transport if server is not None and self._linked else None
+        out = server.transport if server is not None and self.state == LINKED else None
         if out is not None:
             for span in spans:
                 out.write(span)
@@ -1206,7 +1236,7 @@ class ClientSession(asyncio.Protocol):
     def _answers_due(self) -> bool:
         """Requests of the client's still unanswered by its linked server."""
         server = self.server
-        if server is None or not self._linked or self.state is not ClientState.ACTIVE:
+        if server is None or self.state != LINKED:
             return False
         return len(server.in_flight) > 0
 
@@ -1217,8 +1247,9 @@ class ClientSession(asyncio.Protocol):
             await asyncio.sleep(0.005)
         self.fail(error)
 
-    def _unlink(self) -> None:
-        self._linked = False
+    def _unlink(self, new: int) -> None:
+        """LINKED -> `new`: the relay holds client input; the server stops calling back."""
+        self._to(new)
         self._relay.hold()
         if self.server is not None:
             self.server.unlink()
@@ -1248,6 +1279,8 @@ class ClientSession(asyncio.Protocol):
         self._settings_dirty = self._reset_all = self._discarded = False
         self._reset_names.clear()
         self.wants_ready = self.transaction_mode
+        if self.state == MAINTAINING:
+            self._to(IDLE)
         if self.server is server:
             self.server = None
         if self.pool is not None:
@@ -1274,9 +1307,10 @@ class ClientSession(asyncio.Protocol):
         self._settings_dirty = self._reset_all = self._discarded = False
         self._reset_names.clear()
         self.wants_ready = self.transaction_mode
-        if self.state is not ClientState.ACTIVE:
-            return
+        if self.state != MAINTAINING:
+            return  # closed meanwhile
         if self.transaction_mode:
+            self._to(IDLE)
             self._release_transaction_server()
         else:
             self._link(server)
@@ -1286,7 +1320,7 @@ class ClientSession(asyncio.Protocol):
         if server is not None and self.pool is not None:
             self.pool.release(server, reset=False)
         if self._needs_server():
-            self._start(self._attach_next())
+            self._attach_soon()
 
     async def _attach_next(self) -> None:
         """A server for the client's next transaction (transaction mode, or a session whose server
@@ -1299,7 +1333,7 @@ class ClientSession(asyncio.Protocol):
             except SpoolNow:
                 self._enter_outage()
                 return
-            if self.state is not ClientState.ACTIVE:
+            if self.state != HELD:  # closed meanwhile
                 pool.release(server, reset=False)
                 return
             try:
@@ -1321,7 +1355,7 @@ class ClientSession(asyncio.Protocol):
             except ProxyError:
                 pool.release(server, reset=not self.transaction_mode)
                 raise
-            if self.state is not ClientState.ACTIVE:
+            if self.state != HELD:
                 pool.release(server, reset=False)
                 return
             self._link(server)
@@ -1472,7 +1506,6 @@ class ClientSession(asyncio.Protocol):
         return True
 
     async def _authenticate(self, startup: m.StartupPacket) -> None:
-        self.state = ClientState.AUTH
         params = startup.params
         self.user = params.get("user", "")
         if not self.user:
@@ -1519,11 +1552,11 @@ class ClientSession(asyncio.Protocol):
             # operator must be able to RESUME a paused sidecar).
             console = self._admin(self, self._read_message, self._send)
             await console.login(self._password)
-            self.state = ClientState.ADMIN
+            self._to(ADMIN)
             self.sidecar.stats.clients_accepted += 1
             self.close(await console.serve(self._register_backend_key()))
             return
-        self.state = ClientState.CONNECTING
+        self._to(CONNECTING)
         pool = self.sidecar.pool_for(self.user, self.database)
         self.pool = pool
         passthrough = self.sidecar.config.auth.method == "passthrough"
@@ -1534,7 +1567,7 @@ class ClientSession(asyncio.Protocol):
         except SpoolNow:
             self._degraded_login()
             return
-        if self.state is ClientState.CLOSED:  # the client gave up while we waited
+        if self.state == CLOSED:  # the client gave up while we waited
             pool.release(server, reset=not self.transaction_mode)
             return
         self.server = server
@@ -1574,10 +1607,10 @@ class ClientSession(asyncio.Protocol):
         rest = self._reader.take_rest()
         if rest:
             self.data_received(rest)
-        if self._outage is not None:
+        if self.state == OUTAGE:
             if self._task is None:  # (else the spool write under way answers the rest)
                 self._answer_outage_input()
-        elif self.state is ClientState.ACTIVE and self._relay.buffered <= _HOLD_LIMIT:
+        elif self._active() and self._relay.buffered <= _HOLD_LIMIT:
             self._resume_reading()
 
     # ---------------------------------------------------------------- full outage (spool)
@@ -1612,7 +1645,7 @@ class ClientSession(asyncio.Protocol):
         self._outage = responder
         self._outage_batch = False
         logs.event("session_spooling", conn=self.id)
-        self._relay.set_inspector(self._inspect_outage, _ALL_FRONTEND)
+        self._to(OUTAGE)
         self._relay.resume()
 
     def _known_statements(self) -> dict[str, bytes]:
@@ -1697,7 +1730,7 @@ class ClientSession(asyncio.Protocol):
                 if (
                     writer is not None
                     and handback is not None
-                    and self.state is ClientState.ACTIVE
+                    and self.state == OUTAGE
                     and self._outage is responder
                     and not spooling.spooling
                 ):
@@ -1711,13 +1744,13 @@ class ClientSession(asyncio.Protocol):
                 self.sidecar.stats.client_errors[SqlState.CANNOT_CONNECT_NOW.value] += 1
                 self._send(responder.refuse(verdict.reason))
                 break
-        if self.state is ClientState.ACTIVE and self._outage is responder:
+        if self.state == OUTAGE and self._outage is responder:
             self._answer_outage_input()
 
     def _answer_outage_input(self) -> None:
         """Answer what the client sent while the responder waited (a spool write, a client not
         reading its answers), then read on if nothing more is held."""
-        if self.state is not ClientState.ACTIVE:
+        if not self._active():
             return
         if self._relay.paused:
             try:
@@ -1725,7 +1758,7 @@ class ClientSession(asyncio.Protocol):
             except Exception as exc:
                 self._malformed(exc)
                 return
-        if self._outage is not None and not self._relay.paused and not self._write_paused:
+        if self.state == OUTAGE and not self._relay.paused and not self._write_paused:
             self._resume_reading()
 
     def _restore_inspector(self) -> None:
@@ -1742,14 +1775,14 @@ class ClientSession(asyncio.Protocol):
         self._outage = None
         if responder is not None:
             self._adopt_statements(responder)
-        self._restore_inspector()
+        self._to(IDLE)
         logs.event("session_spooling_ended", conn=self.id)
         # HOLD left the relay paused with the message in hand: get a server for it.
         asyncio.get_running_loop().call_soon(self._after_outage)
 
     def _after_outage(self) -> None:
         if self._needs_server():
-            self._start(self._attach_next())
+            self._attach_soon()
 
     def _adopt_statements(self, responder: OutageResponder) -> None:
         """Statements the client prepared during the outage exist on no server: learn them so
@@ -1792,7 +1825,7 @@ class ClientSession(asyncio.Protocol):
             )
         )
         self.params_told = params
-        self.state = ClientState.ACTIVE
+        self._to(IDLE)  # then LINKED (session mode), OUTAGE (a login during an outage) or IDLE
         self.sidecar.stats.clients_accepted += 1
 
     async def _apply_startup_settings(self, server: ServerConnection) -> None:
@@ -1823,9 +1856,9 @@ class ClientSession(asyncio.Protocol):
 
     def fail(self, exc: ProxyError) -> None:
         """Send `exc` to the client as a FATAL error and close (every disconnect has a reason)."""
-        if self.state is ClientState.CLOSED:
+        if self.state == CLOSED:
             return
-        if self.state is not ClientState.ACTIVE:
+        if not self._active():
             self.sidecar.stats.clients_refused[exc.code] += 1
         else:
             self.sidecar.stats.client_errors[exc.code] += 1
@@ -1835,22 +1868,20 @@ class ClientSession(asyncio.Protocol):
         self.close(f"{exc.code}: {exc.message}")
 
     def close(self, reason: str) -> None:
-        if self.state is ClientState.CLOSED:
+        if self.state == CLOSED:
             return
         if self.transport is not None:
             self.transport.close()
         self._finish(reason)
 
     def _finish(self, reason: str) -> None:
-        self.state = ClientState.CLOSED
+        linked = self.state == LINKED
+        self._to(CLOSED)
         self._close_reason = reason
         if self._handshake_task is not None and not self._handshake_task.done():
             self._handshake_task.cancel()
         if self._task is not None and not self._task.done():
             self._task.cancel()
-        linked = self._linked
-        self._linked = False
-        self._parked = False
         server, self.server = self.server, None
         if server is not None and self.pool is not None:
             if server.state is ServerState.CLOSED:

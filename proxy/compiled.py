@@ -36,6 +36,7 @@ from typing import Final
 # The data path: everything a relayed message touches. (Order does not matter.)
 MODULES: Final = (
     "proxy.client",
+    "proxy.session.states",
     "proxy.server",
     "proxy.pool",
     "proxy.statements",
