@@ -86,38 +86,56 @@ def server_out(server: ServerConnection) -> FakeTransport:
 
 
 class FakePool:
-    """Hands out real servers on fake transports; `parking` says whether `park` accepts."""
+    """Hands out real servers on fake transports; `parking` says whether `park` accepts. Keeps
+    the places `ClientSession` looks into (idle, parked, active)."""
 
     def __init__(self, servers: int = 1, parking: bool = True) -> None:
         self.idle = [make_server() for _ in range(servers)]
+        self.parked: dict[ServerConnection, Any] = {}
+        self.active: set[ServerConnection] = set()
         self.parking = parking
         self.released: list[tuple[ServerConnection, bool]] = []
         self.forgotten: list[ServerConnection] = []
 
     async def acquire(self, password: str | None = None) -> ServerConnection:
-        return self.idle.pop(0) if self.idle else make_server()
+        server = self.idle.pop(0) if self.idle else make_server()
+        self.active.add(server)
+        return server
 
     def take_idle_now(self) -> ServerConnection | None:
-        return self.idle.pop(0) if self.idle else None
+        if not self.idle:
+            return None
+        server = self.idle.pop(0)
+        self.active.add(server)
+        return server
 
     def release(
         self, server: ServerConnection, reset: bool = True, resync: bool = False, unknown: bool = False
     ) -> None:
         self.released.append((server, reset))
+        self.active.discard(server)
+        self.parked.pop(server, None)
         if server.state is not ServerState.CLOSED:
             self.idle.append(server)
 
     def park(self, server: ServerConnection, client: Any) -> bool:
+        if self.parking:
+            self.active.discard(server)
+            self.parked[server] = client
         return self.parking
 
     def unpark(self, server: ServerConnection) -> bool:
+        self.parked.pop(server, None)
+        self.active.add(server)
         return True
 
     def forget(self, server: ServerConnection) -> None:
+        self.active.discard(server)
+        self.parked.pop(server, None)
         self.forgotten.append(server)
 
     def discard(self, server: ServerConnection, reason: str) -> None:
-        self.forgotten.append(server)
+        self.forget(server)
 
 
 class FakeHost:
