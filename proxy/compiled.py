@@ -37,6 +37,13 @@ from typing import Final
 MODULES: Final = (
     "proxy.client",
     "proxy.session.states",
+    "proxy.session.core",
+    "proxy.session.attach",
+    "proxy.session.session_relay",
+    "proxy.session.transaction_routing",
+    "proxy.session.carryover",
+    "proxy.session.outage_session",
+    "proxy.session.login",
     "proxy.server",
     "proxy.pool",
     "proxy.statements",
