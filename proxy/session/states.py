@@ -11,6 +11,8 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import Final
 
+from mypy_extensions import mypyc_attr
+
 
 class ClientState(IntEnum):
     LOGGING_IN = 0  # SSL/GSS negotiation, startup packet, authentication
@@ -94,6 +96,7 @@ METRIC_LABELS: Final = (
 LOGGED: Final = bytes(1 if s in (GATED, ABORTED, OUTAGE) else 0 for s in range(COUNT))
 
 
+@mypyc_attr(native_class=False)  # (mypyc compiles no subclass of a builtin exception)
 class IllegalTransition(RuntimeError):
     """A session step tried a state change the table does not allow: a bug in the session."""
 

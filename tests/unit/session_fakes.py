@@ -1,7 +1,11 @@
 """Fakes around a real `ClientSession` and real `ServerConnection`s: a transport that records what
 is written, a host (the `SessionHost` protocol) and a pool that hand out servers whose transports
 are fakes too. No sockets, no event loop beyond the one the test runs; the session and the
-servers are the real code, so their states and bytes are what the sidecar would produce."""
+servers are the real code, so their states and bytes are what the sidecar would produce.
+
+Compiled, the session checks the types of what it is given (a `FakePool` is no `Pool`): the tests
+using these fakes run from the Python sources, in a subprocess when this process imported the
+compiled build (tests/unit/test_session_sources.py). Same source, same logic."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import asyncio
 import struct
 from typing import Any, cast
 
+from proxy import compiled
 from proxy.client import ClientSession
 from proxy.metrics import Stats
 from proxy.pool import Gate
@@ -25,6 +30,8 @@ from sidecar_config import (
     UserConfig,
 )
 
+# Whether this process runs the compiled build (then the fake-driven tests run in a subprocess).
+COMPILED = compiled.status == "compiled"
 ENDPOINT = Endpoint("127.0.0.1", 5432)
 SERVER_PARAMS = {"server_version": "15.0", "client_encoding": "UTF8", "standard_conforming_strings": "on"}
 

@@ -14,6 +14,7 @@ from proxy.session.host import ADMIN_DATABASE
 from proxy.session.states import ClientState, IllegalTransition
 
 from .session_fakes import (
+    COMPILED,
     SYNC,
     FakeHost,
     answer,
@@ -28,6 +29,8 @@ from .session_fakes import (
     server_out,
     settle,
 )
+
+pytestmark = pytest.mark.skipif(COMPILED, reason="run from the sources: test_session_sources.py")
 
 S = ClientState
 

@@ -16,6 +16,7 @@ import asyncio
 import struct
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,6 +25,7 @@ from proxy.protocol import messages as m
 from proxy.server import ServerConnection
 
 from .session_fakes import (
+    COMPILED,
     SYNC,
     FakeHost,
     FakePool,
@@ -37,6 +39,8 @@ from .session_fakes import (
     server_out,
     settle,
 )
+
+pytestmark = pytest.mark.skipif(COMPILED, reason="run from the sources: test_session_sources.py")
 
 # The requests a driver sends most, each one whole request ending in Query or Sync.
 REQUESTS: dict[str, bytes] = {
