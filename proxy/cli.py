@@ -9,7 +9,7 @@ import os
 import secrets
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sidecar_config import ConfigError, SidecarConfig, dump_effective, load_config
@@ -18,7 +18,6 @@ from . import logs
 
 if TYPE_CHECKING:
     from .app import Sidecar
-    from .server import ServerConnection
     from .spool import SpoolStore
 
 EXIT_OK = 0
@@ -203,23 +202,11 @@ async def _find_writer(sidecar: Sidecar) -> None:
     raise CliFailure(f"no writable upstream found: {topology.problem}")
 
 
-def _replay_connector(sidecar: Sidecar) -> Callable[[str, str], Awaitable[ServerConnection]]:
-    async def connect(user: str, database: str) -> ServerConnection:
-        writer = sidecar.topology.writer
-        if writer is None:
-            from .protocol.sqlstate import UpstreamUnavailable
-
-            raise UpstreamUnavailable("no writable upstream")
-        params = {"user": user, "database": database, "application_name": "pgsidecar-replay"}
-        return await sidecar.open_server(writer, params, None)
-
-    return connect
-
-
 def cmd_spool_replay(args: argparse.Namespace) -> int:
     from .app import Sidecar
     from .spool import SpoolError
     from .spool.replay import Replayer
+    from .spooling import replay_connector
 
     async def body(cfg: SidecarConfig) -> int:
         store = await _open_spool(cfg)
@@ -234,7 +221,7 @@ def cmd_spool_replay(args: argparse.Namespace) -> int:
             await _find_writer(sidecar)
             print(f"replaying into the writer {sidecar.topology.writer}")
             owner = f"cli:{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-            result = await Replayer(store, _replay_connector(sidecar), sidecar.stats, owner).drain()
+            result = await Replayer(store, replay_connector(sidecar), sidecar.stats, owner).drain()
         finally:
             await sidecar.topology.stop()
             await store.close()
@@ -258,6 +245,7 @@ def cmd_init_db(args: argparse.Namespace) -> int:
     from .app import Sidecar
     from .protocol.sqlstate import ProxyError
     from .spool.replay import LEDGER_TABLE, ensure_ledger
+    from .spooling import replay_connector
 
     async def body(cfg: SidecarConfig) -> int:
         user = args.user or cfg.upstream.probe_user or "postgres"
@@ -265,7 +253,7 @@ def cmd_init_db(args: argparse.Namespace) -> int:
         sidecar = Sidecar(cfg, args.config)
         try:
             await _find_writer(sidecar)
-            connect = _replay_connector(sidecar)
+            connect = replay_connector(sidecar)
             for database in databases:
                 try:
                     conn = await connect(user, database)

@@ -177,7 +177,7 @@ class AbortedTransaction:
                     self.closed.add(name)
             else:
                 self._portals.pop(name, None)
-            return m.message(b"3")
+            return m.close_complete()
         if type_byte == m.F_FUNCTION_CALL:
             return self._error() + m.ready_for_query(m.TX_FAILED)
         return b""  # CopyData / CopyDone / CopyFail with no COPY running: ignored, as PostgreSQL does
@@ -190,7 +190,7 @@ class AbortedTransaction:
         except _SqlError as exc:
             return self._error(exc.code, exc.message) + m.ready_for_query(m.TX_FAILED)
         if not statements:
-            return m.message(b"I") + m.ready_for_query(m.TX_FAILED)  # EmptyQueryResponse
+            return m.empty_query_response() + m.ready_for_query(m.TX_FAILED)
         if first in (_ENDS, _COMMITS):
             self.done = True
             if first == _COMMITS and not self._first_sent:
@@ -243,7 +243,7 @@ class AbortedTransaction:
         if parse.name:
             self.parsed[parse.name] = bytes(msg)
             self.closed.discard(parse.name)
-        return m.message(b"1")
+        return m.parse_complete()
 
     def _bind(self, msg: memoryview) -> bytes:
         body = bytes(msg[5:])
@@ -269,7 +269,7 @@ class AbortedTransaction:
         if portal and portal in self._portals:
             raise _SqlError("42P03", f'cursor "{portal}" already exists')
         self._portals[portal] = stmt
-        return m.message(b"2")
+        return m.bind_complete()
 
     def _describe(self, msg: memoryview) -> bytes:
         kind, name = m.decode_close(msg[5:])
@@ -280,12 +280,11 @@ class AbortedTransaction:
             if stmt.kind == _OTHER:
                 raise _SqlError("25P02", "")  # (taken to return rows, which PostgreSQL refuses here)
             types = stmt.types
-            description = len(types).to_bytes(2, "big") + b"".join(t.to_bytes(4, "big") for t in types)
             # No transaction-control statement returns rows.
-            return m.message(b"t", description) + m.message(b"n")
+            return m.parameter_description(types) + m.no_data()
         if name not in self._portals:
             raise _SqlError("34000", _quoted("portal", name))
-        return m.message(b"n")
+        return m.no_data()
 
     def _execute(self, msg: memoryview) -> bytes:
         portal = bytes(msg[5:]).split(b"\x00", 1)[0].decode("utf-8", "replace")

@@ -478,6 +478,9 @@ class ServerConnection(asyncio.Protocol):
         forward, before, after, failed = self.tracker.on_server_message(type_byte, self.tx_status)
         for name in failed:
             self.statements.discard(name)
+        if type_byte == m.B_ERROR:
+            for _ in range(self.tracker.take_skipped()):
+                self.in_flight.pop()  # a Query the server skipped: no ReadyForQuery will answer it
         if before:
             self._relay.insert(before)
         if after:

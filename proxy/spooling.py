@@ -16,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import logs
-from .protocol.sqlstate import ProxyError
+from .protocol.sqlstate import ProxyError, UpstreamUnavailable
 from .server import ServerConnection
 from .spool import SpoolError, SpoolRecord, SpoolStore, open_store
 from .spool.classify import Classifier
@@ -39,6 +40,26 @@ _IDLE_POLL = 1.0
 _RETRY_AFTER = 0.5
 # Refill a (user, database)'s front-door answers when older than this.
 _FRONTDOOR_MAX_AGE = 3600.0
+
+
+def replay_connector(sidecar: Sidecar) -> Callable[[str, str], Awaitable[ServerConnection]]:
+    """How a Replayer logs in, in the sidecar's drain loop and in `pgsidecar spool replay` /
+    `init-db` alike: to the writer the topology knows now, as the record's user, like any upstream
+    login (TLS, connect timeout, IAM token or configured password). A user whose pool already
+    logged in (passthrough) uses the password PostgreSQL accepted there."""
+
+    async def connect(user: str, database: str) -> ServerConnection:
+        writer = sidecar.topology.writer
+        if writer is None:
+            # A ProxyError, as a failed login would be: the Replayer reports it for the record
+            # and stops the drain; the next one starts over once a writer is known.
+            raise UpstreamUnavailable("no writable upstream")
+        pool = sidecar.pools.get((user, database))
+        password = pool.known_password if pool is not None else None
+        params = {"user": user, "database": database, "application_name": "pgsidecar-replay"}
+        return await sidecar.open_server(writer, params, password)
+
+    return connect
 
 
 class SpoolNow(Exception):
@@ -66,6 +87,7 @@ class SpoolService:
         # host + listen address is unique while the process runs: the OS lets only one process
         # listen there (pids are not: a container's sidecar is pid 1 on every restart anyway).
         self.owner = f"{socket.gethostname()}:{sidecar.config.listen}"
+        self._connect = replay_connector(sidecar)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._fills: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -215,12 +237,3 @@ class SpoolService:
                 remaining=self.sidecar.spool_pending,
                 stopped_by=result.stopped_by_error,
             )
-
-    async def _connect(self, user: str, database: str) -> ServerConnection:
-        writer = self.sidecar.topology.writer
-        if writer is None:
-            raise SpoolError("no writer to replay to")
-        pool = self.sidecar.pools.get((user, database))
-        password = pool.known_password if pool is not None else None
-        params = {"user": user, "database": database, "application_name": "pgsidecar-replay"}
-        return await self.sidecar.open_server(writer, params, password)

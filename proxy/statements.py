@@ -97,19 +97,6 @@ class ClientStatement:
     parse_message: bytes  # a complete Parse message under `global_name`
 
 
-def parse_message(name: str, query: str, param_types: tuple[int, ...]) -> bytes:
-    body = (
-        name.encode() + b"\x00" + query.encode() + b"\x00"
-        + len(param_types).to_bytes(2, "big")
-        + b"".join(oid.to_bytes(4, "big") for oid in param_types)
-    )  # fmt: skip
-    return m.message(b"P", body)
-
-
-def close_statement_message(name: str) -> bytes:
-    return m.message(b"C", b"S" + name.encode() + b"\x00")
-
-
 def rename_in(msg: memoryview, offset: int, old_len: int, new_name: str) -> bytes:
     """Copy of message `msg` with the C string of `old_len` bytes at `offset` replaced."""
     tail = msg[offset + old_len :]
@@ -154,7 +141,7 @@ class ServerStatements:
 class ResponseTracker:
     """Walks a server's answers against what was sent (see module docstring)."""
 
-    __slots__ = ("_pending", "_queued", "fast", "queue", "skipping")
+    __slots__ = ("_pending", "_queued", "fast", "queue", "skipped_requests", "skipping")
 
     def __init__(self) -> None:
         self.queue: deque[Entry] = deque()
@@ -171,6 +158,10 @@ class ResponseTracker:
         # no matching (no hidden or synthetic entry, one Sync or Query, last); any other `expect`
         # clears it. A whole answer ending in ReadyForQuery then settles the queue at once.
         self.fast = False
+        # Queries (and FunctionCalls) the server ignored because an error before them in the
+        # same batch started the skip to Sync: their ReadyForQuery will never come. The server
+        # connection takes them off its requests in flight (`take_skipped`).
+        self.skipped_requests = 0
 
     def __bool__(self) -> bool:
         return len(self._pending) > 0 or (self._queued and len(self.queue) > 0)
@@ -236,10 +227,13 @@ class ResponseTracker:
         if type_byte == 0x45:  # ErrorResponse
             if head.kind is Expect.QUERY:
                 return True, before, b"", []
-            # The failing message and everything up to Sync are skipped by the server.
-            while queue and queue[0].kind not in (Expect.SYNC, Expect.QUERY):
+            # The failing message and everything up to Sync are skipped by the server, a simple
+            # Query too (PostgreSQL ignores every message until Sync; only the Sync is answered).
+            while queue and queue[0].kind is not Expect.SYNC:
                 entry = queue.popleft()
-                if entry.kind in (Expect.PARSE, Expect.PARSE_HIDDEN) and entry.name:
+                if entry.kind is Expect.QUERY:
+                    self.skipped_requests += 1
+                elif entry.kind in (Expect.PARSE, Expect.PARSE_HIDDEN) and entry.name:
                     failed.append(entry.name)
             if not queue:
                 self.skipping = True
@@ -252,6 +246,12 @@ class ResponseTracker:
 
     def sync_sent(self) -> None:
         self.skipping = False
+
+    def take_skipped(self) -> int:
+        """How many requests (Query, FunctionCall) the server skipped since the last call."""
+        skipped = self.skipped_requests
+        self.skipped_requests = 0
+        return skipped
 
 
 class StatementRouter:
@@ -280,7 +280,7 @@ class StatementRouter:
             statements.touch(stmt.global_name)
             return
         for old in statements.add(stmt.global_name):
-            relay.insert(close_statement_message(old))
+            relay.insert(m.close("S", old))
             server.tracker.expect(Expect.CLOSE_HIDDEN, old)
         relay.insert(stmt.parse_message)
         server.tracker.expect(Expect.PARSE_HIDDEN, stmt.global_name)
@@ -292,7 +292,7 @@ class StatementRouter:
         parse = m.decode_parse(msg[5:])
         if local is not None:
             self.local[parse.name] = local
-            return Action.DROP, self._owe(server, m.message(b"1"))
+            return Action.DROP, self._owe(server, m.parse_complete())
         self.local.pop(parse.name, None)
         if not parse.name:
             self.unnamed = bytes(msg)
@@ -300,17 +300,17 @@ class StatementRouter:
             tracker.expect(Expect.PARSE)
             return Action.FORWARD, b""
         global_name = self.registry.name_for(parse.query, parse.param_types)
-        stmt = ClientStatement(global_name, parse_message(global_name, parse.query, parse.param_types))
+        stmt = ClientStatement(global_name, m.parse(global_name, parse.query, parse.param_types))
         # PostgreSQL refuses to re-Parse an existing name (42P05) unless it was closed first; clients
         # that do so expect the new text, which the new mapping gives them.
         self.statements[parse.name] = stmt
         statements: ServerStatements = server.statements
         if global_name in statements:
             statements.touch(global_name)
-            owed = tracker.expect(Expect.SYNTHETIC, data=m.message(b"1"), tx_status=server.tx_status)
+            owed = tracker.expect(Expect.SYNTHETIC, data=m.parse_complete(), tx_status=server.tx_status)
             return Action.DROP, owed
         for old in statements.add(global_name):
-            relay.insert(close_statement_message(old))
+            relay.insert(m.close("S", old))
             tracker.expect(Expect.CLOSE_HIDDEN, old)
         relay.insert(stmt.parse_message)
         tracker.expect(Expect.PARSE, global_name)
@@ -351,7 +351,7 @@ class StatementRouter:
         local = self.local.get(statement)
         if local is not None:
             self.local_portals[portal] = local
-            return Action.DROP, self._owe(server, m.message(b"2"))
+            return Action.DROP, self._owe(server, m.bind_complete())
         self.local_portals.pop(portal, None)
         return self._rename(msg, 5 + portal_end + 1, Expect.BIND, server, relay), b""
 
@@ -361,10 +361,10 @@ class StatementRouter:
         name = _cstr_at(msg, 6)
         if msg[5] == 0x53:  # 'S'
             if name in self.local:  # no parameters, no rows
-                return Action.DROP, self._owe(server, m.message(b"t", b"\x00\x00") + m.message(b"n"))
+                return Action.DROP, self._owe(server, m.parameter_description(()) + m.no_data())
             return self._rename(msg, 6, Expect.DESCRIBE_STATEMENT, server, relay), b""
         if name in self.local_portals:
-            return Action.DROP, self._owe(server, m.message(b"n"))
+            return Action.DROP, self._owe(server, m.no_data())
         server.tracker.expect(Expect.DESCRIBE_PORTAL)
         return Action.FORWARD, b""
 
@@ -384,13 +384,13 @@ class StatementRouter:
         kind, name = m.decode_close(msg[5:])
         if kind == "S" and name in self.local:
             del self.local[name]
-            return Action.DROP, self._owe(server, m.message(b"3"))
+            return Action.DROP, self._owe(server, m.close_complete())
         if kind == "S" and name:
             # The statement stays prepared on the server for other clients; only the client's name
             # goes. PostgreSQL answers CloseComplete even for an unknown name, so do we.
             self.statements.pop(name, None)
             return Action.DROP, server.tracker.expect(
-                Expect.SYNTHETIC, data=m.message(b"3"), tx_status=server.tx_status
+                Expect.SYNTHETIC, data=m.close_complete(), tx_status=server.tx_status
             )
         server.tracker.expect(Expect.CLOSE)
         return Action.FORWARD, b""

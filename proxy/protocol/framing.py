@@ -199,6 +199,11 @@ class Relay:
         if watch is not None:
             self._watch = watch
 
+    def set_watch(self, watch: bytes) -> None:
+        """Look at other message types from now on (from inside `inspect` too: the messages after
+        the one being inspected are read with the new table)."""
+        self._watch = watch
+
     @property
     def mid_message(self) -> bool:
         """True while part of a message has been passed on and the rest is still to come."""
@@ -396,6 +401,7 @@ class Relay:
                 if view is None:
                     view = memoryview(data)
                 action = inspect(type_byte, view[pos:end])
+                watch = self._watch  # (the inspector may have changed it: for what follows)
                 if self._insert:
                     span_start = self._emit(data, view, span_start, pos, out)
                     out.extend(self._insert)

@@ -79,10 +79,24 @@ _I32: Final = struct.Struct("!i")
 _HDR: Final = struct.Struct("!ci")
 _I32x2 = struct.Struct("!ii")
 _I16: Final = struct.Struct("!h")
+# Counts of parameters and format codes: PostgreSQL reads them unsigned (up to 65535 parameters).
+_U16: Final = struct.Struct("!H")
 
 
 def _cstr(value: str) -> bytes:
     return value.encode() + b"\x00"
+
+
+def _text(value: str | bytes) -> bytes:
+    """Text as given: a str is UTF-8; bytes are already in the encoding the session uses (the
+    replayer sends SQL in the recorded client_encoding)."""
+    return value.encode() if isinstance(value, str) else value
+
+
+def _oids(param_types: Sequence[int]) -> bytes:
+    # OIDs are unsigned 32-bit on the wire; the decoders read them as int32, so both forms come
+    # here, and each goes back out as the same four bytes.
+    return b"".join((oid & 0xFFFFFFFF).to_bytes(4, "big") for oid in param_types)
 
 
 def message(type_byte: bytes, body: bytes = b"") -> bytes:
@@ -194,6 +208,33 @@ def empty_query_response() -> bytes:
     return message(b"I")
 
 
+# Body-less answers the transaction-mode router owes for each Parse/Bind/Close it hides: built once.
+_PARSE_COMPLETE: Final = message(b"1")
+_BIND_COMPLETE: Final = message(b"2")
+_CLOSE_COMPLETE: Final = message(b"3")
+_NO_DATA: Final = message(b"n")
+
+
+def parse_complete() -> bytes:
+    return _PARSE_COMPLETE
+
+
+def bind_complete() -> bytes:
+    return _BIND_COMPLETE
+
+
+def close_complete() -> bytes:
+    return _CLOSE_COMPLETE
+
+
+def no_data() -> bytes:
+    return _NO_DATA
+
+
+def parameter_description(param_types: Sequence[int]) -> bytes:
+    return message(b"t", _U16.pack(len(param_types)) + _oids(param_types))
+
+
 # --------------------------------------------------------------------------------------------
 # Frontend messages the sidecar sends upstream.
 
@@ -234,6 +275,52 @@ def terminate() -> bytes:
 
 def sync() -> bytes:
     return message(b"S")
+
+
+def parse(name: str | bytes, sql: str | bytes, param_types: Sequence[int] = ()) -> bytes:
+    """Parse: statement `name` ("" the unnamed one) for `sql`, with parameter type OIDs (0: let
+    the server infer)."""
+    return message(
+        b"P", _text(name) + b"\x00" + _text(sql) + b"\x00" + _U16.pack(len(param_types)) + _oids(param_types)
+    )
+
+
+def bind(
+    portal: str | bytes = "",
+    statement: str | bytes = "",
+    param_formats: Sequence[int] = (),
+    values: Sequence[bytes | None] = (),
+    result_formats: Sequence[int] = (),
+) -> bytes:
+    """Bind: portal from statement, with parameter format codes (none: all text; one: for all),
+    values (None is NULL) and result format codes (same rule)."""
+    parts = [_text(portal), b"\x00", _text(statement), b"\x00", _U16.pack(len(param_formats))]
+    parts.extend(_I16.pack(code) for code in param_formats)
+    parts.append(_U16.pack(len(values)))
+    for value in values:
+        if value is None:
+            parts.append(_I32.pack(-1))
+        else:
+            parts.append(_I32.pack(len(value)))
+            parts.append(value)
+    parts.append(_U16.pack(len(result_formats)))
+    parts.extend(_I16.pack(code) for code in result_formats)
+    return message(b"B", b"".join(parts))
+
+
+def describe(kind: str, name: str | bytes = "") -> bytes:
+    """Describe: `kind` "S" (a prepared statement) or "P" (a portal)."""
+    return message(b"D", kind.encode() + _text(name) + b"\x00")
+
+
+def execute(portal: str | bytes = "", max_rows: int = 0) -> bytes:
+    """Execute: run `portal`, returning at most `max_rows` rows (0: all of them)."""
+    return message(b"E", _text(portal) + b"\x00" + _I32.pack(max_rows))
+
+
+def close(kind: str, name: str | bytes = "") -> bytes:
+    """Close: `kind` "S" (a prepared statement) or "P" (a portal)."""
+    return message(b"C", kind.encode() + _text(name) + b"\x00")
 
 
 # --------------------------------------------------------------------------------------------

@@ -106,8 +106,13 @@ class Attaching(SessionCore):
             return False
         if self._relay.mid_message:
             return False
+        if self.transaction_mode:
+            return True
+        # Session mode: called only while maintenance is due. Not while the client has more
+        # extended-protocol messages on the server that no Sync ended yet: the server would answer
+        # them ahead of the sidecar's own queries.
         maintenance = self._settings_dirty or self._reset_all or bool(self._reset_names) or self._discarded
-        return maintenance or self.transaction_mode
+        return maintenance and self._batch_kind is None
 
     def server_error(self, fields: dict[str, str]) -> None:
         """An ErrorResponse from the linked server (relayed; this only reports failures)."""
@@ -179,7 +184,7 @@ class Attaching(SessionCore):
             logs.event("settings_not_captured", logs.WARNING, conn=self.id, reason=reason)
         self._settings_dirty = self._reset_all = self._discarded = False
         self._reset_names.clear()
-        self.wants_ready = self.transaction_mode
+        self._maintained()
         if self.state == MAINTAINING:
             self._to(IDLE)
         if self.server is server:
@@ -190,6 +195,21 @@ class Attaching(SessionCore):
         self.sidecar.topology.report_failure(server.endpoint, reason)
 
     async def _maintain_on(self, server: ServerConnection) -> None:
+        self._own_query_on = server
+        try:
+            await self._maintenance_queries(server)
+        finally:
+            self._own_query_on = None
+        self._maintained()
+        if self.state != MAINTAINING:
+            return  # closed meanwhile
+        if self.transaction_mode:
+            self._to(IDLE)
+            self._release_transaction_server()
+        else:
+            self._link(server)
+
+    async def _maintenance_queries(self, server: ServerConnection) -> None:
         reset = (
             self.startup_settings
             if self._reset_all
@@ -207,14 +227,12 @@ class Attaching(SessionCore):
             server.statements.replace_all({str(row[0]) for row in result.rows})
         self._settings_dirty = self._reset_all = self._discarded = False
         self._reset_names.clear()
+
+    def _maintained(self) -> None:
+        """Maintenance done (or moot): the relay goes back to watching what it watches between."""
         self.wants_ready = self.transaction_mode
-        if self.state != MAINTAINING:
-            return  # closed meanwhile
-        if self.transaction_mode:
-            self._to(IDLE)
-            self._release_transaction_server()
-        else:
-            self._link(server)
+        if not self.transaction_mode and self._outage is None and self._aborted is None:
+            self._relay.set_watch(self._session_watch())
 
     def _release_transaction_server(self) -> None:
         server, self.server = self.server, None
@@ -237,6 +255,7 @@ class Attaching(SessionCore):
             if self.state != HELD:  # closed meanwhile
                 pool.release(server, reset=False)
                 return
+            self._own_query_on = server
             try:
                 await self._prepare_server(server)
             except asyncio.CancelledError:
@@ -245,6 +264,7 @@ class Attaching(SessionCore):
                 pool.release(server, reset=not self.transaction_mode, unknown=True)
                 raise
             except UpstreamUnavailable as exc:
+                self._own_query_on = None
                 # The server died between checkout and use (a crash the probes have not seen
                 # yet): nothing of the client's went to it, so take another one (held if the
                 # writer is gone) instead of failing the client.
@@ -254,8 +274,10 @@ class Attaching(SessionCore):
                 self.sidecar.topology.report_failure(server.endpoint, exc.message)
                 continue
             except ProxyError:
+                self._own_query_on = None
                 pool.release(server, reset=not self.transaction_mode)
                 raise
+            self._own_query_on = None
             if self.state != HELD:
                 pool.release(server, reset=False)
                 return

@@ -20,7 +20,7 @@ from ..server import (
     REQUEST_READ,
     ServerConnection,
 )
-from ..statements import ClientStatement, parse_message
+from ..statements import ClientStatement
 from .states import (
     ABORTED,
     IDLE,
@@ -189,5 +189,5 @@ class Carryover(TransactionRouting):
             global_name = self.sidecar.statements.name_for(decoded.query, decoded.param_types)
             router.local.pop(name, None)
             router.statements[name] = ClientStatement(
-                global_name, parse_message(global_name, decoded.query, decoded.param_types)
+                global_name, m.parse(global_name, decoded.query, decoded.param_types)
             )

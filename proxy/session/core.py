@@ -34,7 +34,7 @@ from ..sqlclass import (
     mentions_session_functions,
     session_keyword_at,
 )
-from ..statements import Entry, Expect, StatementRouter, parse_message
+from ..statements import Entry, Expect, StatementRouter
 from . import states
 from .host import AdminFactory, SessionHost
 from .states import (
@@ -53,25 +53,36 @@ if TYPE_CHECKING:
 _client_ids = itertools.count(1)
 # The tail of the common extended-protocol request: [Describe the unnamed portal,] Execute it (all
 # rows), Sync.
-_SYNC: Final = b"S\x00\x00\x00\x04"
+_SYNC: Final = m.sync()
 # A BackendKeyData's process id and secret, drawn as signed int32s (as the message carries them).
 _KEY_PARTS: Final = struct.Struct("!ii")
 # Process ids the sidecar makes up (transaction mode, the admin console, a login during an outage)
 # start here: Linux never gives a process an id this high (PID_MAX_LIMIT is 2**22), so such an id
 # can name no real backend, and pg_terminate_backend() of it terminates nothing by mistake.
 _MADE_UP_PIDS: Final = 1 << 22
-_EXECUTE_SYNC: Final = b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00" + _SYNC
-_DESCRIBE_EXECUTE_SYNC: Final = b"D\x00\x00\x00\x06P\x00" + _EXECUTE_SYNC
+_EXECUTE_SYNC: Final = m.execute() + _SYNC
+_DESCRIBE_EXECUTE_SYNC: Final = m.describe("P") + _EXECUTE_SYNC
 # The answers the fast paths' requests owe, as `ResponseTracker.expect_fast` takes them.
 _QUERY_ANSWER: Final = (Entry(Expect.QUERY),)
 _BIND_EXECUTE: Final = (Entry(Expect.BIND), Entry(Expect.EXECUTE), Entry(Expect.SYNC))
 _BIND_DESCRIBE_EXECUTE: Final = (Entry(Expect.BIND), Entry(Expect.DESCRIBE_PORTAL), *_BIND_EXECUTE[1:])
 _PARSE: Final = (Entry(Expect.PARSE),)
 
-_SESSION_WATCH: Final = watch_table((m.F_TERMINATE, m.F_QUERY, m.F_SYNC, m.F_PARSE, m.F_CLOSE))
+# (FunctionCall: a request of its own, answered by a ReadyForQuery like a Query.)
+_SESSION_WATCH: Final = watch_table(
+    (m.F_TERMINATE, m.F_QUERY, m.F_SYNC, m.F_PARSE, m.F_CLOSE, m.F_FUNCTION_CALL)
+)  # fmt: skip
 # Only while the session has a prepared statement that changes settings (`SET` prepared by a
 # driver): its effect happens at Bind/Execute, not at Parse, so Bind is watched then.
-_SESSION_WATCH_BIND: Final = watch_table((m.F_TERMINATE, m.F_QUERY, m.F_SYNC, m.F_PARSE, m.F_CLOSE, m.F_BIND))
+_SESSION_WATCH_BIND: Final = watch_table(
+    (m.F_TERMINATE, m.F_QUERY, m.F_SYNC, m.F_PARSE, m.F_CLOSE, m.F_FUNCTION_CALL, m.F_BIND)
+)  # fmt: skip
+# Only while the session's settings are to be read back at the next quiet point (`wants_ready`):
+# every extended-protocol message, so a batch not yet ended by Sync is known (`_batch_kind`).
+_SESSION_WATCH_BATCH: Final = watch_table(
+    (m.F_TERMINATE, m.F_QUERY, m.F_SYNC, m.F_PARSE, m.F_CLOSE, m.F_FUNCTION_CALL, m.F_BIND,
+     m.F_DESCRIBE, m.F_EXECUTE, m.F_FLUSH)
+)  # fmt: skip
 _ALL_FRONTEND: Final = watch_table(m.FRONTEND_TYPES)
 # Everything but COPY data, which streams through.
 _TRANSACTION_WATCH: Final = watch_table(
@@ -80,6 +91,7 @@ _TRANSACTION_WATCH: Final = watch_table(
 )  # fmt: skip
 _CLIENT_VALID: Final = valid_type_table(m.FRONTEND_TYPES)
 _TERMINATE: Final = m.terminate()
+_COPY_FAIL: Final = m.message(b"f", b"the client sent a malformed message\x00")
 # Client bytes held while its server is busy or being acquired; past this, stop reading the socket.
 _HOLD_LIMIT: Final = 256 * 1024
 # After a malformed message, how long the answers to the requests before it may take before the
@@ -143,6 +155,9 @@ class SessionCore(asyncio.Protocol):
         # `_maintain`; OUTAGE: `_act_on_verdict`), kept to be cancelled at close. It may outlive its
         # state by a moment (a cut server ends MAINTAINING before the query fails), hence a field.
         self._task: asyncio.Task[None] | None = None
+        # The server the sidecar's own queries run on for this session right now (reading settings
+        # back, bringing a server in line with the session): not to be handed on mid-query.
+        self._own_query_on: ServerConnection | None = None
         # Flags orthogonal to the state: whether the client's socket is read (paused in any state
         # once held input passes its bound) and whether the client reads its answers.
         self._reading_paused = False
@@ -274,6 +289,11 @@ class SessionCore(asyncio.Protocol):
             for span in spans:
                 out.write(span)
         if self._answers_due():
+            if out is not None:
+                # A COPY FROM STDIN the client was feeding waits for the rest of its data, which
+                # will not come: CopyFail ends it, so the COPY's answer (its error) comes too.
+                # (PostgreSQL ignores a CopyFail outside COPY.)
+                out.write(_COPY_FAIL)
             loop = asyncio.get_running_loop()
             self._failing = loop.create_task(self._fail_when_answered(error))
         else:
@@ -322,16 +342,20 @@ class SessionCore(asyncio.Protocol):
         known = {}
         for name, stmt in self.router.statements.items():
             parse = m.decode_parse(stmt.parse_message[5:])
-            known[name] = parse_message(name, parse.query, parse.param_types)
+            known[name] = m.parse(name, parse.query, parse.param_types)
         return known
+
+    def _session_watch(self) -> bytes:
+        """What session mode's relay must look at now."""
+        if self.wants_ready:
+            return _SESSION_WATCH_BATCH
+        return _SESSION_WATCH_BIND if self._statement_effects else _SESSION_WATCH
 
     def _restore_inspector(self) -> None:
         """Back to forwarding after answering locally (aborted transaction, outage)."""
         self._relay.set_inspector(
             self._inspect_transaction if self.transaction_mode else self._inspect_session,
-            _TRANSACTION_WATCH
-            if self.transaction_mode
-            else (_SESSION_WATCH_BIND if self._statement_effects else _SESSION_WATCH),
+            _TRANSACTION_WATCH if self.transaction_mode else self._session_watch(),
         )
 
     def fail(self, exc: ProxyError) -> None:
@@ -362,8 +386,15 @@ class SessionCore(asyncio.Protocol):
             self._handshake_task.cancel()
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        own, self._own_query_on = self._own_query_on, None
+        if own is not None and self.pool is not None:
+            # The sidecar's own query is still running there (the task cancelled above stops
+            # waiting for it, the server does not): its answer would reach whoever gets the
+            # server next. Closed first, so the pool drops it.
+            own.close("client left while the sidecar's own query ran on its server")
+            self.pool.release(own, reset=False)
         server, self.server = self.server, None
-        if server is not None and self.pool is not None:
+        if server is not None and self.pool is not None and server is not own:
             if server.state is ServerState.CLOSED:
                 self.pool.forget(server)
             elif self._relay.mid_message:

@@ -18,7 +18,7 @@ from ..protocol.sqlstate import (
 )
 from ..spool import SpoolError
 from ..spool.outage import OutageResponder, Store, Unspoolable
-from ..statements import ClientStatement, parse_message
+from ..statements import ClientStatement
 from .carryover import Carryover
 from .states import (
     IDLE,
@@ -163,9 +163,7 @@ class OutageSession(Carryover):
         they are prepared wherever the session's next transaction runs."""
         for name, sql, types in responder.named_statements():
             if self.router is None:
-                self._session_statements[name] = parse_message(name, sql, types)
+                self._session_statements[name] = m.parse(name, sql, types)
             elif name not in self.router.statements:
                 global_name = self.sidecar.statements.name_for(sql, types)
-                self.router.statements[name] = ClientStatement(
-                    global_name, parse_message(global_name, sql, types)
-                )
+                self.router.statements[name] = ClientStatement(global_name, m.parse(global_name, sql, types))

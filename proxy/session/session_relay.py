@@ -26,7 +26,7 @@ from .attach import Attaching
 from .core import (
     _COMMITS,
     _SESSION_WATCH,
-    _SESSION_WATCH_BIND,
+    _SESSION_WATCH_BATCH,
     _cstring,
     _parse_query_offset,
     _plain_kind,
@@ -105,14 +105,28 @@ class SessionRelay(Attaching):
             self._batch_kind = merge_kinds(self._batch_kind, kind)
             return Action.FORWARD
         if type_byte == m.F_BIND:
-            portal_end = bytes(msg[5:]).find(b"\x00")
-            effects = self._statement_effects.get(_cstring(msg, 5 + portal_end + 1))
-            if effects is not None:
-                self._note_effects(effects)
+            if self._statement_effects:
+                portal_end = bytes(msg[5:]).find(b"\x00")
+                effects = self._statement_effects.get(_cstring(msg, 5 + portal_end + 1))
+                if effects is not None:
+                    self._note_effects(effects)
+            if self.wants_ready:
+                self._batch_open()
             return Action.FORWARD
         if type_byte == m.F_CLOSE:
             if msg[5] == 0x53:  # 'S'
                 self._session_statements.pop(_cstring(msg, 6), None)
+            if self.wants_ready:
+                self._batch_open()
+            return Action.FORWARD
+        if type_byte == m.F_FUNCTION_CALL:
+            if server is not None:
+                server.outstanding += 1
+                server.in_flight.push(REQUEST_OTHER)
+            return Action.FORWARD
+        if type_byte != m.F_QUERY and type_byte != m.F_SYNC:
+            # Describe, Execute, Flush: watched only while the settings are to be read back.
+            self._batch_open()
             return Action.FORWARD
         if server is not None:
             server.outstanding += 1  # a Query or Sync: one ReadyForQuery will answer it
@@ -123,6 +137,13 @@ class SessionRelay(Attaching):
                 server.in_flight.push(REQUEST_OTHER if batch is None else batch)
                 self._batch_kind = None
         return Action.FORWARD
+
+    def _batch_open(self) -> None:
+        """An extended-protocol message went to the server: until the client's Sync, a
+        ReadyForQuery is not a quiet point (the server has more to answer). Sync sends the
+        batch's kind, REQUEST_OTHER when no Parse said otherwise: marking it so changes nothing."""
+        if self._batch_kind is None:
+            self._batch_kind = REQUEST_OTHER
 
     def _note_statement(self, msg: bytes | memoryview, sql_offset: int, parsed_as: str | None = None) -> int:
         """Note what a statement does to session state; returns its REQUEST_* kind. `parsed_as`:
@@ -143,7 +164,7 @@ class SessionRelay(Attaching):
         effects = classify(_cstring(msg, sql_offset))
         if parsed_as is not None and (effects.changes_settings or effects.discard_all):
             self._statement_effects[parsed_as] = effects
-            self._relay.set_inspector(self._inspect_session, _SESSION_WATCH_BIND)
+            self._relay.set_inspector(self._inspect_session, self._session_watch())
         else:
             self._note_effects(effects)
         if effects.deallocate is Deallocate.ALL or effects.discard_all:
@@ -159,6 +180,13 @@ class SessionRelay(Attaching):
     def _note_effects(self, effects: Effects) -> None:
         if not (effects.changes_settings or effects.discard_all):
             return
+        if (
+            not self.wants_ready
+            and not self.transaction_mode
+            and self._outage is None
+            and self._aborted is None
+        ):
+            self._relay.set_watch(_SESSION_WATCH_BATCH)
         self.wants_ready = True
         self._settings_dirty |= effects.changes_settings
         if effects.custom_names:

@@ -25,7 +25,7 @@ from ..sqlclass import (
     has_more_statements,
     needs_transaction_check,
 )
-from ..statements import ClientStatement, Entry, Expect, LocalStatement, parse_message
+from ..statements import ClientStatement, Entry, Expect, LocalStatement
 from .core import (
     _BIND_DESCRIBE_EXECUTE,
     _BIND_EXECUTE,
@@ -166,9 +166,9 @@ class TransactionRouting(SessionRelay):
             return False
         router.local.pop(parse.name, None)
         router.statements[parse.name] = ClientStatement(
-            global_name, parse_message(global_name, parse.query, parse.param_types)
+            global_name, m.parse(global_name, parse.query, parse.param_types)
         )
-        self._send(m.message(b"1") + m.ready_for_query(m.TX_IDLE))
+        self._send(m.parse_complete() + m.ready_for_query(m.TX_IDLE))
         return True
 
     def _attach_parsed(self, data: bytes) -> bool:
@@ -271,8 +271,10 @@ class TransactionRouting(SessionRelay):
             return Action.FORWARD
         if type_byte == m.F_TERMINATE:
             return Action.DROP_PAUSE
-        if tracker.skipping and type_byte != m.F_QUERY:
-            return Action.FORWARD  # ignored by the server until Sync; no answer to expect
+        if tracker.skipping:
+            # Ignored by the server until Sync, a Query too: no answer to expect, nothing it
+            # would do (a SET, a refused statement) happens.
+            return Action.FORWARD
         if type_byte == m.F_BIND:
             action, owed = router.on_bind(msg, server, self._relay)
             self._owe(owed)
@@ -291,11 +293,7 @@ class TransactionRouting(SessionRelay):
                 # statement that raises, run at once (its ParseComplete and BindComplete hidden).
                 # The transaction aborts as PostgreSQL would make it, and the server skips the
                 # client's own Bind/Execute until Sync.
-                self._relay.insert(
-                    parse_message("", _raise_sql(refused), ())
-                    + m.message(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00")
-                    + m.message(b"E", b"\x00\x00\x00\x00\x00")
-                )
+                self._relay.insert(m.parse("", _raise_sql(refused)) + m.bind() + m.execute())
                 tracker.expect(Expect.PARSE_HIDDEN)
                 tracker.expect(Expect.BIND_HIDDEN)
                 tracker.expect(Expect.EXECUTE)

@@ -272,7 +272,6 @@ def parameter_status_messages(params: Mapping[str, str]) -> bytes:
 # --------------------------------------------------------------------------------------------
 # Filling from a live server.
 
-_I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 _ANSWER_TYPES = frozenset(
     {m.B_ROW_DESCRIPTION, m.B_DATA_ROW, m.B_COMMAND_COMPLETE, m.B_EMPTY_QUERY, ord("n")}
@@ -282,27 +281,9 @@ _ANSWER_TYPES = frozenset(
 def _parse_bind_text(sql: str, params: Sequence[str | None]) -> bytes:
     """Parse/Bind/Describe portal/Execute/Sync for `sql` with text parameters, text results —
     what psycopg sends for TypeInfo.fetch()."""
-    parse = m.message(
-        b"P", b"\x00" + sql.encode() + b"\x00" + _I16.pack(len(params)) + b"\x00\x00\x00\x00" * len(params)
-    )
-    values = b""
-    for value in params:
-        if value is None:
-            values += _I32.pack(-1)
-        else:
-            raw = value.encode()
-            values += _I32.pack(len(raw)) + raw
-    bind_body = (
-        b"\x00\x00"
-        + _I16.pack(1)
-        + _I16.pack(0)
-        + _I16.pack(len(params))
-        + values
-        + _I16.pack(1)
-        + _I16.pack(0)
-    )
-    return (parse + m.message(b"B", bind_body) + m.message(b"D", b"P\x00")
-            + m.message(b"E", b"\x00" + _I32.pack(0)) + m.sync())  # fmt: skip
+    values = [None if value is None else value.encode() for value in params]
+    return (m.parse("", sql, (0,) * len(params)) + m.bind("", "", (0,), values, (0,))
+            + m.describe("P") + m.execute() + m.sync())  # fmt: skip
 
 
 async def _collect(server: ServerConnection) -> bytes | None:
@@ -373,7 +354,7 @@ def describe_and_rows(answer: bytes) -> tuple[bytes, bytes]:
         return parts[0][1], b"".join(p for _, p in parts[1:])
     if parts and parts[0][0] == ord("n"):
         return parts[0][1], b"".join(p for _, p in parts[1:])
-    return m.message(b"n"), answer
+    return m.no_data(), answer
 
 
 def cache_summary(cache: FrontDoorCache) -> list[dict[str, Any]]:

@@ -51,10 +51,10 @@ NO_WRITER = "57P03"  # cannot_connect_now: what a client gets for work that need
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 
-_PARSE_COMPLETE = m.message(b"1")
-_BIND_COMPLETE = m.message(b"2")
-_CLOSE_COMPLETE = m.message(b"3")
-_NO_DATA = m.message(b"n")
+_PARSE_COMPLETE = m.parse_complete()
+_BIND_COMPLETE = m.bind_complete()
+_CLOSE_COMPLETE = m.close_complete()
+_NO_DATA = m.no_data()
 
 # Settings a record always carries (from the server's ParameterStatus unless the client set
 # them): how replay must read the text and the bytes, and what the pinned clock casts use.
@@ -642,7 +642,7 @@ class OutageResponder:
             if prepared is None:
                 raise _Error("26000", f'prepared statement "{name}" does not exist')
             oids = prepared.oids + (0,) * (prepared.param_count - len(prepared.oids))
-            description = m.message(b"t", _I16.pack(len(oids)) + b"".join(_I32.pack(o) for o in oids))
+            description = m.parameter_description(oids)
             if prepared.stmt is None:
                 # A known catalog query: its row shape is that of any cached answer to it.
                 answer = self.frontdoor.answer(

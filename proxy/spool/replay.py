@@ -28,7 +28,6 @@ import asyncio
 import codecs
 import contextlib
 import datetime as dt
-import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -89,50 +88,16 @@ DEFAULT_LEASE_TTL = 30.0
 DEFAULT_RECORD_TIMEOUT = 60.0
 TEXT_OID = 25
 
-_I16 = struct.Struct("!h")
-_I32 = struct.Struct("!i")
-_U32 = struct.Struct("!I")
-
 
 def is_transient(sqlstate: str) -> bool:
     return sqlstate in TRANSIENT_CODES or sqlstate.startswith(TRANSIENT_CLASSES)
 
 
-# ------------------------------------------------------------------------------------------
-# Extended-protocol messages (frontend). Kept here: only the replayer builds them.
-
-
-def parse_message(sql: bytes, param_oids: Sequence[int] = (), name: bytes = b"") -> bytes:
-    body = [name, b"\x00", sql, b"\x00", _I16.pack(len(param_oids))]
-    # OIDs are unsigned 32-bit on the wire (PostgreSQL reads them as such).
-    body.extend(_U32.pack(oid) for oid in param_oids)
-    return m.message(b"P", b"".join(body))
-
-
-def bind_message(
-    formats: Sequence[int], values: Sequence[bytes | None], portal: bytes = b"", statement: bytes = b""
-) -> bytes:
-    body = [portal, b"\x00", statement, b"\x00", _I16.pack(len(formats))]
-    body.extend(_I16.pack(f) for f in formats)
-    body.append(_I16.pack(len(values)))
-    for value in values:
-        if value is None:
-            body.append(_I32.pack(-1))
-        else:
-            body.append(_I32.pack(len(value)))
-            body.append(value)
-    body.append(_I16.pack(0))  # results: all text (they are discarded anyway)
-    return m.message(b"B", b"".join(body))
-
-
-def execute_message(portal: bytes = b"", max_rows: int = 0) -> bytes:
-    return m.message(b"E", portal + b"\x00" + _I32.pack(max_rows))
-
-
 def _statement(
     sql: bytes, oids: Sequence[int], formats: Sequence[int], values: Sequence[bytes | None]
 ) -> bytes:
-    return parse_message(sql, oids) + bind_message(formats, values) + execute_message()
+    # Results all in text: they are discarded anyway.
+    return m.parse("", sql, oids) + m.bind("", "", formats, values) + m.execute()
 
 
 # PostgreSQL encoding names that Python spells differently (others are found by codecs.lookup).

@@ -13,11 +13,7 @@ import json
 import os
 import subprocess
 import threading
-import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -26,6 +22,8 @@ import pytest
 from psycopg import errors as pgerr
 
 from tests.harness import pg
+from tests.harness.clients import http_get as _http
+from tests.harness.clients import wait_for as _wait_for
 from tests.harness.sidecar import SIDECAR_PASSWORDS, SidecarProcess, deep_merge
 
 ADMIN = "app_scram"
@@ -84,23 +82,6 @@ def _stats(conn: psycopg.Connection[Any]) -> dict[str, int | float]:
 
 def _app(sidecar: SidecarProcess, user: str = ADMIN, **kw: Any) -> psycopg.Connection[Any]:
     return psycopg.connect(sidecar.dsn(user, connect_timeout=5, **kw), autocommit=True)
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
-def _http(sidecar: SidecarProcess, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(sidecar.metrics_url + path, timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def _metric(sidecar: SidecarProcess, name: str) -> float:

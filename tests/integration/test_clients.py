@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,15 +27,23 @@ from psycopg import errors as pgerr
 from sqlalchemy import orm
 
 from tests.harness import jdbc, node_pg, pg, workloads
-from tests.harness.sidecar import SIDECAR_PASSWORDS, SidecarProcess, sidecar_config
-
-USER = "app_scram"
-PASSWORD = SIDECAR_PASSWORDS[USER]
-DB = pg.APP_DB
-CONNECT_TIMEOUT = 5
-# psql, pgbench: a hung client must fail the test, not the whole run.
-TOOL_TIMEOUT = 60
-
+from tests.harness.clients import (
+    CONNECT_TIMEOUT,
+    DB,
+    PASSWORD,
+    USER,
+    item_model,
+    psql,
+    scratch_database,
+    sqlalchemy_url,
+)
+from tests.harness.clients import connect as _connect
+from tests.harness.clients import direct as _direct
+from tests.harness.clients import pgbench as _pgbench
+from tests.harness.clients import query_writer as _wq
+from tests.harness.clients import unique_name as _name
+from tests.harness.clients import with_log as _fail_with_log
+from tests.harness.sidecar import SidecarProcess, sidecar_config
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures and helpers
@@ -49,12 +55,8 @@ def sidecar(
     shared_topology: pg.Topology, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SidecarProcess]:
     """One sidecar with the default config for every test of this module."""
-    proc = SidecarProcess(sidecar_config(shared_topology), tmp_path_factory.mktemp("clients-sidecar"))
-    proc.start()
-    try:
+    with SidecarProcess(sidecar_config(shared_topology), tmp_path_factory.mktemp("clients-sidecar")) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture
@@ -62,71 +64,15 @@ def writer(shared_topology: pg.Topology) -> pg.PgNode:
     return shared_topology.a1
 
 
-def _name(prefix: str = "t") -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:12]}"
-
-
-def _wq(node: pg.PgNode, sql: str, params: Any = None, dbname: str = DB) -> list[tuple[Any, ...]]:
-    """Query the writer directly (superuser), bypassing the sidecar."""
-    return node.query(sql, params, dbname=dbname)
-
-
-def _connect(
-    sidecar: SidecarProcess, autocommit: bool = True, dbname: str = DB, **kwargs: Any
-) -> psycopg.Connection[Any]:
-    """psycopg connection through the sidecar; extra kwargs are psycopg's (prepare_threshold, ...)
-    or libpq connection parameters (application_name, options, ...)."""
-    return psycopg.connect(
-        sidecar.dsn(USER, dbname=dbname, connect_timeout=CONNECT_TIMEOUT), autocommit=autocommit, **kwargs
-    )
-
-
-def _tool_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(PGPASSWORD=PASSWORD, PGCONNECT_TIMEOUT=str(CONNECT_TIMEOUT), LC_ALL="C", LANG="C")
-    return env
-
-
 def _psql(sidecar: SidecarProcess, *args: str, dbname: str = DB) -> subprocess.CompletedProcess[str]:
-    argv = [
-        str(pg.find_bindir() / "psql"),
-        "-X",
-        "-w",
-        "-h",
-        sidecar.host,
-        "-p",
-        str(sidecar.port),
-        "-U",
-        USER,
-        "-d",
-        dbname,
-        *args,
-    ]
-    return subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=TOOL_TIMEOUT,
-        env=_tool_env(),
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-
-
-def _fail_with_log(sidecar: SidecarProcess, what: str) -> str:
-    return f"{what}\n--- sidecar log (tail) ---\n{sidecar.log_tail(30)}"
+    return psql(sidecar.host, sidecar.port, *args, dbname=dbname)
 
 
 @pytest.fixture
 def scratch_db(writer: pg.PgNode) -> Iterator[str]:
-    """A fresh database on the writer owned by app_scram; dropped (forcibly: the sidecar pools
-    connections to it) at the end."""
-    name = _name("db")
-    writer.execute(f"CREATE DATABASE {name} OWNER {USER}")
-    try:
+    """A fresh database on the writer owned by app_scram."""
+    with scratch_database(writer) as name:
         yield name
-    finally:
-        writer.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,15 +407,6 @@ def test_psycopg_application_name_visible_on_writer(sidecar: SidecarProcess, wri
         assert rows == [(pid, USER, DB)]
 
 
-def _direct(writer: pg.PgNode, **kwargs: Any) -> psycopg.Connection[Any]:
-    """The same login as through the sidecar, straight to the writer: the reference behaviour."""
-    return psycopg.connect(
-        writer.dsn(USER, dbname=DB, password=PASSWORD, connect_timeout=CONNECT_TIMEOUT),
-        autocommit=True,
-        **kwargs,
-    )
-
-
 def _make_schema_with_table(sidecar: SidecarProcess) -> str:
     schema = _name("s")
     with _connect(sidecar) as conn:
@@ -749,29 +686,13 @@ def test_asyncpg_transactions_rollback(sidecar: SidecarProcess, writer: pg.PgNod
 def test_sqlalchemy_orm_threads(sidecar: SidecarProcess, writer: pg.PgNode) -> None:
     t = _name()
 
-    class Base(orm.DeclarativeBase):
-        pass
-
-    class Item(Base):
-        __tablename__ = t
-        id: orm.Mapped[int] = orm.mapped_column(primary_key=True, autoincrement=True)
-        worker: orm.Mapped[int]
-        label: orm.Mapped[str]
-
-    url = sa.URL.create(
-        "postgresql+psycopg",
-        username=USER,
-        password=PASSWORD,
-        host=sidecar.host,
-        port=sidecar.port,
-        database=DB,
-        query={"connect_timeout": str(CONNECT_TIMEOUT)},
-    )
+    metadata, Item = item_model(t)
+    url = sqlalchemy_url(sidecar.host, sidecar.port)
     engine = sa.create_engine(
         url, poolclass=sa.QueuePool, pool_size=5, max_overflow=5, pool_timeout=30, pool_pre_ping=True
     )
     try:
-        Base.metadata.create_all(engine)
+        metadata.create_all(engine)
         make_session = orm.sessionmaker(engine)
 
         def work(worker: int) -> list[str]:
@@ -809,29 +730,6 @@ def test_sqlalchemy_orm_threads(sidecar: SidecarProcess, writer: pg.PgNode) -> N
 # ---------------------------------------------------------------------------------------------
 # pgbench
 # ---------------------------------------------------------------------------------------------
-
-
-def _pgbench(sidecar: SidecarProcess, dbname: str, *args: str) -> subprocess.CompletedProcess[str]:
-    argv = [
-        str(pg.find_bindir() / "pgbench"),
-        "-h",
-        sidecar.host,
-        "-p",
-        str(sidecar.port),
-        "-U",
-        USER,
-        *args,
-        dbname,
-    ]
-    return subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=TOOL_TIMEOUT,
-        env=_tool_env(),
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
 
 
 def _processed(out: str) -> int:

@@ -17,8 +17,6 @@ import contextlib
 import json
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +29,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import jdbc, pg
+from tests.harness.clients import http_get as http
 from tests.harness.load import DDL, BlackHole, Load, Target, first_state, judge, log_events, rows_on
 from tests.harness.sidecar import SIDECAR_PASSWORDS, SidecarProcess
 
@@ -81,14 +80,6 @@ def server_port(conn: psycopg.Connection[Any]) -> int:
     row = conn.execute("SELECT inet_server_port()").fetchone()
     assert row is not None
     return int(row[0])
-
-
-def http(sidecar: SidecarProcess, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(sidecar.metrics_url + path, timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def metrics(sidecar: SidecarProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 
 import psycopg
+
+from tests.harness.clients import wait_for as _wait_for
 
 
 def _backends(node, app: str = "") -> int:
@@ -17,15 +18,6 @@ def _backends(node, app: str = "") -> int:
         + (f" AND application_name = '{app}'" if app else "")
     )
     return int(rows[0][0])
-
-
-def _wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
 
 
 def test_min_idle_connections_are_opened_and_kept(sidecar_factory, shared_topology):

@@ -37,8 +37,9 @@ import pytest
 import sqlalchemy as sa
 
 from tests.harness import pg
+from tests.harness.clients import http_get as http
 from tests.harness.sidecar import PROJECT_ROOT, SIDECAR_PASSWORDS, SidecarProcess
-from tests.integration.test_failover import USER, connect, http, metric, sqlstate_of_call, wait_state
+from tests.integration.test_failover import USER, connect, metric, sqlstate_of_call, wait_state
 
 BACKENDS = ["sqlite", "dynamodb"]
 BACKLOG = 200  # transactions spooled for the kill-during-replay drill

@@ -22,10 +22,10 @@ import pytest
 import sqlalchemy as sa
 
 from tests.harness import pg
+from tests.harness.clients import http_get as http
 from tests.integration.test_failover import (
     connect,
     count_on,
-    http,
     ids_on,
     make_table,
     metric,

@@ -41,13 +41,27 @@ from psycopg import errors as pgerr
 from sqlalchemy import orm
 
 from tests.harness import jdbc, node_pg, pg, workloads
-from tests.harness.sidecar import SIDECAR_PASSWORDS, SidecarProcess, sidecar_config
+from tests.harness.clients import (
+    CONNECT_TIMEOUT,
+    DB,
+    PASSWORD,
+    USER,
+    item_model,
+    scratch_database,
+    sqlalchemy_url,
+)
+from tests.harness.clients import connect as _connect
+from tests.harness.clients import direct as _direct
+from tests.harness.clients import pgbench as _pgbench
+from tests.harness.clients import psql as _psql
+from tests.harness.clients import psql_argv as _psql_argv
+from tests.harness.clients import query_writer as _wq
+from tests.harness.clients import tool_env as _tool_env
+from tests.harness.clients import unique_name as _name
+from tests.harness.clients import wait_for as _wait_for
+from tests.harness.clients import with_log as _log
+from tests.harness.sidecar import SidecarProcess, sidecar_config
 
-USER = "app_scram"
-PASSWORD = SIDECAR_PASSWORDS[USER]
-DB = pg.APP_DB
-CONNECT_TIMEOUT = 5
-TOOL_TIMEOUT = 60
 REFUSED_PREFIX = "not supported with pool.mode transaction"
 # Statements whose state outlives a transaction: each must be refused with 0A000.
 NOT_POOLABLE = {
@@ -73,14 +87,9 @@ def sidecar(
     shared_topology: pg.Topology, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SidecarProcess]:
     """One transaction-mode sidecar with two server connections for most tests of this module."""
-    proc = SidecarProcess(
-        sidecar_config(shared_topology, _tx(size=2)), tmp_path_factory.mktemp("txmode-sidecar")
-    )
-    proc.start()
-    try:
+    config = sidecar_config(shared_topology, _tx(size=2))
+    with SidecarProcess(config, tmp_path_factory.mktemp("txmode-sidecar")) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture
@@ -91,37 +100,8 @@ def writer(shared_topology: pg.Topology) -> pg.PgNode:
 @pytest.fixture
 def scratch_db(writer: pg.PgNode) -> Iterator[str]:
     """A fresh database on the writer owned by app_scram (pg_stat_activity counts of its own)."""
-    name = _name("db")
-    writer.execute(f"CREATE DATABASE {name} OWNER {USER}")
-    try:
+    with scratch_database(writer) as name:
         yield name
-    finally:
-        writer.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-def _name(prefix: str = "t") -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:12]}"
-
-
-def _wq(node: pg.PgNode, sql: str, params: Any = None, dbname: str = DB) -> list[tuple[Any, ...]]:
-    """Query the writer directly (superuser), bypassing the sidecar."""
-    return node.query(sql, params, dbname=dbname)
-
-
-def _connect(
-    sidecar: SidecarProcess, autocommit: bool = True, dbname: str = DB, **kwargs: Any
-) -> psycopg.Connection[Any]:
-    """psycopg through the sidecar; kwargs are psycopg's (prepare_threshold) or libpq's (options)."""
-    return psycopg.connect(
-        sidecar.dsn(USER, dbname=dbname, connect_timeout=CONNECT_TIMEOUT), autocommit=autocommit, **kwargs
-    )
-
-
-def _direct(writer: pg.PgNode, autocommit: bool = True, **kwargs: Any) -> psycopg.Connection[Any]:
-    """psycopg straight to the writer as the same user: the reference behaviour."""
-    return psycopg.connect(
-        writer.dsn(USER, DB, PASSWORD, connect_timeout=CONNECT_TIMEOUT), autocommit=autocommit, **kwargs
-    )
 
 
 def _pg8000(host: str, port: int) -> pg8000.native.Connection:
@@ -134,42 +114,6 @@ def _asyncpg(host: str, port: int, **kwargs: Any) -> Any:
     return asyncpg.connect(
         host=host, port=port, user=USER, password=PASSWORD, database=DB, timeout=CONNECT_TIMEOUT, **kwargs
     )
-
-
-def _tool_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(PGPASSWORD=PASSWORD, PGCONNECT_TIMEOUT=str(CONNECT_TIMEOUT), LC_ALL="C", LANG="C")
-    return env
-
-
-def _psql_argv(host: str, port: int, *args: str, dbname: str = DB) -> list[str]:
-    return [str(pg.find_bindir() / "psql"), "-X", "-w", "-h", host, "-p", str(port), "-U", USER,
-            "-d", dbname, *args]  # fmt: skip
-
-
-def _psql(host: str, port: int, *args: str, dbname: str = DB) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        _psql_argv(host, port, *args, dbname=dbname),
-        capture_output=True,
-        text=True,
-        timeout=TOOL_TIMEOUT,
-        env=_tool_env(),
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-
-
-def _log(sidecar: SidecarProcess, what: str) -> str:
-    return f"{what}\n--- sidecar log (tail) ---\n{sidecar.log_tail(30)}"
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def _server_views(sidecar: SidecarProcess, servers: int, sql: str) -> dict[int, list[tuple[Any, ...]]]:
@@ -1053,7 +997,7 @@ def _hammering(sidecar: SidecarProcess, clients: int = 3) -> Iterator[list[int]]
     for th in threads:
         th.start()
     try:
-        _wait_for(lambda: done[0] > 10)
+        _wait_for(lambda: done[0] > 10, 5.0)
         yield done
     finally:
         stop.set()
@@ -1138,7 +1082,7 @@ def test_client_killed_mid_transaction_leaves_nothing_open(
         sock = socket.socket(fileno=os.dup(victim.fileno()))
         sock.shutdown(socket.SHUT_RDWR)
         sock.close()
-        assert _wait_for(lambda: not _idle_in_transaction(writer, t)), _log(
+        assert _wait_for(lambda: not _idle_in_transaction(writer, t), 5.0), _log(
             sidecar, f"transaction still open: {_idle_in_transaction(writer, t)}"
         )
         with contextlib.suppress(Exception):
@@ -1162,7 +1106,7 @@ def test_client_killed_mid_transaction_leaves_nothing_open(
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
-        assert _wait_for(lambda: not _idle_in_transaction(writer, t)), _log(
+        assert _wait_for(lambda: not _idle_in_transaction(writer, t), 5.0), _log(
             sidecar, f"transaction still open: {_idle_in_transaction(writer, t)}"
         )
 
@@ -1283,22 +1227,11 @@ def test_sqlalchemy_queue_pool(
     proc = sidecar_factory(_tx(size=3))
     t = _name()
 
-    class Base(orm.DeclarativeBase):
-        pass
-
-    class Item(Base):
-        __tablename__ = t
-        id: orm.Mapped[int] = orm.mapped_column(primary_key=True, autoincrement=True)
-        worker: orm.Mapped[int]
-        label: orm.Mapped[str]
-
-    url = sa.URL.create(
-        "postgresql+psycopg", username=USER, password=PASSWORD, host=proc.host, port=proc.port,
-        database=scratch_db, query={"connect_timeout": str(CONNECT_TIMEOUT)},
-    )  # fmt: skip
+    metadata, Item = item_model(t)
+    url = sqlalchemy_url(proc.host, proc.port, scratch_db)
     engine = sa.create_engine(url, poolclass=sa.QueuePool, pool_size=5, max_overflow=5, pool_timeout=30)
     try:
-        Base.metadata.create_all(engine)
+        metadata.create_all(engine)
         make_session = orm.sessionmaker(engine)
 
         def work(worker: int) -> list[str]:
@@ -1322,15 +1255,6 @@ def test_sqlalchemy_queue_pool(
     finally:
         engine.dispose()
     assert _wq(writer, f"SELECT count(*), count(DISTINCT worker) FROM {t}", dbname=scratch_db) == [(240, 16)]
-
-
-def _pgbench(proc: SidecarProcess, dbname: str, *args: str) -> subprocess.CompletedProcess[str]:
-    argv = [str(pg.find_bindir() / "pgbench"), "-h", proc.host, "-p", str(proc.port), "-U", USER,
-            *args, dbname]  # fmt: skip
-    return subprocess.run(
-        argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT, env=_tool_env(),
-        stdin=subprocess.DEVNULL, check=False,
-    )  # fmt: skip
 
 
 def test_pgbench_all_query_modes(

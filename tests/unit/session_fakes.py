@@ -19,7 +19,7 @@ from proxy.metrics import Stats
 from proxy.pool import Gate
 from proxy.protocol import messages as m
 from proxy.server import ServerConnection, ServerState
-from proxy.statements import StatementRegistry, parse_message
+from proxy.statements import StatementRegistry
 from sidecar_config import (
     AuthConfig,
     Endpoint,
@@ -243,7 +243,7 @@ def query(sql: str) -> bytes:
 
 
 def parse(name: str, sql: str) -> bytes:
-    return parse_message(name, sql, ())
+    return m.parse(name, sql)
 
 
 def bind(statement: str, portal: str = "") -> bytes:

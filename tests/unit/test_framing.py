@@ -724,3 +724,23 @@ def test_quiet_run_and_whole_refuse_what_feed_would_refuse_or_is_mid_stream() ->
     relay.feed(query[:3])
     assert relay.whole(query) == -1
     assert relay.quiet_run(query, watch_table(b"Q")) == -1
+
+
+def test_watch_changed_by_the_inspector_applies_to_the_rest_of_the_same_read() -> None:
+    """Session mode starts watching Bind when a Parse prepares a SET, and every extended-protocol
+    message while settings are to be read back: the messages after the one being inspected, in
+    the very same read, must be looked at with the new table (a driver sends Parse, Bind,
+    Execute, Sync in one write)."""
+    seen: list[int] = []
+    relay: Relay
+
+    def inspect(type_byte: int, msg: memoryview) -> Action:
+        seen.append(type_byte)
+        if type_byte == m.F_PARSE:
+            relay.set_watch(watch_table((m.F_PARSE, m.F_BIND, m.F_SYNC)))
+        return Action.FORWARD
+
+    relay = Relay(watch_table((m.F_PARSE, m.F_SYNC)), inspect, MAX)
+    data = m.message(b"P", b"\x00SET x = 1\x00\x00\x00") + m.message(b"B", b"\x00" * 8) + m.message(b"S")
+    assert b"".join(bytes(s) for s in relay.feed(data)) == data
+    assert seen == [m.F_PARSE, m.F_BIND, m.F_SYNC]

@@ -287,6 +287,78 @@ def test_close_decodes_kind_and_name(kind: str) -> None:
     assert m.decode_close(kind.encode() + b"\0") == (kind, "")
 
 
+# Each builder against the layout in PostgreSQL's "Message Formats" chapter, written out by hand:
+# type byte, Int32 length counting itself and the body but not the type byte, then the fields.
+
+
+def test_extended_query_frontend_layouts() -> None:
+    # Parse: Byte1('P'), Int32 len, String name, String query, Int16 count, Int32[count] OIDs.
+    assert m.parse("s1", "SELECT $1", [23]) == (
+        b"P\x00\x00\x00\x17s1\x00SELECT $1\x00\x00\x01\x00\x00\x00\x17"
+    )
+    assert m.parse("", "SELECT 1") == b"P\x00\x00\x00\x10\x00SELECT 1\x00\x00\x00"
+    # Bind: Byte1('B'), Int32 len, String portal, String statement, Int16 C + Int16[C] parameter
+    # formats, Int16 N + N x (Int32 length, -1 for NULL; bytes), Int16 R + Int16[R] result formats.
+    assert m.bind("p", "s", (1,), (b"ab", None), (0, 1)) == (
+        b"B\x00\x00\x00\x1e" b"p\x00" b"s\x00" b"\x00\x01\x00\x01"
+        b"\x00\x02" b"\x00\x00\x00\x02ab" b"\xff\xff\xff\xff"
+        b"\x00\x02\x00\x00\x00\x01"
+    )  # fmt: skip
+    assert m.bind() == b"B\x00\x00\x00\x0c" + b"\x00" * 8
+    # Describe / Close: Byte1, Int32 len, Byte1 'S' or 'P', String name.
+    assert m.describe("P") == b"D\x00\x00\x00\x06P\x00"
+    assert m.describe("S", "s1") == b"D\x00\x00\x00\x08Ss1\x00"
+    assert m.close("S", "s1") == b"C\x00\x00\x00\x08Ss1\x00"
+    assert m.close("P") == b"C\x00\x00\x00\x06P\x00"
+    # Execute: Byte1('E'), Int32 len, String portal, Int32 max rows (0: no limit).
+    assert m.execute() == b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00"
+    assert m.execute("p", 10) == b"E\x00\x00\x00\x0ap\x00\x00\x00\x00\x0a"
+
+
+def test_extended_query_backend_layouts() -> None:
+    assert m.parse_complete() == b"1\x00\x00\x00\x04"
+    assert m.bind_complete() == b"2\x00\x00\x00\x04"
+    assert m.close_complete() == b"3\x00\x00\x00\x04"
+    assert m.no_data() == b"n\x00\x00\x00\x04"
+    # ParameterDescription: Byte1('t'), Int32 len, Int16 count, Int32[count] OIDs.
+    assert m.parameter_description(()) == b"t\x00\x00\x00\x06\x00\x00"
+    assert m.parameter_description((23, 25)) == b"t\x00\x00\x00\x0e\x00\x02\x00\x00\x00\x17\x00\x00\x00\x19"
+
+
+def test_builders_take_text_as_bytes_unchanged() -> None:
+    # The replayer sends SQL already encoded in the recorded client_encoding.
+    sql = "SELECT 'é'".encode("latin-1")
+    assert (
+        m.parse(b"", sql)
+        == b"P" + struct.pack("!i", 4 + 1 + len(sql) + 1 + 2) + b"\x00" + sql + b"\x00\x00\x00"
+    )
+    assert m.bind(b"p", b"s") == m.bind("p", "s")
+    assert m.execute(b"p") == m.execute("p")
+    assert m.describe("S", b"s") == m.describe("S", "s")
+
+
+def test_oids_above_int32_go_out_as_the_client_sent_them() -> None:
+    # The decoders read an OID as int32, so 4294967295 comes back as -1: either goes out as ff ff ff ff.
+    assert m.parse("", "x", [-1]) == m.parse("", "x", [0xFFFFFFFF])
+    assert m.parse("", "x", [-1]).endswith(b"\x00\x01\xff\xff\xff\xff")
+    assert m.parameter_description([-1]) == m.parameter_description([0xFFFFFFFF])
+
+
+@FAST
+@given(CTEXT, CTEXT, st.lists(INT32, max_size=5))
+def test_parse_round_trip(name: str, sql: str, oids: list[int]) -> None:
+    wire = m.parse(name, sql, oids)
+    assert wire == parse_message(name, sql, oids)
+    assert m.decode_parse(split(wire, b"P")) == m.Parse(name, sql, tuple(oids))
+
+
+@FAST
+@given(st.sampled_from(["S", "P"]), CTEXT)
+def test_describe_and_close_round_trip(kind: str, name: str) -> None:
+    assert m.decode_close(split(m.describe(kind, name), b"D")) == (kind, name)
+    assert m.decode_close(split(m.close(kind, name), b"C")) == (kind, name)
+
+
 # --------------------------------------------------------------------------------------------
 # Malformed bodies: always ProtocolViolation, never IndexError / struct.error / UnicodeDecodeError.
 

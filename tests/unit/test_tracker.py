@@ -64,3 +64,14 @@ def test_clear_empties_both_the_queue_and_the_pending_entries() -> None:
     tracker.expect_fast((Entry(Expect.QUERY),))
     assert answer(tracker, b"CZ") == [(True, b"", b"")] * 2
     assert not tracker
+
+
+def test_error_in_a_batch_skips_a_query_before_its_sync() -> None:
+    """PostgreSQL ignores everything up to Sync after an extended-protocol error, a simple Query
+    too: Parse(bad), Query, Sync are answered ErrorResponse, ReadyForQuery."""
+    tracker = ResponseTracker()
+    tracker.expect(Expect.PARSE)
+    tracker.expect(Expect.QUERY)
+    tracker.expect(Expect.SYNC)
+    assert answer(tracker, b"EZ") == [(True, b"", b"")] * 2
+    assert not tracker and tracker.take_skipped() == 1 and tracker.take_skipped() == 0
