@@ -24,8 +24,8 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
-from .session.core import _HOLD_LIMIT
 from .session.login import Login
+from .session.scan import _HOLD_LIMIT
 from .session.states import (
     ABORTED,
     CLOSED,

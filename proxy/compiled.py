@@ -38,6 +38,7 @@ MODULES: Final = (
     "proxy.client",
     "proxy.session.states",
     "proxy.session.core",
+    "proxy.session.scan",
     "proxy.session.attach",
     "proxy.session.session_relay",
     "proxy.session.transaction_routing",

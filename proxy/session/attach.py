@@ -22,7 +22,8 @@ from ..server import (
 )
 from ..settings import capture_sql, set_config_sql, sync_sql
 from ..spooling import SpoolNow
-from .core import _HOLD_LIMIT, _TERMINATE, _WRITER_CHANGES_PER_REQUEST, SessionCore
+from .core import SessionCore
+from .scan import _HOLD_LIMIT, _TERMINATE, _WRITER_CHANGES_PER_REQUEST
 from .states import (
     HELD,
     IDLE,

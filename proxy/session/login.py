@@ -26,9 +26,9 @@ from ..server import (
 )
 from ..settings import lower_keys, sync_sql
 from ..spooling import SpoolNow
-from .core import _HOLD_LIMIT, _KEY_PARTS, _MADE_UP_PIDS
 from .host import ADMIN_DATABASE
 from .outage_session import OutageSession
+from .scan import _HOLD_LIMIT, _KEY_PARTS, _MADE_UP_PIDS
 from .states import (
     ADMIN,
     CLOSED,

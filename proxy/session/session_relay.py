@@ -23,7 +23,7 @@ from ..sqlclass import (
     session_keyword_at,
 )
 from .attach import Attaching
-from .core import (
+from .scan import (
     _COMMITS,
     _SESSION_WATCH,
     _SESSION_WATCH_BATCH,

@@ -26,7 +26,7 @@ from ..sqlclass import (
     needs_transaction_check,
 )
 from ..statements import ClientStatement, Entry, Expect, LocalStatement
-from .core import (
+from .scan import (
     _BIND_DESCRIBE_EXECUTE,
     _BIND_EXECUTE,
     _COMMITS,
