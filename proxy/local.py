@@ -37,6 +37,9 @@ _COMMITS = 2  # COMMIT / END: the block ends, tag ROLLBACK (an error if the clie
 _ROLLBACK_TO = 3  # ROLLBACK TO SAVEPOINT: no savepoint of the cut transaction exists any more
 _CHAINS = 4  # COMMIT / ROLLBACK AND CHAIN: would open a new block on no server; refused
 _EMPTY = 5  # an empty statement (Parse of ""): prepared, but refused at Bind like any statement
+# A portal whose run failed (a ROLLBACK TO that found no savepoint): PostgreSQL keeps it, and a
+# further Execute of it gets 55000 "cannot be run" rather than 34000.
+_FAILED = 6
 
 _KIND_OF_TRANSACTION: dict[TransactionStmtKind, int] = {
     TransactionStmtKind.TRANS_STMT_ROLLBACK: _ENDS,
@@ -202,6 +205,10 @@ class AbortedTransaction:
                 self.handback = m.query(rest)
                 return m.command_complete("ROLLBACK")
             return m.command_complete("ROLLBACK") + m.ready_for_query(m.TX_IDLE)
+        if first == _ROLLBACK_TO:
+            # PostgreSQL ran it in the unnamed portal (a transaction command passes the aborted
+            # block's check), which replaced the previous one and failed.
+            self._portals[""] = _Statement(_FAILED, (), statements[0])
         return self._refusal(first, statements[0]) + m.ready_for_query(m.TX_FAILED)
 
     def _refusal(self, kind: int, sql: str) -> bytes:
@@ -292,7 +299,11 @@ class AbortedTransaction:
         if stmt is None:
             raise _SqlError("34000", _quoted("portal", portal))
         kind = stmt.kind
+        if kind == _FAILED:
+            raise _SqlError("55000", f'portal "{portal}" cannot be run')
         if kind in (_ROLLBACK_TO, _CHAINS):
+            if kind == _ROLLBACK_TO:
+                self._portals[portal] = _Statement(_FAILED, (), stmt.sql)
             refusal = self._refusal(kind, stmt.sql)
             self._skipping = True
             return refusal
