@@ -61,6 +61,10 @@ class Sidecar:
         self.gate = Gate()
         self.gate_reason = ""
         self._gate_for_failover = False  # held by a failover (bounded) rather than PAUSE
+        # The writer whose connection closed under a client, while a probe confirms it is still
+        # the writer (new transactions held meanwhile: `writer_connection_lost`).
+        self._confirming: Endpoint | None = None
+        self._confirm_task: asyncio.Task[None] | None = None
         self.client_ssl_context = self._client_ssl_context()
         self.tls = TlsSettings(
             config.upstream.tls, str(config.upstream.ca_file) if config.upstream.ca_file else None
@@ -222,7 +226,10 @@ class Sidecar:
                 hold += self.config.failover.check_interval + self.config.failover.probe_timeout
             try:
                 async with asyncio.timeout(hold):
-                    await _first(self._gate.wait(), self._outage.wait())
+                    # Waited for again if it closed before this ran (a hold taken over by another:
+                    # a lost writer connection confirmed, then the failover), within the same bound.
+                    while not self._gate.is_set() and not self._outage.is_set():
+                        await _first(self._gate.wait(), self._outage.wait())
             except TimeoutError:
                 pass
             if self._gate.is_set():
@@ -235,6 +242,36 @@ class Sidecar:
             )
         finally:
             self.held_requests -= 1
+
+    def writer_connection_lost(self, endpoint: Endpoint, reason: str) -> None:
+        """A server connection closed under a client. If it was to the writer, hold new
+        transactions until a probe that starts now says whether it still is the writer.
+
+        A crash closes the writer's connections one by one, tens of milliseconds before a probe
+        declares the failover: without the hold, a transaction started meanwhile (typically the
+        check an application makes after 08007) runs on a connection to the dying writer whose
+        backend has not exited yet. It is then cut too, or worse, reads there: a commit that was
+        waiting for its synchronous standby is invisible on the old writer but present on the
+        new one, so "not there, retry" duplicates it."""
+        if endpoint != self.topology.writer or not self._gate.is_set():
+            return  # not the writer, or already held (failover, PAUSE, a confirmation under way)
+        self._confirming = endpoint
+        self._gate_for_failover = True
+        self.close_gate(f"a connection to the writer {endpoint} was lost: confirming the writer")
+        self._confirm_task = asyncio.get_running_loop().create_task(self._confirm_writer(endpoint, reason))
+
+    async def _confirm_writer(self, endpoint: Endpoint, reason: str) -> None:
+        try:
+            still = await self.topology.confirm_writer(endpoint, reason)
+        finally:
+            self._confirm_task = None
+        # Released only if nothing else took the hold over meanwhile (a failover clears
+        # `_confirming` and releases the gate itself when a writer is known again).
+        if self._confirming == endpoint:
+            self._confirming = None
+            if still and self.topology.writer == endpoint:
+                self._gate_for_failover = False
+                self.open_gate()
 
     # ---------------------------------------------------------------- failover
 
@@ -256,6 +293,12 @@ class Sidecar:
         if writer is None:
             # Writer lost: hold new transactions, and never send anything more to the old writer.
             self._gate_for_failover = True
+            if self._confirming is not None:
+                # Held already while the lost connection was confirmed: now held by the failover
+                # (the same hold, not reopened in between: held requests go on waiting).
+                self._confirming = None
+                self.gate_reason = f"failover: {state.value}"
+                logs.event("transactions_held", reason=self.gate_reason)
             self.close_gate(f"failover: {state.value}")
             if previous_writer is not None:
                 self._drop_connections_to(previous_writer, "the writer was lost")

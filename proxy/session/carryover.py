@@ -31,6 +31,9 @@ from .transaction_routing import TransactionRouting
 class Carryover(TransactionRouting):
     def server_lost(self, server: ServerConnection, reason: str) -> None:
         """The linked server connection closed (crash, shutdown, network)."""
+        if server is self.server:
+            # Before the session moves on: its next transaction waits for the writer's confirmation.
+            self.sidecar.writer_connection_lost(server.endpoint, reason)
         self._server_gone(server, reason)
 
     def cut_server(self, reason: str) -> None:

@@ -398,6 +398,38 @@ def test_settings_set_through_named_statements_move_with_the_session(shared_topo
         raise FailoverBug(f"settings after the move: {got}, expected {wanted}")
 
 
+def test_lost_writer_connection_holds_new_transactions_until_the_writer_is_confirmed(
+    shared_topology, sidecar_factory
+):
+    # A crash closes the writer's connections one by one, tens of milliseconds before a probe
+    # declares the failover. A transaction started in between (the check after an 08007) used to
+    # run on another connection to the dying writer: cut in turn (40001 for the check), or, read
+    # there, blind to a commit already on the synchronous standby (the row then duplicated). Now
+    # the first lost connection holds new transactions until a probe says whether the writer is
+    # still the writer. Read-only use of the shared topology: one backend is terminated, the
+    # writer stays, so the hold ends at that probe and nobody sees an error.
+    sidecar = sidecar_factory({"pool": {"mode": "transaction"}})
+    victim = connect(sidecar, autocommit=False, application_name="lost-victim")
+    other = connect(sidecar, application_name="lost-other")
+    victim.execute("SELECT 1")  # a transaction open on a linked server
+    a1 = shared_topology.a1
+    wait_backend(a1, "application_name = 'lost-victim' AND state = 'idle in transaction'")
+    (pid,) = a1.query("SELECT pid FROM pg_stat_activity WHERE application_name = 'lost-victim'")[0]
+    offset = sidecar.log_offset()
+    a1.query("SELECT pg_terminate_backend(%s)", (pid,))
+    held = sidecar.wait_for_log("event=transactions_held", since=offset)
+    assert "a connection to the writer" in held, held
+    released = sidecar.wait_for_log("event=transactions_released", since=offset)
+    assert "a connection to the writer" in released, released
+    assert other.execute("SELECT 1").fetchone() == (1,)  # no error: only held
+    state, _ = sqlstate_of_call(lambda: victim.execute("SELECT 1"))
+    assert state == "40001", state  # its own transaction was cut (the first error it sees)
+    victim.rollback()
+    assert victim.execute("SELECT 2").fetchone() == (2,)
+    victim.close()
+    other.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. In-flight work at the crash
 # ---------------------------------------------------------------------------------------------

@@ -181,6 +181,9 @@ class FakeHost:
         while self.gate.closed:
             await asyncio.sleep(0)
 
+    def writer_connection_lost(self, endpoint: Endpoint, reason: str) -> None:
+        pass
+
     def pool_for(self, user: str, database: str) -> Any:
         return self.pool
 
