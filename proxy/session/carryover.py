@@ -42,7 +42,7 @@ class Carryover(TransactionRouting):
             self._server_gone(self.server, reason)
 
     def _server_gone(self, server: ServerConnection, reason: str) -> None:
-        """Carry the session over the loss of its server (DESIGN §1, in-flight transactions).
+        """Carry the session over the loss of its server (ARCHITECTURE.md, "Failover carry-over").
 
         Between transactions: nothing to tell; the next transaction runs on the new writer with
         the session's settings and prepared statements. Mid-transaction: 40001 (08007 for a
