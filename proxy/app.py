@@ -12,6 +12,7 @@ import signal
 import ssl
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
@@ -19,6 +20,7 @@ from pydantic import ValidationError
 from sidecar_config import ConfigError, ConfigProblem, SidecarConfig, config_items, load_config
 
 from . import compiled, http, logs
+from .admin import AdminConsole
 from .aws import IamTokenSource, looks_like_aws_region, region_of_rds_host
 from .client import ClientSession
 from .hold import Gate, HoldController
@@ -408,7 +410,7 @@ class Sidecar:
         listen = self.config.listen
         try:
             listener = await loop.create_server(
-                lambda: ClientSession(self),
+                lambda: ClientSession(self, partial(AdminConsole, self)),
                 listen.host,
                 listen.port,
                 reuse_address=True,

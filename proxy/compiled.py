@@ -36,6 +36,15 @@ from typing import Final
 # The data path: everything a relayed message touches. (Order does not matter.)
 MODULES: Final = (
     "proxy.client",
+    "proxy.session.states",
+    "proxy.session.core",
+    "proxy.session.scan",
+    "proxy.session.attach",
+    "proxy.session.session_relay",
+    "proxy.session.transaction_routing",
+    "proxy.session.carryover",
+    "proxy.session.outage_session",
+    "proxy.session.login",
     "proxy.server",
     "proxy.pool",
     "proxy.hold",  # Gate: read at every client read

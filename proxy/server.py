@@ -41,8 +41,8 @@ if TYPE_CHECKING:
 
     # The linked client, named by its class rather than a Protocol: compiled, the hot path then
     # reads its attributes natively (`wants_ready`, `transport`) instead of by a generic getattr
-    # per answer. (Only ClientSession links; client.py imports this module, hence TYPE_CHECKING.)
-    from .client import ClientSession
+    # per answer. (Only a client session links; session/core.py imports this module, hence TYPE_CHECKING.)
+    from .session.core import SessionCore
 
 _server_ids = itertools.count(1)
 
@@ -222,7 +222,7 @@ class ServerConnection(asyncio.Protocol):
         self.owed_own = 0
         self.created_at = monotonic()
         self.last_used = self.created_at
-        self.client: ClientSession | None = None  # the linked client, if any
+        self.client: SessionCore | None = None  # the linked client, if any
         self.close_reason: str | None = None
         self.applied: dict[str, str] = {}  # session settings the sidecar set here (lowercase names)
         self.statements = ServerStatements(0)  # sidecar-wide prepared statements (transaction mode)
@@ -327,7 +327,7 @@ class ServerConnection(asyncio.Protocol):
 
     # ---------------------------------------------------------------- linked mode
 
-    def link(self, client: ClientSession, tracked: bool = False) -> None:
+    def link(self, client: SessionCore, tracked: bool = False) -> None:
         """Start relaying this server's output to `client` (`tracked`: match answers to requests)."""
         self.client = client
         self.in_flight.clear()
@@ -405,7 +405,7 @@ class ServerConnection(asyncio.Protocol):
         if client is not None:
             client.params_told = self.params
 
-    def _on_ready(self, status: int, client: ClientSession | None) -> bool:
+    def _on_ready(self, status: int, client: SessionCore | None) -> bool:
         """Untracked ReadyForQuery: account for it; True if the client wants its `quiet_point`."""
         self.tx_status = status
         self._answered()

@@ -1,0 +1,409 @@
+"""Transaction mode's routing: a server per transaction (fast paths `_attach_query`,
+`_attach_prepared`, `_prepare_here`, `_attach_parsed`; parking), and the inspector that renames
+prepared statements (`statements.StatementRouter`) and refuses what cannot be transaction-pooled.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from ..protocol import messages as m
+from ..protocol.framing import Action, length_at
+from ..protocol.sqlstate import (
+    ProtocolViolation,
+)
+from ..server import (
+    REQUEST_COMMIT,
+    REQUEST_OTHER,
+    ServerConnection,
+    merge_kinds,
+)
+from ..sqlclass import (
+    Deallocate,
+    classify,
+    first_keyword,
+    has_more_statements,
+    needs_transaction_check,
+)
+from ..statements import ClientStatement, Entry, Expect, LocalStatement
+from .scan import (
+    _BIND_DESCRIBE_EXECUTE,
+    _BIND_EXECUTE,
+    _COMMITS,
+    _DESCRIBE_EXECUTE_SYNC,
+    _EXECUTE_SYNC,
+    _PARSE,
+    _QUERY_ANSWER,
+    _SYNC,
+    _cstring,
+    _parse_query_offset,
+    _plain_kind,
+    _raise_sql,
+    _request_kind,
+    _unnamed_parse_end,
+)
+from .session_relay import SessionRelay
+from .states import (
+    IDLE,
+    LINKED,
+    MAINTAINING,
+    PARKED,
+)
+
+
+class TransactionRouting(SessionRelay):
+    def _between_answers(self, server: ServerConnection) -> bool:
+        """Transaction mode, linked: nothing in flight and the client's input at a clean boundary,
+        so the next request may take the fast paths (on this server)."""
+        tracker = server.tracker
+        return not tracker and not tracker.skipping and not self._relay.paused and self._relay.at_boundary
+
+    def _attach_query(self, data: bytes) -> bool:
+        """Transaction mode's most common request: one whole, plain Query (no session state, one
+        statement) arriving between transactions, sent at once to an idle server that already has
+        the client's settings. What `_hold`, `_attach_now`, `_link` and the relay's inspection of
+        a Query do, without the hold, the scan or the statement's closer look; False (nothing
+        done) for anything else. Inside a transaction, with nothing in flight, the same requests
+        go to its server this way (`_between_answers`)."""
+        if data[0] == m.F_BIND:
+            return self._attach_prepared(data)
+        if data[0] == m.F_PARSE:
+            # (Answering a Parse here says the transaction status is idle: not inside one.)
+            return (self.state != LINKED and self._prepare_here(data)) or self._attach_parsed(data)
+        if self._relay.whole(data) != m.F_QUERY:
+            return False
+        kind = _plain_kind(data, 5)
+        if kind < 0:
+            # The COMMIT that ends an open transaction: nothing to check or rewrite either.
+            if self.state != LINKED or first_keyword(data, 5) not in _COMMITS or has_more_statements(data, 5):
+                return False
+            kind = REQUEST_COMMIT
+        server = self._server_now()
+        if server is None:
+            return False
+        router = self.router
+        assert router is not None
+        router.unnamed = None  # as `_transaction_query`: a simple Query replaces the unnamed statement
+        server.unnamed_from = None
+        self._send_fast(server, _QUERY_ANSWER, kind, data)
+        return True
+
+    def _attach_prepared(self, data: bytes) -> bool:
+        """The other common request: Bind (unnamed portal) of a statement the client prepared,
+        Describe of the portal or not, Execute (all rows), Sync, in one read, to an idle server
+        that has the statement prepared. The Bind goes out renamed, as `StatementRouter.on_bind`
+        makes it; False (nothing done) for anything else."""
+        router = self.router
+        assert router is not None
+        n = len(data)
+        if (
+            n < 21
+            or n > self._max_message
+            or data[5] != 0
+            or router.local
+            or router.local_portals
+            or self._batch_kind is not None
+        ):
+            return False  # a named portal, or statements the sidecar answers itself
+        # libpq (psycopg, pgbench) sends Describe of the portal too: 7 bytes; Execute 10; Sync 5.
+        # (Slices compared, not `endswith`/`find`: compiled, those are generic method calls that
+        # cost more than the rest of this function; statement names are short.)
+        described = data[n - 22 :] == _DESCRIBE_EXECUTE_SYNC
+        bind_end = n - 22 if described else n - 15
+        if (
+            self._relay.buffered
+            or length_at(data, 1) + 1 != bind_end
+            or not (described or data[bind_end:] == _EXECUTE_SYNC)
+        ):
+            return False  # not exactly Bind, [Describe], Execute, Sync, all of the unnamed portal
+        name_end = 6
+        while name_end < bind_end and data[name_end] != 0:
+            name_end += 1
+        if name_end == 6 or name_end == bind_end:
+            return False  # the unnamed statement: the general path carries it across servers
+        stmt = router.statements.get(data[6:name_end].decode("utf-8", "replace"))
+        if stmt is None:
+            return False
+        server = self._server_now(stmt.global_name)
+        if server is None:
+            return False
+        server.statements.touch(stmt.global_name)
+        # The Bind renamed as `rename_in` would, and what follows it, in one copy.
+        name = stmt.global_name.encode()
+        length = bind_end - 1 + len(name) - (name_end - 6)
+        renamed = b"".join((b"B", length.to_bytes(4, "big"), b"\x00", name, data[name_end:]))
+        expected = _BIND_DESCRIBE_EXECUTE if described else _BIND_EXECUTE
+        self._send_fast(server, expected, REQUEST_OTHER, renamed)
+        return True
+
+    def _prepare_here(self, data: bytes) -> bool:
+        """Parse of a named statement with its Sync, alone, between transactions (libpq's
+        PQprepare: pgbench -M prepared, psycopg's prepare), when a server of the pool already has
+        the same text and parameter types prepared: answered here, ParseComplete then
+        ReadyForQuery, as `StatementRouter.on_parse` answers a known statement, but with no server
+        at all. A client that prepares synchronously while its own other connections hold every
+        server (pgbench, several clients per thread) would otherwise wait for one in vain. Errors
+        the text could still raise come at its first Bind, on whichever server runs it."""
+        router = self.router
+        pool = self.pool
+        assert router is not None
+        n = len(data)
+        if pool is None or n < 14 or n > self._max_message or data[5] == 0 or not data.endswith(_SYNC):
+            return False
+        if self._relay.buffered or self._batch_kind is not None or 1 + length_at(data, 1) != n - 5:
+            return False
+        sql_offset = data.find(b"\x00", 5, n - 5) + 1
+        keyword = first_keyword(data, sql_offset)
+        if keyword == b"deallocate" or needs_transaction_check(keyword, data, sql_offset):
+            return False  # the general path notes it, refuses it or answers it itself
+        try:
+            parse = m.decode_parse(memoryview(data)[5 : n - 5])
+        except ProtocolViolation:
+            return False  # the general path says what is wrong with it
+        global_name = router.registry.name_for(parse.query, parse.param_types)
+        servers = itertools.chain(pool.idle, pool.parked, pool.active)
+        if not any(global_name in server.statements for server in servers):
+            return False
+        router.local.pop(parse.name, None)
+        router.statements[parse.name] = ClientStatement(
+            global_name, m.parse(global_name, parse.query, parse.param_types)
+        )
+        self._send(m.parse_complete() + m.ready_for_query(m.TX_IDLE))
+        return True
+
+    def _attach_parsed(self, data: bytes) -> bool:
+        """A driver's parameterized query (psycopg, pgbench -M extended): Parse of the unnamed
+        statement with a plain text, Bind of it to the unnamed portal, Describe of the portal or
+        not, Execute (all rows), Sync, in one read. Sent as it came in to an idle server, with
+        what `StatementRouter.on_parse` and friends note for it; False (nothing done) else."""
+        router = self.router
+        assert router is not None
+        if router.local or router.local_portals or self._batch_kind is not None or self._relay.buffered:
+            return False
+        parse_end = _unnamed_parse_end(data, self._max_message)
+        if parse_end < 0:
+            return False
+        n = len(data)
+        described = data[-22:] == _DESCRIBE_EXECUTE_SYNC
+        bind_end = n - 22 if described else n - 15
+        if (
+            bind_end < parse_end + 7
+            or data[parse_end] != m.F_BIND
+            or parse_end + 1 + length_at(data, parse_end + 1) != bind_end
+            or data[parse_end + 5 : parse_end + 7] != b"\x00\x00"  # unnamed portal and statement
+            or not (described or data[-15:] == _EXECUTE_SYNC)
+        ):
+            return False
+        kind = _plain_kind(data, 6)
+        if kind < 0:
+            return False
+        server = self._server_now()
+        if server is None:
+            return False
+        # Kept whole, as `on_parse` keeps it: a Bind in a later transaction, on another server,
+        # re-prepares it there.
+        router.unnamed = server.unnamed_from = data[:parse_end]
+        expected = _BIND_DESCRIBE_EXECUTE if described else _BIND_EXECUTE
+        self._send_fast(server, _PARSE + expected, kind, data)
+        return True
+
+    @staticmethod
+    def _send_fast(server: ServerConnection, expected: tuple[Entry, ...], kind: int, data: bytes) -> None:
+        """A fast path's request to the server `_server_now` gave: queue the answers it expects
+        (the last at its Sync or Query) as `tracker.fast`, note it in flight, and send it."""
+        server.tracker.expect_fast(expected)  # (nothing in flight, skipping nothing: checked)
+        server.in_flight.push(kind)
+        out = server.transport
+        if out is not None:
+            out.write(data)
+
+    def _server_now(self, prepared: str | None = None) -> ServerConnection | None:
+        """The server for a fast path's request, with the `prepared` statement if one is named, or
+        None (nothing done: the general path). Inside a transaction: its own server. Between
+        transactions, if the gate is open: the server kept from the last one, else an idle server
+        that already has the client's settings, linked (`_attach_now` for the fast paths)."""
+        if self.state == LINKED:  # inside a transaction: its own server (the caller checked it is free)
+            linked = self.server
+            if linked is None or (prepared is not None and prepared not in linked.statements):
+                return None
+            return linked
+        pool = self.pool
+        if pool is None or self._gate.closed:
+            return None
+        if self.state == PARKED:
+            kept = self.server
+            assert kept is not None
+            if kept.tracker.skipping or (prepared is not None and prepared not in kept.statements):
+                return None  # `_hold` runs it on this server through the general path
+            if self._unpark() is not None:
+                self._to(LINKED)
+                self._relay.resume()  # (as below)
+                return kept
+        server = pool.take_idle_now()
+        if server is None:
+            return None
+        if (
+            server.applied != self.settings
+            or server.tracker.skipping
+            or (prepared is not None and prepared not in server.statements)
+        ):
+            pool.release(server, reset=False)  # the general path prepares it
+            return None
+        self.server = server
+        self._to(LINKED)
+        server.link(self, tracked=True)
+        if server.params is not self.params_told:
+            self.tell_parameters(server.params)
+        self._relay.resume()  # nothing is held: this only ends the pause between transactions
+        return server
+
+    def _inspect_transaction(self, type_byte: int, msg: memoryview) -> Action:
+        server = self.server
+        router = self.router
+        assert server is not None and router is not None
+        tracker = server.tracker
+        if type_byte == m.F_SYNC:
+            tracker.sync_sent()
+            tracker.expect(Expect.SYNC)
+            kind = self._batch_kind
+            server.in_flight.push(REQUEST_OTHER if kind is None else kind)
+            self._batch_kind = None
+            return Action.FORWARD
+        if type_byte == m.F_TERMINATE:
+            return Action.DROP_PAUSE
+        if tracker.skipping:
+            # Ignored by the server until Sync, a Query too: no answer to expect, nothing it
+            # would do (a SET, a refused statement) happens.
+            return Action.FORWARD
+        if type_byte == m.F_BIND:
+            action, owed = router.on_bind(msg, server, self._relay)
+            self._owe(owed)
+            return action
+        if type_byte == m.F_EXECUTE:
+            action, owed = router.on_execute(msg, server)
+            self._owe(owed)
+            return action
+        if type_byte == m.F_PARSE:
+            offset = _parse_query_offset(msg)
+            keyword = first_keyword(msg, offset)
+            self._batch_kind = merge_kinds(self._batch_kind, _request_kind(keyword, msg, offset))
+            refused = self._check_poolable(msg, offset, keyword)
+            if refused is not None:
+                # Let the server itself fail where this Parse would have answered: an unnamed
+                # statement that raises, run at once (its ParseComplete and BindComplete hidden).
+                # The transaction aborts as PostgreSQL would make it, and the server skips the
+                # client's own Bind/Execute until Sync.
+                self._relay.insert(m.parse("", _raise_sql(refused)) + m.bind() + m.execute())
+                tracker.expect(Expect.PARSE_HIDDEN)
+                tracker.expect(Expect.BIND_HIDDEN)
+                tracker.expect(Expect.EXECUTE)
+                return Action.DROP
+            local = self._local_statement(msg, offset, server)
+            action, owed = router.on_parse(msg, server, self._relay, local)
+            self._owe(owed)
+            return action
+        if type_byte == m.F_DESCRIBE:
+            action, owed = router.on_describe(msg, server, self._relay)
+            self._owe(owed)
+            return action
+        if type_byte == m.F_CLOSE:
+            action, owed = router.on_close(msg, server)
+            self._owe(owed)
+            return action
+        if type_byte == m.F_QUERY:
+            keyword = first_keyword(msg, 5)
+            server.in_flight.push(_request_kind(keyword, msg, 5))
+            return self._transaction_query(msg, server, keyword)
+        if type_byte == m.F_FUNCTION_CALL:
+            server.in_flight.push(REQUEST_OTHER)
+            tracker.expect(Expect.QUERY)
+        return Action.FORWARD  # Flush
+
+    def _transaction_query(self, msg: memoryview, server: ServerConnection, keyword: bytes) -> Action:
+        tracker = server.tracker
+        refused = self._check_poolable(msg, 5, keyword)
+        if refused is not None:
+            # Let the server raise it, so the transaction state is exactly what PostgreSQL makes it.
+            self._relay.insert(m.query(_raise_sql(refused)))
+            tracker.expect(Expect.QUERY)
+            return Action.DROP
+        router = self.router
+        assert router is not None
+        # A simple Query replaces the session's unnamed statement.
+        router.unnamed = None
+        server.unnamed_from = None
+        local = self._local_statement(msg, 5, server)
+        if local is not None:
+            # Answered here, but the server still answers a Sync in its place: its ReadyForQuery
+            # carries the true transaction status and ends the transaction for the pool.
+            self._owe(
+                tracker.expect(Expect.SYNTHETIC, data=router.run_local(local), tx_status=server.tx_status)
+            )
+            self._relay.insert(m.sync())
+            tracker.expect(Expect.SYNC)
+            return Action.DROP
+        # DISCARD ALL succeeds only outside a transaction block; there it drops the client's
+        # statement names too (the server's shared statements are re-read at the quiet point).
+        discards = first_keyword(msg, 5) == b"discard" and server.tx_status == m.TX_IDLE
+        if discards and classify(_cstring(msg, 5)).discard_all:
+            router.deallocate(None)
+        tracker.expect(Expect.QUERY)
+        return Action.FORWARD
+
+    def _local_statement(
+        self, msg: memoryview, offset: int, server: ServerConnection
+    ) -> LocalStatement | None:
+        """DEALLOCATE of names this client prepared: answered by the sidecar (the statements are
+        shared on the servers under other names). An unknown name, or a failed transaction, goes
+        to the server, which answers exactly as PostgreSQL does (26000, 25P02)."""
+        router = self.router
+        if router is None or first_keyword(msg, offset) != b"deallocate" or server.tx_status == m.TX_FAILED:
+            return None
+        effects = classify(_cstring(msg, offset))
+        if not effects.single_statement or effects.deallocate is Deallocate.NONE:
+            return None
+        if effects.deallocate is Deallocate.ALL:
+            return LocalStatement("DEALLOCATE ALL", None)
+        name = effects.deallocate_name
+        if name is None or name not in router.statements:
+            return None
+        return LocalStatement("DEALLOCATE", name)
+
+    def _check_poolable(self, msg: memoryview, sql_offset: int, keyword: bytes) -> str | None:
+        """Why this statement cannot run under transaction pooling, or None; also notes settings.
+        `keyword`: the statement's first keyword, already read by the caller."""
+        if not needs_transaction_check(keyword, msg, sql_offset):
+            return None
+        effects = classify(_cstring(msg, sql_offset))
+        self._note_effects(effects)
+        if effects.not_poolable is None:
+            return None
+        return f"not supported with pool.mode transaction: {effects.not_poolable}"
+
+    def _owe(self, data: bytes) -> None:
+        if data and self.transport is not None:
+            self.transport.write(data)
+
+    def quiet_point(self) -> None:
+        """The server finished everything asked of it: maintain, and in transaction mode release it."""
+        server = self.server
+        if server is None:
+            return
+        maintenance = self._settings_dirty or self._reset_all or bool(self._reset_names) or self._discarded
+        pool = self.pool
+        parks = not maintenance and self.transaction_mode
+        if parks and pool is not None and server.keep_linked() and pool.park(server, self):
+            # Nobody waits for a server: keep this one for the next transaction, which then
+            # starts without a checkout. Still linked, so whatever the server says meanwhile
+            # (a FATAL goodbye) reaches this session.
+            self._to(PARKED)
+            self._relay.hold()
+            if self._relay.buffered:
+                self._serve_held()  # input that came with the last answer: the next transaction
+            return
+        if maintenance:
+            self._unlink(MAINTAINING)
+            self._start(self._maintain(server))
+        else:
+            self._unlink(IDLE)
+            self._release_transaction_server()
