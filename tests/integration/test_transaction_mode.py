@@ -28,6 +28,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -1202,7 +1203,9 @@ def test_checkout_timeout_and_fifo(
             th = threading.Thread(target=wait_turn, args=(i,))
             th.start()
             threads.append(th)
-            time.sleep(0.12)
+            # The next one starts only once this one waits in the pool's queue: arrival order is
+            # then certain, also on a loaded machine (a fixed pause was not).
+            assert _wait_for(partial(_pool_has_waiting, proc, i + 1), 10.0), _log(proc, "not queued")
         time.sleep(0.1)
         assert finished == [], "a waiter was served while the only server was held"
         holder.commit()
@@ -1212,7 +1215,9 @@ def test_checkout_timeout_and_fifo(
         holder.close()
         for c in queued.values():
             c.close()
-    assert finished == ["w1", "w2", "w3"], _log(proc, str(finished))
+    # Served in arrival order: the order the INSERTs ran in (their seq), not the order the client
+    # threads woke up in, which a loaded machine shuffles by a round trip or two.
+    assert sorted(finished) == ["w1", "w2", "w3"], _log(proc, str(finished))
     assert _wq(writer, f"SELECT who FROM {t} ORDER BY seq") == [("holder",), ("w1",), ("w2",), ("w3",)]
 
 
@@ -1334,6 +1339,21 @@ def _gauges(proc: SidecarProcess, name: str) -> dict[str, float]:
                 state = sample.labels["state"]
                 out[state] = out.get(state, 0.0) + sample.value
     return out
+
+
+def _pool_has_waiting(proc: SidecarProcess, n: int) -> bool:
+    return _pool_waiting(proc) >= n
+
+
+def _pool_waiting(proc: SidecarProcess) -> float:
+    with urllib.request.urlopen(proc.metrics_url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "pgsidecar_pool_waiting_clients"
+    )
 
 
 def _pid(conn: psycopg.Connection[Any]) -> int:
