@@ -1,4 +1,4 @@
-"""Failover drill: what applications see through pgsidecar when the writer fails (DESIGN.md §1 P2-P4).
+"""Failover drill: what applications see through pgsidecar when the writer fails (ARCHITECTURE.md, P2-P4).
 
 ``python -m bench.failover_drill [--scenarios crash,fast,region,partition] [--clients N]
 [--promotion-delay S] [--json PATH]``

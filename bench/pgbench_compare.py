@@ -1,4 +1,4 @@
-"""pgbench through pgsidecar, PgBouncer and directly, measured in the same run (DESIGN.md section 4).
+"""pgbench through pgsidecar, PgBouncer and directly, measured in the same run (ARCHITECTURE.md, Testing).
 
 ``python -m bench.pgbench_compare`` (``make bench``; extra flags via ``make bench ARGS="..."``):
 

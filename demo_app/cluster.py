@@ -1,4 +1,4 @@
-"""Real PostgreSQL 15 clusters for integration tests (DESIGN.md section 4).
+"""Real PostgreSQL 15 clusters for integration tests (ARCHITECTURE.md, Testing).
 
 Builds a region-A writer (``a1``), a region-A standby (``a2``) and a region-B standby (``b1``) on
 127.0.0.1 with free ports in temp dirs, and offers the faults the sidecar must survive: crash,

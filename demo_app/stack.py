@@ -139,7 +139,7 @@ class SidecarStatus:
 
 
 def parse_metrics(text: str) -> SidecarStatus:
-    """The demo-relevant part of the sidecar's Prometheus exposition (DESIGN §2 names)."""
+    """The demo-relevant part of the sidecar's Prometheus exposition (names: README.md, Metrics)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     status = SidecarStatus()

@@ -1,4 +1,4 @@
-"""The admin console: database `pgsidecar`, answered by the sidecar itself (DESIGN §2, P6).
+"""The admin console: database `pgsidecar`, answered by the sidecar itself (ARCHITECTURE.md, P6).
 
 An admin user logs in exactly like any client; `ClientSession` then hands the connection here
 instead of to a pool, so the console needs no upstream and works during an outage or a PAUSE.

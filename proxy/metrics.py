@@ -1,4 +1,4 @@
-"""Prometheus metrics (DESIGN §2), without cost on the data path.
+"""Prometheus metrics (ARCHITECTURE.md, P6), without cost on the data path.
 
 The data path bumps plain integers on a `Stats` object (no locks, no label lookups); gauges are not
 kept at all but computed from the sidecar's own state (clients, pools, topology) when `/metrics` is

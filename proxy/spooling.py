@@ -1,4 +1,4 @@
-"""SpoolService: the sidecar's side of the full-outage spool (DESIGN §3, OUTAGE and RECOVERING).
+"""SpoolService: the sidecar's side of the full-outage spool (ARCHITECTURE.md, Cluster state).
 
 It owns the store, the SQL classifier and the front-door cache, and runs one background loop that
 replays whatever is pending whenever a writer is known. `proxy.spool` holds the parts (records,

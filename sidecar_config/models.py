@@ -1,4 +1,4 @@
-"""The typed configuration. Defaults here are the documented defaults (DESIGN.md section 2).
+"""The typed configuration. Defaults here are the documented defaults (README.md, Configuration reference).
 
 Cross-field checks raise :func:`_field_error`, which carries the path of the field at fault relative
 to the model being validated, so the loader can report ``auth.users[1].password`` rather than just

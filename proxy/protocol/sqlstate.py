@@ -11,7 +11,7 @@ from enum import StrEnum
 
 
 class SqlState(StrEnum):
-    """The codes pgsidecar sends (DESIGN §1) plus the ones it must recognise from upstream."""
+    """The codes pgsidecar sends plus the ones it must recognise from upstream."""
 
     CONNECTION_EXCEPTION = "08000"
     CONNECTION_FAILURE = "08006"

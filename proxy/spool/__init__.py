@@ -1,4 +1,4 @@
-"""The durable write spool (DESIGN §1 P5): records, stores (SQLite, DynamoDB) and the replayer.
+"""The durable write spool (ARCHITECTURE.md, P5): records, stores (SQLite, DynamoDB) and the replayer.
 
 While no writer exists, a transaction made only of simple INSERTs is acknowledged once a
 `SpoolRecord` of it is durably appended to a `SpoolStore`; when a writer returns, a `Replayer`

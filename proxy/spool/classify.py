@@ -1,4 +1,4 @@
-r"""What may be spooled while no writer exists (DESIGN §1 P5), decided by PostgreSQL's own parser.
+r"""What may be spooled while no writer exists (ARCHITECTURE.md, P5), decided by PostgreSQL's own parser.
 
 A statement is spoolable when replaying it later cannot give a different result from running it
 now: `INSERT INTO t [(cols)] VALUES (...)[, ...] [ON CONFLICT [target] DO NOTHING]` whose values

@@ -1,6 +1,6 @@
 """The front door: what a new client needs to log in and get going while no writer exists.
 
-During an outage the sidecar still accepts clients (DESIGN §1 P5), so it must play the server's
+During an outage the sidecar still accepts clients (ARCHITECTURE.md, P5), so it must play the server's
 part of the handshake and of the first queries drivers and ORMs send before any INSERT:
 
 * the ParameterStatus values the last real server reported for this (user, database)

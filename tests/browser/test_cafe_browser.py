@@ -1,4 +1,4 @@
-"""A real browser books a table at the Cafe during a full database outage (DESIGN §1 P5).
+"""A real browser books a table at the Cafe during a full database outage (ARCHITECTURE.md, P5).
 
 Debian's headless Chromium, driven by selenium through chromedriver, uses the Cafe's form like a
 person would. The stack is the demo's (demo_app.stack): a1/a2/b1, pgsidecar with a SQLite spool,

@@ -1,4 +1,4 @@
-"""Failover with real clusters (DESIGN.md §1 P2-P4 and the in-flight rules, §3 state machine).
+"""Failover with real clusters (ARCHITECTURE.md: P2-P4, Failover carry-over).
 
 Every test that crashes, stops, promotes or partitions a node builds its own a1/a2/b1 topology
 (``fresh_topology``); only the named-statement settings test uses ``shared_topology`` (it terminates

@@ -68,7 +68,7 @@ def test_topology_shape(shared_topology: pg.Topology) -> None:
 
 @pytest.mark.parametrize("basebackup", [False, True], ids=["template-clones", "pg_basebackup"])
 def test_make_topology_timing(pg_base_dir: Path, basebackup: bool) -> None:
-    # Reported, not asserted (DESIGN.md: tests never assert on wall-clock speed).
+    # Reported, not asserted (ARCHITECTURE.md, Testing: never on wall-clock speed).
     t0 = time.monotonic()
     topo = pg.make_topology(pg_base_dir, basebackup=basebackup)
     elapsed = time.monotonic() - t0

@@ -1,4 +1,4 @@
-"""Full-outage spool drills through the real sidecar process (issue: spool, DESIGN §1 P2 and P5).
+"""Full-outage spool drills through the real sidecar process (ARCHITECTURE.md, P2 and P5).
 
 Each drill builds its own a1/a2/b1 topology, crashes every PostgreSQL node, spools orders from
 real clients, and brings a writer back with `start` + `pg_promote()` on a2:

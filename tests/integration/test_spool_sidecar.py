@@ -1,4 +1,4 @@
-"""The full-outage spool end to end through the real sidecar process (issue: spool, DESIGN §1 P5).
+"""The full-outage spool end to end through the real sidecar process (ARCHITECTURE.md, P5).
 
 A real topology loses every writer; the sidecar (sqlite or DynamoDB spool) keeps acknowledging
 simple INSERT transactions from psycopg and from a freshly started SQLAlchemy engine, refuses

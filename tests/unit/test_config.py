@@ -42,8 +42,8 @@ from sidecar_config import (
     unregister_resolver,
 )
 
-# The example from DESIGN.md section 2, verbatim.
-DESIGN_EXAMPLE = """\
+# A complete example configuration, as an operator would write it.
+EXAMPLE_CONFIG = """\
 listen: 127.0.0.1:6432
 metrics_listen: 127.0.0.1:9930        # GET /metrics, /healthz, /readyz
 admin_users: [postgres]               # may use the admin console (database `pgsidecar`)
@@ -154,7 +154,7 @@ def test_defaults() -> None:
 def test_design_example_parses(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("CAFE_DB_PASSWORD", SECRET)
     path = tmp_path / "sidecar.yaml"
-    path.write_text(DESIGN_EXAMPLE)
+    path.write_text(EXAMPLE_CONFIG)
     cfg = load_config(path)
     assert cfg.listen == Endpoint("127.0.0.1", 6432)
     assert [r.name for r in cfg.upstream.regions] == ["us-east-1", "us-west-2"]
