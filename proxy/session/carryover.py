@@ -101,10 +101,6 @@ class Carryover(TransactionRouting):
         errors = self.sidecar.stats.client_errors
         for index in range(in_flight):
             kind = kinds[index] if index < len(kinds) else REQUEST_OTHER
-            if kind == REQUEST_COMMIT or (not in_block and kind != REQUEST_READ):
-                errors[SqlState.TRANSACTION_RESOLUTION_UNKNOWN.value] += 1
-            else:
-                errors[SqlState.SERIALIZATION_FAILURE.value if first else "25P02"] += 1
             if kind == REQUEST_COMMIT:
                 owed += m.error_response(
                     SqlState.TRANSACTION_RESOLUTION_UNKNOWN.value,
@@ -125,8 +121,11 @@ class Carryover(TransactionRouting):
                     hint="Check whether its effects are present before retrying.",
                 ) + m.ready_for_query(m.TX_IDLE)
             else:
+                errors[SqlState.SERIALIZATION_FAILURE.value if first else "25P02"] += 1
                 owed += failover_error(first) + m.ready_for_query(status)
                 first = False
+                continue
+            errors[SqlState.TRANSACTION_RESOLUTION_UNKNOWN.value] += 1
         self._send(owed)
         if status == m.TX_FAILED:
             self._answer_aborted(first_error_sent=in_flight > 0)
