@@ -26,6 +26,7 @@ __all__ = [
     "LimitsConfig",
     "PoolConfig",
     "RegionConfig",
+    "RoutingConfig",
     "ScramVerifier",
     "SidecarConfig",
     "SpoolConfig",
@@ -263,6 +264,33 @@ class FailoverConfig(_Model):
     )
 
 
+class RoutingConfig(_Model):
+    reads: Literal["writer", "failover", "balance"] = Field(
+        default="failover",
+        description="writer: every read to the writer; failover: read-only work to a replica only "
+        "while there is no writer; balance: read-only work spread over healthy replicas",
+    )
+    max_replica_lag: Duration = Field(
+        default=5.0, ge=0, description="a replica lagging more than this is not used for reads"
+    )
+    read_only_users: list[Name] = Field(
+        default_factory=list, description="users whose every session is read-only work"
+    )
+    read_only_databases: list[Name] = Field(
+        default_factory=list, description="databases whose every session is read-only work"
+    )
+
+    @field_validator("read_only_users", "read_only_databases")
+    @classmethod
+    def _no_duplicates(cls, value: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for name in value:
+            if name in seen:
+                raise ValueError(f'"{name}" is listed twice')
+            seen.add(name)
+        return value
+
+
 class DynamoDBSpoolConfig(_Model):
     table: Name = "pgsidecar-spool"
     region: Name = "us-east-1"
@@ -335,6 +363,7 @@ class SidecarConfig(_Model):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     upstream: UpstreamConfig
     failover: FailoverConfig = Field(default_factory=FailoverConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     spool: SpoolConfig = Field(default_factory=SpoolConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     client_tls: ClientTlsConfig | None = None
