@@ -30,6 +30,7 @@ from .protocol.sqlstate import (
     ProxyError,
     SqlState,
 )
+from .topology import format_lsn
 
 if TYPE_CHECKING:
     from sidecar_config import Endpoint, SidecarConfig
@@ -117,6 +118,9 @@ class ConsoleHost(Protocol):
 
     @property
     def pools(self) -> Mapping[tuple[str, str], Pool]: ...
+
+    @property
+    def replica_pools(self) -> Mapping[tuple[str, str, Endpoint], Pool]: ...
 
     @property
     def clients(self) -> Collection[ClientRow]: ...
@@ -381,11 +385,15 @@ async def _show_clients(console: AdminConsole) -> Result:
 
 async def _show_servers(console: AdminConsole) -> Result:
     columns = ("id", "upstream", "region", "state", "user", "database", "tx_status", "age_s", "idle_s",
-               "prepared_statements")  # fmt: skip
+               "prepared_statements", "role")  # fmt: skip
     sidecar = console.sidecar
     now = time.monotonic()
     rows = []
-    for _, pool in sorted(sidecar.pools.items()):
+    pools = [pool for _, pool in sorted(sidecar.pools.items())]
+    by_replica = sorted(sidecar.replica_pools.items(), key=lambda kv: (kv[0][:2], str(kv[0][2])))
+    pools += [pool for _, pool in by_replica]
+    for pool in pools:
+        role = "writer" if pool.replica is None else "replica"
         for state, servers in (("active", pool.active), ("idle", (*pool.idle, *pool.parked)),
                                ("resetting", pool.resetting)):  # fmt: skip
             for server in sorted(servers, key=lambda s: s.created_at):
@@ -394,22 +402,25 @@ async def _show_servers(console: AdminConsole) -> Result:
                 rows.append(
                     (server.id, host, sidecar.region_of.get(host), state, pool.user, pool.database,
                      _TX_STATUS.get(server.tx_status, chr(server.tx_status)),
-                     round(now - server.created_at, 1), idle, len(server.statements))
+                     round(now - server.created_at, 1), idle, len(server.statements), role)
                 )  # fmt: skip
     return Result("SHOW", columns, rows)
 
 
 async def _show_topology(console: AdminConsole) -> Result:
-    columns = ("region", "host", "role", "timeline", "error", "current_writer", "cluster_state")
+    columns = ("region", "host", "role", "timeline", "error", "current_writer", "cluster_state",
+               "lag_s", "replay_lsn", "replay_paused")  # fmt: skip
     topology = console.sidecar.topology
     cluster = topology.state.value
     rows: list[Sequence[object]] = []
     if not topology.nodes:  # before the first probe: what will be probed
         for region in console.sidecar.config.upstream.regions:
             rows += [
-                (region.name, str(h), "unknown", None, "not probed yet", False, cluster) for h in region.hosts
+                (region.name, str(h), "unknown", None, "not probed yet", False, cluster, None, None, None)
+                for h in region.hosts
             ]
         return Result("SHOW", columns, rows)
+    replicas = {r.endpoint: r for r in topology.replicas}
     for node in topology.nodes:
         current = node.endpoint == topology.writer
         if not node.reachable:
@@ -419,7 +430,16 @@ async def _show_topology(console: AdminConsole) -> Result:
             role, error = "writer", None if current else "fenced: not the newest writer"
         else:
             role, error = "standby", None
-        rows.append((node.region, str(node.endpoint), role, node.timeline or None, error, current, cluster))
+        replica = replicas.get(node.endpoint) if node.reachable and not node.writer else None
+        lag: float | None = None
+        lsn: str | None = None
+        paused: bool | None = None
+        if replica is not None:
+            lag = round(replica.lag_seconds, 3) if replica.lag_seconds is not None else None
+            lsn = format_lsn(replica.replay_lsn) if replica.replay_lsn is not None else None
+            paused = replica.paused
+        rows.append((node.region, str(node.endpoint), role, node.timeline or None, error, current, cluster,
+                     lag, lsn, paused))  # fmt: skip
     return Result("SHOW", columns, rows)
 
 

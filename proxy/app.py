@@ -27,7 +27,7 @@ from .hold import Gate, HoldController
 from .metrics import Stats, make_registry
 from .pool import Pool, PoolSettings
 from .protocol.auth import ScramVerifier, mock_salt
-from .protocol.sqlstate import ProxyError, ShuttingDown, TooManyClients
+from .protocol.sqlstate import ProxyError, ShuttingDown, TooManyClients, UpstreamUnavailable
 from .server import ServerConnection, TlsSettings, connect, send_cancel
 from .spooling import SpoolService
 from .statements import StatementRegistry
@@ -44,6 +44,9 @@ class Sidecar:
         self.clients: set[ClientSession] = set()  # every open client connection
         self.admitted = 0  # clients past startup, counted against pool.max_clients
         self.pools: dict[tuple[str, str], Pool] = {}
+        # Pools for reads on replicas, by (user, database, replica); made on first use, retired
+        # (and removed) when their replica stops being a reachable replica.
+        self.replica_pools: dict[tuple[str, str, Endpoint], Pool] = {}
         # Open sessions by the secret of the key they were given (unique; process ids need not be).
         self.cancel_keys: dict[int, ClientSession] = {}
         self.statements = StatementRegistry()  # sidecar-wide prepared statement names
@@ -74,6 +77,8 @@ class Sidecar:
             self._make_provider(), config.failover.check_interval, config.failover.hold_timeout
         )
         self.topology.add_listener(self._cluster_state_changed)
+        self.topology.add_replica_listener(self._replicas_changed)
+        self._set_routing()
         self._listener: asyncio.Server | None = None
         self._verifiers: dict[tuple[str, str], ScramVerifier] = {}
         # Passthrough: HMAC of the last password PostgreSQL accepted per user, under a key that
@@ -327,6 +332,44 @@ class Sidecar:
             self.pools[(user, database)] = pool
         return pool
 
+    def replica_pool_for(self, user: str, database: str, replica: Endpoint) -> Pool:
+        """The pool for reads on `replica` (an endpoint `topology.choose_replica` named): same
+        pool.size and mode as the writer's pools, servers verified in recovery when opened.
+        Raises UpstreamUnavailable if `replica` is not a reachable replica now (then read from
+        another one, or the writer)."""
+        key = (user, database, replica)
+        pool = self.replica_pools.get(key)
+        if pool is None:
+            if not self.topology.is_replica(replica):
+                raise UpstreamUnavailable(f"{replica} is not a reachable replica now")
+            settings = self._pool_settings()
+            pool = Pool(user, database, settings, self.topology, self.open_server, replica=replica)
+            pool.start_housekeeping()
+            self.replica_pools[key] = pool
+        return pool
+
+    def _replicas_changed(self, replicas: frozenset[Endpoint]) -> None:
+        """Retire the pools of replicas that left the topology, stopped answering or were
+        promoted (a promoted replica's pool is never used for the writer: the writer's pools are
+        separate and follow `topology.writer`)."""
+        for key, pool in list(self.replica_pools.items()):
+            endpoint = key[2]
+            if endpoint in replicas and endpoint != self.topology.writer:
+                continue
+            reason = (
+                f"replica {endpoint} is now the writer"
+                if endpoint == self.topology.writer
+                else f"{endpoint} is no longer a reachable replica"
+            )
+            del self.replica_pools[key]
+            pool.retire(reason)
+            logs.event("replica_pool_retired", upstream=str(endpoint), user=key[0], database=key[1],
+                       reason=reason)  # fmt: skip
+
+    def _set_routing(self) -> None:
+        regions = tuple(r.name for r in self.config.upstream.regions)
+        self.topology.set_routing(regions, self.config.routing.max_replica_lag)
+
     def _pool_settings(self) -> PoolSettings:
         cfg = self.config.pool
         return PoolSettings(
@@ -488,7 +531,7 @@ class Sidecar:
                     f"shutdown_timeout ({timeout:g}s) and was rolled back"
                 )
             )
-        for pool in self.pools.values():
+        for pool in [*self.pools.values(), *self.replica_pools.values()]:
             pool.close_all("sidecar shutting down")
         await self.topology.stop()
         if self.spooling is not None:
@@ -560,8 +603,9 @@ class Sidecar:
         if (config.log_format, config.log_level) != (old.log_format, old.log_level):
             logs.configure(config.log_format, config.log_level)
         settings = self._pool_settings()
-        for pool in self.pools.values():
+        for pool in [*self.pools.values(), *self.replica_pools.values()]:
             pool.resize(settings)
+        self._set_routing()
         self.hold.retune(config.failover.hold_timeout, _spool_grace(config))
         self.region_of = {str(h): r.name for r in config.upstream.regions for h in r.hosts}
         for region in config.upstream.regions:
@@ -617,6 +661,7 @@ _LIVE_SETTINGS = (
     "upstream.probe_user",
     "upstream.probe_database",
     "failover",
+    "routing",
     "limits",
 )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -130,6 +130,12 @@ FAMILIES = {
             "Nodes refused as writer (an older timeline, or a second writer on the newest), each once",
         ),
         Family("pool_waiting_clients", "gauge", "Clients waiting for a free server connection"),
+        Family(
+            "replica_lag_seconds",
+            "gauge",
+            "Bound on how old each reachable replica's data is, as of the latest probe",
+            ("region", "host"),
+        ),
         Family("prepared_statements", "gauge", "Distinct statements named sidecar-wide (transaction mode)"),
     )
 }
@@ -177,9 +183,26 @@ class PoolView(Protocol):
     def resetting(self) -> Iterable[ServerView]: ...
 
 
+class ReplicaView(Protocol):
+    @property
+    def endpoint(self) -> object: ...
+
+    @property
+    def region(self) -> str: ...
+
+    @property
+    def lag_seconds(self) -> float | None: ...
+
+    @property
+    def reachable(self) -> bool: ...
+
+
 class TopologyView(Protocol):
     @property
     def writer(self) -> object | None: ...
+
+    @property
+    def replicas(self) -> Iterable[ReplicaView]: ...
 
     @property
     def writer_region(self) -> str | None: ...
@@ -208,6 +231,9 @@ class SidecarView(Protocol):
 
     @property
     def pools(self) -> Mapping[tuple[str, str], PoolView]: ...
+
+    @property
+    def replica_pools(self) -> Mapping[Any, PoolView]: ...  # by (user, database, replica endpoint)
 
     @property
     def topology(self) -> TopologyView: ...
@@ -242,7 +268,7 @@ class SidecarCollector(Collector):
         regions = sidecar.region_of
         servers: Counter[tuple[str, str, str]] = Counter()
         waiting = 0
-        for pool in sidecar.pools.values():
+        for pool in (*sidecar.pools.values(), *sidecar.replica_pools.values()):
             waiting += len(pool.waiters)
             for state, conns in (
                 ("idle", (*pool.idle, *pool.parked)),
@@ -283,6 +309,9 @@ class SidecarCollector(Collector):
         for sqlstate, n in sorted(stats.client_errors.items()):
             gauge("client_errors_total", n, sqlstate)
         gauge("stale_writers_fenced_total", topology.fenced)
+        for replica in topology.replicas:
+            if replica.reachable and replica.lag_seconds is not None:
+                gauge("replica_lag_seconds", replica.lag_seconds, replica.region, str(replica.endpoint))
         gauge("prepared_statements", len(sidecar.statements))
         yield from families.values()
 

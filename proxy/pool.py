@@ -29,6 +29,7 @@ from .protocol.sqlstate import SERVER_GONE_STATES, ProxyError, TooManyClients, U
 from .server import ServerConnection, ServerState, UpstreamError, clock
 from .statements import ServerStatements
 from .topology import TopologyMonitor
+from .writer import WriterCell
 
 if TYPE_CHECKING:
     from sidecar_config import Endpoint
@@ -94,6 +95,7 @@ class Pool:
         settings: PoolSettings,
         topology: TopologyMonitor,
         opener: Opener,
+        replica: Endpoint | None = None,
     ) -> None:
         self.user = user
         self.database = database
@@ -107,7 +109,17 @@ class Pool:
         self.connecting = 0  # logins in progress
         self.waiters: deque[asyncio.Future[ServerConnection | None]] = deque()
         self._topology = topology
-        self._writer = topology.published  # (compiled: read natively at every checkout)
+        # The one endpoint this pool's servers may be connected to, read natively at every
+        # checkout (compiled): the writer as the monitor publishes it, or for a replica pool
+        # (`replica`) a cell of its own holding that replica, emptied when it is retired.
+        self.replica = replica
+        if replica is None:
+            self._writer = topology.published
+        else:
+            cell = WriterCell()
+            cell.writer = replica
+            self._writer = cell
+        self.retired: str | None = None  # why a replica pool no longer hands out servers
         self._open = opener
         self._tasks: set[asyncio.Task[None]] = set()
         self._connect_slots = asyncio.Semaphore(settings.max_concurrent_connects)
@@ -202,7 +214,8 @@ class Pool:
             return server.close_reason or "connection closed"
         writer = self._writer.writer
         if server.endpoint is not writer and server.endpoint != writer:  # `is`: the common case, cheaply
-            return f"{server.endpoint} is no longer the writer"
+            role = "writer" if self.replica is None else "replica in use"
+            return f"{server.endpoint} is no longer the {role}"
         if now - server.created_at > self.settings.server_lifetime:
             return "server_lifetime reached"
         if now - server.last_used > self.settings.server_idle_timeout:
@@ -296,7 +309,10 @@ class Pool:
             # A burst of clients (or a reconnect storm after failover) must not become a burst of
             # simultaneous logins against a database that is just coming up.
             async with self._connect_slots:
-                server = await self._open_on_writer(password)
+                if self.replica is None:
+                    server = await self._open_on_writer(password)
+                else:
+                    server = await self._open_on_replica(self.replica, password)
         except BaseException:
             self.connecting -= 1
             self._wake_one(None)  # the slot this login held is free again
@@ -351,6 +367,52 @@ class Pool:
         if topology.writer == writer:
             raise failure  # a fresh probe still finds it the writer: the failure is real
         raise WriterChanged(f"{writer} failed and is no longer the writer: {failure.message}") from failure
+
+    async def _open_on_replica(self, replica: Endpoint, password: str | None) -> ServerConnection:
+        """Log in to the replica, and make sure it is one: a server that has left recovery
+        (promoted) is never handed out from a replica pool, so nothing meant for a replica writes
+        through it. One round trip, per new server only. A failure is reported to the monitor,
+        which skips the replica until a probe has looked again."""
+        if self.retired is not None or self._writer.writer is None:
+            raise UpstreamUnavailable(f"replica {replica} is not used for reads: {self.retired}")
+        params = {"user": self.user, "database": self.database}
+        failure: ProxyError | None = None
+        server: ServerConnection | None = None
+        try:
+            server = await self._open(replica, params, password)
+            answer = await server.simple_query("SELECT pg_is_in_recovery()")
+            if not answer.rows or answer.rows[0][0] != "t":
+                failure = UpstreamUnavailable(f"{replica} is no longer a replica (not in recovery)")
+        except UpstreamError as exc:
+            if exc.code not in SERVER_GONE_STATES:
+                raise  # a wrong password or too many connections: the replica is fine
+            failure = exc
+        except UpstreamUnavailable as exc:
+            failure = exc
+        if failure is not None:
+            if server is not None:
+                server.close(failure.message)
+            self._topology.report_replica_failure(replica, failure.message)
+            raise failure
+        assert server is not None
+        return server
+
+    def retire(self, reason: str) -> None:
+        """A replica pool whose replica left the topology, became unreachable or was promoted:
+        no server is handed out again (those in use are closed when released); idle ones close now."""
+        if self.replica is None:
+            raise ValueError("the writer pool is never retired")
+        self.retired = reason
+        self._writer.writer = None
+        for server in [*self.idle, *self.resetting]:
+            self._drop(server, reason)
+        for server, client in list(self.parked.items()):
+            client.give_back(server)  # released, then closed: no longer usable
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+            self._housekeeper = None
+        while self._wake_one(None):
+            pass  # waiters loop, find the pool retired and fail (the caller picks another server)
 
     def start_housekeeping(self) -> None:
         loop = asyncio.get_running_loop()

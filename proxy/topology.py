@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -24,11 +25,40 @@ if TYPE_CHECKING:
 
 # On a writer, the WAL file name starts with the timeline: a promoted standby's is higher than the
 # old primary's, which is what tells a stale writer apart from the real one.
-STATIC_PROBE_SQL = (
+WRITER_PROBE_SQL = (
     "SELECT pg_is_in_recovery(), "
     "CASE WHEN pg_is_in_recovery() THEN NULL "
     "ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END"
 )
+# `static` asks the same single query for replication positions too (no extra round trip): a
+# writer's flush and insert LSNs, a standby's replay LSN, the age of its last replayed commit (on
+# its own clock) and whether replay is paused. LSNs as byte offsets (`lsn - '0/0'`).
+STATIC_PROBE_SQL = (
+    "SELECT pg_is_in_recovery(), "
+    "CASE WHEN pg_is_in_recovery() THEN NULL "
+    "ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END, "
+    "(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
+    "ELSE pg_current_wal_flush_lsn() END - '0/0')::text, "
+    "CASE WHEN pg_is_in_recovery() THEN NULL ELSE (pg_current_wal_insert_lsn() - '0/0')::text END, "
+    "CASE WHEN pg_is_in_recovery() "
+    "THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp())::text END, "
+    "CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused()::text END"
+)
+# Same positions as text LSNs, for clients: `SELECT pg_current_wal_insert_lsn()` after a commit is
+# the exact bound of that commit (see TopologyMonitor.commit_mark for the free alternative).
+COMMIT_LSN_SQL = "SELECT pg_current_wal_insert_lsn()"
+
+
+def parse_lsn(text: str) -> int:
+    """`16/B374D848` -> its byte offset, as `lsn - '0/0'` gives it."""
+    high, _, low = text.partition("/")
+    if not low:
+        raise ValueError(f"not an LSN: {text!r}")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def format_lsn(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 
 
 @dataclass(frozen=True)
@@ -40,6 +70,25 @@ class NodeStatus:
     reachable: bool
     writer: bool = False
     timeline: int = 0
+    error: str | None = None
+    # Replication positions, where the provider reads them (None: not known).
+    lsn: int | None = None  # a writer's flush LSN, a standby's replay LSN
+    insert_lsn: int | None = None  # a writer's insert LSN: every commit acknowledged ends at or before it
+    replay_age: float | None = None  # a standby: seconds since its last replayed commit was committed
+    paused: bool | None = None  # a standby: replay paused (pg_wal_replay_pause)
+    lag: float | None = None  # a reader's lag as the provider itself reports it (aurora), seconds
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """A host that is not the writer, as the last probe saw it (`TopologyMonitor.replicas`)."""
+
+    endpoint: Endpoint
+    region: str
+    reachable: bool  # False: role unknown (not answering)
+    lag_seconds: float | None  # the bound on how old its data is (see TopologyMonitor); None: unknown
+    replay_lsn: int | None = None
+    paused: bool | None = None
     error: str | None = None
 
 
@@ -163,13 +212,27 @@ class StaticProvider:
 
 
 def writer_status(region: str, endpoint: Endpoint, answer: QueryResult | str) -> NodeStatus:
-    """A node's status from the answer to STATIC_PROBE_SQL."""
+    """A node's status from the answer to STATIC_PROBE_SQL (or WRITER_PROBE_SQL: no positions)."""
     if isinstance(answer, str):
         return NodeStatus(endpoint, region, reachable=False, error=answer)
-    in_recovery, walfile_tli = answer.rows[0]
+    row = answer.rows[0]
+    in_recovery, walfile_tli = row[0], row[1]
     writer = in_recovery == "f"
     timeline = int(walfile_tli, 16) if writer and walfile_tli else 0
-    return NodeStatus(endpoint, region, reachable=True, writer=writer, timeline=timeline)
+    if len(row) < 6:
+        return NodeStatus(endpoint, region, reachable=True, writer=writer, timeline=timeline)
+    lsn, insert_lsn, age, paused = row[2], row[3], row[4], row[5]
+    return NodeStatus(
+        endpoint,
+        region,
+        reachable=True,
+        writer=writer,
+        timeline=timeline,
+        lsn=int(lsn) if lsn is not None else None,
+        insert_lsn=int(insert_lsn) if insert_lsn is not None else None,
+        replay_age=max(0.0, float(age)) if age is not None else None,
+        paused=paused == "true" if paused is not None else None,
+    )
 
 
 # Aurora's own topology functions (and the test clusters' emulation of them). The writer is the
@@ -177,13 +240,17 @@ def writer_status(region: str, endpoint: Endpoint, answer: QueryResult | str) ->
 # most recently updated wins.
 AURORA_TOPOLOGY_SQL = (
     "SELECT server_id, (session_id = 'MASTER_SESSION_ID')::text, "
-    "coalesce(extract(epoch FROM last_update_timestamp), 0)::text, NULL "
+    "coalesce(extract(epoch FROM last_update_timestamp), 0)::text, NULL, replica_lag_in_msec::text "
     "FROM aurora_replica_status()"
 )
 AURORA_GLOBAL_TOPOLOGY_SQL = (
-    "SELECT server_id, (session_id = 'MASTER_SESSION_ID')::text, '0', aws_region "
+    "SELECT server_id, (session_id = 'MASTER_SESSION_ID')::text, '0', aws_region, "
+    "visibility_lag_in_msec::text "
     "FROM aurora_global_db_instance_status()"
 )
+# A reader named by the topology function but not among the configured hosts: is it up, and still
+# a reader? (Its lag comes from the function.)
+AURORA_READER_SQL = "SELECT pg_is_in_recovery()"
 
 
 @dataclass(frozen=True)
@@ -192,6 +259,7 @@ class InstanceRow:
     is_writer: bool
     updated: float
     region: str  # the instance's region (aurora-global), else the region whose host answered
+    lag: float | None = None  # seconds (replica_lag_in_msec / visibility_lag_in_msec), None: not given
 
 
 class AuroraProvider:
@@ -204,18 +272,31 @@ class AuroraProvider:
         self._global = global_db
         self._probes = ProbeConnections(connector, timeout)
         self._unmapped: set[str] = set()  # instance ids already reported as unmapped
+        # Readers the last probe named that are not configured hosts: checked alongside the
+        # topology query (same round, no extra wait), so a reader that is down is not used for reads.
+        self._readers: set[Endpoint] = set()
 
     async def probe(self, timeline_floor: int = 0) -> list[NodeStatus]:
         sql = AURORA_GLOBAL_TOPOLOGY_SQL if self._global else AURORA_TOPOLOGY_SQL
         asked = [(region, host) for region in self.regions for host in region.hosts]
-        answers = await asyncio.gather(*(self._probes.query(host, sql) for _, host in asked))
+        configured = {host for _, host in asked}
+        checked = sorted((e for e in self._readers if e not in configured), key=str)
+        answers = await asyncio.gather(
+            *(self._probes.query(host, sql) for _, host in asked),
+            *(self._probes.query(endpoint, AURORA_READER_SQL) for endpoint in checked),
+        )
+        reader_answers = dict(zip(checked, answers[len(asked) :], strict=True))
+        answers = answers[: len(asked)]
         rows: dict[str, InstanceRow] = {}
         errors: list[NodeStatus] = []
+        answered: set[Endpoint] = set()
+        lags: dict[str, float] = {}
         for (region, host), answer in zip(asked, answers, strict=True):
             if isinstance(answer, str):
                 errors.append(NodeStatus(host, region.name, reachable=False, error=answer))
                 continue
-            for instance_id, is_writer, updated, aws_region in answer.rows:
+            answered.add(host)
+            for instance_id, is_writer, updated, aws_region, lag_ms in answer.rows:
                 if instance_id is None:
                     continue
                 row = InstanceRow(
@@ -224,6 +305,9 @@ class AuroraProvider:
                     float(updated or 0),
                     aws_region or self._listed_region(instance_id) or region.name,
                 )
+                if lag_ms is not None and is_writer != "true":
+                    # Each instance reports itself at 0: the highest report is the one that knows.
+                    lags[instance_id] = max(lags.get(instance_id, 0.0), float(lag_ms) / 1000.0)
                 known = rows.get(instance_id)
                 # Several readers report the same instance: keep the freshest report of it.
                 if known is None or (row.updated, row.is_writer) > (known.updated, known.is_writer):
@@ -244,15 +328,35 @@ class AuroraProvider:
                         hint="set upstream.regions[].instance_endpoint_pattern or instances",
                     )
                 continue
-            status = writer_status(row.region, endpoint, await self._probes.query(endpoint, STATIC_PROBE_SQL))
+            status = writer_status(row.region, endpoint, await self._probes.query(endpoint, WRITER_PROBE_SQL))
             if status.writer and confirmed is None:
                 confirmed = status
             else:
                 nodes.append(status)
+        readers: set[Endpoint] = set()
         for row in rows.values():
             endpoint = self._endpoint(row)
-            if endpoint is not None and not row.is_writer:
-                nodes.append(NodeStatus(endpoint, row.region, reachable=True, writer=False))
+            if endpoint is None or row.is_writer:
+                continue
+            readers.add(endpoint)
+            check = reader_answers.get(endpoint)
+            if endpoint in answered:
+                reachable, error = True, None  # a configured host: its own topology answer says so
+            elif endpoint in configured:
+                continue  # a configured host that did not answer: already listed as unreachable
+            elif check is None:
+                reachable, error = False, "not checked yet"  # first named in this round
+            elif isinstance(check, str):
+                reachable, error = False, check
+            elif not check.rows or check.rows[0][0] != "t":
+                reachable, error = False, "not in recovery"
+            else:
+                reachable, error = True, None
+            nodes.append(
+                NodeStatus(endpoint, row.region, reachable=reachable, writer=False, error=error,
+                           lag=lags.get(row.instance_id))
+            )  # fmt: skip
+        self._readers = readers
         if confirmed is not None:
             nodes.insert(0, confirmed)
         return nodes + errors
@@ -294,6 +398,15 @@ class ClusterState(Enum):
 
 
 StateListener = Callable[["ClusterState", "ClusterState", "Endpoint | None", "Endpoint | None"], None]
+# Called with the endpoints of the reachable replicas whenever that set changes.
+ReplicaListener = Callable[[frozenset["Endpoint"]], None]
+
+# Writer positions kept to turn a replica's replay LSN into a time bound: one entry per distinct
+# LSN (a quiet writer adds none), so at 4 probes a second this covers a minute of steady writes
+# and any length of quiet. Older than that, the replay timestamp bounds the lag.
+_LSN_HISTORY = 256
+# Commit marks resolved to a writer insert LSN: a session's mark is looked up within a few probes.
+_MARK_HISTORY = 64
 
 
 class TopologyMonitor:
@@ -333,6 +446,20 @@ class TopologyMonitor:
         self.recovery_required = False
         self._probes_started = 0
         self._probe_done = asyncio.Event()
+        # Replicas, republished whole after every probe (readers take the tuple, never a copy).
+        self.replicas: tuple[ReplicaInfo, ...] = ()
+        self.max_replica_lag = 5.0  # routing.max_replica_lag (set by the owner, live on reload)
+        self.region_order: tuple[str, ...] = ()  # config order, home first (unknown regions last)
+        self.writer_lsn: int | None = None  # the writer's flush LSN at the latest probe that reached it
+        self.writer_insert_lsn: int | None = None  # its insert LSN then
+        self._lsn_history: deque[tuple[int, float]] = deque(maxlen=_LSN_HISTORY)  # (lsn, loop time)
+        self._writer_seen_at: float | None = None  # start of the latest probe the writer answered
+        self._mark_lsns: deque[tuple[int, int]] = deque(maxlen=_MARK_HISTORY)  # (probe seq, insert LSN)
+        self._groups: tuple[tuple[ReplicaInfo, ...], ...] = ()  # qualifying-by-reachability, by region
+        self._next: list[int] = []  # round-robin position per group
+        self._suspect: set[Endpoint] = set()  # reported failed by the data path since the last probe
+        self._replica_set: frozenset[Endpoint] = frozenset()
+        self._replica_listeners: list[ReplicaListener] = []
 
     @property
     def fenced(self) -> int:
@@ -370,6 +497,8 @@ class TopologyMonitor:
 
     async def refresh(self) -> None:
         self._probes_started += 1
+        seq = self._probes_started
+        started = asyncio.get_running_loop().time()
         try:
             nodes = await self._provider.probe(self.max_timeline)
         except Exception as exc:  # a provider bug must not stop the monitor
@@ -383,6 +512,10 @@ class TopologyMonitor:
         self.nodes = nodes
         best = self._choose_writer(nodes)
         now = asyncio.get_running_loop().time()
+        try:
+            self._track_replicas(nodes, best, seq, started, now)
+        except Exception as exc:  # never let the replica view stop writer tracking
+            logs.event("replica_tracking_failed", logs.ERROR, error=repr(exc))
         if best is not None:
             self._writer_confirmed(best)
             return
@@ -393,6 +526,195 @@ class TopologyMonitor:
                 self._transition(ClusterState.OUTAGE, None, None, self._last_problem)
         elif self.state is ClusterState.RECOVERING:
             self._transition(ClusterState.OUTAGE, None, None, self._last_problem)
+
+    # ------------------------------------------------------------------ replicas
+
+    def add_replica_listener(self, listener: ReplicaListener) -> None:
+        self._replica_listeners.append(listener)
+
+    def set_routing(self, region_order: tuple[str, ...], max_replica_lag: float) -> None:
+        """Config order of the regions (home first) and routing.max_replica_lag (also on reload)."""
+        self.region_order = region_order
+        self.max_replica_lag = max_replica_lag
+        self._regroup()
+
+    def _track_replicas(
+        self, nodes: list[NodeStatus], writer: NodeStatus | None, seq: int, started: float, now: float
+    ) -> None:
+        """Publish `replicas` from this probe.
+
+        Lag, the bound on how old a replica's data is, in seconds:
+        * a provider that reports lag itself (aurora: replica_lag_in_msec, aurora-global:
+          visibility_lag_in_msec) is taken at its word;
+        * static, with a writer: each probe records the writer's flush LSN with the time the probe
+          started (a time at which the writer had written no more than that). A standby whose
+          replay LSN is at or past this probe's writer LSN has lag 0; else its lag is the time
+          since the writer was last seen at an LSN the standby has replayed (it holds everything
+          the writer had then). Behind every kept sample, the age of its last replayed commit
+          (on its own clock) bounds it, and never less than the oldest sample's age. A paused
+          standby on a busy writer thus shows a lag growing with the clock; on a quiet writer it
+          holds everything, and shows 0.
+        * static, without a writer (failing over, outage): the same, measured at the moment the
+          writer was last seen, so a standby that was current then stays at its lag of then (it
+          holds everything anyone can still read). With no writer ever seen (started during an
+          outage), the newest standby (by replay LSN, else by replayed-commit age) has lag 0 and
+          each other one the difference of their replayed-commit ages.
+        """
+        if writer is not None:
+            self.writer_lsn = writer.lsn
+            self.writer_insert_lsn = writer.insert_lsn
+            if writer.lsn is not None:
+                history = self._lsn_history
+                if history and history[-1][0] == writer.lsn:
+                    history[-1] = (writer.lsn, started)  # still there: the later time is the tighter
+                elif not history or writer.lsn > history[-1][0]:
+                    history.append((writer.lsn, started))
+                self._writer_seen_at = started
+            if writer.insert_lsn is not None:
+                self._mark_lsns.append((seq, writer.insert_lsn))
+        candidates = [
+            n for n in nodes if not n.writer and (writer is None or n.endpoint != writer.endpoint)
+        ]
+        reachable = [n for n in candidates if n.reachable]
+        newest_lsn = max((n.lsn for n in reachable if n.lsn is not None), default=None)
+        newest_age = min((n.replay_age for n in reachable if n.replay_age is not None), default=None)
+        seen: set[Endpoint] = set()
+        replicas: list[ReplicaInfo] = []
+        for node in candidates:
+            if node.endpoint in seen:
+                continue
+            seen.add(node.endpoint)
+            if not node.reachable:
+                replicas.append(ReplicaInfo(node.endpoint, node.region, False, None, error=node.error))
+                continue
+            lag = node.lag
+            if lag is None:
+                lag = self._lag_of(node, writer, now, newest_lsn, newest_age)
+            replicas.append(
+                ReplicaInfo(node.endpoint, node.region, True, lag, node.lsn, node.paused, node.error)
+            )
+        self.replicas = tuple(replicas)
+        self._suspect.clear()
+        self._regroup()
+        current = frozenset(r.endpoint for r in replicas if r.reachable)
+        if current != self._replica_set:
+            self._replica_set = current
+            for listener in self._replica_listeners:
+                listener(current)
+
+    def _lag_of(
+        self,
+        node: NodeStatus,
+        writer: NodeStatus | None,
+        now: float,
+        newest_lsn: int | None,
+        newest_age: float | None,
+    ) -> float | None:
+        replay = node.lsn
+        history = self._lsn_history
+        if writer is None and not history:
+            # Never saw a writer: relative to the newest standby reachable now.
+            if replay is not None and newest_lsn is not None and replay >= newest_lsn:
+                return 0.0
+            if node.replay_age is not None and newest_age is not None:
+                return max(0.0, node.replay_age - newest_age)
+            return None
+        if replay is None:
+            return None
+        # With a writer: now; without: frozen at the last moment the writer was seen.
+        at = now if writer is not None or self._writer_seen_at is None else self._writer_seen_at
+        reference = writer.lsn if writer is not None and writer.lsn is not None else None
+        if reference is None and history:
+            reference = history[-1][0]
+        if reference is not None and replay >= reference:
+            return 0.0
+        for lsn, seen_at in reversed(history):
+            if lsn <= replay:
+                return max(0.0, at - seen_at)
+        oldest = max(0.0, at - history[0][1]) if history else 0.0
+        if node.replay_age is None:
+            return oldest if history and writer is None else None
+        return max(oldest, node.replay_age)
+
+    def _regroup(self) -> None:
+        """Reachable replicas, by region: home first, then config order (others last)."""
+        order = {name: i for i, name in enumerate(self.region_order)}
+        by_region: dict[str, list[ReplicaInfo]] = {}
+        for replica in self.replicas:
+            if replica.reachable and replica.endpoint not in self._suspect:
+                by_region.setdefault(replica.region, []).append(replica)
+        regions = sorted(by_region, key=lambda r: (order.get(r, len(order)), r))
+        groups = tuple(tuple(by_region[r]) for r in regions)
+        if len(groups) != len(self._next):
+            self._next = [0] * len(groups)
+        self._groups = groups
+
+    def choose_replica(self, min_lsn: int | None = None, after_mark: int | None = None) -> Endpoint | None:
+        """A replica to read from, or None (then the writer, or hold).
+
+        Qualifying: reachable (and not reported failed since the last probe), lag known and at most
+        `max_replica_lag`, and replayed at least `min_lsn` (read-your-writes), or at least the
+        position of the commit behind `after_mark` (`commit_mark`; None while no probe since the
+        mark has reached the writer). Home region first, then the others in config order; round
+        robin within a region. Works without a writer (from the last probe's lags).
+        """
+        if after_mark is not None:
+            bound = self.commit_lsn(after_mark)
+            if bound is None:
+                return None
+            min_lsn = bound if min_lsn is None else max(min_lsn, bound)
+        limit = self.max_replica_lag
+        groups = self._groups
+        positions = self._next
+        for g, group in enumerate(groups):
+            n = len(group)
+            start = positions[g] % n
+            for i in range(n):
+                replica = group[(start + i) % n]
+                lag = replica.lag_seconds
+                if lag is None or lag > limit:
+                    continue
+                if min_lsn is not None and (replica.replay_lsn is None or replica.replay_lsn < min_lsn):
+                    continue
+                positions[g] = (start + i + 1) % n
+                return replica.endpoint
+        return None
+
+    def commit_mark(self) -> int:
+        """Call when a client's write has committed (its ReadyForQuery seen): a token for
+        `choose_replica(after_mark=...)`. Free: the next probe to start reads the writer's insert
+        LSN, which is at or past the end of that commit; until it has, the client reads from the
+        writer (at most about one check_interval plus a probe round trip)."""
+        return self._probes_started
+
+    def commit_lsn(self, mark: int) -> int | None:
+        """The writer insert LSN read by the first probe started after `mark` (None: none yet)."""
+        for seq, lsn in self._mark_lsns:
+            if seq > mark:
+                return lsn
+        return None
+
+    def report_replica_failure(self, endpoint: Endpoint, reason: str) -> None:
+        """The data path could not use replica `endpoint`: skip it until a probe has looked again."""
+        if endpoint in self._suspect:
+            return
+        logs.event("replica_failure_reported", logs.WARNING, upstream=str(endpoint), reason=reason)
+        self._suspect.add(endpoint)
+        self._regroup()
+        self._probe_now.set()
+
+    def replica(self, endpoint: Endpoint) -> ReplicaInfo | None:
+        """The latest probe's view of `endpoint` as a replica (None: not one)."""
+        for replica in self.replicas:
+            if replica.endpoint == endpoint:
+                return replica
+        return None
+
+    def is_replica(self, endpoint: Endpoint) -> bool:
+        """Reachable and a replica at the latest probe (never the writer)."""
+        return endpoint in self._replica_set and endpoint != self.writer
+
+    # ------------------------------------------------------------------ the writer
 
     def _choose_writer(self, nodes: list[NodeStatus]) -> NodeStatus | None:
         writers = [n for n in nodes if n.reachable and n.writer]
