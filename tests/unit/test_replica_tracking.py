@@ -28,7 +28,7 @@ class _Idle:
 
 
 def monitor(max_lag: float = 5.0) -> TopologyMonitor:
-    mon = TopologyMonitor(_Idle(), 0.25)  # type: ignore[arg-type]
+    mon = TopologyMonitor(_Idle(), 0.25)
     mon.set_routing(("home", "dr"), max_lag)
     return mon
 
@@ -175,7 +175,7 @@ def test_listener_hears_set_changes_and_refresh_publishes() -> None:
             return self.answers.pop(0)
 
     async def run() -> None:
-        mon = TopologyMonitor(Scripted(), 0.25)  # type: ignore[arg-type]
+        mon = TopologyMonitor(Scripted(), 0.25)
         mon.add_replica_listener(heard.append)
         for _ in range(3):
             await mon.refresh()
