@@ -192,7 +192,7 @@ class StaticProvider:
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
         return [
-            results.get(i) or NodeStatus(endpoint, region, reachable=False, error="no answer yet")
+            results.get(i) or NodeStatus(endpoint, region, reachable=False, error=NO_ANSWER_YET)
             for i, (region, endpoint) in enumerate(asked)
         ]
 
@@ -272,21 +272,43 @@ class AuroraProvider:
         self._global = global_db
         self._probes = ProbeConnections(connector, timeout)
         self._unmapped: set[str] = set()  # instance ids already reported as unmapped
-        # Readers the last probe named that are not configured hosts: checked alongside the
-        # topology query (same round, no extra wait), so a reader that is down is not used for reads.
-        self._readers: set[Endpoint] = set()
+        # Readers named by the topology function that are not configured hosts are checked
+        # (reachable, in recovery) in the background: a check started at one probe is used by
+        # whichever probe finds it finished, so a black-holed reader never slows the writer's probe.
+        self._reader_checks: dict[Endpoint, asyncio.Task[QueryResult | str]] = {}
+        self._reader_answers: dict[Endpoint, QueryResult | str] = {}
+
+    def _collect_reader_checks(self) -> None:
+        """Move the answers of finished reader checks into `_reader_answers`."""
+        for endpoint, task in list(self._reader_checks.items()):
+            if task.done():
+                del self._reader_checks[endpoint]
+                if task.cancelled():
+                    continue
+                exc = task.exception()
+                # (query() turns every expected failure into a reason; anything else is a bug,
+                # which must not stop the writer's probe)
+                self._reader_answers[endpoint] = repr(exc) if exc is not None else task.result()
+
+    def _check_readers(self, readers: set[Endpoint]) -> None:
+        """Check `readers` from now on (one check at a time each); forget every other one."""
+        for endpoint in [e for e in self._reader_answers if e not in readers]:
+            del self._reader_answers[endpoint]
+        for endpoint in [e for e in self._reader_checks if e not in readers]:
+            self._reader_checks.pop(endpoint).cancel()
+        for endpoint in readers:
+            if endpoint not in self._reader_checks:
+                self._reader_checks[endpoint] = asyncio.ensure_future(
+                    self._probes.query(endpoint, AURORA_READER_SQL)
+                )
 
     async def probe(self, timeline_floor: int = 0) -> list[NodeStatus]:
         sql = AURORA_GLOBAL_TOPOLOGY_SQL if self._global else AURORA_TOPOLOGY_SQL
         asked = [(region, host) for region in self.regions for host in region.hosts]
         configured = {host for _, host in asked}
-        checked = sorted((e for e in self._readers if e not in configured), key=str)
-        answers = await asyncio.gather(
-            *(self._probes.query(host, sql) for _, host in asked),
-            *(self._probes.query(endpoint, AURORA_READER_SQL) for endpoint in checked),
-        )
-        reader_answers = dict(zip(checked, answers[len(asked) :], strict=True))
-        answers = answers[: len(asked)]
+        answers = await asyncio.gather(*(self._probes.query(host, sql) for _, host in asked))
+        self._collect_reader_checks()
+        reader_answers = dict(self._reader_answers)
         rows: dict[str, InstanceRow] = {}
         errors: list[NodeStatus] = []
         answered: set[Endpoint] = set()
@@ -345,7 +367,7 @@ class AuroraProvider:
             elif endpoint in configured:
                 continue  # a configured host that did not answer: already listed as unreachable
             elif check is None:
-                reachable, error = False, "not checked yet"  # first named in this round
+                reachable, error = False, "not checked yet"  # its first check is still running
             elif isinstance(check, str):
                 reachable, error = False, check
             elif not check.rows or check.rows[0][0] != "t":
@@ -356,7 +378,7 @@ class AuroraProvider:
                 NodeStatus(endpoint, row.region, reachable=reachable, writer=False, error=error,
                            lag=lags.get(row.instance_id))
             )  # fmt: skip
-        self._readers = readers
+        self._check_readers({e for e in readers if e not in configured})
         if confirmed is not None:
             nodes.insert(0, confirmed)
         return nodes + errors
@@ -367,6 +389,7 @@ class AuroraProvider:
         self.regions = fresh.regions
         listed = {host for region in self.regions for host in region.hosts}
         listed |= {e for region in self.regions for e in (region.instances or {}).values()}
+        self._check_readers(set())
         self._probes.adopt(fresh._probes, listed)
         return True
 
@@ -387,6 +410,11 @@ class AuroraProvider:
         return None
 
     async def close(self) -> None:
+        for task in self._reader_checks.values():
+            task.cancel()
+        if self._reader_checks:
+            await asyncio.gather(*self._reader_checks.values(), return_exceptions=True)
+        self._reader_checks.clear()
         await self._probes.close()
 
 
@@ -405,6 +433,9 @@ ReplicaListener = Callable[[frozenset["Endpoint"]], None]
 # LSN (a quiet writer adds none), so at 4 probes a second this covers a minute of steady writes
 # and any length of quiet. Older than that, the replay timestamp bounds the lag.
 _LSN_HISTORY = 256
+# How long a standby that answers after the writer (past the straggler grace) keeps its last view.
+_CARRY_OVER = 2.0
+NO_ANSWER_YET = "no answer yet"
 # Commit marks resolved to a writer insert LSN: a session's mark is looked up within a few probes.
 _MARK_HISTORY = 64
 
@@ -460,6 +491,7 @@ class TopologyMonitor:
         self._suspect: set[Endpoint] = set()  # reported failed by the data path since the last probe
         self._replica_set: frozenset[Endpoint] = frozenset()
         self._replica_listeners: list[ReplicaListener] = []
+        self._measured_at: dict[Endpoint, float] = {}  # when each replica last answered a probe
 
     @property
     def fenced(self) -> int:
@@ -580,19 +612,26 @@ class TopologyMonitor:
         newest_age = min((n.replay_age for n in reachable if n.replay_age is not None), default=None)
         seen: set[Endpoint] = set()
         replicas: list[ReplicaInfo] = []
+        previous = {r.endpoint: r for r in self.replicas}
         for node in candidates:
             if node.endpoint in seen:
                 continue
             seen.add(node.endpoint)
             if not node.reachable:
-                replicas.append(ReplicaInfo(node.endpoint, node.region, False, None, error=node.error))
+                carried = self._carry_over(node, previous.get(node.endpoint), now)
+                replicas.append(
+                    carried or ReplicaInfo(node.endpoint, node.region, False, None, error=node.error)
+                )
                 continue
             lag = node.lag
             if lag is None:
                 lag = self._lag_of(node, writer, now, newest_lsn, newest_age)
+            self._measured_at[node.endpoint] = now
             replicas.append(
                 ReplicaInfo(node.endpoint, node.region, True, lag, node.lsn, node.paused, node.error)
             )
+        for endpoint in [e for e in self._measured_at if e not in seen]:
+            del self._measured_at[endpoint]
         self.replicas = tuple(replicas)
         self._suspect.clear()
         self._regroup()
@@ -601,6 +640,24 @@ class TopologyMonitor:
             self._replica_set = current
             for listener in self._replica_listeners:
                 listener(current)
+
+    def _carry_over(self, node: NodeStatus, before: ReplicaInfo | None, now: float) -> ReplicaInfo | None:
+        """A standby the probe stopped waiting for (the writer had answered, it had not yet, see
+        StaticProvider.probe) keeps its last view for a moment, its lag grown by the time since
+        it was measured, rather than flap to unreachable (which would retire its pools) on one
+        slow answer. A failed answer is never carried over."""
+        measured = self._measured_at.get(node.endpoint)
+        if (
+            node.error != NO_ANSWER_YET
+            or before is None
+            or not before.reachable
+            or measured is None
+            or now - measured > _CARRY_OVER
+        ):
+            return None
+        lag = before.lag_seconds + (now - measured) if before.lag_seconds is not None else None
+        return ReplicaInfo(before.endpoint, before.region, True, lag, before.replay_lsn, before.paused,
+                           NO_ANSWER_YET)  # fmt: skip
 
     def _lag_of(
         self,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from proxy.topology import NodeStatus, ReplicaInfo, TopologyMonitor, format_lsn, parse_lsn
 from sidecar_config import Endpoint
 
@@ -186,3 +188,23 @@ def test_listener_hears_set_changes_and_refresh_publishes() -> None:
 
     asyncio.run(run())
     assert heard == [frozenset({R1, D1}), frozenset({D1})]
+
+
+def test_a_standby_slower_than_the_writer_keeps_its_view_briefly() -> None:
+    heard: list[frozenset[Endpoint]] = []
+    mon = monitor()
+    mon.add_replica_listener(heard.append)
+    late = NodeStatus(R1, "home", False, error="no answer yet")
+    step(mon, [writer(100), standby(R1, 100)], 0.0, 0.1)
+    step(mon, [writer(100), late], 0.5, 0.6)
+    info = mon.replica(R1)
+    assert info is not None and info.reachable and info.lag_seconds == pytest.approx(0.5)
+    assert mon.choose_replica() == R1
+    assert heard == [frozenset({R1})]  # no flap: its pools stay
+    step(mon, [writer(100), late], 3.0, 3.1)  # still silent past the carry-over: unreachable
+    assert mon.replica(R1).reachable is False  # type: ignore[union-attr]
+    assert mon.choose_replica() is None
+    step(mon, [writer(100), standby(R1, 100)], 4.0, 4.1)
+    step(mon, [writer(100), down(R1)], 4.2, 4.3)  # a failed answer is never carried over
+    assert mon.replica(R1).reachable is False  # type: ignore[union-attr]
+    assert heard == [frozenset({R1}), frozenset(), frozenset({R1}), frozenset()]
