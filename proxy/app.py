@@ -356,9 +356,12 @@ class Sidecar:
             endpoint = key[2]
             if endpoint in replicas and endpoint != self.topology.writer:
                 continue
+            # (Heard before the writer transition of the same probe: a promoted replica's pool
+            # is retired before it is named the writer.)
+            promoted = any(n.endpoint == endpoint and n.reachable and n.writer for n in self.topology.nodes)
             reason = (
-                f"replica {endpoint} is now the writer"
-                if endpoint == self.topology.writer
+                f"replica {endpoint} is a writer now (promoted)"
+                if promoted
                 else f"{endpoint} is no longer a reachable replica"
             )
             del self.replica_pools[key]
