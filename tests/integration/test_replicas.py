@@ -352,16 +352,19 @@ def test_sidecar_process_shows_roles_lag_and_metric(shared_topology, sidecar_fac
     assert "# TYPE pgsidecar_replica_lag_seconds gauge" in text
 
 
-def test_aurora_reports_reader_lag_from_replica_status(fresh_topology):
+@pytest.mark.parametrize("kind", ["aurora", "aurora-global"])
+def test_aurora_reports_reader_lag_from_its_topology_function(fresh_topology, kind):
+    """replica_lag_in_msec (aurora) / visibility_lag_in_msec (aurora-global: the secondary
+    region's reader b1 too), each reader checked on its own connection (in recovery)."""
     topo = fresh_topology
     topo.install_aurora_emulation()
-    instances = {n.name: n.hostport for n in topo.nodes}
     config = _config(topo)
-    config["upstream"]["topology"] = "aurora"
+    config["upstream"]["topology"] = kind
     config["upstream"]["regions"] = [
-        {"name": pg.REGION_A, "hosts": [topo.a2.hostport], "instances": instances},
-        {"name": pg.REGION_B, "hosts": [topo.b1.hostport], "instances": instances},
-    ]
+        {"name": pg.REGION_A, "hosts": [topo.a2.hostport],
+         "instances": {n.name: n.hostport for n in (topo.a1, topo.a2)}},
+        {"name": pg.REGION_B, "hosts": [topo.b1.hostport], "instances": {"b1": topo.b1.hostport}},
+    ]  # fmt: skip
     a2, b1 = _endpoint(topo.a2), _endpoint(topo.b1)
 
     async def scenario() -> None:
@@ -377,7 +380,14 @@ def test_aurora_reports_reader_lag_from_replica_status(fresh_topology):
             assert mon.choose_replica() == a2
             assert mon.choose_replica(min_lsn=1) is None  # no position: never for read-your-writes
             assert await _read_on(sidecar, topo.a2) == ("t", str(topo.a2.port))
+            assert await _read_on(sidecar, topo.b1) == ("t", str(topo.b1.port))
             text = await _metrics(sidecar)
             assert _lag_metric(text, pg.REGION_A, topo.a2) is not None, text
+            assert _lag_metric(text, pg.REGION_B, topo.b1) is not None, text
+            # A reader that goes down is no longer reachable (its own check fails), the other
+            # one is chosen.
+            await asyncio.to_thread(topo.a2.crash)
+            await until(lambda: not mon.is_replica(a2), "a2 unreachable")
+            assert mon.choose_replica() == b1
 
     asyncio.run(scenario())
