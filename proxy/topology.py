@@ -1,8 +1,10 @@
-"""TopologyMonitor: the one owner of "who is the writer".
+"""TopologyMonitor: the one owner of "who is the writer", and of which replicas may serve reads.
 
 Providers (behind the `TopologyProvider` protocol) report what each node says about itself; the
 monitor decides which node is the writer and publishes it. Everything that opens a server
 connection asks the monitor first, so a later failover only has to change the monitor's answer.
+The same probe round publishes the replicas (`replicas`, `choose_replica`), with a lag bound per
+replica, so reads can go on while there is no writer; nothing about them costs the data path.
 """
 
 from __future__ import annotations
