@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from sidecar_config import Endpoint, SidecarConfig
 
     from .metrics import Stats
+    from .outcome import CommitOutcomeLedger
     from .pool import Pool
     from .server import ServerConnection
     from .spooling import SpoolService
@@ -129,6 +130,9 @@ class ConsoleHost(Protocol):
 
     @property
     def spool_pending(self) -> int: ...
+
+    @property
+    def commit_outcome(self) -> CommitOutcomeLedger: ...
 
     @property
     def held_requests(self) -> int: ...
@@ -400,14 +404,19 @@ async def _show_servers(console: AdminConsole) -> Result:
 
 
 async def _show_topology(console: AdminConsole) -> Result:
-    columns = ("region", "host", "role", "timeline", "error", "current_writer", "cluster_state")
+    # commit_outcome, on the writer's row: whether a COMMIT cut by a failover can get its true
+    # outcome there (marker | off (config) | unavailable: why | unchecked).
+    columns = ("region", "host", "role", "timeline", "error", "current_writer", "cluster_state",
+               "commit_outcome")  # fmt: skip
     topology = console.sidecar.topology
+    outcome = console.sidecar.commit_outcome.summary()
     cluster = topology.state.value
     rows: list[Sequence[object]] = []
     if not topology.nodes:  # before the first probe: what will be probed
         for region in console.sidecar.config.upstream.regions:
             rows += [
-                (region.name, str(h), "unknown", None, "not probed yet", False, cluster) for h in region.hosts
+                (region.name, str(h), "unknown", None, "not probed yet", False, cluster, None)
+                for h in region.hosts
             ]
         return Result("SHOW", columns, rows)
     for node in topology.nodes:
@@ -419,7 +428,10 @@ async def _show_topology(console: AdminConsole) -> Result:
             role, error = "writer", None if current else "fenced: not the newest writer"
         else:
             role, error = "standby", None
-        rows.append((node.region, str(node.endpoint), role, node.timeline or None, error, current, cluster))
+        rows.append(
+            (node.region, str(node.endpoint), role, node.timeline or None, error, current, cluster,
+             outcome if current else None)
+        )  # fmt: skip
     return Result("SHOW", columns, rows)
 
 

@@ -34,7 +34,9 @@ COMMAND_COLUMNS = {
     "SHOW CLIENTS": ["id", "user", "database", "state", "peer", "server", "connected_s", "application_name"],
     "SHOW SERVERS": ["id", "upstream", "region", "state", "user", "database", "tx_status", "age_s", "idle_s",
                      "prepared_statements"],
-    "SHOW TOPOLOGY": ["region", "host", "role", "timeline", "error", "current_writer", "cluster_state"],
+    "SHOW TOPOLOGY": [
+        "region", "host", "role", "timeline", "error", "current_writer", "cluster_state", "commit_outcome"
+    ],
     "SHOW SPOOL": ["backend", "location", "pending", "status"],
     "SHOW STATS": ["name", "value"],
     "SHOW CONFIG": ["key", "value"],
