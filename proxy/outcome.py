@@ -366,11 +366,13 @@ class CommitOutcomeLedger:
         problems = [
             f"{status} ({user}@{database})"
             for (user, database), status in sorted(self._status.items())
-            if status != READY
+            if status.startswith("unavailable")
         ]
         if problems:
             return problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
-        return READY if self._status else "unchecked"
+        if not self._status or any(status != READY for status in self._status.values()):
+            return "unchecked"
+        return READY
 
     def watch(self, user: str, database: str) -> None:
         """A pool for (user, database) exists: check it (once, then after each failover)."""
