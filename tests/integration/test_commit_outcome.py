@@ -415,3 +415,28 @@ def test_the_function_allowlist_matches_the_live_catalog(shared_topology: pg.Top
     functions_sql, operators_sql = readonly.CATALOG_SQL
     assert {row[0] for row in shared_topology.a1.query(functions_sql)} == FUNCTIONS
     assert {row[0] for row in shared_topology.a1.query(operators_sql)} == OPERATORS
+
+
+def test_the_ledger_is_checked_again_on_the_new_writer_after_a_failover(
+    sidecar_factory: SidecarFactory, fresh_topology: pg.Topology
+) -> None:
+    """Usable on the old writer; on the promoted standby the pool's user has lost the right to
+    call the marker function (revoked after the sidecar's first check, so only a check made after
+    the failover can see it)."""
+    topo = fresh_topology
+    database = "ledger_failover"
+    topo.a1.execute(f"CREATE DATABASE {database} OWNER {USER}")
+    topo.a1.execute(MARKER_DDL, dbname=database)  # owned by the superuser, not the pool's user
+    sidecar = sidecar_factory(_config(database), topology=topo)
+    assert _wait_outcome(sidecar, lambda v: v != "unchecked") == "marker"
+    topo.a1.execute("REVOKE EXECUTE ON FUNCTION pgsidecar.mark_commit(uuid) FROM PUBLIC", dbname=database)
+    topo.a1.wait_caught_up([topo.a2])
+    time.sleep(0.5)  # (several of the sidecar's probe rounds: none re-checks the ledger)
+    assert _writer_outcome(sidecar) == "marker"
+    topo.a1.crash()
+    topo.a2.promote()
+    value = _wait_outcome(sidecar, lambda v: v.startswith("unavailable"))
+    assert f'user "{USER}" may not execute pgsidecar.mark_commit(uuid)' in value
+    rows = {r["host"]: r for r in _admin_rows(sidecar, "SHOW TOPOLOGY")}
+    assert rows[topo.a2.hostport]["current_writer"] in (True, "true", "t")
+    assert sidecar.log_text().count("commit_outcome_unavailable") == 1
