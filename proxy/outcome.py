@@ -342,7 +342,7 @@ class CommitOutcomeLedger:
         self._warned: set[tuple[str, str, str]] = set()  # logged once per (user, database, reason)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._last_prune = 0.0
+        self._last_prune: float | None = None  # loop time of the last prune (None: prune at once)
         self.pruned = 0  # markers deleted by this process (SHOW TOPOLOGY's detail, tests)
         self.checks = 0  # availability checks completed
 
@@ -353,6 +353,34 @@ class CommitOutcomeLedger:
     def ready(self, user: str, database: str) -> bool:
         """Whether the session may write a marker for this pool (and so resolve its COMMITs)."""
         return self.enabled and self._status.get((user, database)) == READY
+
+    def new_marker(self, user: str, database: str) -> str | None:
+        """A fresh marker id for a COMMIT of this pool's, or None when the ledger may not be used
+        there (the COMMIT then goes without one, and a cut gets 08007 as before)."""
+        if not self.ready(user, database):
+            return None
+        return self.ids.next()
+
+    async def resolve(
+        self, user: str, database: str, marker_id: str, old_backend_pid: int | None = None
+    ) -> Outcome:
+        """`resolve` on a new connection to the current (confirmed) writer as the pool's user.
+        Raises OutcomeUnknown (08007) for whatever keeps the answer from being known."""
+        if self._host.topology.writer is None:
+            raise OutcomeUnknown("no writer is known to ask whether the COMMIT committed")
+        conn: ServerConnection | None = None
+        failure: str
+        try:
+            conn = await self._connect(user, database)
+            return await resolve(conn, marker_id, old_backend_pid)
+        except OutcomeUnknown:
+            raise
+        except (ProxyError, OSError, TimeoutError) as exc:
+            failure = str(exc) or type(exc).__name__
+        finally:
+            if conn is not None:
+                conn.close("commit outcome resolved")
+        raise OutcomeUnknown(f"could not ask the writer whether the COMMIT committed: {failure}")
 
     def status(self, user: str, database: str) -> str:
         if not self.enabled:
@@ -420,7 +448,7 @@ class CommitOutcomeLedger:
             try:
                 for key in sorted(self._to_check):
                     await self._check(key)
-                if loop.time() - self._last_prune >= PRUNE_INTERVAL_SECONDS:
+                if self._last_prune is None or loop.time() - self._last_prune >= PRUNE_INTERVAL_SECONDS:
                     self._last_prune = loop.time()
                     await self._prune_all()
             except Exception as exc:  # a bug here must not end the loop (the data path goes on)

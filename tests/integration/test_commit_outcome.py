@@ -14,6 +14,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import psycopg
@@ -24,6 +25,7 @@ from proxy import readonly
 from proxy.outcome import (
     MARKER_DDL,
     MARKER_RETENTION_SECONDS,
+    CommitOutcomeLedger,
     MarkerAnswer,
     MarkerIds,
     OutcomeUnknown,
@@ -36,7 +38,7 @@ from proxy.outcome import (
 )
 from proxy.protocol import messages as m
 from proxy.server import ServerConnection, TlsSettings, connect
-from sidecar_config import Endpoint
+from sidecar_config import Endpoint, parse_config
 from tests.conftest import SidecarFactory
 from tests.harness import pg
 from tests.harness.sidecar import PROJECT_ROOT, SidecarProcess, sidecar_config
@@ -372,10 +374,21 @@ def test_without_the_ledger_the_sidecar_says_so_once_and_in_show_topology(
 def test_with_the_ledger_show_topology_says_marker(
     sidecar_factory: SidecarFactory, shared_topology: pg.Topology, database: str
 ) -> None:
-    _install(shared_topology.a1, database)
+    a1 = shared_topology.a1
+    _install(a1, database)
+    ids = MarkerIds()
+    old, fresh = [ids.next() for _ in range(3)], ids.next()
+    with a1.connect(database) as su:
+        for marker in old:
+            su.execute("INSERT INTO pgsidecar.commit_marker VALUES (%s, now() - interval '2 h')", (marker,))
+        su.execute("INSERT INTO pgsidecar.commit_marker VALUES (%s)", (fresh,))
     sidecar = sidecar_factory(_config(database))
     assert _wait_outcome(sidecar, lambda v: v != "unchecked") == "marker"
     assert "commit_outcome_unavailable" not in sidecar.log_text()
+    # The pruner runs in the background on the writer: at start, then every few minutes.
+    line = sidecar.wait_for_log("commit_markers_pruned", timeout=30)
+    assert "deleted=3" in line
+    assert _markers(a1, database) == {fresh}
 
 
 def test_a_pool_whose_user_may_not_use_the_ledger_is_reported(
@@ -440,3 +453,51 @@ def test_the_ledger_is_checked_again_on_the_new_writer_after_a_failover(
     rows = {r["host"]: r for r in _admin_rows(sidecar, "SHOW TOPOLOGY")}
     assert rows[topo.a2.hostport]["current_writer"] in (True, "true", "t")
     assert sidecar.log_text().count("commit_outcome_unavailable") == 1
+
+
+def test_the_service_resolves_on_the_current_writer_or_says_unknown(
+    shared_topology: pg.Topology, database: str
+) -> None:
+    """What the session calls after a cut: one call, an exact answer or OutcomeUnknown (08007)."""
+    a1 = shared_topology.a1
+    _install(a1, database)
+    config = parse_config(sidecar_config(shared_topology))
+    topology = SimpleNamespace(writer=Endpoint(a1.host, a1.port))
+    host: Any = SimpleNamespace(config=config, topology=topology)
+    service = CommitOutcomeLedger(host, lambda user, db: _open(a1, db, user))
+    marker = service.ids.next()
+    with _app_conn(a1, database) as conn:
+        conn.execute("CREATE TABLE t (x int)")
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO t VALUES (1)")
+        conn.execute(marker_statement(marker).decode())
+        conn.execute("COMMIT")
+
+    async def scenario() -> list[object]:
+        answers: list[object] = [
+            await service.resolve(USER, database, marker),
+            await service.resolve(USER, database, service.ids.next()),
+        ]
+        for writer, connect_to in ((None, a1), (topology.writer, None)):
+            topology.writer = writer
+
+            async def refused(user: str, db: str) -> ServerConnection:
+                return await connect(
+                    Endpoint("127.0.0.1", pg.free_port()), {"user": user, "database": db}, None,
+                    tls=TlsSettings("disable"), timeout=5, max_message_size=1 << 20,
+                )  # fmt: skip
+
+            if connect_to is None:
+                service._connect = refused
+            try:
+                await service.resolve(USER, database, marker)
+            except OutcomeUnknown as exc:
+                answers.append((exc.code, exc.message.split(":")[0]))
+        return answers
+
+    assert _run(scenario()) == [
+        "committed",
+        "not_committed",
+        ("08007", "no writer is known to ask whether the COMMIT committed"),
+        ("08007", "could not ask the writer whether the COMMIT committed"),
+    ]
