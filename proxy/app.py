@@ -586,6 +586,9 @@ class Sidecar:
         for region in config.upstream.regions:
             self.region_of.update({str(e): region.name for e in (region.instances or {}).values()})
         self._retarget_topology()
+        # After `pgsidecar init-db` (or a GRANT, or failover.commit_outcome turned on), a reload
+        # makes the sidecar look for the ledger again at once.
+        self.commit_outcome.recheck()
 
     def _retarget_topology(self) -> None:
         # The running monitor keeps its state and open probe connections; it takes the new interval,

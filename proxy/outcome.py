@@ -79,6 +79,9 @@ PRUNE_BATCH: Final = 10_000
 PRUNE_MAX_BATCHES: Final = 1000
 # An availability check that could not reach the writer is tried again after this long.
 RECHECK_AFTER_SECONDS: Final = 5.0
+# The ledger found missing or not usable (or a login for the check refused: a passthrough pool
+# learns its password only at a client's login) is looked for again after this long.
+UNAVAILABLE_RECHECK_SECONDS: Final = 60.0
 # How long resolve() waits for an old backend on the same server to exit.
 TERMINATE_WAIT_MS: Final = 5000
 
@@ -339,7 +342,10 @@ class CommitOutcomeLedger:
         # (user, database) -> READY, "unchecked: ...", or "unavailable: ..." (why).
         self._status: dict[tuple[str, str], str] = {}
         self._to_check: set[tuple[str, str]] = set()
+        self._retry_at: dict[tuple[str, str], float] = {}  # loop time a key may be checked again
+        self._generation = 0  # bumped at each change of writer
         self._warned: set[tuple[str, str, str]] = set()  # logged once per (user, database, reason)
+        self._unavailable: set[tuple[str, str]] = set()  # last found unavailable (to log its return)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_prune: float | None = None  # loop time of the last prune (None: prune at once)
@@ -417,10 +423,24 @@ class CommitOutcomeLedger:
         previous_writer: Endpoint | None,
         writer: Endpoint | None,
     ) -> None:
-        """Topology listener: a new writer may lack the ledger (or not yet be checked)."""
+        """Topology listener: a new writer is checked again before any marker is sent to it (a
+        marker call that fails aborts the client's transaction)."""
         if writer is not None and writer != previous_writer:
-            self._to_check.update(self._status)
+            self._generation += 1
+            for key in self._status:
+                self._status[key] = "unchecked"
+                self._to_check.add(key)
+                self._retry_at.pop(key, None)
             self._wake.set()
+
+    def recheck(self) -> None:
+        """Check every pool again now (a reload: init-db may just have been run, or the marker
+        turned on); what is usable stays usable meanwhile."""
+        self._generation += 1
+        for key in self._status:
+            self._to_check.add(key)
+            self._retry_at.pop(key, None)
+        self._wake.set()
 
     def start(self) -> None:
         config = self._host.config
@@ -438,43 +458,75 @@ class CommitOutcomeLedger:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            wait = RECHECK_AFTER_SECONDS if self._to_check else PRUNE_INTERVAL_SECONDS
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await self._wake.wait()
+            now = loop.time()
+            wake_at = [self._retry_at.get(key, now) for key in self._to_check]
+            if self._last_prune is not None:
+                wake_at.append(self._last_prune + PRUNE_INTERVAL_SECONDS)
+            wait = max(0.0, min(wake_at, default=now + PRUNE_INTERVAL_SECONDS) - now)
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
             self._wake.clear()
             if not self.enabled or self._host.topology.writer is None:
+                # Nothing to do until a writer is known (or the config turns the marker on):
+                # wait for a nudge, or look again after a while.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(RECHECK_AFTER_SECONDS):
+                        await self._wake.wait()
                 continue
             try:
+                now = loop.time()
                 for key in sorted(self._to_check):
-                    await self._check(key)
+                    if self._retry_at.get(key, now) <= now:
+                        await self._check(key)
                 if self._last_prune is None or loop.time() - self._last_prune >= PRUNE_INTERVAL_SECONDS:
                     self._last_prune = loop.time()
                     await self._prune_all()
             except Exception as exc:  # a bug here must not end the loop (the data path goes on)
                 logs.event("commit_outcome_check_failed", logs.ERROR, error=repr(exc))
+                await asyncio.sleep(RECHECK_AFTER_SECONDS)
 
     async def _check(self, key: tuple[str, str]) -> None:
         user, database = key
+        generation = self._generation  # a change of writer meanwhile asks for another check
+        loop = asyncio.get_running_loop()
         conn: ServerConnection | None = None
+        reason: str | None = None
         try:
             conn = await self._connect(user, database)
             reason = await availability(conn)
+        except UpstreamError as exc:
+            # PostgreSQL refused (login, a missing database...): not the ledger's fault, but the
+            # marker cannot be used either. Asked again now and then, and after each failover.
+            reason = f"cannot log in to check it: {m.error_summary(exc.fields)}"
         except (ProxyError, OSError, TimeoutError) as exc:
-            # Not an answer about the ledger: try again shortly.
-            self._status[key] = f"unchecked: {exc}"
+            # No answer at all (the writer is going away, a timeout): try again shortly.
+            if generation == self._generation:
+                self._status[key] = f"unchecked: {exc.message if isinstance(exc, ProxyError) else exc}"
+                self._retry_at[key] = loop.time() + RECHECK_AFTER_SECONDS
             return
         finally:
             if conn is not None:
                 conn.close("commit outcome check done")
-        self._to_check.discard(key)
+        if generation != self._generation:
+            return  # the writer changed during the check: the next one counts
         self.checks += 1
         if reason is None:
-            if self._status.get(key, READY) != READY and key in {(u, d) for u, d, _ in self._warned}:
+            self._to_check.discard(key)
+            self._retry_at.pop(key, None)
+        else:
+            # Looked at again now and then: an operator who runs init-db (or grants) after the
+            # warning should not have to restart the sidecar. (RELOAD asks at once: `recheck`.)
+            self._retry_at[key] = loop.time() + UNAVAILABLE_RECHECK_SECONDS
+        if reason is None:
+            if key in self._unavailable:
+                self._unavailable.discard(key)
                 logs.event("commit_outcome_available", user=user, database=database)
             self._status[key] = READY
             return
         self._status[key] = f"unavailable: {reason}"
+        self._unavailable.add(key)
         if (user, database, reason) not in self._warned:
             self._warned.add((user, database, reason))
             logs.event(

@@ -7,6 +7,7 @@ the ledger's presence or absence never leaks into other tests."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 import time
@@ -363,6 +364,11 @@ def test_without_the_ledger_the_sidecar_says_so_once_and_in_show_topology(
         with psycopg.connect(sidecar.dsn(USER, dbname=database, connect_timeout=5), autocommit=True) as app:
             app.execute("SELECT 1")
     assert sidecar.log_text().count("commit_outcome_unavailable") == 1
+    # init-db, then a reload: found at once, and said so.
+    _install(shared_topology.a1, database)
+    sidecar.send_signal(signal.SIGHUP)
+    assert _wait_outcome(sidecar, lambda v: v == "marker") == "marker"
+    sidecar.wait_for_log("commit_outcome_available")
     # The counters exist from the start, every label at zero.
     text = _metrics(sidecar)
     for result in ("replayed", "diverged", "too_large", "not_replayable"):
