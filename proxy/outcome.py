@@ -258,9 +258,7 @@ async def resolve(conn: ServerConnection, marker_id: str, old_backend_pid: int |
             raise OutcomeUnknown(
                 f"the old backend {old_backend_pid} did not exit within {TERMINATE_WAIT_MS} ms"
             )
-    result = await conn.simple_query(
-        f"SELECT pgsidecar.commit_marked('{ident}'::uuid), pg_is_in_recovery()"
-    )
+    result = await conn.simple_query(f"SELECT pgsidecar.commit_marked('{ident}'::uuid), pg_is_in_recovery()")
     if not result.rows or result.rows[0][1] != "f":
         raise OutcomeUnknown("the node asked about a commit marker is not a writer")
     return "committed" if result.rows[0][0] == "t" else "not_committed"

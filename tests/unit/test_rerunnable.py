@@ -106,7 +106,7 @@ NOT_RERUNNABLE = [
     "SELECT my_function(1)",
     "SELECT app.total(1)",
     "SELECT public.lower('x')",
-    "SELECT \"NOW\"()",
+    'SELECT "NOW"()',
     "SELECT * FROM my_set_returning_function()",
     # operators outside pg_catalog
     "SELECT a OPERATOR(public.===) b FROM t",
