@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from proxy.journal import DIVERGED, EQUAL, PENDING, TransactionJournal, Verifier
 from proxy.protocol import messages as m
 
@@ -36,7 +38,8 @@ def replay(verifier: Verifier, *answers: bytes, chunk: int = 7) -> int:
 def test_requests_are_kept_in_order_and_answers_digested() -> None:
     journal = journal_of((Q1, A1), (Q2, A2))
     assert journal.requests == [Q1, Q2]
-    assert len(journal.digests) == 2 and all(len(d) == 16 for d in journal.digests)
+    assert journal.answer_ends == [len(A1), len(A1) + len(A2)]
+    assert journal.digest() == hashlib.blake2b(A1 + A2, digest_size=16).digest()
     assert journal.answered == 2 and journal.replayable and journal.relayed == 0
 
 
@@ -47,7 +50,7 @@ def test_answer_digest_does_not_depend_on_how_it_was_split() -> None:
     for i in range(len(A1)):
         split.answer_bytes(memoryview(A1)[i : i + 1])
     split.answer_done()
-    assert split.digests == whole.digests
+    assert (split.digest(), split.answer_ends) == (whole.digest(), whole.answer_ends)
 
 
 def test_a_memoryview_request_is_copied() -> None:
@@ -76,12 +79,12 @@ def test_over_the_bound_the_journal_drops_everything_and_says_too_large() -> Non
     journal.answer_done()
     assert not journal.record_request(Q2)
     assert journal.too_large and not journal.replayable
-    assert journal.requests == [] and journal.digests == [] and journal.size == 0
+    assert journal.requests == [] and journal.answer_ends == [] and journal.size == 0
     # Nothing more is kept until the next transaction.
     assert not journal.record_request(b"Q\x00\x00\x00\x05\x00")
     journal.answer_bytes(A2)
     journal.answer_done()
-    assert journal.requests == [] and journal.digests == []
+    assert journal.requests == [] and journal.answer_ends == []
     journal.begin()
     assert not journal.too_large
     assert journal.record_request(Q1) and journal.requests == [Q1]
@@ -97,13 +100,14 @@ def test_reset_forgets_a_partial_answer() -> None:
     journal = journal_of((Q1, A1))
     journal.record_request(Q2)
     journal.answer_bytes(A2[:3])
+    assert journal.relayed == 3
     journal.reset()
-    assert journal.relayed == 0 and journal.requests == [] and journal.digests == []
+    assert journal.relayed == 0 and journal.requests == [] and journal.answer_ends == []
     fresh = journal_of((Q1, A1))
     journal.record_request(Q1)
     journal.answer_bytes(A1)
     journal.answer_done()
-    assert journal.digests == fresh.digests
+    assert (journal.digest(), journal.answer_ends) == (fresh.digest(), fresh.answer_ends)
 
 
 def test_the_same_answers_verify_equal() -> None:
@@ -127,6 +131,22 @@ def test_verification_stops_at_the_first_difference() -> None:
     assert verifier.answer_bytes(A2) == 0 and verifier.answer_done() == DIVERGED
 
 
+def test_answers_split_differently_diverge_even_with_the_same_bytes() -> None:
+    """Same bytes in total, but the first answer ends elsewhere: not the same answers."""
+    journal = journal_of((Q1, A1), (Q2, A2))
+    verifier = Verifier(journal)
+    verifier.answer_bytes(A1 + A2[:5])
+    assert verifier.answer_done() == DIVERGED
+
+
+def test_an_answer_longer_than_the_original_diverges_at_its_end() -> None:
+    journal = journal_of((Q1, A1), (Q2, A2))
+    longer = A1[:-6] + m.data_row(["2"]) + A1[-6:]
+    verifier = Verifier(journal)
+    verifier.answer_bytes(longer)
+    assert verifier.answer_done() == DIVERGED
+
+
 def test_an_empty_transaction_is_trivially_equal() -> None:
     assert Verifier(TransactionJournal(1024)).status == EQUAL
 
@@ -139,7 +159,6 @@ def test_a_partly_relayed_answer_is_compared_on_the_part_relayed() -> None:
     verifier = Verifier(journal)
     verifier.answer_bytes(A1)
     assert verifier.answer_done() == PENDING
-    assert verifier.comparing_prefix
     # The whole replay answer arrives at once: only the relayed part is compared; the rest is
     # for the client, which then has exactly the replay's answer.
     taken = verifier.answer_bytes(memoryview(A2))
