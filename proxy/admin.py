@@ -527,7 +527,9 @@ COMMANDS: dict[str, Command] = {
     "SHOW POOLS": Command(_show_pools, "server connections per (user, database) and waiting clients"),
     "SHOW CLIENTS": Command(_show_clients, "client connections, their state and server"),
     "SHOW SERVERS": Command(_show_servers, "upstream connections in the pools"),
-    "SHOW TOPOLOGY": Command(_show_topology, "every configured node as last probed, and the writer"),
+    "SHOW TOPOLOGY": Command(
+        _show_topology, "every configured node as last probed, the writer, and its commit-outcome ledger"
+    ),
     "SHOW SPOOL": Command(_show_spool, "the durable write spool"),
     "SHOW STATS": Command(_show_stats, "counters since start"),
     "SHOW CONFIG": Command(_show_config, "the effective configuration (secrets hidden)"),

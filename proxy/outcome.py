@@ -347,7 +347,7 @@ class CommitOutcomeLedger:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_prune: float | None = None  # loop time of the last prune (None: prune at once)
-        self.pruned = 0  # markers deleted by this process (SHOW TOPOLOGY's detail, tests)
+        self.pruned = 0  # markers deleted by this process
         self.checks = 0  # availability checks completed
 
     @property
