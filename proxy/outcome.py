@@ -36,7 +36,9 @@ would insert nothing, aborting the client's transaction: checked on PostgreSQL 1
 
 Marker ids are uuids: a random 64-bit prefix drawn once per process and a 64-bit counter, so they
 are unique across sidecars and restarts (two processes collide only if they draw the same 64-bit
-prefix) and never reused; 16 bytes fixed-width, the cheapest unique key PostgreSQL indexes.
+prefix) and never reused; 16 bytes fixed-width, the cheapest unique key PostgreSQL indexes, and
+ascending within a process, so each sidecar's inserts land at one spot of the index rather than on
+random pages as random uuids would.
 
 Not on the data path: the session builds one marker per write COMMIT (`MarkerIds.next`, a counter
 and a format), and this module's service runs availability checks and the pruner in the
@@ -54,7 +56,7 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol
 
 from . import logs
 from .protocol import messages as m
-from .protocol.sqlstate import ProxyError, SqlState
+from .protocol.sqlstate import ProxyError, SqlState, UpstreamUnavailable
 from .server import ServerConnection, UpstreamError
 
 if TYPE_CHECKING:
@@ -294,11 +296,13 @@ async def ensure_marker_ledger(conn: ServerConnection) -> None:
 
 
 async def availability(conn: ServerConnection) -> str | None:
-    """None when the ledger may be used on `conn` (as its user, in its database), else why not."""
+    """None when the ledger may be used on `conn` (as its user, in its database), else why not.
+    Raises UpstreamUnavailable on a node in recovery (the question is for the writer)."""
     result = await conn.simple_query(AVAILABILITY_SQL)
     table, missing, refused, user, database, recovery = result.rows[0]
     if recovery == "t":
-        return "not checked: the node is in recovery"
+        # The writer is changing under the check: not an answer about the ledger (retried).
+        raise UpstreamUnavailable("the node asked is in recovery, not the writer")
     if table != "t" or missing:
         return f"the ledger {MARKER_TABLE} is not installed in database {database}: run pgsidecar init-db"
     if refused:

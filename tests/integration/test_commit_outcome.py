@@ -38,6 +38,7 @@ from proxy.outcome import (
     resolve,
 )
 from proxy.protocol import messages as m
+from proxy.protocol.sqlstate import UpstreamUnavailable
 from proxy.server import ServerConnection, TlsSettings, connect
 from sidecar_config import Endpoint, parse_config
 from tests.conftest import SidecarFactory
@@ -285,6 +286,9 @@ def test_resolve_refuses_a_node_in_recovery(shared_topology: pg.Topology, databa
     with pytest.raises(OutcomeUnknown) as err:
         _with_conn(a2, database, body)
     assert err.value.code == "08007"
+    # Nor does a standby answer the availability check: it is asked again on the writer.
+    with pytest.raises(UpstreamUnavailable):
+        _with_conn(a2, database, availability)
 
 
 def test_the_pruner_deletes_old_markers_only(shared_topology: pg.Topology, database: str) -> None:
