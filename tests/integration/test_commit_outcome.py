@@ -511,3 +511,57 @@ def test_the_service_resolves_on_the_current_writer_or_says_unknown(
         ("08007", "no writer is known to ask whether the COMMIT committed"),
         ("08007", "could not ask the writer whether the COMMIT committed"),
     ]
+
+
+def test_a_reused_xid_fools_pg_xact_status_but_not_the_marker(fresh_topology: pg.Topology) -> None:
+    """Why a marker: a2 stops receiving WAL, a1 commits one more transaction (xid X, marker M) and
+    crashes, a2 is promoted and hands out X again to a transaction of its own. Asked on a2,
+    pg_xact_status(X) says "committed" (about the new transaction); the marker says the lost one
+    did not commit, which is the truth on the writer that counts."""
+    topo = fresh_topology
+    a1, a2 = topo.a1, topo.a2
+    database = "xid_reuse"
+    a1.execute(f"CREATE DATABASE {database} OWNER {USER}")
+    _install(a1, database)
+    with _app_conn(a1, database) as conn:
+        conn.execute("CREATE TABLE t (note text)")
+    a1.wait_caught_up([a2])
+    # a2 stops streaming: what a1 commits from now on never reaches it.
+    a2.execute("ALTER SYSTEM SET primary_conninfo = ''")
+    a2.execute("SELECT pg_reload_conf()")
+    deadline = time.monotonic() + 30
+    while a2.query("SELECT count(*) FROM pg_stat_wal_receiver") != [(0,)]:
+        assert time.monotonic() < deadline, "a2 kept streaming"
+        time.sleep(0.05)
+    marker = MarkerIds().next()
+    with _app_conn(a1, database) as conn:
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO t VALUES ('lost with a1')")
+        row = conn.execute("SELECT pg_current_xact_id()::text").fetchone()
+        assert row is not None
+        lost_xid = int(row[0])
+        conn.execute(marker_statement(marker).decode())
+        conn.execute("COMMIT")
+    assert a1.query("SELECT pg_xact_status(%s::text::xid8)", (str(lost_xid),), dbname=database) == [
+        ("committed",)
+    ]
+    a1.crash()
+    a2.promote()
+    with _app_conn(a2, database) as conn:
+        xid = 0
+        while xid < lost_xid:  # (a2's next xid is the lost one, or just below it)
+            conn.execute("BEGIN")
+            conn.execute("INSERT INTO t VALUES ('a2''s own')")
+            row = conn.execute("SELECT pg_current_xact_id()::text").fetchone()
+            assert row is not None
+            xid = int(row[0])
+            conn.execute("COMMIT")
+        assert xid == lost_xid  # the same transaction id, handed out again
+    status = a2.query("SELECT pg_xact_status(%s::text::xid8)", (str(lost_xid),), dbname=database)
+    assert status == [("committed",)]  # true of a2's transaction, false of the lost one
+
+    async def body(conn: ServerConnection) -> str:
+        return await resolve(conn, marker)
+
+    assert _with_conn(a2, database, body) == "not_committed"
+    assert a2.query("SELECT count(*) FROM t WHERE note = 'lost with a1'", dbname=database) == [(0,)]
