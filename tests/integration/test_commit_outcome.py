@@ -565,3 +565,31 @@ def test_a_reused_xid_fools_pg_xact_status_but_not_the_marker(fresh_topology: pg
 
     assert _with_conn(a2, database, body) == "not_committed"
     assert a2.query("SELECT count(*) FROM t WHERE note = 'lost with a1'", dbname=database) == [(0,)]
+
+
+def test_a_commit_that_reached_the_synchronous_standby_resolves_committed_after_promotion(
+    fresh_topology: pg.Topology,
+) -> None:
+    topo = fresh_topology
+    a1, a2 = topo.a1, topo.a2
+    database = "sync_commit"
+    a1.execute(f"CREATE DATABASE {database} OWNER {USER}")
+    _install(a1, database)
+    pg.set_sync_standbys(a1, [a2.name])
+    ids = MarkerIds()
+    committed, rolled_back = ids.next(), ids.next()
+    with _app_conn(a1, database) as conn:
+        conn.execute("CREATE TABLE t (note text)")
+        for marker, end in ((committed, "COMMIT"), (rolled_back, "ROLLBACK")):
+            conn.execute("BEGIN")
+            conn.execute("INSERT INTO t VALUES (%s)", (marker,))
+            conn.execute(marker_statement(marker).decode())
+            conn.execute(end)  # COMMIT returns once a2 has it
+    a1.crash()
+    a2.promote()
+
+    async def body(conn: ServerConnection) -> list[str]:
+        return [await resolve(conn, marker) for marker in (committed, rolled_back)]
+
+    assert _with_conn(a2, database, body) == ["committed", "not_committed"]
+    assert a2.query("SELECT note FROM t", dbname=database) == [(committed,)]
