@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from sidecar_config import Endpoint, SidecarConfig
 
     from .metrics import Stats
+    from .outcome import CommitOutcomeLedger
     from .pool import Pool
     from .server import ServerConnection
     from .spooling import SpoolService
@@ -133,6 +134,9 @@ class ConsoleHost(Protocol):
 
     @property
     def spool_pending(self) -> int: ...
+
+    @property
+    def commit_outcome(self) -> CommitOutcomeLedger: ...
 
     @property
     def held_requests(self) -> int: ...
@@ -408,15 +412,18 @@ async def _show_servers(console: AdminConsole) -> Result:
 
 
 async def _show_topology(console: AdminConsole) -> Result:
+    # commit_outcome, on the writer's row: whether a COMMIT cut by a failover can get its true
+    # outcome there (marker | off (config) | unavailable: why | unchecked).
     columns = ("region", "host", "role", "timeline", "error", "current_writer", "cluster_state",
-               "lag_s", "replay_lsn", "replay_paused")  # fmt: skip
+               "lag_s", "replay_lsn", "replay_paused", "commit_outcome")  # fmt: skip
     topology = console.sidecar.topology
+    outcome = console.sidecar.commit_outcome.summary()
     cluster = topology.state.value
     rows: list[Sequence[object]] = []
     if not topology.nodes:  # before the first probe: what will be probed
         for region in console.sidecar.config.upstream.regions:
             rows += [
-                (region.name, str(h), "unknown", None, "not probed yet", False, cluster, None, None, None)
+                (region.name, str(h), "unknown", None, "not probed yet", False, cluster, *(None,) * 4)
                 for h in region.hosts
             ]
         return Result("SHOW", columns, rows)
@@ -439,7 +446,7 @@ async def _show_topology(console: AdminConsole) -> Result:
             lsn = format_lsn(replica.replay_lsn) if replica.replay_lsn is not None else None
             paused = replica.paused
         rows.append((node.region, str(node.endpoint), role, node.timeline or None, error, current, cluster,
-                     lag, lsn, paused))  # fmt: skip
+                     lag, lsn, paused, outcome if current else None))  # fmt: skip
     return Result("SHOW", columns, rows)
 
 
@@ -535,7 +542,9 @@ COMMANDS: dict[str, Command] = {
     "SHOW POOLS": Command(_show_pools, "server connections per (user, database) and waiting clients"),
     "SHOW CLIENTS": Command(_show_clients, "client connections, their state and server"),
     "SHOW SERVERS": Command(_show_servers, "upstream connections in the pools"),
-    "SHOW TOPOLOGY": Command(_show_topology, "every configured node as last probed, and the writer"),
+    "SHOW TOPOLOGY": Command(
+        _show_topology, "every configured node as last probed, the writer, and its commit-outcome ledger"
+    ),
     "SHOW SPOOL": Command(_show_spool, "the durable write spool"),
     "SHOW STATS": Command(_show_stats, "counters since start"),
     "SHOW CONFIG": Command(_show_config, "the effective configuration (secrets hidden)"),

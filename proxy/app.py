@@ -25,6 +25,7 @@ from .aws import IamTokenSource, looks_like_aws_region, region_of_rds_host
 from .client import ClientSession
 from .hold import Gate, HoldController
 from .metrics import Stats, make_registry
+from .outcome import CommitOutcomeLedger
 from .pool import Pool, PoolSettings
 from .protocol.auth import ScramVerifier, mock_salt
 from .protocol.sqlstate import ProxyError, ShuttingDown, TooManyClients, UpstreamUnavailable
@@ -99,6 +100,10 @@ class Sidecar:
         self._reload_lock = asyncio.Lock()  # one reload at a time: each diffs against the last
         self._background: set[asyncio.Task[None]] = set()  # signal-started tasks, kept from GC
         self.spooling = SpoolService(self) if config.spool.backend != "none" else None
+        # Whether each pool's (user, database) can have its cut COMMITs resolved exactly (marker
+        # ledger installed and usable), the marker ids, and the pruner.
+        self.commit_outcome = CommitOutcomeLedger(self, self._ledger_connection)
+        self.topology.add_listener(self.commit_outcome.cluster_state_changed)
 
     # ---------------------------------------------------------------- wiring
 
@@ -330,6 +335,7 @@ class Sidecar:
             pool = Pool(user, database, self._pool_settings(), self.topology, self.open_server)
             pool.start_housekeeping()
             self.pools[(user, database)] = pool
+            self.commit_outcome.watch(user, database)
         return pool
 
     def replica_pool_for(self, user: str, database: str, replica: Endpoint) -> Pool:
@@ -372,6 +378,17 @@ class Sidecar:
     def _set_routing(self) -> None:
         regions = tuple(r.name for r in self.config.upstream.regions)
         self.topology.set_routing(regions, self.config.routing.max_replica_lag)
+
+    async def _ledger_connection(self, user: str, database: str) -> ServerConnection:
+        """A connection to the current writer as a pool's user, for the commit-outcome ledger's
+        checks and pruning (a passthrough user logs in with the password its pool learnt)."""
+        writer = self.topology.writer
+        if writer is None:
+            raise UpstreamUnavailable("no writable upstream")
+        pool = self.pools.get((user, database))
+        password = pool.known_password if pool is not None else None
+        params = {"user": user, "database": database, "application_name": "pgsidecar-ledger"}
+        return await self.open_server(writer, params, password)
 
     def _pool_settings(self) -> PoolSettings:
         cfg = self.config.pool
@@ -481,6 +498,7 @@ class Sidecar:
                 self.topology.recovery_required = True
                 self.hold.hold_for_failover("replaying what the spool kept from before the restart")
         self.topology.start()
+        self.commit_outcome.start()
         if self.spooling is not None:
             await self._outage_at_startup()
         # What startup built (modules, config models, the AWS and metrics clients) lives as long
@@ -536,6 +554,7 @@ class Sidecar:
             )
         for pool in [*self.pools.values(), *self.replica_pools.values()]:
             pool.close_all("sidecar shutting down")
+        await self.commit_outcome.stop()
         await self.topology.stop()
         if self.spooling is not None:
             await self.spooling.stop()
@@ -614,6 +633,9 @@ class Sidecar:
         for region in config.upstream.regions:
             self.region_of.update({str(e): region.name for e in (region.instances or {}).values()})
         self._retarget_topology()
+        # After `pgsidecar init-db` (or a GRANT, or failover.commit_outcome turned on), a reload
+        # makes the sidecar look for the ledger again at once.
+        self.commit_outcome.recheck()
 
     def _retarget_topology(self) -> None:
         # The running monitor keeps its state and open probe connections; it takes the new interval,

@@ -243,6 +243,7 @@ def cmd_spool_replay(args: argparse.Namespace) -> int:
 
 def cmd_init_db(args: argparse.Namespace) -> int:
     from .app import Sidecar
+    from .outcome import MARKER_TABLE, ensure_marker_ledger
     from .protocol.sqlstate import ProxyError
     from .spool.replay import LEDGER_TABLE, ensure_ledger
     from .spooling import replay_connector
@@ -259,13 +260,17 @@ def cmd_init_db(args: argparse.Namespace) -> int:
                     conn = await connect(user, database)
                     try:
                         await ensure_ledger(conn)
+                        # Also with commit_outcome off: a reload may turn it on.
+                        await ensure_marker_ledger(conn)
                     finally:
                         conn.close("init-db done")
                 except ProxyError as exc:
                     raise CliFailure(
-                        f"cannot create {LEDGER_TABLE} in {database} as {user}: {exc.message}"
+                        f"cannot create {LEDGER_TABLE} / {MARKER_TABLE} in {database} as {user}: "
+                        f"{exc.message}"
                     ) from exc
-                print(f"{LEDGER_TABLE} ready in database {database} on {sidecar.topology.writer}")
+                writer = sidecar.topology.writer
+                print(f"{LEDGER_TABLE} and {MARKER_TABLE} ready in database {database} on {writer}")
         finally:
             await sidecar.topology.stop()
         return EXIT_OK
@@ -299,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--retry", action="store_true", help="move dead letters back to pending first")
     replay.set_defaults(func=cmd_spool_replay)
     init_db = sub.add_parser(
-        "init-db", help="create the replay ledger (pgsidecar.spool_applied) in the application database(s)"
+        "init-db",
+        help="create the spool replay ledger (pgsidecar.spool_applied) and the commit-outcome ledger "
+        "(pgsidecar.commit_marker) in the application database(s)",
     )
     init_db.add_argument("-c", "--config", required=True, help="path to sidecar.yaml")
     init_db.add_argument(

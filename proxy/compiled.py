@@ -52,6 +52,7 @@ MODULES: Final = (
     "proxy.requests",  # request kinds: classified per request
     "proxy.statements",
     "proxy.sqlclass",
+    "proxy.journal",  # TransactionJournal: fed per relayed request and answer
     "proxy.metrics",
     "proxy.protocol.framing",
     "proxy.protocol.messages",

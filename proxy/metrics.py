@@ -30,6 +30,13 @@ SERVER_STATES = ("connecting", "idle", "active", "resetting")
 CLUSTER_STATES = ("up", "failing_over", "outage", "recovering")
 FAILOVER_KINDS = ("instance", "region")
 SPOOL_RESULTS = ("spooled", "replayed", "duplicate", "dead_letter")
+# A transaction cut by a failover: replayed on the new writer with every answer equal, given up
+# because an answer differed, or because it was over failover.replay_max_bytes, or because it held
+# something a replay cannot carry (COPY, a cursor, a statement PostgreSQL refuses in a transaction).
+REPLAY_RESULTS = ("replayed", "diverged", "too_large", "not_replayable")
+# A COMMIT whose answer never came: its marker was found on the new writer (committed), it was not
+# and the transaction was replayed and committed there, or nothing could tell (08007).
+COMMIT_OUTCOMES = ("committed", "replayed", "unknown")
 
 
 class Histogram:
@@ -82,6 +89,10 @@ class Stats:
     # outage refusals), by SQLSTATE; upstream's own errors are relayed, not counted here.
     client_errors: Counter[str] = field(default_factory=Counter)
     server_logins: int = 0
+    # Transactions cut by a failover, by REPLAY_RESULTS; and unanswered COMMITs, by COMMIT_OUTCOMES.
+    # Counters rather than attributes per label, so the session bumps them as it does client_errors.
+    transaction_replays: Counter[str] = field(default_factory=Counter)
+    commit_outcomes: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(frozen=True)
@@ -128,6 +139,18 @@ FAMILIES = {
             "stale_writers_fenced_total",
             "counter",
             "Nodes refused as writer (an older timeline, or a second writer on the newest), each once",
+        ),
+        Family(
+            "transaction_replays_total",
+            "counter",
+            "Transactions cut by a failover and replayed on the new writer, by result",
+            ("result",),
+        ),
+        Family(
+            "commit_outcomes_total",
+            "counter",
+            "COMMITs cut by a failover before their answer, by how their outcome was settled",
+            ("outcome",),
         ),
         Family("pool_waiting_clients", "gauge", "Clients waiting for a free server connection"),
         Family(
@@ -312,6 +335,10 @@ class SidecarCollector(Collector):
         for replica in topology.replicas:
             if replica.reachable and replica.lag_seconds is not None:
                 gauge("replica_lag_seconds", replica.lag_seconds, replica.region, str(replica.endpoint))
+        for result in REPLAY_RESULTS:
+            gauge("transaction_replays_total", stats.transaction_replays.get(result, 0), result)
+        for outcome in COMMIT_OUTCOMES:
+            gauge("commit_outcomes_total", stats.commit_outcomes.get(outcome, 0), outcome)
         gauge("prepared_statements", len(sidecar.statements))
         yield from families.values()
 

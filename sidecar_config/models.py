@@ -52,6 +52,11 @@ Name = Annotated[str, Field(min_length=1)]
 AuthMethod = Literal["trust", "md5", "scram-sha-256", "passthrough"]
 
 
+_KiB = 1024
+_MiB = 1024**2
+_GiB = 1024**3
+
+
 class PoolConfig(_Model):
     mode: Literal["session", "transaction"] = Field(
         default="session",
@@ -262,6 +267,21 @@ class FailoverConfig(_Model):
     probe_timeout: Duration = Field(
         default=1.0, gt=0, description="a probe slower than this counts as failed"
     )
+    transaction_replay: bool = Field(
+        default=True,
+        description="replay a transaction cut by a failover on the new writer, continuing only if "
+        "every answer matches what the client already got",
+    )
+    replay_max_bytes: ByteSize = Field(
+        default=_MiB, ge=_KiB, le=_GiB,
+        description="what a client may send in one transaction and still have it replayed (1KiB..1GiB); "
+        "memory per client is bounded by it",
+    )
+    commit_outcome: Literal["marker", "off"] = Field(
+        default="marker",
+        description="marker: a COMMIT cut by a failover gets its true outcome from a marker written in "
+        "the transaction (needs `pgsidecar init-db`); off: it gets 08007",
+    )
 
 
 class RoutingConfig(_Model):
@@ -329,8 +349,6 @@ class SpoolConfig(_Model):
         return value
 
 
-_KiB = 1024
-_GiB = 1024**3
 
 
 class LimitsConfig(_Model):

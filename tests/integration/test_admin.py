@@ -35,7 +35,7 @@ COMMAND_COLUMNS = {
     "SHOW SERVERS": ["id", "upstream", "region", "state", "user", "database", "tx_status", "age_s", "idle_s",
                      "prepared_statements", "role"],
     "SHOW TOPOLOGY": ["region", "host", "role", "timeline", "error", "current_writer", "cluster_state",
-                      "lag_s", "replay_lsn", "replay_paused"],
+                      "lag_s", "replay_lsn", "replay_paused", "commit_outcome"],
     "SHOW SPOOL": ["backend", "location", "pending", "status"],
     "SHOW STATS": ["name", "value"],
     "SHOW CONFIG": ["key", "value"],

@@ -759,7 +759,14 @@ def test_dump_effective_fills_defaults_and_round_trips() -> None:
     )
     data = yaml.safe_load(dump_effective(cfg))
     assert data["listen"] == "[::1]:7000"
-    assert data["failover"] == {"check_interval": 0.25, "hold_timeout": 60.0, "probe_timeout": 1.0}
+    assert data["failover"] == {
+        "check_interval": 0.25,
+        "hold_timeout": 60.0,
+        "probe_timeout": 1.0,
+        "transaction_replay": True,
+        "replay_max_bytes": 1048576,
+        "commit_outcome": "marker",
+    }
     assert data["pool"]["reset_query"] == "DISCARD ALL"
     assert data["limits"]["max_message_size"] == 64 * 1024 * 1024
     assert data["upstream"]["ca_file"] == "/ca.pem"
@@ -846,3 +853,20 @@ def test_load_config_error_from_file_hides_literal_secret(yaml_file: Path) -> No
     assert info.value.source == str(yaml_file)
     assert [p.path for p in info.value.problems] == ["pool.size"]
     assert info.value.__context__ is None
+
+
+def test_transaction_continuity_defaults_and_bounds() -> None:
+    failover = parse_config(minimal()).failover
+    assert failover.transaction_replay is True
+    assert failover.replay_max_bytes == 1024**2
+    assert failover.commit_outcome == "marker"
+    tuned = parse_config(
+        minimal(failover={"transaction_replay": False, "replay_max_bytes": "64KiB", "commit_outcome": "off"})
+    ).failover
+    assert (tuned.transaction_replay, tuned.replay_max_bytes, tuned.commit_outcome) == (False, 65536, "off")
+    lines = problem_lines(config_error(minimal(failover={"replay_max_bytes": "100B"})))
+    assert lines == ["failover.replay_max_bytes: Input should be greater than or equal to 1024 (got '100B')"]
+    lines = problem_lines(config_error(minimal(failover={"replay_max_bytes": "2GiB"})))
+    assert lines[0].startswith("failover.replay_max_bytes: Input should be less than or equal to 1073741824")
+    lines = problem_lines(config_error(minimal(failover={"commit_outcome": "xid"})))
+    assert lines[0].startswith("failover.commit_outcome: Input should be 'marker' or 'off'")

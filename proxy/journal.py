@@ -1,0 +1,195 @@
+"""The transaction journal: what one client sent in its current transaction, and a digest of the
+answers it was given, so that the transaction can be replayed on a new writer after a failover and
+continued only if every answer there is what the client already saw.
+
+Sans-I/O and per client; the session drives it:
+
+* `begin()` when a transaction starts (or `reset()` when it ends: the same thing);
+* `record_request(data)` with each request as the client sent it: one simple Query, or the whole
+  extended-protocol batch up to and including its Sync (`last=False` for the parts of a batch
+  forwarded in several pieces, the final part with `last=True`);
+* `answer_bytes(view)` with the bytes of the answers as they are relayed to the client, and
+  `answer_done()` at the ReadyForQuery that ends each. NotificationResponse messages (another
+  session's NOTIFY, timing-dependent) must not be fed: they are not part of any answer.
+
+The answers are hashed as one stream (blake2b, 128 bits), from the caller's memoryviews, never
+copied, and the journal notes the offset in that stream where each answer ended. Two runs gave the
+same answers exactly when their streams are equal and the answers end at the same offsets, so that
+is what `Verifier` compares; the hash is finalised only when a replay needs it (`digest()`), not
+per answer (finalising costs more than hashing a short answer).
+
+Bounded: past `max_bytes` of requests (failover.replay_max_bytes) the journal drops what it holds,
+marks itself `too_large`, and records nothing more until the next `begin()`; besides the requests
+it keeps one int per answer.
+
+A partly relayed answer (the cut came in the middle of it) is compared on the part relayed: the
+replay's answers must give the same first `relayed_total` bytes. If they do, the client has seen
+exactly the beginning of the replay's own answer, and the rest of that answer is relayed from the
+replay (the client gets one genuine answer, never a mix); if not, the replay diverged.
+"""
+
+from __future__ import annotations
+
+from hashlib import blake2b
+from typing import Final
+
+DIGEST_SIZE: Final = 16
+# Copied rather than constructed for each new stream: a copy of a fresh object is the cheaper.
+_FRESH: Final = blake2b(digest_size=DIGEST_SIZE)
+
+# Verifier.status values.
+PENDING: Final = 0  # still comparing
+EQUAL: Final = 1  # every answer byte the client saw was given again, with the same boundaries
+DIVERGED: Final = 2  # an answer differs: the replay must be rolled back (40001)
+
+
+class TransactionJournal:
+    """One client's current transaction: requests to re-send, and the answers given, digested."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes  # failover.replay_max_bytes
+        self.requests: list[bytes] = []  # whole requests, in order, to re-send
+        self.size = 0  # bytes held in `requests` (and in the open part)
+        self.too_large = False  # over max_bytes: this transaction cannot be replayed
+        self._open = bytearray()  # a request still being recorded (a batch forwarded in pieces)
+        self._hash = _FRESH.copy()  # every answer byte relayed in this transaction, in order
+        self.relayed_total = 0  # answer bytes relayed in this transaction
+        self.answer_ends: list[int] = []  # answer_ends[i]: relayed_total when answer i ended
+
+    def begin(self) -> None:
+        """A new transaction: forget the previous one."""
+        self.reset()
+
+    def reset(self) -> None:
+        self.requests.clear()
+        self.answer_ends.clear()
+        self._open.clear()
+        self.size = 0
+        self.too_large = False
+        if self.relayed_total:
+            self._hash = _FRESH.copy()
+            self.relayed_total = 0
+
+    def record_request(self, data: bytes | memoryview, last: bool = True) -> bool:
+        """Keep a request (or, with `last=False`, a part of one) for a replay; False once the
+        transaction is too large to replay."""
+        if self.too_large:
+            return False
+        n = len(data)
+        if self.size + n > self.max_bytes:
+            self._give_up()
+            return False
+        self.size += n
+        if last and not self._open:
+            self.requests.append(bytes(data))
+        else:
+            self._open += data
+            if last:
+                self.requests.append(bytes(self._open))
+                self._open.clear()
+        return True
+
+    def _give_up(self) -> None:
+        self.requests.clear()
+        self.answer_ends.clear()
+        self._open.clear()
+        self.size = 0
+        self.too_large = True
+
+    def answer_bytes(self, view: bytes | memoryview) -> None:
+        """Bytes of the current answer, as relayed to the client."""
+        if self.too_large:
+            return
+        self._hash.update(view)
+        self.relayed_total += len(view)
+
+    def answer_done(self) -> None:
+        """The current answer is complete (its ReadyForQuery relayed)."""
+        if not self.too_large:
+            self.answer_ends.append(self.relayed_total)
+
+    def digest(self) -> bytes:
+        """The digest of every answer byte relayed so far (at the cut)."""
+        return self._hash.copy().digest()
+
+    @property
+    def answered(self) -> int:
+        """Requests whose answer the client got in full."""
+        return len(self.answer_ends)
+
+    @property
+    def relayed(self) -> int:
+        """Bytes relayed of the answer in progress (0: none is)."""
+        ends = self.answer_ends
+        return self.relayed_total - (ends[-1] if ends else 0)
+
+    @property
+    def replayable(self) -> bool:
+        """Whether a replay can be attempted: nothing was dropped and no request is half recorded."""
+        return not self.too_large and not self._open
+
+
+class Verifier:
+    """Compares a replay's answers with what the client was given.
+
+    Built from the journal at the cut. Feed the replay's answers, in order, with `answer_bytes`,
+    and `answer_done` at each one's ReadyForQuery, until `status` is not PENDING:
+
+    * the replay's answer stream is hashed up to the length the client saw (`relayed_total`) and
+      compared with the journal's digest; each answer must end where the original ended (checked
+      at each `answer_done`, so a different row count is usually caught before the digest);
+    * `answer_bytes` returns how many bytes of the view it compared: past `relayed_total` the rest
+      belongs to the client (only ever the rest of the partly relayed answer, once all matched);
+    * answers to requests the client sent but got nothing of are not compared: relay them.
+
+    DIVERGED as soon as a difference is certain (an answer ending early or late included).
+    """
+
+    def __init__(self, journal: TransactionJournal) -> None:
+        self.expected_total = journal.relayed_total
+        self.expected_ends: list[int] = list(journal.answer_ends)
+        self.expected_digest = journal.digest()
+        self._hash = _FRESH.copy()
+        self.seen = 0  # replay answer bytes compared
+        self.done = 0  # replay answers ended
+        self._bytes_match = self.expected_total == 0
+        self.status = PENDING
+        self._settle()
+
+    def _settle(self) -> None:
+        if self._bytes_match and self.done == len(self.expected_ends):
+            self.status = EQUAL
+
+    def answer_bytes(self, view: bytes | memoryview) -> int:
+        """Feed replay answer bytes; returns how many of them were compared (the rest, if any,
+        belongs to the client)."""
+        if self.status != PENDING or self._bytes_match:
+            return 0
+        n = len(view)
+        wanted = self.expected_total - self.seen
+        if n <= wanted:
+            self._hash.update(view)
+            take = n
+        else:
+            self._hash.update(memoryview(view)[:wanted])
+            take = wanted
+        self.seen += take
+        if self.seen == self.expected_total:
+            if self._hash.digest() != self.expected_digest:
+                self.status = DIVERGED
+                return take
+            self._bytes_match = True
+            self._settle()
+        return take
+
+    def answer_done(self) -> int:
+        """The replay's current answer ended (its ReadyForQuery fed); returns `status`."""
+        if self.status != PENDING:
+            return self.status
+        ends = self.expected_ends
+        if self.done >= len(ends) or self.seen != ends[self.done]:
+            self.status = DIVERGED  # it ended where the client's did not
+            return self.status
+        self.done += 1
+        self._settle()
+        return self.status
