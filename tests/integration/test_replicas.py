@@ -334,7 +334,7 @@ def test_sidecar_process_shows_roles_lag_and_metric(shared_topology, sidecar_fac
                 time.sleep(0.05)
             assert names[:7] == ["region", "host", "role", "timeline", "error", "current_writer",
                                  "cluster_state"]  # fmt: skip
-            assert names[7:] == ["lag_s", "replay_lsn", "replay_paused"]
+            assert names[7:] == ["lag_s", "replay_lsn", "replay_paused", "commit_outcome"]
             cur = admin.execute("SHOW SERVERS")
             names = [d.name for d in cur.description or ()]
             servers = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
