@@ -55,12 +55,12 @@ def test_illegal_transition_raises() -> None:
         client, _ = new_client(FakeHost())
         assert client.state == S.LOGGING_IN and client.metric_state == "login"
         with pytest.raises(IllegalTransition, match="logging_in -> parked"):
-            client._to(S.PARKED)
+            client.to(S.PARKED)
         assert client.state == S.LOGGING_IN
         client.close("test")
         assert client.state == S.CLOSED
         with pytest.raises(IllegalTransition):
-            client._to(S.IDLE)
+            client.to(S.IDLE)
 
     asyncio.run(run())
 
@@ -141,7 +141,7 @@ def test_transaction_mode_query_parks_then_reuses() -> None:
         assert client.state == S.LINKED and client.server is server
         server.data_received(answer("SELECT 1"))
         assert client.state == S.PARKED
-        client.give_back(server)  # another client needs it
+        client.attach.give_back(server)  # another client needs it
         assert client.state == S.IDLE and client.server is None
 
     asyncio.run(run())
