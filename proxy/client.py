@@ -52,7 +52,6 @@ from .session.transaction_routing import TransactionRouting
 class ClientSession(SessionCore):
     def __init__(self, host: SessionHost[ClientSession], admin: AdminFactory[ClientSession]) -> None:
         super().__init__(host)
-        self._writable: asyncio.Future[None] | None = None  # `drained()` waits on it
         self.attach = Attach(self, host.pass_gate, host.topology, self._enter_outage)
         # The pool mode: exactly one of the two is built.
         self.session_relay: SessionRelay | None = None
@@ -176,8 +175,7 @@ class ClientSession(SessionCore):
         outage = self.outage
         if self.state == OUTAGE and self.task is None and outage is not None:
             outage.answer_input()
-        if self._writable is not None and not self._writable.done():
-            self._writable.set_result(None)
+        self.writable()
 
     # ---------------------------------------------------------------- the server's calls, routed
 
@@ -192,16 +190,6 @@ class ClientSession(SessionCore):
     def cut_server(self, reason: str) -> None:
         """The sidecar stopped trusting this session's server (the writer was lost or changed)."""
         self.carryover.cut_server(reason)
-
-    async def drained(self) -> None:
-        """Returns once the client is reading its answers (the transport's write buffer is under
-        its high-water mark): a local answerer (the admin console) waits here before making more."""
-        while self.write_paused and self.transport is not None:
-            self._writable = asyncio.get_running_loop().create_future()
-            try:
-                await self._writable
-            finally:
-                self._writable = None
 
     # ---------------------------------------------------------------- between the parts
 

@@ -119,6 +119,7 @@ class SessionCore(LinkedClient):
         # The client's transport is above its write high-water mark (the client is not reading):
         # local answerers (outage responder, admin console) stop until it drains.
         self.write_paused = False
+        self._writable: asyncio.Future[None] | None = None  # `drained()` waits on it
         # Set by statements seen on the way to the server (`note_effects`), acted on at the next
         # quiet point (`Attach.quiet_point`).
         self.settings_dirty = False
@@ -284,6 +285,22 @@ class SessionCore(LinkedClient):
     def send(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
+
+    def writable(self) -> None:
+        """The client reads its answers again (`resume_writing`): wake whoever waits in `drained`."""
+        self.write_paused = False
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    async def drained(self) -> None:
+        """Returns once the client is reading its answers (the transport's write buffer is under
+        its high-water mark): a local answerer (the admin console) waits here before making more."""
+        while self.write_paused and self.transport is not None:
+            self._writable = asyncio.get_running_loop().create_future()
+            try:
+                await self._writable
+            finally:
+                self._writable = None
 
     # ---------------------------------------------------------------- settings bookkeeping
 
