@@ -64,6 +64,11 @@ _client_ids = itertools.count(1)
 Answerer = Callable[[int, memoryview], Action]
 
 
+def _no_mode(type_byte: int, msg: memoryview) -> Action:
+    """The relay's inspector until the session's pool mode is built (`Mode.forward`)."""
+    raise ProxyError("internal error in pgsidecar: client input before the session was built")
+
+
 class SessionCore(LinkedClient):
     # The host's registries hold the top class (`proxy.client.ClientSession`), which this module
     # cannot name without importing it: hence Any for the client type.
@@ -97,7 +102,7 @@ class SessionCore(LinkedClient):
         self.transaction_mode = host.config.pool.mode == "transaction"
         # The client's input after login. Its inspector is the pool mode's (`Mode.forward`, set
         # when the mode is built), or a local answerer's (`to_answering`).
-        self.relay = Relay(_SESSION_WATCH, self._no_mode, self.max_message, valid_types=_CLIENT_VALID)
+        self.relay = Relay(_SESSION_WATCH, _no_mode, self.max_message, valid_types=_CLIENT_VALID)
         # The pool mode's relay (`SessionRelay` or `TransactionRouting`): set by the session's top
         # class once built, before any input is read.
         self.mode: Mode
@@ -148,9 +153,6 @@ class SessionCore(LinkedClient):
     def active(self) -> bool:
         """Logged in (not the admin console) and not closed."""
         return LINKED <= self.state <= OUTAGE
-
-    def _no_mode(self, type_byte: int, msg: memoryview) -> Action:
-        raise ProxyError("internal error in pgsidecar: client input before the session was built")
 
     def to(self, new: int) -> None:
         """The one way the session's state changes: checked against `states.allowed`; leaving a
