@@ -37,6 +37,7 @@ from typing import Final
 MODULES: Final = (
     "proxy.client",
     "proxy.session.states",
+    "proxy.session.mode",
     "proxy.session.core",
     "proxy.session.scan",
     "proxy.session.attach",

@@ -4,8 +4,8 @@ Two modes:
 
 * detached (in the pool, during login, or running the sidecar's own queries): inbound messages are
   read whole through a `MessageReader` by coroutines such as `login()` and `simple_query()`;
-* linked to a `ClientSession`: inbound bytes go through a `Relay` straight to the client's transport
-  as spans, and only ReadyForQuery, ErrorResponse and ParameterStatus are looked at.
+* linked to a client session (a `LinkedClient`): inbound bytes go through a `Relay` straight to the
+  client's transport as spans, and only ReadyForQuery, ErrorResponse and ParameterStatus are looked at.
 """
 
 from __future__ import annotations
@@ -39,12 +39,43 @@ from .statements import TRACKED_RESPONSE_TYPES, ResponseTracker, ServerStatement
 if TYPE_CHECKING:
     from sidecar_config import Endpoint
 
-    # The linked client, named by its class rather than a Protocol: compiled, the hot path then
-    # reads its attributes natively (`wants_ready`, `transport`) instead of by a generic getattr
-    # per answer. (Only a client session links; session/core.py imports this module, hence TYPE_CHECKING.)
-    from .session.core import SessionCore
-
 _server_ids = itertools.count(1)
+
+
+class LinkedClient(asyncio.Protocol):
+    """What a linked server sees of its client session: the fields it reads and the four calls it
+    makes. A native base class rather than a Protocol: compiled, the hot path then reads
+    `wants_ready` and `transport` natively and calls `server_ready` and `quiet_point` through the
+    vtable, where a Protocol would cost a generic getattr per answer (ARCHITECTURE.md, "The compiled
+    data path"). `session.core.SessionCore` is the one subclass; defined here so that this module
+    names its client without importing the session layer above it."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        # The key handed out in BackendKeyData: (process id, secret).
+        self.backend_key: tuple[int, int] | None = None
+        # The ParameterStatus values this client has been told (one of the servers' shared dicts).
+        self.params_told: dict[str, str] = {}
+        # Whether the server must call `server_ready` at each ReadyForQuery.
+        self.wants_ready = False
+
+    def server_ready(self, status: int) -> bool:
+        """ReadyForQuery arrived (called only while `wants_ready`). True: the client is at a quiet
+        point, and the server calls `quiet_point` once the bytes so far have been written."""
+        raise NotImplementedError
+
+    def quiet_point(self) -> None:
+        """The server finished everything asked of it (after `server_ready` said True)."""
+        raise NotImplementedError
+
+    def server_error(self, fields: dict[str, str]) -> None:
+        """An ErrorResponse from the server, being relayed."""
+        raise NotImplementedError
+
+    def server_lost(self, server: ServerConnection, reason: str) -> None:
+        """The linked server connection closed."""
+        raise NotImplementedError
+
 
 # `monotonic` again, for the per-request clock reads (here and in pool.py): compiled, a Final name
 # is a C static, where an imported name is a lookup in the module's dict at every call.
@@ -222,7 +253,7 @@ class ServerConnection(asyncio.Protocol):
         self.owed_own = 0
         self.created_at = monotonic()
         self.last_used = self.created_at
-        self.client: SessionCore | None = None  # the linked client, if any
+        self.client: LinkedClient | None = None  # the linked client, if any
         self.close_reason: str | None = None
         self.applied: dict[str, str] = {}  # session settings the sidecar set here (lowercase names)
         self.statements = ServerStatements(0)  # sidecar-wide prepared statements (transaction mode)
@@ -327,7 +358,7 @@ class ServerConnection(asyncio.Protocol):
 
     # ---------------------------------------------------------------- linked mode
 
-    def link(self, client: SessionCore, tracked: bool = False) -> None:
+    def link(self, client: LinkedClient, tracked: bool = False) -> None:
         """Start relaying this server's output to `client` (`tracked`: match answers to requests)."""
         self.client = client
         self.in_flight.clear()
@@ -405,7 +436,7 @@ class ServerConnection(asyncio.Protocol):
         if client is not None:
             client.params_told = self.params
 
-    def _on_ready(self, status: int, client: SessionCore | None) -> bool:
+    def _on_ready(self, status: int, client: LinkedClient | None) -> bool:
         """Untracked ReadyForQuery: account for it; True if the client wants its `quiet_point`."""
         self.tx_status = status
         self._answered()

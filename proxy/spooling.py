@@ -6,9 +6,9 @@ stores, classifier, responder, replayer); this module wires them to the sidecar'
 upstream logins and metrics.
 
 While the cluster is in OUTAGE, sessions that need a server are handed an `OutageResponder`
-instead (see `ClientSession._enter_outage`). In RECOVERING the gate stays closed for new work
-until the backlog has drained or `spool.max_drain_hold` has passed; the drain then moves the
-cluster to UP.
+instead (see `session.outage_session.OutageSession.enter`). In RECOVERING the gate stays closed
+for new work until the backlog has drained or `spool.max_drain_hold` has passed; the drain then
+moves the cluster to UP.
 """
 
 from __future__ import annotations

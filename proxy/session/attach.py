@@ -1,22 +1,30 @@
-"""Getting a server for held input and giving it back: parking, the pool, the gate, the
-maintenance at quiet points (the sidecar's own queries that keep settings following the session).
+"""Attach: getting a server for the session's held input and giving it back: parking, the pool,
+the gate, and the maintenance at quiet points (the sidecar's own queries that keep settings
+following the session).
+
+Uses of the core: its state and transition, its server, pool, relay and settings, `link`/
+`unlink`, `fail`. Receives at construction: the host's gate pass and topology (to report a server
+that died under it), and the way into the outage session (`enter_outage`, when the pool says no
+writer exists and the spool takes over). Offers: `hold` (input while no server is linked),
+`hold_at_gate`, `serve_held`, `attach_now`, `attach_soon`, `unpark`, `give_back` (the pool's
+`Parker`), `start` (the session's one background step), `acquire` and `quiet_point`.
+
+`pool_for_request` is the one place that decides which pool a request attaches to.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import logs
 from ..pool import WriterChanged
-from ..protocol import messages as m
 from ..protocol.sqlstate import (
-    SERVER_GONE_STATES,
     ProxyError,
     UpstreamUnavailable,
 )
 from ..server import (
-    REQUEST_OTHER,
     ServerConnection,
     ServerState,
 )
@@ -25,141 +33,173 @@ from ..spooling import SpoolNow
 from .core import SessionCore
 from .scan import _HOLD_LIMIT, _TERMINATE, _WRITER_CHANGES_PER_REQUEST
 from .states import (
+    ABORTED,
+    GATED,
     HELD,
     IDLE,
     MAINTAINING,
+    OUTAGE,
     PARKED,
 )
 
 if TYPE_CHECKING:
     from ..pool import Pool
+    from ..topology import TopologyMonitor
 
 
-class Attaching(SessionCore):
-    def _hold(self, data: bytes) -> None:
+class Attach:
+    def __init__(
+        self,
+        core: SessionCore,
+        pass_gate: Callable[[], Awaitable[None]],
+        topology: TopologyMonitor,
+        enter_outage: Callable[[], None],
+    ) -> None:
+        self.core = core
+        self.relay = core.relay
+        self._pass_gate = pass_gate
+        self._topology = topology
+        self._enter_outage = enter_outage
+
+    def pool_for_request(self) -> Pool | None:
+        """The pool the client's next request gets its server from. Today always the session's
+        own (the writer's); routing reads to replicas decides here."""
+        return self.core.pool
+
+    def hold(self, data: bytes) -> None:
         """Input while no server is linked: keep it (bounded) and get a server if none is coming."""
-        self._relay.hold()
-        self._relay.feed(data)
-        if self._relay.buffered > _HOLD_LIMIT and self.transport is not None and not self._reading_paused:
-            self._reading_paused = True
-            self.transport.pause_reading()
-        self._serve_held()
+        core = self.core
+        relay = self.relay
+        relay.hold()
+        relay.feed(data)
+        if relay.buffered > _HOLD_LIMIT and core.transport is not None and not core.reading_paused:
+            core.reading_paused = True
+            core.transport.pause_reading()
+        self.serve_held()
 
-    def _serve_held(self) -> None:
+    def hold_at_gate(self, data: bytes) -> None:
+        """Session mode, between transactions, the gate closed: GATED, the server kept but
+        unlinked, `data` held until the gate opens."""
+        self.core.unlink(GATED)
+        self.hold(data)
+        self.start(self._resume_after_gate())
+
+    async def _resume_after_gate(self) -> None:
+        await self._pass_gate()
+        core = self.core
+        if core.state == GATED and core.server is not None:  # (IDLE if the server was cut meanwhile)
+            core.link(core.server)
+
+    def serve_held(self) -> None:
         """Get a server for the input held while none is linked, unless one is already coming."""
-        state = self.state
-        if self._task is None and state in (IDLE, PARKED):
-            if self._relay.buffered == len(_TERMINATE) and self._relay.peek(5) == _TERMINATE:
-                self.close("client sent Terminate")
+        core = self.core
+        state = core.state
+        if core.task is None and state in (IDLE, PARKED):
+            if self.relay.buffered == len(_TERMINATE) and self.relay.peek(5) == _TERMINATE:
+                core.close("client sent Terminate")
                 return
             if state == PARKED:
-                server = self._unpark()
+                server = self.unpark()
                 if server is not None:
-                    self._link(server)  # the general path, on the server kept from last time
+                    core.link(server)  # the general path, on the server kept from last time
                     return
-            if self.transaction_mode and self._attach_now():
+            if core.transaction_mode and self.attach_now():
                 return
-            self._attach_soon()
+            self.attach_soon()
 
-    def _unpark(self) -> ServerConnection | None:
+    def unpark(self) -> ServerConnection | None:
         """The server kept from the last transaction, for this one, if the gate is open and the
         pool still lets it be used (else it goes back to the pool: None)."""
-        server = self.server
-        pool = self.pool
+        core = self.core
+        server = core.server
+        pool = core.pool
         assert server is not None and pool is not None
-        if not self._gate.closed and pool.unpark(server):
+        if not core.gate.closed and pool.unpark(server):
             return server  # (still PARKED: the caller links it)
         self.give_back(server)
         return None
 
     def give_back(self, server: ServerConnection) -> None:
         """Hand the kept server back to the pool (`Parker`: another client needs it)."""
-        if self.state == PARKED:
-            self._to(IDLE)
-        if self.server is server:
-            self.server = None
-        if self.pool is not None:
-            self.pool.release(server, reset=False)
+        core = self.core
+        if core.state == PARKED:
+            core.to(IDLE)
+        if core.server is server:
+            core.server = None
+        if core.pool is not None:
+            core.pool.release(server, reset=False)
 
-    def _attach_now(self) -> bool:
+    def attach_now(self) -> bool:
         """Transaction mode's common case, without a task or a trip round the event loop: the gate
         is open and an idle server already has this client's settings."""
-        pool = self.pool
-        if pool is None or self._gate.closed:
+        core = self.core
+        pool = self.pool_for_request()
+        if pool is None or core.gate.closed:
             return False
         server = pool.take_idle_now()
         if server is None:
             return False
-        if server.applied != self.settings:
+        if server.applied != core.settings:
             pool.release(server, reset=False)
             return False
-        self._link(server)
+        core.link(server)
         return True
 
-    # Callbacks from the linked ServerConnection.
-    def server_ready(self, status: int) -> bool:
-        """ReadyForQuery arrived (called only while `wants_ready`). True: the client is at a quiet
-        point, and the server calls `quiet_point` once the bytes so far have been written, with
-        its relay paused. (A flag rather than a callback returned: compiled, a bound method is
-        an allocation and a generic call per transaction.)"""
-        server = self.server
-        if server is None or status != m.TX_IDLE or server.outstanding or server.tracker:
-            return False
-        if self._relay.mid_message:
-            return False
-        if self.transaction_mode:
-            return True
-        # Session mode: called only while maintenance is due. Not while the client has more
-        # extended-protocol messages on the server that no Sync ended yet: the server would answer
-        # them ahead of the sidecar's own queries.
-        maintenance = self._settings_dirty or self._reset_all or bool(self._reset_names) or self._discarded
-        return maintenance and self._batch_kind is None
-
-    def server_error(self, fields: dict[str, str]) -> None:
-        """An ErrorResponse from the linked server (relayed; this only reports failures)."""
-        server = self.server
-        if server is None:
-            return
-        if fields.get("C") in SERVER_GONE_STATES:
-            self.sidecar.topology.report_failure(server.endpoint, m.error_summary(fields))
-        if (
-            server.outstanding == 0
-            and self._batch_kind is None
-            and not self.transaction_mode
-            and fields.get("V", fields.get("S")) != "FATAL"  # (a goodbye: the session moves)
-        ):
-            # No Query or Sync awaits an answer, so this error is of an extended-protocol batch
-            # not synced yet: the server now skips everything up to its Sync. Noted as an open
-            # batch, so a server given back before that Sync is resynchronised (Pool.release).
-            self._batch_kind = REQUEST_OTHER
-
-    def _attach_soon(self) -> None:
+    def attach_soon(self) -> None:
         """HELD: get a server for the held input (`_attach_next`)."""
-        self._to(HELD)
-        self._start(self._attach_next())
+        self.core.to(HELD)
+        self.start(self._attach_next())
 
-    def _start(self, coro: Any) -> None:
+    def start(self, coro: Any) -> None:
+        """Run `coro` as the session's step under way (`SessionCore.task`)."""
         task = asyncio.get_running_loop().create_task(coro)
-        self._task = task
+        self.core.task = task
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        if self._task is task:
-            self._task = None
+        core = self.core
+        if core.task is task:
+            core.task = None
         if task.cancelled():
             return
         exc = task.exception()
         if isinstance(exc, ProxyError):
-            self.fail(exc)
+            core.fail(exc)
         elif exc is not None:
-            logs.event("client_internal_error", logs.ERROR, conn=self.id, error=repr(exc))
-            self.fail(ProxyError(f"internal error in pgsidecar: {exc!r}"))
-        elif self._needs_server():
+            logs.event("client_internal_error", logs.ERROR, conn=core.id, error=repr(exc))
+            core.fail(ProxyError(f"internal error in pgsidecar: {exc!r}"))
+        elif self.needs_server():
             # Input arrived while the previous server was being released: get a new one.
-            self._attach_soon()
+            self.attach_soon()
 
-    def _needs_server(self) -> bool:
-        return self.state == IDLE and self.server is None and self._task is None and self._relay.buffered > 0
+    def needs_server(self) -> bool:
+        core = self.core
+        return core.state == IDLE and core.server is None and core.task is None and self.relay.buffered > 0
+
+    def quiet_point(self) -> None:
+        """The server finished everything asked of it: maintain, and in transaction mode release it."""
+        core = self.core
+        server = core.server
+        if server is None:
+            return
+        maintenance = core.maintenance_due()
+        pool = core.pool
+        parks = not maintenance and core.transaction_mode
+        if parks and pool is not None and server.keep_linked() and pool.park(server, self):
+            # Nobody waits for a server: keep this one for the next transaction, which then
+            # starts without a checkout. Still linked, so whatever the server says meanwhile
+            # (a FATAL goodbye) reaches this session.
+            core.to(PARKED)
+            self.relay.hold()
+            if self.relay.buffered:
+                self.serve_held()  # input that came with the last answer: the next transaction
+            return
+        if maintenance:
+            core.unlink(MAINTAINING)
+            self.start(self._maintain(server))
+        else:
+            core.unlink(IDLE)
+            self._release_transaction_server()
 
     async def _maintain(self, server: ServerConnection) -> None:
         """Bring the server's settings in line with what the client asked for, then carry on."""
@@ -174,137 +214,146 @@ class Attaching(SessionCore):
         """The server died under the sidecar's own maintenance query, between the client's
         transactions: the session moves on like any idle session. Settings the client reset are
         known without asking; a SET whose new value was not read back yet is lost (logged)."""
-        if self._reset_all:
-            self.settings = dict(self.startup_settings)
-        for name in self._reset_names:
-            if name in self.startup_settings:
-                self.settings[name] = self.startup_settings[name]
+        core = self.core
+        if core.reset_all:
+            core.settings = dict(core.startup_settings)
+        for name in core.reset_names:
+            if name in core.startup_settings:
+                core.settings[name] = core.startup_settings[name]
             else:
-                self.settings.pop(name, None)
-        if self._settings_dirty:
-            logs.event("settings_not_captured", logs.WARNING, conn=self.id, reason=reason)
-        self._settings_dirty = self._reset_all = self._discarded = False
-        self._reset_names.clear()
+                core.settings.pop(name, None)
+        if core.settings_dirty:
+            logs.event("settings_not_captured", logs.WARNING, conn=core.id, reason=reason)
+        core.settings_dirty = core.reset_all = core.discarded = False
+        core.reset_names.clear()
         self._maintained()
-        if self.state == MAINTAINING:
-            self._to(IDLE)
-        if self.server is server:
-            self.server = None
-        if self.pool is not None:
-            self.pool.release(server, reset=False)
+        if core.state == MAINTAINING:
+            core.to(IDLE)
+        if core.server is server:
+            core.server = None
+        if core.pool is not None:
+            core.pool.release(server, reset=False)
         # Input that came meanwhile gets a new server from _task_done once this task ends.
-        self.sidecar.topology.report_failure(server.endpoint, reason)
+        self._topology.report_failure(server.endpoint, reason)
 
     async def _maintain_on(self, server: ServerConnection) -> None:
-        self._own_query_on = server
+        core = self.core
+        core.own_query_on = server
         try:
             await self._maintenance_queries(server)
         finally:
-            self._own_query_on = None
+            core.own_query_on = None
         self._maintained()
-        if self.state != MAINTAINING:
+        if core.state != MAINTAINING:
             return  # closed meanwhile
-        if self.transaction_mode:
-            self._to(IDLE)
+        if core.transaction_mode:
+            core.to(IDLE)
             self._release_transaction_server()
         else:
-            self._link(server)
+            core.link(server)
 
     async def _maintenance_queries(self, server: ServerConnection) -> None:
+        core = self.core
         reset = (
-            self.startup_settings
-            if self._reset_all
-            else {k: v for k, v in self.startup_settings.items() if k in self._reset_names}
+            core.startup_settings
+            if core.reset_all
+            else {k: v for k, v in core.startup_settings.items() if k in core.reset_names}
         )
         if reset:
             await server.simple_query(set_config_sql(reset))
-            self.tell_parameters(server.params)
-        if self._settings_dirty or reset:
-            result = await server.simple_query(capture_sql(self._custom_names))
-            self.settings = {str(name): str(value) for name, value in result.rows}
-            server.applied = dict(self.settings)
-        if self._discarded:
+            core.tell_parameters(server.params)
+        if core.settings_dirty or reset:
+            result = await server.simple_query(capture_sql(core.custom_names))
+            core.settings = {str(name): str(value) for name, value in result.rows}
+            server.applied = dict(core.settings)
+        if core.discarded:
             result = await server.simple_query("SELECT name FROM pg_catalog.pg_prepared_statements")
             server.statements.replace_all({str(row[0]) for row in result.rows})
-        self._settings_dirty = self._reset_all = self._discarded = False
-        self._reset_names.clear()
+        core.settings_dirty = core.reset_all = core.discarded = False
+        core.reset_names.clear()
 
     def _maintained(self) -> None:
         """Maintenance done (or moot): the relay goes back to watching what it watches between."""
-        self.wants_ready = self.transaction_mode
-        if not self.transaction_mode and self._outage is None and self._aborted is None:
-            self._relay.set_watch(self._session_watch())
+        core = self.core
+        core.wants_ready = core.transaction_mode
+        state = core.state
+        if not core.transaction_mode and state not in (OUTAGE, ABORTED):
+            self.relay.set_watch(core.mode.watch())
 
     def _release_transaction_server(self) -> None:
-        server, self.server = self.server, None
-        if server is not None and self.pool is not None:
-            self.pool.release(server, reset=False)
-        if self._needs_server():
-            self._attach_soon()
+        core = self.core
+        server, core.server = core.server, None
+        if server is not None and core.pool is not None:
+            core.pool.release(server, reset=False)
+        if self.needs_server():
+            self.attach_soon()
 
     async def _attach_next(self) -> None:
         """A server for the client's next transaction (transaction mode, or a session whose server
         was lost), made to match the session: its settings, and in session mode its statements."""
-        pool = self.pool
+        core = self.core
+        pool = self.pool_for_request()
         assert pool is not None
         for attempt in range(_WRITER_CHANGES_PER_REQUEST):
             try:
-                server = await self._acquire(pool)
+                server = await self.acquire(pool)
             except SpoolNow:
                 self._enter_outage()
                 return
-            if self.state != HELD:  # closed meanwhile
+            if core.state != HELD:  # closed meanwhile
                 pool.release(server, reset=False)
                 return
-            self._own_query_on = server
+            core.own_query_on = server
             try:
                 await self._prepare_server(server)
             except asyncio.CancelledError:
                 # The client left while its settings or statements were being restored: the
                 # server goes back, the pool reading past the answers given up.
-                pool.release(server, reset=not self.transaction_mode, unknown=True)
+                pool.release(server, reset=not core.transaction_mode, unknown=True)
                 raise
             except UpstreamUnavailable as exc:
-                self._own_query_on = None
+                core.own_query_on = None
                 # The server died between checkout and use (a crash the probes have not seen
                 # yet): nothing of the client's went to it, so take another one (held if the
                 # writer is gone) instead of failing the client.
                 pool.release(server, reset=False)
                 if server.state is not ServerState.CLOSED or attempt == _WRITER_CHANGES_PER_REQUEST - 1:
                     raise
-                self.sidecar.topology.report_failure(server.endpoint, exc.message)
+                self._topology.report_failure(server.endpoint, exc.message)
                 continue
             except ProxyError:
-                self._own_query_on = None
-                pool.release(server, reset=not self.transaction_mode)
+                core.own_query_on = None
+                pool.release(server, reset=not core.transaction_mode)
                 raise
-            self._own_query_on = None
-            if self.state != HELD:
+            core.own_query_on = None
+            if core.state != HELD:
                 pool.release(server, reset=False)
                 return
-            self._link(server)
+            core.link(server)
             return
 
     async def _prepare_server(self, server: ServerConnection) -> None:
         """Make `server` match the session: its settings, and in session mode its statements."""
-        sql = sync_sql(self.settings, server.applied)
+        core = self.core
+        sql = sync_sql(core.settings, server.applied)
         if sql is not None:
             await server.simple_query(sql)
-            server.applied = dict(self.settings)
-        if not self.transaction_mode and self._session_statements:
-            failed = await server.prepare(list(self._session_statements.values()))
+            server.applied = dict(core.settings)
+        statements = core.mode.statements_for_new_server()
+        if statements:
+            failed = await server.prepare(statements)
             if failed:
-                logs.event("statements_not_restored", logs.WARNING, conn=self.id, errors=failed)
+                logs.event("statements_not_restored", logs.WARNING, conn=core.id, errors=failed)
 
-    async def _acquire(self, pool: Pool) -> ServerConnection:
+    async def acquire(self, pool: Pool) -> ServerConnection:
         """Through the gate, then a server. A login that finds the writer gone (crashed an
         instant before the probes noticed) comes back here and is held like any other request
         until the new writer is known."""
         for _ in range(_WRITER_CHANGES_PER_REQUEST - 1):
-            await self.sidecar.pass_gate()
+            await self._pass_gate()
             try:
-                return await pool.acquire(self._password)
+                return await pool.acquire(self.core.password)
             except WriterChanged as exc:
-                logs.event("server_retry", logs.WARNING, conn=self.id, reason=exc.message)
-        await self.sidecar.pass_gate()
-        return await pool.acquire(self._password)
+                logs.event("server_retry", logs.WARNING, conn=self.core.id, reason=exc.message)
+        await self._pass_gate()
+        return await pool.acquire(self.core.password)

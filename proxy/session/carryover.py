@@ -1,10 +1,23 @@
 """Failover carry-over: a session whose server is cut (lost writer, closed connection, FATAL
 goodbye) is told exactly what happened to its requests in flight and moves on; a cut transaction
-block is answered locally as aborted (`local.AbortedTransaction`) until the client ends it. The
-future home of transaction replay.
+block is answered locally as aborted (`local.AbortedTransaction`) until the client ends it.
+
+Everything about a cut is decided here (`_server_gone`), which makes this the home of
+transaction replay: a journal of the open transaction's requests kept as they are forwarded, and
+replayed on the new writer instead of answering 40001.
+
+Uses of the core: its state and transition, server, pool, relay, `send`, `fail`. Receives at
+construction: the pool mode (`Mode`: the client's statements, whether the session can move), the
+`Attach` part (a server for input held across the cut), and from the host the counters, the
+topology (to report the failure) and `writer_connection_lost` (to hold new transactions until
+the writer is confirmed). Offers: `server_lost`, `cut_server`, and the ABORTED state's
+`inspect_aborted` and `after_aborted` (for the dispatcher).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .. import logs
 from ..local import AbortedTransaction, failover_error
@@ -20,26 +33,51 @@ from ..server import (
     REQUEST_READ,
     ServerConnection,
 )
-from ..statements import ClientStatement
+from .attach import Attach
+from .core import SessionCore
+from .mode import Mode
 from .states import (
     ABORTED,
     IDLE,
 )
-from .transaction_routing import TransactionRouting
+
+if TYPE_CHECKING:
+    from sidecar_config import Endpoint
+
+    from ..metrics import Stats
+    from ..topology import TopologyMonitor
 
 
-class Carryover(TransactionRouting):
+class Carryover:
+    def __init__(
+        self,
+        core: SessionCore,
+        mode: Mode,
+        attach: Attach,
+        stats: Stats,
+        topology: TopologyMonitor,
+        writer_connection_lost: Callable[[Endpoint, str], None],
+    ) -> None:
+        self.core = core
+        self.mode = mode
+        self.attach = attach
+        self.relay = core.relay
+        self._stats = stats
+        self._topology = topology
+        self._writer_connection_lost = writer_connection_lost
+        self.aborted: AbortedTransaction | None = None  # answering locally after a cut
+
     def server_lost(self, server: ServerConnection, reason: str) -> None:
         """The linked server connection closed (crash, shutdown, network)."""
-        if server is self.server:
+        if server is self.core.server:
             # Before the session moves on: its next transaction waits for the writer's confirmation.
-            self.sidecar.writer_connection_lost(server.endpoint, reason)
+            self._writer_connection_lost(server.endpoint, reason)
         self._server_gone(server, reason)
 
     def cut_server(self, reason: str) -> None:
         """The sidecar stopped trusting this session's server (the writer was lost or changed)."""
-        if self.server is not None:
-            self._server_gone(self.server, reason)
+        if self.core.server is not None:
+            self._server_gone(self.core.server, reason)
 
     def _server_gone(self, server: ServerConnection, reason: str) -> None:
         """Carry the session over the loss of its server (ARCHITECTURE.md, "Failover carry-over").
@@ -50,26 +88,27 @@ class Carryover(TransactionRouting):
         until the client rolls back. The client connection stays usable either way, unless half
         a message already went out, or the session holds state that cannot move.
         """
-        if server is not self.server:
+        core = self.core
+        if server is not core.server:
             return
         in_flight = len(server.in_flight)
         kinds = server.in_flight.kinds()
         in_block = server.tx_status in (m.TX_IN_BLOCK, m.TX_FAILED)
         broken = server.mid_response
-        self.server = None
-        active = self._active()
-        if active and self.state != IDLE:
-            self._to(IDLE)
-        self._relay.hold()
+        core.server = None
+        active = core.active()
+        if active and core.state != IDLE:
+            core.to(IDLE)
+        self.relay.hold()
         server.unlink()
-        if self.pool is not None:
-            self.pool.forget(server)
+        if core.pool is not None:
+            core.pool.forget(server)
         server.close(reason)
-        self.sidecar.topology.report_failure(server.endpoint, reason)
+        self._topology.report_failure(server.endpoint, reason)
         logs.event(
             "session_cut",
             logs.WARNING,
-            conn=self.id,
+            conn=core.id,
             server=server.id,
             upstream=str(server.endpoint),
             in_flight=in_flight,
@@ -79,26 +118,27 @@ class Carryover(TransactionRouting):
         if not active:
             return  # a login's first server (the login fails on it), or the session is closing
         if broken:
-            self.fail(
+            core.fail(
                 UpstreamUnavailable(f"lost upstream {server.endpoint} in the middle of a response: {reason}")
             )
             return
-        if self._unmovable is not None and not self.transaction_mode:
-            self.fail(
+        unmovable = self.mode.unmovable()
+        if unmovable is not None:
+            core.fail(
                 UpstreamUnavailable(
                     f"the database failed over and this session holds state that cannot move to the "
-                    f"new writer ({self._unmovable}); reconnect"
+                    f"new writer ({unmovable}); reconnect"
                 )
             )
             return
         if in_flight == 0 and not in_block:
-            if self._relay.buffered and self._task is None:
-                self._attach_soon()
+            if self.relay.buffered and core.task is None:
+                self.attach.attach_soon()
             return
         owed = b""
         status = m.TX_FAILED if in_block else m.TX_IDLE
         first = True
-        errors = self.sidecar.stats.client_errors
+        errors = self._stats.client_errors
         for index in range(in_flight):
             kind = kinds[index] if index < len(kinds) else REQUEST_OTHER
             if kind == REQUEST_COMMIT:
@@ -126,70 +166,59 @@ class Carryover(TransactionRouting):
                 first = False
                 continue
             errors[SqlState.TRANSACTION_RESOLUTION_UNKNOWN.value] += 1
-        self._send(owed)
+        core.send(owed)
         if status == m.TX_FAILED:
             self._answer_aborted(first_error_sent=in_flight > 0)
-        elif self._relay.buffered and self._task is None and self.state == IDLE:
-            self._attach_soon()
+        elif self.relay.buffered and core.task is None and core.state == IDLE:
+            self.attach.attach_soon()
 
     def _answer_aborted(self, first_error_sent: bool) -> None:
         """Answer the client locally until it ends the transaction the failover cut."""
         # Statements prepared before the cut still exist for the client (a driver may have
         # prepared its ROLLBACK long ago), as they would in PostgreSQL after an error.
-        self._aborted = AbortedTransaction(first_error_sent, self._known_statements())
-        self._to(ABORTED)
+        self.aborted = AbortedTransaction(first_error_sent, self.mode.known_statements())
+        self.core.to_answering(ABORTED, self.inspect_aborted)
         try:
-            self._relay.resume()  # everything held is answered (dropped) by _inspect_aborted
+            self.relay.resume()  # everything held is answered (dropped) by inspect_aborted
         except Exception as exc:
-            self._malformed(exc)
+            self.core.malformed(exc)
             return
-        self._after_aborted()
+        self.after_aborted()
 
-    def _inspect_aborted(self, type_byte: int, msg: memoryview) -> Action:
-        aborted = self._aborted
+    def inspect_aborted(self, type_byte: int, msg: memoryview) -> Action:
+        aborted = self.aborted
         if type_byte == m.F_TERMINATE or aborted is None:
             return Action.DROP_PAUSE
-        self._send(aborted.on_message(type_byte, msg))
+        self.core.send(aborted.on_message(type_byte, msg))
         if not aborted.done:
             return Action.DROP
         # The rest of an extended-protocol batch after its ROLLBACK is the server's to answer.
         return Action.HOLD if aborted.hand_back_message else Action.DROP_PAUSE
 
-    def _after_aborted(self) -> None:
-        aborted = self._aborted
-        if aborted is None or not self._relay.paused:
+    def after_aborted(self) -> None:
+        """ABORTED, after each read: once the client ended the transaction, back to IDLE."""
+        aborted = self.aborted
+        core = self.core
+        if aborted is None or not self.relay.paused:
             return
         if not aborted.done:  # Terminate
-            self.close("client sent Terminate")
+            core.close("client sent Terminate")
             return
-        self._aborted = None
+        self.aborted = None
         self._adopt_aborted_statements(aborted)
-        self._to(IDLE)
+        core.to(IDLE)
         if aborted.handback is not None:
             # What followed the ROLLBACK in the client's query string runs on the server, answered
             # as part of the same request (ROLLBACK; DEALLOCATE ALL: two results, one ReadyForQuery).
-            self._relay.unread(aborted.handback)
-        logs.event("aborted_transaction_ended", conn=self.id)
-        if self._relay.buffered and self._task is None:
-            self._attach_soon()
+            self.relay.unread(aborted.handback)
+        logs.event("aborted_transaction_ended", conn=core.id)
+        if self.relay.buffered and core.task is None:
+            self.attach.attach_soon()
 
     def _adopt_aborted_statements(self, aborted: AbortedTransaction) -> None:
         """Named statements the client prepared or closed while its transaction was answered
         here: PostgreSQL keeps both past the end of the block, so the session does too."""
-        router = self.router
         for name in aborted.closed:
-            if router is None:
-                self._session_statements.pop(name, None)
-            else:
-                router.statements.pop(name, None)
-                router.local.pop(name, None)
+            self.mode.forget_statement(name)
         for name, parse in aborted.parsed.items():
-            if router is None:
-                self._session_statements[name] = parse
-                continue
-            decoded = m.decode_parse(parse[5:])
-            global_name = self.sidecar.statements.name_for(decoded.query, decoded.param_types)
-            router.local.pop(name, None)
-            router.statements[name] = ClientStatement(
-                global_name, m.parse(global_name, decoded.query, decoded.param_types)
-            )
+            self.mode.learn_statement(name, parse, replace=True)

@@ -1,6 +1,13 @@
-"""The state and the steps every client session shares: its fields, the one state transition
-(`_to`), linking to and unlinking from a server, quiet points and maintenance, getting a server
-for held input, failing and closing. The layers above add one job each.
+"""The state every part of a client session shares, and the steps on it that every part takes.
+
+`SessionCore` holds the session's fields (who the client is, its settings, its server and pool,
+the relay of its input), the one state transition (`to`), linking to and unlinking from a
+server, sending, failing and closing, and the settings bookkeeping both pool modes feed
+(`note_effects`). It is also what a linked `ServerConnection` calls back (`server_ready`,
+`server_error`; `quiet_point` and `server_lost` belong to parts above, so the session's top class,
+`proxy.client.ClientSession`, routes them). The parts in the sibling modules each hold a reference
+to it: this module imports none of them; of the pool mode it knows only the `Mode` base class.
+(ARCHITECTURE.md, "Client session".)
 """
 
 from __future__ import annotations
@@ -8,28 +15,28 @@ from __future__ import annotations
 import asyncio
 import itertools
 import struct
+from collections.abc import Callable
 from time import monotonic  # by name: compiled, `time.monotonic` is a module getattr per call
 from typing import TYPE_CHECKING, Any
 
 from .. import logs
-from ..local import AbortedTransaction
 from ..protocol import messages as m
-from ..protocol.framing import Action, MessageReader, Relay
+from ..protocol.framing import Action, Relay
 from ..protocol.sqlstate import (
+    SERVER_GONE_STATES,
     ProtocolViolation,
     ProxyError,
 )
 from ..server import (
+    REQUEST_OTHER,
+    LinkedClient,
     ServerConnection,
     ServerState,
 )
-from ..spool.outage import OutageResponder
-from ..sqlclass import (
-    Effects,
-)
-from ..statements import StatementRouter
+from ..sqlclass import Effects
 from . import states
-from .host import AdminFactory, SessionHost
+from .host import SessionHost
+from .mode import Mode
 from .scan import (
     _ALL_FRONTEND,
     _ANSWERS_BEFORE_FATAL,
@@ -37,8 +44,6 @@ from .scan import (
     _COPY_FAIL,
     _SESSION_WATCH,
     _SESSION_WATCH_BATCH,
-    _SESSION_WATCH_BIND,
-    _TRANSACTION_WATCH,
 )
 from .states import (
     ABORTED,
@@ -55,89 +60,82 @@ if TYPE_CHECKING:
 
 _client_ids = itertools.count(1)
 
+# The relay's inspector of a state that answers locally (ABORTED, OUTAGE).
+Answerer = Callable[[int, memoryview], Action]
 
-class SessionCore(asyncio.Protocol):
-    # The host's registries hold the top class (`proxy.client.ClientSession`), which this layer
+
+def _no_mode(type_byte: int, msg: memoryview) -> Action:
+    """The relay's inspector until the session's pool mode is built (`Mode.forward`)."""
+    raise ProxyError("internal error in pgsidecar: client input before the session was built")
+
+
+class SessionCore(LinkedClient):
+    # The host's registries hold the top class (`proxy.client.ClientSession`), which this module
     # cannot name without importing it: hence Any for the client type.
-    def __init__(self, sidecar: SessionHost[Any], admin: AdminFactory[Any]) -> None:
+    def __init__(self, host: SessionHost[Any]) -> None:
+        super().__init__()
         self.id = f"c{next(_client_ids)}"
-        self.sidecar = sidecar
-        self._admin = admin  # makes the admin console for a login to ADMIN_DATABASE
-        self._gate = sidecar.gate  # (read per client read: held here, a native attribute)
-        # The session's state (a `session.states` constant): changed only by `_to`.
+        # The process around the session. Read here at close (the registries, the counters);
+        # the parts above get the narrower pieces they use, at construction.
+        self.host = host
+        self.gate = host.gate  # (read per client read: held here, a native attribute)
+        # The session's state (a `session.states` constant): changed only by `to`.
         self.state = LOGGING_IN
-        self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.user = ""
         self.database = ""
         self.startup_params: dict[str, str] = {}  # as sent by the client
         self.startup_settings: dict[str, str] = {}  # settable startup params + `options` (lowercase)
         self.settings: dict[str, str] = {}  # the session's settings now: what a new server must get
-        # The key handed out in BackendKeyData: (process id, secret). Session mode: the id of the
-        # first server's backend (what pg_backend_pid() says there); else one the sidecar makes up.
-        # The secret is the sidecar's own, unique among open sessions: CancelRequests find the
-        # session by it (two sessions may show the same process id, e.g. one pooled server reused).
-        self.backend_key: tuple[int, int] | None = None
-        # The ParameterStatus values this client has been told (one of the servers' shared dicts,
-        # never edited): at login, then whatever its linked server reports (`note_parameter`).
-        # A server whose values are another dict is compared at link (`tell_parameters`).
-        self.params_told: dict[str, str] = {}
+        # `backend_key` (LinkedClient): session mode, the id of the first server's backend (what
+        # pg_backend_pid() says there); else one the sidecar makes up. The secret is the
+        # sidecar's own, unique among open sessions: CancelRequests find the session by it.
+        # `params_told` (LinkedClient): the ParameterStatus values this client has been told (one
+        # of the servers' shared dicts, never edited), compared at link (`tell_parameters`).
         self.server: ServerConnection | None = None
         self.pool: Pool | None = None
         self.connected_at = monotonic()
         # Passthrough only: the client's password, kept in memory for this session (else None and
         # the sidecar logs in upstream with the configured credentials).
-        self._password: str | None = None
-        self._max_message = sidecar.config.limits.max_message_size
-        self._reader = MessageReader(self._max_message)
-        self.transaction_mode = sidecar.config.pool.mode == "transaction"
-        self._relay = Relay(
-            _TRANSACTION_WATCH if self.transaction_mode else _SESSION_WATCH,
-            self._inspect_transaction if self.transaction_mode else self._inspect_session,
-            sidecar.config.limits.max_message_size,
-            valid_types=_CLIENT_VALID,
-        )
-        self.router = StatementRouter(sidecar.statements) if self.transaction_mode else None
+        self.password: str | None = None
+        self.max_message = host.config.limits.max_message_size
+        self.transaction_mode = host.config.pool.mode == "transaction"
+        # The client's input after login. Its inspector is the pool mode's (`Mode.forward`, set
+        # when the mode is built), or a local answerer's (`to_answering`).
+        self.relay = Relay(_SESSION_WATCH, _no_mode, self.max_message, valid_types=_CLIENT_VALID)
+        # The pool mode's relay (`SessionRelay` or `TransactionRouting`): set by the session's top
+        # class once built, before any input is read.
+        self.mode: Mode
         # Whether the server must call `server_ready` at each ReadyForQuery: always in transaction
         # mode (the server goes back to the pool), in session mode only while maintenance is due.
         # A plain attribute, read on the hot path instead of a call per transaction.
         self.wants_ready = self.transaction_mode
-        # The step under way (HELD: `_attach_next`; GATED: `_resume_after_gate`; MAINTAINING:
-        # `_maintain`; OUTAGE: `_act_on_verdict`), kept to be cancelled at close. It may outlive its
-        # state by a moment (a cut server ends MAINTAINING before the query fails), hence a field.
-        self._task: asyncio.Task[None] | None = None
+        # The step under way (HELD: getting a server; GATED: waiting for the gate; MAINTAINING:
+        # the sidecar's own queries; OUTAGE: a spool verdict), kept to be cancelled at close. It
+        # may outlive its state by a moment (a cut server ends MAINTAINING before the query
+        # fails), hence a field. Started and finished by `Attach.start`.
+        self.task: asyncio.Task[None] | None = None
         # The server the sidecar's own queries run on for this session right now (reading settings
         # back, bringing a server in line with the session): not to be handed on mid-query.
-        self._own_query_on: ServerConnection | None = None
+        self.own_query_on: ServerConnection | None = None
         # Flags orthogonal to the state: whether the client's socket is read (paused in any state
         # once held input passes its bound) and whether the client reads its answers.
-        self._reading_paused = False
+        self.reading_paused = False
         # The client's transport is above its write high-water mark (the client is not reading):
         # local answerers (outage responder, admin console) stop until it drains.
-        self._write_paused = False
+        self.write_paused = False
         self._writable: asyncio.Future[None] | None = None  # `drained()` waits on it
-        # Set by statements seen on the way to the server, acted on at the next quiet point.
-        self._settings_dirty = False
-        self._custom_names: set[str] = set()  # dotted settings the session touched, read by name
-        self._reset_all = False
-        self._reset_names: set[str] = set()
-        self._discarded = False
-        # Session mode: the client's named statements (Parse messages), re-prepared when the session
-        # moves to a new writer, and the reason it cannot move at all (LISTEN, temp table, ...).
-        self._session_statements: dict[str, bytes] = {}
-        self._unmovable: str | None = None
-        # Session mode: prepared statements (by name, "" unnamed) that change settings when run.
-        self._statement_effects: dict[str, Effects] = {}
-        self._batch_kind: int | None = None  # REQUEST_* of the extended-protocol batch before Sync
-        self._aborted: AbortedTransaction | None = None  # answering locally after a failover cut
-        self._outage: OutageResponder | None = None  # playing the server while no writer exists
-        self._outage_batch = False  # an extended-protocol batch is open (no Sync yet)
-        self._wakeup: asyncio.Future[None] | None = None
-        self._eof = False
-        self._handshake_task: asyncio.Task[None] | None = None
-        self._close_reason: str | None = None
-        self._failing: asyncio.Task[None] | None = None  # 08P01 after the answers still due
-        self._counted = False  # whether this session holds a pool.max_clients slot
+        # Set by statements seen on the way to the server (`note_effects`), acted on at the next
+        # quiet point (`Attach.quiet_point`).
+        self.settings_dirty = False
+        self.custom_names: set[str] = set()  # dotted settings the session touched, read by name
+        self.reset_all = False
+        self.reset_names: set[str] = set()
+        self.discarded = False
+        self.handshake_task: asyncio.Task[None] | None = None
+        self.close_reason: str | None = None
+        self.failing: asyncio.Task[None] | None = None  # 08P01 after the answers still due
+        self.counted = False  # whether this session holds a pool.max_clients slot
 
     @property
     def running_on(self) -> ServerConnection | None:
@@ -148,39 +146,42 @@ class SessionCore(asyncio.Protocol):
     @property
     def metric_state(self) -> str:
         """login | waiting (for a server) | active (has one) | idle (none, nothing under way)."""
-        if self.state == OUTAGE and self._task is not None:
+        if self.state == OUTAGE and self.task is not None:
             return "waiting"  # a request the spool cannot take waits for a writer
         return states.METRIC_LABELS[self.state]
 
-    def _active(self) -> bool:
+    def active(self) -> bool:
         """Logged in (not the admin console) and not closed."""
         return LINKED <= self.state <= OUTAGE
 
-    def _to(self, new: int) -> None:
-        """The one way the session's state changes: checked against `states.allowed`; entering or
-        leaving a state that answers locally (ABORTED, OUTAGE) switches the relay's inspector."""
+    def to(self, new: int) -> None:
+        """The one way the session's state changes: checked against `states.allowed`; leaving a
+        state that answered locally (ABORTED, OUTAGE) gives the relay back to the pool mode."""
         old = self.state
         if not states.allowed[old * states.COUNT + new]:
             raise IllegalTransition(f"{self.id}: {states.name(old)} -> {states.name(new)}")
         self.state = new
-        if new == ABORTED:
-            self._relay.set_inspector(self._inspect_aborted, _ALL_FRONTEND)
-        elif new == OUTAGE:
-            self._relay.set_inspector(self._inspect_outage, _ALL_FRONTEND)
-        elif old in (ABORTED, OUTAGE):
-            self._restore_inspector()
+        if old in (ABORTED, OUTAGE):
+            self.mode.forward()
         if states.LOGGED[new] or states.LOGGED[old]:
             logs.event("client_state", logs.DEBUG, conn=self.id, state=states.name(new), was=states.name(old))
 
-    def _pause_reading(self) -> None:
+    def to_answering(self, new: int, answerer: Answerer) -> None:
+        """`to` a state whose input the sidecar answers itself (ABORTED, OUTAGE): the relay hands
+        every message to `answerer` until the state is left."""
+        assert new in (ABORTED, OUTAGE)
+        self.to(new)
+        self.relay.set_inspector(answerer, _ALL_FRONTEND)
+
+    def pause_reading(self) -> None:
         """Stop reading the client: what it sends waits in its socket (a bounded buffer here)."""
-        if not self._reading_paused and self.transport is not None:
-            self._reading_paused = True
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
             self.transport.pause_reading()
 
-    def _resume_reading(self) -> None:
-        if self._reading_paused and self.transport is not None:
-            self._reading_paused = False
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
             self.transport.resume_reading()
 
     def tell_parameters(self, params: dict[str, str]) -> None:
@@ -194,33 +195,41 @@ class SessionCore(asyncio.Protocol):
             return
         changed = [m.parameter_status(k, v) for k, v in params.items() if told.get(k) != v]
         if changed:
-            self._send(b"".join(changed))
+            self.send(b"".join(changed))
         self.params_told = params
 
-    def _link(self, server: ServerConnection) -> None:
+    def link(self, server: ServerConnection) -> None:
+        """-> LINKED on `server`: the input held so far goes to it."""
         self.server = server
-        self._to(LINKED)
+        self.to(LINKED)
         server.link(self, tracked=self.transaction_mode)
         if server.params is not self.params_told:
             self.tell_parameters(server.params)
         # Read on before the held input goes out, not after: if it fills the server's write
         # buffer, the server's `pause_writing` stops reading the client, and must not be undone.
-        if self._reading_paused and self.transport is not None:
-            self._reading_paused = False
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
             self.transport.resume_reading()
         try:
-            spans = self._relay.resume()
+            spans = self.relay.resume()
         except Exception as exc:
-            self._malformed(exc)
+            self.malformed(exc)
             return
         out = server.transport
         if out is not None:
             for span in spans:
                 out.write(span)
-        if self._relay.paused and self.state == LINKED:  # the held input ended with Terminate
-            self._relay_stopped()
+        if self.relay.paused and self.state == LINKED:  # the held input ended with Terminate
+            self.relay_stopped()
 
-    def _malformed(self, exc: Exception) -> None:
+    def unlink(self, new: int) -> None:
+        """LINKED -> `new`: the relay holds client input; the server stops calling back."""
+        self.to(new)
+        self.relay.hold()
+        if self.server is not None:
+            self.server.unlink()
+
+    def malformed(self, exc: Exception) -> None:
         """The client sent a message that cannot be framed or relayed (or an inspector failed on
         it). As PostgreSQL, which reads and answers messages in order: what came before it still
         goes to the server and the client gets its answers; then 08P01 (FATAL) and the connection
@@ -232,8 +241,8 @@ class SessionCore(asyncio.Protocol):
         else:
             logs.event("client_internal_error", logs.ERROR, conn=self.id, error=repr(exc))
             error = ProxyError(f"internal error in pgsidecar: {exc!r}")
-        spans = self._relay.stop()
-        self._pause_reading()
+        spans = self.relay.stop()
+        self.pause_reading()
         server = self.server
         out = server.transport if server is not None and self.state == LINKED else None
         if out is not None:
@@ -246,20 +255,20 @@ class SessionCore(asyncio.Protocol):
                 # (PostgreSQL ignores a CopyFail outside COPY.)
                 out.write(_COPY_FAIL)
             loop = asyncio.get_running_loop()
-            self._failing = loop.create_task(self._fail_when_answered(error))
+            self.failing = loop.create_task(self._fail_when_answered(error))
         else:
             self.fail(error)
 
-    def _relay_stopped(self) -> None:
+    def relay_stopped(self) -> None:
         """Linked, the relay paused itself: at the client's Terminate, or for good after a
         malformed message (input read meanwhile is dropped: the client gets its 08P01 once its
         earlier requests are answered)."""
-        if self._failing is None:
+        if self.failing is None:
             self.close("client sent Terminate")
             return
-        self._relay.stop()
-        self._reading_paused = False  # (whoever resumed reading did not say)
-        self._pause_reading()
+        self.relay.stop()
+        self.reading_paused = False  # (whoever resumed reading did not say)
+        self.pause_reading()
 
     def _answers_due(self) -> bool:
         """Requests of the client's still unanswered by its linked server."""
@@ -275,51 +284,97 @@ class SessionCore(asyncio.Protocol):
             await asyncio.sleep(0.005)
         self.fail(error)
 
-    def _unlink(self, new: int) -> None:
-        """LINKED -> `new`: the relay holds client input; the server stops calling back."""
-        self._to(new)
-        self._relay.hold()
-        if self.server is not None:
-            self.server.unlink()
-
-    def _send(self, data: bytes) -> None:
+    def send(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
 
-    def _known_statements(self) -> dict[str, bytes]:
-        """The client's named statements as Parse messages under the client's own names."""
-        if self.router is None:
-            return dict(self._session_statements)
-        known = {}
-        for name, stmt in self.router.statements.items():
-            parse = m.decode_parse(stmt.parse_message[5:])
-            known[name] = m.parse(name, parse.query, parse.param_types)
-        return known
+    def writable(self) -> None:
+        """The client reads its answers again (`resume_writing`): wake whoever waits in `drained`."""
+        self.write_paused = False
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
 
-    def _session_watch(self) -> bytes:
-        """What session mode's relay must look at now."""
-        if self.wants_ready:
-            return _SESSION_WATCH_BATCH
-        return _SESSION_WATCH_BIND if self._statement_effects else _SESSION_WATCH
+    async def drained(self) -> None:
+        """Returns once the client is reading its answers (the transport's write buffer is under
+        its high-water mark): a local answerer (the admin console) waits here before making more."""
+        while self.write_paused and self.transport is not None:
+            self._writable = asyncio.get_running_loop().create_future()
+            try:
+                await self._writable
+            finally:
+                self._writable = None
 
-    def _restore_inspector(self) -> None:
-        """Back to forwarding after answering locally (aborted transaction, outage)."""
-        self._relay.set_inspector(
-            self._inspect_transaction if self.transaction_mode else self._inspect_session,
-            _TRANSACTION_WATCH if self.transaction_mode else self._session_watch(),
-        )
+    # ---------------------------------------------------------------- settings bookkeeping
+
+    def note_effects(self, effects: Effects) -> None:
+        """A statement on its way to the server changes settings (or discards everything): read
+        them back at the next quiet point (`Attach.quiet_point`)."""
+        if not (effects.changes_settings or effects.discard_all):
+            return
+        state = self.state
+        if not self.wants_ready and not self.transaction_mode and state not in (OUTAGE, ABORTED):
+            # Session mode: watch every extended-protocol message until then, so a batch not yet
+            # ended by Sync is known (`Mode.batch_kind`).
+            self.relay.set_watch(_SESSION_WATCH_BATCH)
+        self.wants_ready = True
+        self.settings_dirty |= effects.changes_settings
+        if effects.custom_names:
+            self.custom_names |= effects.custom_names
+        self.reset_all |= effects.reset_all
+        self.reset_names |= effects.reset_names
+        self.discarded |= effects.discard_all
+
+    def maintenance_due(self) -> bool:
+        return self.settings_dirty or self.reset_all or bool(self.reset_names) or self.discarded
+
+    # ---------------------------------------------------------------- callbacks of the linked server
+
+    def server_ready(self, status: int) -> bool:
+        """ReadyForQuery arrived (called only while `wants_ready`). True: the client is at a quiet
+        point, and the server calls `quiet_point` once the bytes so far have been written, with
+        its relay paused. (A flag rather than a callback returned: compiled, a bound method is
+        an allocation and a generic call per transaction.)"""
+        server = self.server
+        if server is None or status != m.TX_IDLE or server.outstanding or server.tracker:
+            return False
+        if self.relay.mid_message:
+            return False
+        if self.transaction_mode:
+            return True
+        # Session mode: called only while maintenance is due. Not while the client has more
+        # extended-protocol messages on the server that no Sync ended yet: the server would answer
+        # them ahead of the sidecar's own queries.
+        return self.maintenance_due() and self.mode.batch_kind is None
+
+    def server_error(self, fields: dict[str, str]) -> None:
+        """An ErrorResponse from the linked server (relayed; this only reports failures)."""
+        server = self.server
+        if server is None:
+            return
+        if fields.get("C") in SERVER_GONE_STATES:
+            self.host.topology.report_failure(server.endpoint, m.error_summary(fields))
+        if (
+            server.outstanding == 0
+            and self.mode.batch_kind is None
+            and not self.transaction_mode
+            and fields.get("V", fields.get("S")) != "FATAL"  # (a goodbye: the session moves)
+        ):
+            # No Query or Sync awaits an answer, so this error is of an extended-protocol batch
+            # not synced yet: the server now skips everything up to its Sync. Noted as an open
+            # batch, so a server given back before that Sync is resynchronised (Pool.release).
+            self.mode.batch_kind = REQUEST_OTHER
+
+    # ---------------------------------------------------------------- failing and closing
 
     def fail(self, exc: ProxyError) -> None:
         """Send `exc` to the client as a FATAL error and close (every disconnect has a reason)."""
         if self.state == CLOSED:
             return
-        if not self._active():
-            self.sidecar.stats.clients_refused[exc.code] += 1
+        if not self.active():
+            self.host.stats.clients_refused[exc.code] += 1
         else:
-            self.sidecar.stats.client_errors[exc.code] += 1
-        self._send(
-            m.error_response(exc.code, exc.message, severity="FATAL", detail=exc.detail, hint=exc.hint)
-        )
+            self.host.stats.client_errors[exc.code] += 1
+        self.send(m.error_response(exc.code, exc.message, severity="FATAL", detail=exc.detail, hint=exc.hint))
         self.close(f"{exc.code}: {exc.message}")
 
     def close(self, reason: str) -> None:
@@ -327,17 +382,18 @@ class SessionCore(asyncio.Protocol):
             return
         if self.transport is not None:
             self.transport.close()
-        self._finish(reason)
+        self.finish(reason)
 
-    def _finish(self, reason: str) -> None:
+    def finish(self, reason: str) -> None:
+        """-> CLOSED: stop what is under way, give the server back, leave the registries."""
         linked = self.state == LINKED
-        self._to(CLOSED)
-        self._close_reason = reason
-        if self._handshake_task is not None and not self._handshake_task.done():
-            self._handshake_task.cancel()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-        own, self._own_query_on = self._own_query_on, None
+        self.to(CLOSED)
+        self.close_reason = reason
+        if self.handshake_task is not None and not self.handshake_task.done():
+            self.handshake_task.cancel()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        own, self.own_query_on = self.own_query_on, None
         if own is not None and self.pool is not None:
             # The sidecar's own query is still running there (the task cancelled above stops
             # waiting for it, the server does not): its answer would reach whoever gets the
@@ -348,22 +404,19 @@ class SessionCore(asyncio.Protocol):
         if server is not None and self.pool is not None and server is not own:
             if server.state is ServerState.CLOSED:
                 self.pool.forget(server)
-            elif self._relay.mid_message:
+            elif self.relay.mid_message:
                 # Part of a message went to the server (a CopyData cut short): it would read
                 # whatever it is sent next as the rest of it. No Sync can recover that.
                 self.pool.discard(server, "client left in the middle of a message")
             elif self.transaction_mode:
                 # Still linked means the client's last request did not end at a quiet point:
                 # an open batch, or an answer still due (Pool.release tells which).
-                maintenance = (
-                    self._settings_dirty or self._reset_all or bool(self._reset_names) or self._discarded
-                )
-                self.pool.release(server, reset=False, resync=linked, unknown=maintenance)
+                self.pool.release(server, reset=False, resync=linked, unknown=self.maintenance_due())
             else:
-                self.pool.release(server, reset=True, resync=self._batch_kind is not None)
-        if self.backend_key is not None and self.sidecar.cancel_keys.get(self.backend_key[1]) is self:
-            del self.sidecar.cancel_keys[self.backend_key[1]]
-        self.sidecar.client_closed(self, counted=self._counted)
+                self.pool.release(server, reset=True, resync=self.mode.batch_kind is not None)
+        if self.backend_key is not None and self.host.cancel_keys.get(self.backend_key[1]) is self:
+            del self.host.cancel_keys[self.backend_key[1]]
+        self.host.client_closed(self, counted=self.counted)
         logs.event(
             "client_closed",
             conn=self.id,
@@ -371,32 +424,3 @@ class SessionCore(asyncio.Protocol):
             reason=reason,
             seconds=round(monotonic() - self.connected_at, 3),
         )
-
-    # ---------------------------------------------------------------- provided by the layers above
-
-    def _inspect_transaction(self, type_byte: int, msg: memoryview) -> Action:
-        raise NotImplementedError  # (TransactionRouting)
-
-    def _inspect_session(self, type_byte: int, msg: memoryview) -> Action:
-        raise NotImplementedError  # (SessionRelay)
-
-    def _inspect_outage(self, type_byte: int, msg: memoryview) -> Action:
-        raise NotImplementedError  # (OutageSession)
-
-    def _inspect_aborted(self, type_byte: int, msg: memoryview) -> Action:
-        raise NotImplementedError  # (Carryover)
-
-    def _enter_outage(self) -> None:
-        raise NotImplementedError  # (OutageSession)
-
-    def quiet_point(self) -> None:
-        raise NotImplementedError  # (TransactionRouting)
-
-    def server_lost(self, server: ServerConnection, reason: str) -> None:
-        raise NotImplementedError  # (Carryover)
-
-    def server_ready(self, status: int) -> bool:
-        raise NotImplementedError  # (Attaching)
-
-    def server_error(self, fields: dict[str, str]) -> None:
-        raise NotImplementedError  # (Attaching)

@@ -1,19 +1,29 @@
 """Login: SSL/GSS negotiation, the startup packet, authentication, cancel requests and keys,
 the first server (or the admin console, or an outage login), bounded by
 `limits.client_login_timeout`.
+
+Uses of the core: its identity fields (user, database, startup parameters and settings, backend
+key, password), its transport, state and transition, `link`, `send`. Receives at construction:
+the host (what a login asks of the process: admission, authentication, cancel keys, pools, the
+writer), the admin console factory, the `Attach` part (the first server, through the gate) and
+the outage session (a login while no writer exists), if spooling is on. Offers: `run` (the
+handshake task), and the reading of whole messages until the session is logged in, which the
+admin console goes on using (`feed`, `wake`, `read_message`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import shlex
+from collections.abc import Callable
 from os import urandom
 from time import monotonic  # by name: compiled, `time.monotonic` is a module getattr per call
-from typing import Final, cast
+from typing import Any, Final, cast
 
 from .. import logs
 from ..protocol import messages as m
 from ..protocol.auth import ClientAuthenticator
+from ..protocol.framing import MessageReader
 from ..protocol.sqlstate import (
     CannotConnectNow,
     FeatureNotSupported,
@@ -26,7 +36,9 @@ from ..server import (
 )
 from ..settings import lower_keys, sync_sql
 from ..spooling import SpoolNow
-from .host import ADMIN_DATABASE
+from .attach import Attach
+from .core import SessionCore
+from .host import ADMIN_DATABASE, AdminFactory, SessionHost
 from .outage_session import OutageSession
 from .scan import _HOLD_LIMIT, _KEY_PARTS, _MADE_UP_PIDS
 from .states import (
@@ -34,7 +46,6 @@ from .states import (
     CLOSED,
     CONNECTING,
     IDLE,
-    OUTAGE,
 )
 
 _NOT_SETTABLE: Final = frozenset({"user", "database", "replication", "options"})
@@ -63,15 +74,46 @@ def parse_options(options: str) -> dict[str, str]:
     return settings
 
 
-class Login(OutageSession):
-    def _wake(self) -> None:
+class Login:
+    def __init__(
+        self,
+        core: SessionCore,
+        host: SessionHost[Any],
+        admin: AdminFactory[Any],
+        attach: Attach,
+        outage: OutageSession | None,
+    ) -> None:
+        self.core = core
+        self.host = host
+        self._admin = admin  # makes the admin console for a login to ADMIN_DATABASE
+        self.attach = attach
+        self.outage = outage
+        self.reader = MessageReader(core.max_message)
+        self._wakeup: asyncio.Future[None] | None = None
+        self._eof = False
+
+    def feed(self, data: bytes) -> None:
+        """Input while the handshake, a login waiting for a server or the admin console reads
+        whole messages when it is ready for them. Past the bound, stop reading the socket until it
+        is (`_wait_input`): what the client sends meanwhile waits in its own socket buffers."""
+        reader = self.reader
+        reader.feed(data)
+        if reader.buffered > _HOLD_LIMIT:
+            self.core.pause_reading()
+        self.wake()
+
+    def eof(self) -> None:
+        self._eof = True
+        self.wake()
+
+    def wake(self) -> None:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
     async def _wait_input(self) -> None:
-        if self._eof or self.transport is None:
+        if self._eof or self.core.transport is None:
             raise ConnectionResetError("client disconnected during login")
-        self._resume_reading()  # no whole message is left: read on (the message is bounded)
+        self.core.resume_reading()  # no whole message is left: read on (the message is bounded)
         self._wakeup = asyncio.get_running_loop().create_future()
         try:
             await self._wakeup
@@ -80,24 +122,27 @@ class Login(OutageSession):
 
     async def _read_startup(self) -> m.StartupPacket:
         while True:
-            body = self._reader.read_startup()
+            body = self.reader.read_startup()
             if body is not None:
                 return m.decode_startup(body)
             await self._wait_input()
 
-    async def _read_message(self) -> tuple[int, bytes]:
+    async def read_message(self) -> tuple[int, bytes]:
         while True:
-            msg = self._reader.read_message()
+            msg = self.reader.read_message()
             if msg is not None:
                 return msg
             await self._wait_input()
 
-    async def _handshake(self) -> None:
+    async def run(self, hand_over: Callable[[], None]) -> None:
+        """The login, from the first byte to the first ReadyForQuery; then `hand_over` (what the
+        client sent past the handshake goes the way of any later input)."""
+        core = self.core
         # A timer, not asyncio.timeout(): that context manager runs as interpreted coroutines,
         # about 25k instructions per login, which connect-per-transaction clients pay every time.
         # On expiry the client is failed and closed, which cancels this task.
         deadline = asyncio.get_running_loop().call_later(
-            self.sidecar.config.limits.client_login_timeout, self._login_timed_out
+            self.host.config.limits.client_login_timeout, self._login_timed_out
         )
         try:
             try:
@@ -105,23 +150,24 @@ class Login(OutageSession):
                 if startup is None:
                     return
                 await self._authenticate(startup)
-                self._reader.authenticated()
+                self.reader.authenticated()
             finally:
                 deadline.cancel()
-            await self._attach_server()
+            if await self._attach_server():
+                hand_over()
         except ProxyError as exc:
-            self.fail(exc)
+            core.fail(exc)
         except ConnectionResetError as exc:
-            self.close(str(exc))
+            core.close(str(exc))
         except Exception as exc:  # a bug here must cost one client, not the sidecar
-            logs.event("client_internal_error", logs.ERROR, conn=self.id, error=repr(exc))
-            self.fail(ProxyError(f"internal error in pgsidecar: {exc!r}"))
+            logs.event("client_internal_error", logs.ERROR, conn=core.id, error=repr(exc))
+            core.fail(ProxyError(f"internal error in pgsidecar: {exc!r}"))
 
     def _login_timed_out(self) -> None:
-        self.fail(
+        self.core.fail(
             ProtocolViolation(
                 "client did not complete startup and authentication within "
-                f"limits.client_login_timeout ({self.sidecar.config.limits.client_login_timeout:g}s)"
+                f"limits.client_login_timeout ({self.host.config.limits.client_login_timeout:g}s)"
             )
         )
 
@@ -138,7 +184,7 @@ class Login(OutageSession):
                 continue
             if startup.code == m.GSSENC_REQUEST_CODE and not gss_done:
                 gss_done = True
-                self._send(b"N")
+                self.core.send(b"N")
                 continue
             if startup.code in (m.SSL_REQUEST_CODE, m.GSSENC_REQUEST_CODE):
                 raise FeatureNotSupported(
@@ -147,8 +193,8 @@ class Login(OutageSession):
                 )
             if startup.code == m.CANCEL_REQUEST_CODE:
                 assert startup.cancel_key is not None
-                await self.sidecar.forward_cancel(startup.cancel_key, self.id)
-                self.close("cancel request handled")
+                await self.host.forward_cancel(startup.cancel_key, self.core.id)
+                self.core.close("cancel request handled")
                 return None
             if startup.major != 3:
                 raise ProtocolViolation(
@@ -159,171 +205,170 @@ class Login(OutageSession):
             if startup.minor > 0 or unsupported:
                 # Newer minor versions and protocol extensions are declined; the client continues
                 # with 3.0 (libpq >= 17 and others handle this message).
-                self._send(m.negotiate_protocol_version(0, unsupported))
+                self.core.send(m.negotiate_protocol_version(0, unsupported))
             return startup
 
     async def _answer_ssl_request(self) -> bool:
         """Answer an SSLRequest; True if the connection is now encrypted."""
-        ctx = self.sidecar.client_ssl_context
-        if ctx is None or self.transport is None:
-            self._send(b"N")
+        core = self.core
+        ctx = self.host.client_ssl_context
+        if ctx is None or core.transport is None:
+            self.core.send(b"N")
             return False
-        if self._reader.take_rest():
+        if self.reader.take_rest():
             # Bytes after SSLRequest but before the handshake would be unencrypted injection.
             raise ProtocolViolation("received unencrypted data after SSLRequest")
-        self._send(b"S")
+        self.core.send(b"S")
         loop = asyncio.get_running_loop()
-        transport = await loop.start_tls(self.transport, self, ctx, server_side=True)
+        transport = await loop.start_tls(core.transport, core, ctx, server_side=True)
         # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
+        core.transport = cast(asyncio.Transport, transport)
         return True
 
     async def _authenticate(self, startup: m.StartupPacket) -> None:
+        core = self.core
+        host = self.host
         params = startup.params
-        self.user = params.get("user", "")
-        if not self.user:
+        user = core.user = params.get("user", "")
+        if not user:
             raise ProtocolViolation("no PostgreSQL user name specified in startup packet")
-        self.database = params.get("database") or self.user
-        self.startup_params = {
+        core.database = params.get("database") or user
+        core.startup_params = {
             k: v for k, v in params.items() if k not in ("user", "database") and not k.startswith("_pq_.")
         }
         logs.event(
             "client_login",
-            conn=self.id,
-            peer=self.peer,
-            user=self.user,
-            database=self.database,
+            conn=core.id,
+            peer=core.peer,
+            user=user,
+            database=core.database,
             application_name=params.get("application_name"),
         )
-        self.sidecar.admit(self)
-        self._counted = True
-        auth_cfg = self.sidecar.config.auth
-        user_cfg = auth_cfg.user(self.user)
+        host.admit(core)
+        core.counted = True
+        auth_cfg = host.config.auth
+        user_cfg = auth_cfg.user(user)
         mock = None
         if user_cfg is None and auth_cfg.method in ("md5", "scram-sha-256"):
             # Not configured: a password exchange all the same, failing as a wrong password does.
-            mock = self.sidecar.mock_salt(self.user)
+            mock = host.mock_salt(user)
         elif user_cfg is None and auth_cfg.users and auth_cfg.method != "passthrough":
-            raise UnknownUser(f'role "{self.user}" is not configured in pgsidecar (auth.users)')
+            raise UnknownUser(f'role "{user}" is not configured in pgsidecar (auth.users)')
         secret = user_cfg.password.get_secret_value() if user_cfg and user_cfg.password else None
         authenticator = ClientAuthenticator(
-            auth_cfg.method, self.user, secret, self.sidecar.scram_verifier(self.user, secret), mock
+            auth_cfg.method, user, secret, host.scram_verifier(user, secret), mock
         )
         first = authenticator.start()
         if first:
-            self._send(first)
+            core.send(first)
         while not authenticator.done:
-            type_byte, body = await self._read_message()
+            type_byte, body = await self.read_message()
             reply = authenticator.step(type_byte, body)
             if reply is not None:
-                self._send(reply)
-        self._password = authenticator.password if auth_cfg.method == "passthrough" else None
+                core.send(reply)
+        core.password = authenticator.password if auth_cfg.method == "passthrough" else None
 
-    async def _attach_server(self) -> None:
-        if self.database == ADMIN_DATABASE:
+    async def _attach_server(self) -> bool:
+        """The first server, or the admin console, or an outage login. True: logged in, the
+        client's further input to be handed over."""
+        core = self.core
+        host = self.host
+        if core.database == ADMIN_DATABASE:
             # Served by the sidecar itself: no pool, no upstream, and not held by the gate (an
             # operator must be able to RESUME a paused sidecar).
-            console = self._admin(self, self._read_message, self._send)
-            await console.login(self._password)
-            self._to(ADMIN)
-            self.sidecar.stats.clients_accepted += 1
-            self.close(await console.serve(self._register_backend_key()))
-            return
-        self._to(CONNECTING)
-        pool = self.sidecar.pool_for(self.user, self.database)
-        self.pool = pool
-        passthrough = self.sidecar.config.auth.method == "passthrough"
-        if passthrough and not self.sidecar.passthrough_known(self.user, self._password):
+            console = self._admin(core, self.read_message, core.send)
+            await console.login(core.password)
+            core.to(ADMIN)
+            host.stats.clients_accepted += 1
+            core.close(await console.serve(self._register_backend_key()))
+            return False
+        core.to(CONNECTING)
+        pool = host.pool_for(core.user, core.database)
+        core.pool = pool
+        passthrough = host.config.auth.method == "passthrough"
+        if passthrough and not host.passthrough_known(core.user, core.password):
             await self._verify_upstream_password()
         try:
-            server = await self._acquire(pool)
+            server = await self.attach.acquire(pool)
         except SpoolNow:
             self._degraded_login()
-            return
-        if self.state == CLOSED:  # the client gave up while we waited
-            pool.release(server, reset=not self.transaction_mode)
-            return
-        self.server = server
+            return True
+        if core.state == CLOSED:  # the client gave up while we waited
+            pool.release(server, reset=not core.transaction_mode)
+            return False
+        core.server = server
         try:
             await self._apply_startup_settings(server)
         except ProxyError:
-            self.server = None
-            pool.release(server, reset=not self.transaction_mode)
+            core.server = None
+            pool.release(server, reset=not core.transaction_mode)
             raise
         if passthrough:
-            self.sidecar.passthrough_verified(self.user, self._password)
-        if self.sidecar.spooling is not None:
-            self.sidecar.spooling.note_login(self.user, self.database, self._password)
+            host.passthrough_verified(core.user, core.password)
+        if host.spooling is not None:
+            host.spooling.note_login(core.user, core.database, core.password)
         first_backend = server.backend_key
-        own_pid = first_backend[0] if first_backend is not None and not self.transaction_mode else None
+        own_pid = first_backend[0] if first_backend is not None and not core.transaction_mode else None
         self._logged_in(server.params, own_pid)
         logs.event(
             "client_ready",
-            conn=self.id,
+            conn=core.id,
             server=server.id,
             upstream=str(server.endpoint),
-            mode=self.sidecar.config.pool.mode,
-            ms=round((monotonic() - self.connected_at) * 1000, 1),
+            mode=host.config.pool.mode,
+            ms=round((monotonic() - core.connected_at) * 1000, 1),
         )
-        if self.transaction_mode:
+        if core.transaction_mode:
             # The server only served the login; each transaction gets one from the pool.
-            self.server = None
+            core.server = None
             pool.release(server, reset=False)
-            self._relay.hold()
+            core.relay.hold()
         else:
-            self._link(server)
-        self._hand_over_input()
-
-    def _hand_over_input(self) -> None:
-        """Logged in: what the client sent past the handshake goes the way of any later input,
-        and reading (paused at the handshake's bound) goes on under that path's bounds."""
-        rest = self._reader.take_rest()
-        if rest:
-            self.data_received(rest)
-        if self.state == OUTAGE:
-            if self._task is None:  # (else the spool write under way answers the rest)
-                self._answer_outage_input()
-        elif self._active() and self._relay.buffered <= _HOLD_LIMIT:
-            self._resume_reading()
+            core.link(server)
+        return True
 
     def _degraded_login(self) -> None:
         """No writer anywhere: finish the login from the front-door cache (what a server of this
         user and database reported the last time one was up), then serve from the spool."""
-        spooling = self.sidecar.spooling
-        assert spooling is not None
-        params = spooling.frontdoor.startup_parameters(self.user, self.database, self.startup_params)
+        core = self.core
+        spooling = self.host.spooling
+        outage = self.outage
+        assert spooling is not None and outage is not None
+        params = spooling.frontdoor.startup_parameters(core.user, core.database, core.startup_params)
         if params is None:
             raise CannotConnectNow(
-                f'no writable database, and user "{self.user}" database "{self.database}" was never '
+                f'no writable database, and user "{core.user}" database "{core.database}" was never '
                 "seen while one was up, so pgsidecar cannot stand in for it: "
-                f"{self.sidecar.topology.problem}"
+                f"{self.host.topology.problem}"
             )
         self._take_startup_settings()
         self._logged_in(params)
-        logs.event("client_ready", conn=self.id, upstream=None, mode="outage (spooling)")
-        self._relay.hold()
-        self._enter_outage()
-        self._hand_over_input()
+        logs.event("client_ready", conn=core.id, upstream=None, mode="outage (spooling)")
+        core.relay.hold()
+        outage.enter()
 
     async def _verify_upstream_password(self) -> None:
         """Passthrough: the password is right exactly when PostgreSQL accepts it."""
-        writer = await self.sidecar.topology.wait_for_writer(self.sidecar.config.upstream.connect_timeout)
-        params = {"user": self.user, "database": self.database, "application_name": "pgsidecar-auth"}
-        probe = await self.sidecar.open_server(writer, params, self._password)
+        core = self.core
+        writer = await self.host.topology.wait_for_writer(self.host.config.upstream.connect_timeout)
+        params = {"user": core.user, "database": core.database, "application_name": "pgsidecar-auth"}
+        probe = await self.host.open_server(writer, params, core.password)
         probe.close("passthrough password verified")
 
     def _take_startup_settings(self) -> None:
         """The client's startup parameters (and `options`) are its session's settings."""
-        wanted = {k: v for k, v in self.startup_params.items() if k not in _NOT_SETTABLE}
-        if "options" in self.startup_params:
-            wanted.update(parse_options(self.startup_params["options"]))
-        self.startup_settings = lower_keys(wanted)
-        self.settings = dict(self.startup_settings)
+        core = self.core
+        wanted = {k: v for k, v in core.startup_params.items() if k not in _NOT_SETTABLE}
+        if "options" in core.startup_params:
+            wanted.update(parse_options(core.startup_params["options"]))
+        core.startup_settings = lower_keys(wanted)
+        core.settings = dict(core.startup_settings)
 
     def _logged_in(self, params: dict[str, str], pid: int | None = None) -> None:
         """Tell the client it is in: AuthenticationOk, the server's parameters, our key, ready.
         `pid`: the process id to hand out (session mode: its first server's)."""
-        self._send(
+        core = self.core
+        core.send(
             m.frames(
                 [
                     m.auth_ok(),
@@ -333,22 +378,23 @@ class Login(OutageSession):
                 ]
             )
         )
-        self.params_told = params
-        self._to(IDLE)  # then LINKED (session mode), OUTAGE (a login during an outage) or IDLE
-        self.sidecar.stats.clients_accepted += 1
+        core.params_told = params
+        core.to(IDLE)  # then LINKED (session mode), OUTAGE (a login during an outage) or IDLE
+        self.host.stats.clients_accepted += 1
 
     async def _apply_startup_settings(self, server: ServerConnection) -> None:
         """Make the pooled server match the client's startup parameters, in one round trip."""
+        core = self.core
         self._take_startup_settings()
-        sql = sync_sql(self.settings, server.applied)
+        sql = sync_sql(core.settings, server.applied)
         if sql is not None:
             await server.simple_query(sql)
-        server.applied = dict(self.settings)
+        server.applied = dict(core.settings)
 
     def _register_backend_key(self, pid: int | None = None) -> bytes:
         """The BackendKeyData for this session, registered for CancelRequests under its secret.
         `pid`: the process id to show (None: a made-up one that names no real process)."""
-        keys = self.sidecar.cancel_keys
+        keys = self.host.cancel_keys
         while True:
             # One read of the system CSPRNG (what `secrets` draws on) for both halves, where two
             # secrets.randbits calls cost two trips through random.SystemRandom's Python code.
@@ -357,6 +403,6 @@ class Login(OutageSession):
                 break
         if pid is None:
             pid = _MADE_UP_PIDS + (drawn & 0x7FFFFFFF) % ((1 << 31) - _MADE_UP_PIDS)
-        self.backend_key = (pid, secret)
-        keys[secret] = self
+        self.core.backend_key = (pid, secret)
+        keys[secret] = self.core
         return m.backend_key_data(pid, secret)

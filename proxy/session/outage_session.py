@@ -1,12 +1,20 @@
 """The outage session: with no writer anywhere, an `OutageResponder` plays the server and
 spools simple INSERTs; the session leaves it when a writer is back (see ARCHITECTURE.md, "Path of
 one spooled INSERT").
+
+Uses of the core: its state and transition, relay, the login's user, database and settings,
+`send`, `fail`, `close`, the reading flags. Receives at construction: the pool mode (`Mode`: the
+client's statements, shown to the responder and learnt back from it), the `Attach` part (a server
+for the request that ends the outage, and the step under way), the spool service, the topology
+(is a writer back?), the counters and `failover.hold_timeout`. Offers: `enter`, the OUTAGE state's
+`inspect` and `answer_input` (for the dispatcher).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import TYPE_CHECKING
 
 from .. import logs
 from ..protocol import messages as m
@@ -18,46 +26,71 @@ from ..protocol.sqlstate import (
 )
 from ..spool import SpoolError
 from ..spool.outage import OutageResponder, Store, Unspoolable
-from ..statements import ClientStatement
-from .carryover import Carryover
+from .attach import Attach
+from .core import SessionCore
+from .host import Spooling
+from .mode import Mode
 from .states import (
     IDLE,
     OUTAGE,
 )
 
+if TYPE_CHECKING:
+    from ..metrics import Stats
+    from ..topology import TopologyMonitor
 
-class OutageSession(Carryover):
-    def _enter_outage(self) -> None:
+
+class OutageSession:
+    def __init__(
+        self,
+        core: SessionCore,
+        mode: Mode,
+        attach: Attach,
+        spooling: Spooling,
+        topology: TopologyMonitor,
+        stats: Stats,
+        hold_timeout: float,
+    ) -> None:
+        self.core = core
+        self.mode = mode
+        self.attach = attach
+        self.relay = core.relay
+        self._spooling = spooling
+        self._topology = topology
+        self._stats = stats
+        self._hold_timeout = hold_timeout
+        self._outage: OutageResponder | None = None  # playing the server while no writer exists
+        self._outage_batch = False  # an extended-protocol batch is open (no Sync yet)
+
+    def enter(self) -> None:
         """Serve this session with an OutageResponder until a writer is back."""
-        spooling = self.sidecar.spooling
-        assert spooling is not None
-        responder = spooling.responder(self.user, self.database, {**self.startup_params, **self.settings})
+        core = self.core
+        responder = self._spooling.responder(
+            core.user, core.database, {**core.startup_params, **core.settings}
+        )
         # The session's prepared statements stay usable: the responder learns them first.
-        for parse in self._known_statements().values():
+        for parse in self.mode.known_statements().values():
             responder.feed(m.F_PARSE, parse[5:])
         self._outage = responder
         self._outage_batch = False
-        logs.event("session_spooling", conn=self.id)
-        self._to(OUTAGE)
-        self._relay.resume()
+        logs.event("session_spooling", conn=core.id)
+        core.to_answering(OUTAGE, self.inspect)
+        self.relay.resume()
 
-    def _inspect_outage(self, type_byte: int, msg: memoryview) -> Action:
+    def inspect(self, type_byte: int, msg: memoryview) -> Action:
         responder = self._outage
+        core = self.core
         if responder is None:
             return Action.HOLD
         if type_byte == m.F_TERMINATE:
-            self.close("client sent Terminate")
+            core.close("client sent Terminate")
             return Action.DROP_PAUSE
-        if self._write_paused:
+        if core.write_paused:
             # The client is not reading its answers: answer no more until it does
             # (`resume_writing`), and read no more meanwhile.
-            self._pause_reading()
+            core.pause_reading()
             return Action.HOLD
-        if (
-            not self._outage_batch
-            and not responder.in_transaction
-            and self.sidecar.topology.writer is not None
-        ):
+        if not self._outage_batch and not responder.in_transaction and self._topology.writer is not None:
             # A writer is back and this starts a new transaction: leave the spool behind.
             self._leave_outage()
             return Action.HOLD
@@ -71,9 +104,9 @@ class OutageSession(Carryover):
         try:
             reply = responder.feed(type_byte, bytes(msg[5:]))
         except ProtocolViolation as exc:
-            self.fail(exc)
+            core.fail(exc)
             return Action.DROP_PAUSE
-        self._send(reply.data)
+        core.send(reply.data)
         if reply.verdict is None:
             return Action.DROP
         handback = None
@@ -84,86 +117,82 @@ class OutageSession(Carryover):
             and (type_byte == m.F_QUERY or (type_byte == m.F_PARSE and msg[5] == 0))  # unnamed
         ):
             handback = bytes(msg)
-        self._start(self._act_on_verdict(responder, reply.verdict, handback))
+        self.attach.start(self._act_on_verdict(responder, reply.verdict, handback))
         return Action.DROP_PAUSE
 
     async def _act_on_verdict(
         self, responder: OutageResponder, verdict: Store | Unspoolable | None, handback: bytes | None = None
     ) -> None:
-        spooling = self.sidecar.spooling
-        assert spooling is not None
+        spooling = self._spooling
+        core = self.core
         while verdict is not None:
             if isinstance(verdict, Store):
                 try:
                     await spooling.append(verdict.record)
                 except SpoolError as exc:
-                    logs.event("spool_append_failed", logs.ERROR, conn=self.id, error=str(exc))
-                    self._send(responder.store_failed(str(exc)))
+                    logs.event("spool_append_failed", logs.ERROR, conn=core.id, error=str(exc))
+                    core.send(responder.store_failed(str(exc)))
                     break
                 reply = responder.stored()
-                self._send(reply.data)
+                core.send(reply.data)
                 verdict = reply.verdict
             else:
                 # Needs the database: held like any request while no writer exists, then refused
                 # (what was spooled of the transaction so far is discarded, never stored).
-                hold = self.sidecar.config.failover.hold_timeout
                 writer = None
                 with contextlib.suppress(UpstreamUnavailable):  # no writer within the hold
-                    writer = await self.sidecar.topology.wait_for_writer(hold)
+                    writer = await self._topology.wait_for_writer(self._hold_timeout)
                 if (
                     writer is not None
                     and handback is not None
-                    and self.state == OUTAGE
+                    and core.state == OUTAGE
                     and self._outage is responder
                     and not spooling.spooling
                 ):
                     # The writer is back within the hold and nothing of this transaction was
                     # answered locally: it runs there, like any request held by a failover.
-                    logs.event("spooling_request_handed_back", conn=self.id, writer=str(writer))
-                    self._relay.unread(handback)
+                    logs.event("spooling_request_handed_back", conn=core.id, writer=str(writer))
+                    self.relay.unread(handback)
                     self._outage_batch = False
                     self._leave_outage()
                     return
-                self.sidecar.stats.client_errors[SqlState.CANNOT_CONNECT_NOW.value] += 1
-                self._send(responder.refuse(verdict.reason))
+                self._stats.client_errors[SqlState.CANNOT_CONNECT_NOW.value] += 1
+                core.send(responder.refuse(verdict.reason))
                 break
-        if self.state == OUTAGE and self._outage is responder:
-            self._answer_outage_input()
+        if core.state == OUTAGE and self._outage is responder:
+            self.answer_input()
 
-    def _answer_outage_input(self) -> None:
+    def answer_input(self) -> None:
         """Answer what the client sent while the responder waited (a spool write, a client not
         reading its answers), then read on if nothing more is held."""
-        if not self._active():
+        core = self.core
+        if not core.active():
             return
-        if self._relay.paused:
+        if self.relay.paused:
             try:
-                self._relay.resume()
+                self.relay.resume()
             except Exception as exc:
-                self._malformed(exc)
+                core.malformed(exc)
                 return
-        if self.state == OUTAGE and not self._relay.paused and not self._write_paused:
-            self._resume_reading()
+        if core.state == OUTAGE and not self.relay.paused and not core.write_paused:
+            core.resume_reading()
 
     def _leave_outage(self) -> None:
         responder = self._outage
         self._outage = None
         if responder is not None:
             self._adopt_statements(responder)
-        self._to(IDLE)
-        logs.event("session_spooling_ended", conn=self.id)
+        self.core.to(IDLE)
+        logs.event("session_spooling_ended", conn=self.core.id)
         # HOLD left the relay paused with the message in hand: get a server for it.
         asyncio.get_running_loop().call_soon(self._after_outage)
 
     def _after_outage(self) -> None:
-        if self._needs_server():
-            self._attach_soon()
+        if self.attach.needs_server():
+            self.attach.attach_soon()
 
     def _adopt_statements(self, responder: OutageResponder) -> None:
         """Statements the client prepared during the outage exist on no server: learn them so
         they are prepared wherever the session's next transaction runs."""
         for name, sql, types in responder.named_statements():
-            if self.router is None:
-                self._session_statements[name] = m.parse(name, sql, types)
-            elif name not in self.router.statements:
-                global_name = self.sidecar.statements.name_for(sql, types)
-                self.router.statements[name] = ClientStatement(global_name, m.parse(global_name, sql, types))
+            self.mode.learn_statement(name, m.parse(name, sql, types), replace=False)

@@ -2,7 +2,7 @@
 
 `ClientState` names them; the session stores the plain int (`ClientSession.state`) and compares it
 with the module constants below, which mypyc inlines: checking the state on the hot path is one
-integer compare. `ClientSession._to` is the only place that changes it, against `allowed`.
+integer compare. `SessionCore.to` is the only place that changes it, against `allowed`.
 (ARCHITECTURE.md, "Client session", has the table with what enters and leaves each state.)
 """
 

@@ -1,6 +1,12 @@
-"""Transaction mode's routing: a server per transaction (fast paths `_attach_query`,
-`_attach_prepared`, `_prepare_here`, `_attach_parsed`; parking), and the inspector that renames
-prepared statements (`statements.StatementRouter`) and refuses what cannot be transaction-pooled.
+"""Transaction mode's routing: a server per transaction (fast paths `attach_query`,
+`_attach_prepared`, `_prepare_here`, `_attach_parsed`), and the inspector that renames prepared
+statements (`statements.StatementRouter`) and refuses what cannot be transaction-pooled.
+
+Uses of the core: its state and transition, server, pool, gate, relay, settings and
+`note_effects`. Receives at construction: the `Attach` part (a fast path's server: the parked
+one via `unpark`, or the pool `pool_for_request` names) and the sidecar's statement registry.
+Offers, besides the `Mode` interface: `between_answers` and `attach_query` (for the dispatcher),
+and the session's `router` (its statements under their shared names).
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ from ..sqlclass import (
     has_more_statements,
     needs_transaction_check,
 )
-from ..statements import ClientStatement, Entry, Expect, LocalStatement
+from ..statements import ClientStatement, Entry, Expect, LocalStatement, StatementRegistry, StatementRouter
+from .attach import Attach
+from .core import SessionCore
+from .mode import Mode
 from .scan import (
     _BIND_DESCRIBE_EXECUTE,
     _BIND_EXECUTE,
@@ -35,6 +44,7 @@ from .scan import (
     _PARSE,
     _QUERY_ANSWER,
     _SYNC,
+    _TRANSACTION_WATCH,
     _cstring,
     _parse_query_offset,
     _plain_kind,
@@ -42,47 +52,55 @@ from .scan import (
     _request_kind,
     _unnamed_parse_end,
 )
-from .session_relay import SessionRelay
 from .states import (
-    IDLE,
     LINKED,
-    MAINTAINING,
     PARKED,
 )
 
 
-class TransactionRouting(SessionRelay):
-    def _between_answers(self, server: ServerConnection) -> bool:
+class TransactionRouting(Mode):
+    def __init__(self, core: SessionCore, attach: Attach, statements: StatementRegistry) -> None:
+        super().__init__(core.relay)
+        self.core = core
+        self.attach = attach
+        self.max_message = core.max_message
+        self.router = StatementRouter(statements)
+        self.forward()
+
+    def between_answers(self, server: ServerConnection) -> bool:
         """Transaction mode, linked: nothing in flight and the client's input at a clean boundary,
         so the next request may take the fast paths (on this server)."""
         tracker = server.tracker
-        return not tracker and not tracker.skipping and not self._relay.paused and self._relay.at_boundary
+        return not tracker and not tracker.skipping and not self.relay.paused and self.relay.at_boundary
 
-    def _attach_query(self, data: bytes) -> bool:
+    def attach_query(self, data: bytes) -> bool:
         """Transaction mode's most common request: one whole, plain Query (no session state, one
         statement) arriving between transactions, sent at once to an idle server that already has
-        the client's settings. What `_hold`, `_attach_now`, `_link` and the relay's inspection of
-        a Query do, without the hold, the scan or the statement's closer look; False (nothing
-        done) for anything else. Inside a transaction, with nothing in flight, the same requests
-        go to its server this way (`_between_answers`)."""
+        the client's settings. What `Attach.hold`, `Attach.attach_now`, `SessionCore.link` and the
+        relay's inspection of a Query do, without the hold, the scan or the statement's closer
+        look; False (nothing done) for anything else. Inside a transaction, with nothing in
+        flight, the same requests go to its server this way (`between_answers`)."""
         if data[0] == m.F_BIND:
             return self._attach_prepared(data)
         if data[0] == m.F_PARSE:
             # (Answering a Parse here says the transaction status is idle: not inside one.)
-            return (self.state != LINKED and self._prepare_here(data)) or self._attach_parsed(data)
-        if self._relay.whole(data) != m.F_QUERY:
+            return (self.core.state != LINKED and self._prepare_here(data)) or self._attach_parsed(data)
+        if self.relay.whole(data) != m.F_QUERY:
             return False
         kind = _plain_kind(data, 5)
         if kind < 0:
             # The COMMIT that ends an open transaction: nothing to check or rewrite either.
-            if self.state != LINKED or first_keyword(data, 5) not in _COMMITS or has_more_statements(data, 5):
+            if (
+                self.core.state != LINKED
+                or first_keyword(data, 5) not in _COMMITS
+                or has_more_statements(data, 5)
+            ):
                 return False
             kind = REQUEST_COMMIT
         server = self._server_now()
         if server is None:
             return False
         router = self.router
-        assert router is not None
         router.unnamed = None  # as `_transaction_query`: a simple Query replaces the unnamed statement
         server.unnamed_from = None
         self._send_fast(server, _QUERY_ANSWER, kind, data)
@@ -94,15 +112,14 @@ class TransactionRouting(SessionRelay):
         that has the statement prepared. The Bind goes out renamed, as `StatementRouter.on_bind`
         makes it; False (nothing done) for anything else."""
         router = self.router
-        assert router is not None
         n = len(data)
         if (
             n < 21
-            or n > self._max_message
+            or n > self.max_message
             or data[5] != 0
             or router.local
             or router.local_portals
-            or self._batch_kind is not None
+            or self.batch_kind is not None
         ):
             return False  # a named portal, or statements the sidecar answers itself
         # libpq (psycopg, pgbench) sends Describe of the portal too: 7 bytes; Execute 10; Sync 5.
@@ -111,7 +128,7 @@ class TransactionRouting(SessionRelay):
         described = data[n - 22 :] == _DESCRIBE_EXECUTE_SYNC
         bind_end = n - 22 if described else n - 15
         if (
-            self._relay.buffered
+            self.relay.buffered
             or length_at(data, 1) + 1 != bind_end
             or not (described or data[bind_end:] == _EXECUTE_SYNC)
         ):
@@ -145,12 +162,11 @@ class TransactionRouting(SessionRelay):
         server (pgbench, several clients per thread) would otherwise wait for one in vain. Errors
         the text could still raise come at its first Bind, on whichever server runs it."""
         router = self.router
-        pool = self.pool
-        assert router is not None
+        pool = self.attach.pool_for_request()
         n = len(data)
-        if pool is None or n < 14 or n > self._max_message or data[5] == 0 or not data.endswith(_SYNC):
+        if pool is None or n < 14 or n > self.max_message or data[5] == 0 or not data.endswith(_SYNC):
             return False
-        if self._relay.buffered or self._batch_kind is not None or 1 + length_at(data, 1) != n - 5:
+        if self.relay.buffered or self.batch_kind is not None or 1 + length_at(data, 1) != n - 5:
             return False
         sql_offset = data.find(b"\x00", 5, n - 5) + 1
         keyword = first_keyword(data, sql_offset)
@@ -168,7 +184,7 @@ class TransactionRouting(SessionRelay):
         router.statements[parse.name] = ClientStatement(
             global_name, m.parse(global_name, parse.query, parse.param_types)
         )
-        self._send(m.parse_complete() + m.ready_for_query(m.TX_IDLE))
+        self.core.send(m.parse_complete() + m.ready_for_query(m.TX_IDLE))
         return True
 
     def _attach_parsed(self, data: bytes) -> bool:
@@ -177,10 +193,9 @@ class TransactionRouting(SessionRelay):
         not, Execute (all rows), Sync, in one read. Sent as it came in to an idle server, with
         what `StatementRouter.on_parse` and friends note for it; False (nothing done) else."""
         router = self.router
-        assert router is not None
-        if router.local or router.local_portals or self._batch_kind is not None or self._relay.buffered:
+        if router.local or router.local_portals or self.batch_kind is not None or self.relay.buffered:
             return False
-        parse_end = _unnamed_parse_end(data, self._max_message)
+        parse_end = _unnamed_parse_end(data, self.max_message)
         if parse_end < 0:
             return False
         n = len(data)
@@ -221,53 +236,54 @@ class TransactionRouting(SessionRelay):
         """The server for a fast path's request, with the `prepared` statement if one is named, or
         None (nothing done: the general path). Inside a transaction: its own server. Between
         transactions, if the gate is open: the server kept from the last one, else an idle server
-        that already has the client's settings, linked (`_attach_now` for the fast paths)."""
-        if self.state == LINKED:  # inside a transaction: its own server (the caller checked it is free)
-            linked = self.server
+        that already has the client's settings, linked (`Attach.attach_now` for the fast paths)."""
+        core = self.core
+        if core.state == LINKED:  # inside a transaction: its own server (the caller checked it is free)
+            linked = core.server
             if linked is None or (prepared is not None and prepared not in linked.statements):
                 return None
             return linked
-        pool = self.pool
-        if pool is None or self._gate.closed:
+        pool = self.attach.pool_for_request()
+        if pool is None or core.gate.closed:
             return None
-        if self.state == PARKED:
-            kept = self.server
+        if core.state == PARKED:
+            kept = core.server
             assert kept is not None
             if kept.tracker.skipping or (prepared is not None and prepared not in kept.statements):
-                return None  # `_hold` runs it on this server through the general path
-            if self._unpark() is not None:
-                self._to(LINKED)
-                self._relay.resume()  # (as below)
+                return None  # `Attach.hold` runs it on this server through the general path
+            if self.attach.unpark() is not None:
+                core.to(LINKED)
+                self.relay.resume()  # (as below)
                 return kept
         server = pool.take_idle_now()
         if server is None:
             return None
         if (
-            server.applied != self.settings
+            server.applied != core.settings
             or server.tracker.skipping
             or (prepared is not None and prepared not in server.statements)
         ):
             pool.release(server, reset=False)  # the general path prepares it
             return None
-        self.server = server
-        self._to(LINKED)
-        server.link(self, tracked=True)
-        if server.params is not self.params_told:
-            self.tell_parameters(server.params)
-        self._relay.resume()  # nothing is held: this only ends the pause between transactions
+        core.server = server
+        core.to(LINKED)
+        server.link(core, tracked=True)
+        if server.params is not core.params_told:
+            core.tell_parameters(server.params)
+        self.relay.resume()  # nothing is held: this only ends the pause between transactions
         return server
 
-    def _inspect_transaction(self, type_byte: int, msg: memoryview) -> Action:
-        server = self.server
+    def inspect(self, type_byte: int, msg: memoryview) -> Action:
+        server = self.core.server
         router = self.router
-        assert server is not None and router is not None
+        assert server is not None
         tracker = server.tracker
         if type_byte == m.F_SYNC:
             tracker.sync_sent()
             tracker.expect(Expect.SYNC)
-            kind = self._batch_kind
+            kind = self.batch_kind
             server.in_flight.push(REQUEST_OTHER if kind is None else kind)
-            self._batch_kind = None
+            self.batch_kind = None
             return Action.FORWARD
         if type_byte == m.F_TERMINATE:
             return Action.DROP_PAUSE
@@ -276,7 +292,7 @@ class TransactionRouting(SessionRelay):
             # would do (a SET, a refused statement) happens.
             return Action.FORWARD
         if type_byte == m.F_BIND:
-            action, owed = router.on_bind(msg, server, self._relay)
+            action, owed = router.on_bind(msg, server, self.relay)
             self._owe(owed)
             return action
         if type_byte == m.F_EXECUTE:
@@ -286,24 +302,24 @@ class TransactionRouting(SessionRelay):
         if type_byte == m.F_PARSE:
             offset = _parse_query_offset(msg)
             keyword = first_keyword(msg, offset)
-            self._batch_kind = merge_kinds(self._batch_kind, _request_kind(keyword, msg, offset))
+            self.batch_kind = merge_kinds(self.batch_kind, _request_kind(keyword, msg, offset))
             refused = self._check_poolable(msg, offset, keyword)
             if refused is not None:
                 # Let the server itself fail where this Parse would have answered: an unnamed
                 # statement that raises, run at once (its ParseComplete and BindComplete hidden).
                 # The transaction aborts as PostgreSQL would make it, and the server skips the
                 # client's own Bind/Execute until Sync.
-                self._relay.insert(m.parse("", _raise_sql(refused)) + m.bind() + m.execute())
+                self.relay.insert(m.parse("", _raise_sql(refused)) + m.bind() + m.execute())
                 tracker.expect(Expect.PARSE_HIDDEN)
                 tracker.expect(Expect.BIND_HIDDEN)
                 tracker.expect(Expect.EXECUTE)
                 return Action.DROP
             local = self._local_statement(msg, offset, server)
-            action, owed = router.on_parse(msg, server, self._relay, local)
+            action, owed = router.on_parse(msg, server, self.relay, local)
             self._owe(owed)
             return action
         if type_byte == m.F_DESCRIBE:
-            action, owed = router.on_describe(msg, server, self._relay)
+            action, owed = router.on_describe(msg, server, self.relay)
             self._owe(owed)
             return action
         if type_byte == m.F_CLOSE:
@@ -324,11 +340,10 @@ class TransactionRouting(SessionRelay):
         refused = self._check_poolable(msg, 5, keyword)
         if refused is not None:
             # Let the server raise it, so the transaction state is exactly what PostgreSQL makes it.
-            self._relay.insert(m.query(_raise_sql(refused)))
+            self.relay.insert(m.query(_raise_sql(refused)))
             tracker.expect(Expect.QUERY)
             return Action.DROP
         router = self.router
-        assert router is not None
         # A simple Query replaces the session's unnamed statement.
         router.unnamed = None
         server.unnamed_from = None
@@ -339,7 +354,7 @@ class TransactionRouting(SessionRelay):
             self._owe(
                 tracker.expect(Expect.SYNTHETIC, data=router.run_local(local), tx_status=server.tx_status)
             )
-            self._relay.insert(m.sync())
+            self.relay.insert(m.sync())
             tracker.expect(Expect.SYNC)
             return Action.DROP
         # DISCARD ALL succeeds only outside a transaction block; there it drops the client's
@@ -357,7 +372,7 @@ class TransactionRouting(SessionRelay):
         shared on the servers under other names). An unknown name, or a failed transaction, goes
         to the server, which answers exactly as PostgreSQL does (26000, 25P02)."""
         router = self.router
-        if router is None or first_keyword(msg, offset) != b"deallocate" or server.tx_status == m.TX_FAILED:
+        if first_keyword(msg, offset) != b"deallocate" or server.tx_status == m.TX_FAILED:
             return None
         effects = classify(_cstring(msg, offset))
         if not effects.single_statement or effects.deallocate is Deallocate.NONE:
@@ -375,35 +390,39 @@ class TransactionRouting(SessionRelay):
         if not needs_transaction_check(keyword, msg, sql_offset):
             return None
         effects = classify(_cstring(msg, sql_offset))
-        self._note_effects(effects)
+        self.core.note_effects(effects)
         if effects.not_poolable is None:
             return None
         return f"not supported with pool.mode transaction: {effects.not_poolable}"
 
     def _owe(self, data: bytes) -> None:
-        if data and self.transport is not None:
-            self.transport.write(data)
+        if data and self.core.transport is not None:
+            self.core.transport.write(data)
 
-    def quiet_point(self) -> None:
-        """The server finished everything asked of it: maintain, and in transaction mode release it."""
-        server = self.server
-        if server is None:
+    # ---------------------------------------------------------------- Mode: statements
+
+    def watch(self) -> bytes:
+        return _TRANSACTION_WATCH
+
+    def known_statements(self) -> dict[str, bytes]:
+        known = {}
+        for name, stmt in self.router.statements.items():
+            parse = m.decode_parse(stmt.parse_message[5:])
+            known[name] = m.parse(name, parse.query, parse.param_types)
+        return known
+
+    def learn_statement(self, name: str, parse: bytes, replace: bool) -> None:
+        router = self.router
+        if not replace and name in router.statements:
             return
-        maintenance = self._settings_dirty or self._reset_all or bool(self._reset_names) or self._discarded
-        pool = self.pool
-        parks = not maintenance and self.transaction_mode
-        if parks and pool is not None and server.keep_linked() and pool.park(server, self):
-            # Nobody waits for a server: keep this one for the next transaction, which then
-            # starts without a checkout. Still linked, so whatever the server says meanwhile
-            # (a FATAL goodbye) reaches this session.
-            self._to(PARKED)
-            self._relay.hold()
-            if self._relay.buffered:
-                self._serve_held()  # input that came with the last answer: the next transaction
-            return
-        if maintenance:
-            self._unlink(MAINTAINING)
-            self._start(self._maintain(server))
-        else:
-            self._unlink(IDLE)
-            self._release_transaction_server()
+        if replace:
+            router.local.pop(name, None)
+        decoded = m.decode_parse(parse[5:])
+        global_name = router.registry.name_for(decoded.query, decoded.param_types)
+        router.statements[name] = ClientStatement(
+            global_name, m.parse(global_name, decoded.query, decoded.param_types)
+        )
+
+    def forget_statement(self, name: str) -> None:
+        self.router.statements.pop(name, None)
+        self.router.local.pop(name, None)

@@ -55,12 +55,49 @@ def test_illegal_transition_raises() -> None:
         client, _ = new_client(FakeHost())
         assert client.state == S.LOGGING_IN and client.metric_state == "login"
         with pytest.raises(IllegalTransition, match="logging_in -> parked"):
-            client._to(S.PARKED)
+            client.to(S.PARKED)
         assert client.state == S.LOGGING_IN
         client.close("test")
         assert client.state == S.CLOSED
         with pytest.raises(IllegalTransition):
-            client._to(S.IDLE)
+            client.to(S.IDLE)
+
+    asyncio.run(run())
+
+
+def test_each_session_builds_the_parts_its_configuration_needs() -> None:
+    async def run() -> None:
+        session, _ = new_client(FakeHost("session"))
+        assert session.session_relay is not None and session.routing is None
+        assert session.mode is session.session_relay
+        assert session.outage is None  # no spool configured
+        transaction, _ = new_client(FakeHost("transaction"))
+        assert transaction.routing is not None and transaction.session_relay is None
+        assert transaction.mode is transaction.routing
+        # Every part works on the one session object, and the parts given to others are shared.
+        for client in (session, transaction):
+            assert client.attach.core is client and client.carryover.core is client
+            assert client.login.core is client
+            assert client.carryover.attach is client.attach and client.carryover.mode is client.mode
+            assert client.login.attach is client.attach
+        assert transaction.routing.core is transaction and transaction.routing.attach is transaction.attach
+        assert session.session_relay.core is session
+        session.close("test")
+        transaction.close("test")
+
+    asyncio.run(run())
+
+
+def test_a_parked_server_is_given_back_through_the_attach_part() -> None:
+    """The pool's `Parker` is the session's `Attach`, which gives the server back."""
+
+    async def run() -> None:
+        client, _, host = await logged_in("transaction")
+        client.data_received(query("SELECT 1"))
+        server = client.server
+        assert server is not None
+        server.data_received(answer("SELECT 1"))
+        assert client.state == S.PARKED and host.pool.parked == {server: client.attach}
 
     asyncio.run(run())
 
@@ -141,7 +178,7 @@ def test_transaction_mode_query_parks_then_reuses() -> None:
         assert client.state == S.LINKED and client.server is server
         server.data_received(answer("SELECT 1"))
         assert client.state == S.PARKED
-        client.give_back(server)  # another client needs it
+        client.attach.give_back(server)  # another client needs it
         assert client.state == S.IDLE and client.server is None
 
     asyncio.run(run())

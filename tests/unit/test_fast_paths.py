@@ -1,6 +1,6 @@
 """Differential test: the fast paths against the general path.
 
-The fast paths (`ClientSession._session_fast`, `_attach_query`, `_attach_prepared`,
+The fast paths (`SessionRelay.fast`, `TransactionRouting.attach_query`, `_attach_prepared`,
 `_prepare_here`, `_attach_parsed`, and the one in `ServerConnection.data_received`) act only when
 one read is exactly a whole request, or a whole answer ending in ReadyForQuery. Delivered one byte
 at a time, the same bytes can never take them: every read is part of a message, so each goes
@@ -121,14 +121,15 @@ def _feed(receiver: Any, data: bytes, whole: bool) -> None:
 
 
 def _state(client: ClientSession, host: FakeHost, servers: list[ServerConnection]) -> tuple[Any, ...]:
-    router = client.router
+    routing = client.routing
+    relay = client.session_relay
     return (
         client.state,
         client.metric_state,
         client.settings,
-        sorted(client._session_statements),
-        sorted(router.statements) if router is not None else None,
-        client._batch_kind,
+        sorted(relay.session_statements) if relay is not None else [],
+        sorted(routing.router.statements) if routing is not None else None,
+        client.mode.batch_kind,
         len(host.pool.idle),
         [(s.outstanding, s.tx_status, len(s.in_flight), bool(s.tracker), len(s.statements)) for s in servers],
     )
@@ -199,17 +200,21 @@ def test_a_single_byte_never_takes_a_fast_path() -> None:
         await settle()
         server = client.server
         assert server is not None
+        relay = client.session_relay
+        assert relay is not None
         for data in REQUESTS.values():
             for byte in data:
-                assert not client._session_fast(server, bytes([byte]))
-        assert client._session_fast(server, REQUESTS["select"])
+                assert not relay.fast(server, bytes([byte]))
+        assert relay.fast(server, REQUESTS["select"])
         host = FakeHost("transaction", FakePool(1))
         client, _ = new_client(host)
         client.data_received(m.startup_message({"user": "app", "database": "db"}))
         await settle()
+        routing = client.routing
+        assert routing is not None
         for data in REQUESTS.values():
             for byte in data:
-                assert not client._attach_query(bytes([byte]))
-        assert client._attach_query(REQUESTS["select"])
+                assert not routing.attach_query(bytes([byte]))
+        assert routing.attach_query(REQUESTS["select"])
 
     asyncio.run(run())
