@@ -69,8 +69,9 @@ class Carryover:
 
     def server_lost(self, server: ServerConnection, reason: str) -> None:
         """The linked server connection closed (crash, shutdown, network)."""
-        if server is self.core.server:
+        if server is self.core.server and not self.attach.on_replica():
             # Before the session moves on: its next transaction waits for the writer's confirmation.
+            # (A replica's server lost says nothing about the writer.)
             self._writer_connection_lost(server.endpoint, reason)
         self._server_gone(server, reason)
 
@@ -104,7 +105,7 @@ class Carryover:
         if core.pool is not None:
             core.pool.forget(server)
         server.close(reason)
-        self._topology.report_failure(server.endpoint, reason)
+        self.attach.report_lost(server, reason)
         logs.event(
             "session_cut",
             logs.WARNING,
