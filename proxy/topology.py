@@ -606,9 +606,7 @@ class TopologyMonitor:
                 self._writer_seen_at = started
             if writer.insert_lsn is not None:
                 self._mark_lsns.append((seq, writer.insert_lsn))
-        candidates = [
-            n for n in nodes if not n.writer and (writer is None or n.endpoint != writer.endpoint)
-        ]
+        candidates = [n for n in nodes if not n.writer and (writer is None or n.endpoint != writer.endpoint)]
         reachable = [n for n in candidates if n.reachable]
         newest_lsn = max((n.lsn for n in reachable if n.lsn is not None), default=None)
         newest_age = min((n.replay_age for n in reachable if n.replay_age is not None), default=None)

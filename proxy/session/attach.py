@@ -84,9 +84,10 @@ class Attach:
         self._configured_read_only = -1  # routing.read_only_users/databases: 1/0, -1 not looked at yet
         # Read-your-writes (`balance`): the `TopologyMonitor.commit_mark` taken after the client's
         # last transaction on the writer that may have written (-1: none), and whether the request
-        # being attached was classified read-only (then its transaction wrote nothing).
+        # being attached was classified read-only (then its transaction wrote nothing; at first
+        # True: a login writes nothing).
         self.mark = -1
-        self.read_only_now = False
+        self.read_only_now = True
 
     def pool_for_request(self, data: bytes | None = None) -> Pool | None:
         """The pool the client's next request gets its server from: the writer's, unless read
@@ -180,7 +181,8 @@ class Attach:
         if self.reads == READS_BALANCE and current is core.writer_pool and not self.read_only_now:
             self.mark = self._topology.commit_mark()
         pool = self.pool_for_request(data)
-        if pool is None or pool is current or core.mode.unmovable() is not None or core.mode.batch_kind is not None:
+        mode = core.mode
+        if pool is None or pool is current or mode.unmovable() is not None or mode.batch_kind is not None:
             if core.gate.closed and current is core.writer_pool:
                 self.hold_at_gate(data)
                 return True

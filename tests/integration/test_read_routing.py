@@ -55,7 +55,9 @@ def _demo_read(engine: sa.Engine, table: str) -> tuple[int, bool, int]:
     """The demo Cafe's list page: BEGIN READ ONLY, two SELECTs (prepared by psycopg after five
     runs), ROLLBACK; the pool's pre-ping SELECT 1 before it."""
     with engine.connect().execution_options(postgresql_readonly=True) as conn:
-        count = conn.execute(sa.text(f"SELECT count(*) FROM {table} WHERE client = :c"), {"c": "seed"}).scalar()
+        count = conn.execute(
+            sa.text(f"SELECT count(*) FROM {table} WHERE client = :c"), {"c": "seed"}
+        ).scalar()
         row = conn.execute(sa.text("SELECT pg_is_in_recovery(), inet_server_port()")).one()
         conn.rollback()
     return int(count or 0), bool(row[0]), int(row[1])
@@ -112,13 +114,19 @@ def test_reads_go_to_a_standby_while_there_is_no_writer(
 
         # Writes are held as before (no spool: refused with FATAL 57P03 once the hold is over),
         # nothing applied; reads go on from a new connection.
-        assert _sqlstate(lambda: before.execute(f"INSERT INTO {table} (id, client) VALUES ('w', 'w')")) == "57P03"
+        assert (
+            _sqlstate(lambda: before.execute(f"INSERT INTO {table} (id, client) VALUES ('w', 'w')"))
+            == "57P03"
+        )
         with connect(sidecar) as again:
             assert _where(again, table) == (3, True, topo.a2.port)
         # A write in a READ ONLY transaction: the standby's own refusal, relayed.
         with connect(sidecar, autocommit=False) as ro:
             ro.read_only = True
-            assert _sqlstate(lambda: ro.execute(f"INSERT INTO {table} (id, client) VALUES ('x', 'x')")) == "25006"
+            assert (
+                _sqlstate(lambda: ro.execute(f"INSERT INTO {table} (id, client) VALUES ('x', 'x')"))
+                == "25006"
+            )
             ro.rollback()
             assert _where(ro, table) == (3, True, topo.a2.port)
         assert _demo_read(engine, table) == (3, True, topo.a2.port)
@@ -186,9 +194,7 @@ def test_balance_staleness_bound_and_read_your_writes(
 
         # Read-your-writes: replay paused on b1 too, the bound lifted so both still qualify.
         topo.b1.execute("SELECT pg_wal_replay_pause()")
-        sidecar.write_config(
-            {**sidecar.config, "routing": {"reads": "balance", "max_replica_lag": "1h"}}
-        )
+        sidecar.write_config({**sidecar.config, "routing": {"reads": "balance", "max_replica_lag": "1h"}})
         sidecar.send_signal(1)  # SIGHUP: reload
         sidecar.wait_for_log("event=config_reloaded", timeout=10)
         deadline = time.monotonic() + 15
