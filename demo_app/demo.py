@@ -81,6 +81,7 @@ STALE_BOUND = MAX_REPLICA_LAG + 4 * CHECK_INTERVAL
 PHASES = ("warm-up", "in-region failover", "region A down, B not promoted", "region failover",
           "full outage", "recovery")  # fmt: skip
 STANDBY_PHASE = PHASES[2]
+PHASE_WIDTH = max(len(p) for p in PHASES)
 
 
 _say_lock = threading.Lock()
@@ -415,7 +416,7 @@ class Drill:
         if failures:
             say("failed orders (the app showed an error page; not acknowledged, so not promised):")
             for o in failures[:8]:
-                say(f"  {o.phase:<20} {(o.error or '')[:200]}")
+                say(f"  {o.phase:<{PHASE_WIDTH}} {(o.error or '')[:200]}")
             if len(failures) > 8:
                 say(f"  ... and {len(failures) - 8} more")
         failed_reads = [r for r in reads if r.done and not r.ok]
@@ -424,7 +425,7 @@ class Drill:
             for phase in PHASES:
                 mine = [r for r in failed_reads if r.phase == phase]
                 if mine:
-                    say(f"  {phase:<20} {len(mine)}x, e.g. {(mine[0].error or '')[:160]}")
+                    say(f"  {phase:<{PHASE_WIDTH}} {len(mine)}x, e.g. {(mine[0].error or '')[:160]}")
         stale = [r for r in reads if r.ok and r.stale is not None]
         for r in stale[:8]:
             missing = r.stale
