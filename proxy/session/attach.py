@@ -221,6 +221,14 @@ class Attach:
         self.hold(data)
         self.start(self._resume_after_gate())
 
+    def stop_gate_wait(self) -> None:
+        """The server of a GATED session was cut: it no longer waits for the gate to link it again
+        (its held input is attached like any other: read routing may serve it now)."""
+        task = self.core.task
+        if task is not None and not task.done():
+            self.core.task = None
+            task.cancel()
+
     async def _resume_after_gate(self) -> None:
         await self._pass_gate()
         core = self.core

@@ -38,6 +38,7 @@ from .core import SessionCore
 from .mode import Mode
 from .states import (
     ABORTED,
+    GATED,
     IDLE,
 )
 
@@ -98,8 +99,11 @@ class Carryover:
         broken = server.mid_response
         core.server = None
         active = core.active()
+        gated = core.state == GATED
         if active and core.state != IDLE:
             core.to(IDLE)
+        if gated:
+            self.attach.stop_gate_wait()  # its input gets a server as any held input now
         self.relay.hold()
         server.unlink()
         if core.pool is not None:

@@ -177,7 +177,8 @@ class OutageSession:
         qualifies, the session leaves the outage and it runs there; else the responder answers it
         as before (`_replica_checked` lets it through)."""
         core = self.core
-        if core.state != OUTAGE or self._outage is not responder or core.task is not None:
+        # (The step that entered the outage may still be finishing: `core.task` is not looked at.)
+        if core.state != OUTAGE or self._outage is not responder:
             return
         pool = self.attach.pool_for_request()
         if pool is not None and pool.replica is not None:
