@@ -183,7 +183,8 @@ class Attach:
         pool = self.pool_for_request(data)
         mode = core.mode
         if pool is None or pool is current or mode.unmovable() is not None or mode.batch_kind is not None:
-            if core.gate.closed and current is core.writer_pool:
+            if core.gate.closed and (current is core.writer_pool or self._topology.writer is not None):
+                # (On a replica too while a writer is known: an operator's PAUSE holds everything.)
                 self.hold_at_gate(data)
                 return True
             return False

@@ -64,9 +64,13 @@ def _demo_read(engine: sa.Engine, table: str) -> tuple[int, bool, int]:
 
 
 def _sidecar(factory: Any, topo: pg.Topology, mode: str, **routing: Any) -> SidecarProcess:
-    config: dict[str, Any] = {"pool": {"mode": mode}, "failover": {"hold_timeout": "2s"}}
-    if routing:
-        config["routing"] = routing
+    """(The harness's default is `routing.reads: writer`; here `failover`, the product's default,
+    unless the test says otherwise.)"""
+    config: dict[str, Any] = {
+        "pool": {"mode": mode},
+        "failover": {"hold_timeout": "2s"},
+        "routing": {"reads": "failover", **routing},
+    }
     return factory(config, topology=topo)  # type: ignore[no-any-return]
 
 
