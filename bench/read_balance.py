@@ -15,9 +15,9 @@ the TPS of both, their ratio (median of the rounds), and the shares.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -30,6 +30,7 @@ from bench.pgbench_compare import (
     CASES,
     CLEANUP,
     MAX_CLIENTS,
+    MAX_CONNECTIONS,
     PASSWORD,
     USER,
     Mode,
@@ -39,7 +40,7 @@ from bench.pgbench_compare import (
     say,
     wait_query_ok,
 )
-from demo_app.cluster import APP_DB, PgNode, make_standby
+from demo_app.cluster import APP_DB, PgNode, make_pg_dir, make_standby
 
 POOL_SIZE = 10
 
@@ -105,12 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="session,transaction")
     args = parser.parse_args(argv)
     exit_on_sigterm()
-    base = Path(tempfile.mkdtemp(prefix="pgsidecar-readbench-"))
+    base = make_pg_dir(prefix="pgsidecar-readbench-")
+    CLEANUP.push("temp dir", lambda: shutil.rmtree(base, ignore_errors=True))
     try:
         primary = build_database(base)
         say("two streaming replicas (pg_basebackup) ...")
-        replicas = [make_standby(primary, base, name, sync=False) for name in ("r1", "r2")]
+        replicas = [make_standby(primary, base, name, sync=False, start=False) for name in ("r1", "r2")]
         for replica in replicas:
+            # (A standby needs at least the primary's max_connections.)
+            replica.set_config({"max_connections": MAX_CONNECTIONS, "shared_buffers": "256MB"}, reload=False)
+            replica.start()
             CLEANUP.push("PostgreSQL", partial(replica.stop, mode="immediate"))
         primary.wait_caught_up(replicas)
         nodes = [primary, *replicas]

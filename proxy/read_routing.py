@@ -11,6 +11,7 @@ Not on the data path: the session calls these only for the work it considers sen
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from typing import Final
@@ -318,7 +319,17 @@ _FLUSH: Final = 0x48  # H
 _PASSIVE: Final = frozenset({0x44, 0x45, 0x48, 0x43})  # Describe, Execute, Flush, Close
 
 
+# The common read decided without parsing: one SELECT of names, literals, parameters and the
+# arithmetic and comparison operators (no parenthesis, so no function call or subquery; no
+# semicolon but a final one), without FOR (locking clauses) or INTO. Anything else is parsed.
+# Texts with literals (`WHERE aid = 123`) differ per execution, so the cache would not help them.
+_QUICK_READ: Final = re.compile(r"\s*select\s[\w\s,.*=<>!'\"$:+\-/%]*;?\s*", re.IGNORECASE | re.ASCII)
+_LOCKING_OR_INTO: Final = re.compile(r"\b(?:for|into)\b", re.IGNORECASE | re.ASCII)
+
+
 def _reads(sql: str) -> bool:
+    if _QUICK_READ.fullmatch(sql) is not None and _LOCKING_OR_INTO.search(sql) is None:
+        return True
     return is_plain_read(sql) or starts_read_only_transaction(sql)
 
 

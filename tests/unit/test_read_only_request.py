@@ -43,3 +43,14 @@ def test_extended_batches() -> None:
     )
     assert not ro(m.parse("x", "SELECT 1") + m.message(b"H", b"") + m.bind("", "x"))
     assert not ro(b"")
+
+
+def test_common_reads_are_decided_without_parsing_and_the_rest_parsed() -> None:
+    # (Both ways give the same verdicts; the quick one only spares pglast the common texts.)
+    assert ro(m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 12345;"))
+    assert ro(m.query("select a, b from t where c = 'for' and d <> $1"))
+    assert not ro(m.query("SELECT * FROM t FOR UPDATE"))
+    assert not ro(m.query("SELECT * FROM t FOR NO KEY UPDATE"))
+    assert not ro(m.query("SELECT 1 INTO t"))
+    assert not ro(m.query("SELECT nextval('s')"))
+    assert not ro(m.query("SELECT 1; DELETE FROM t"))
