@@ -33,6 +33,16 @@ def _where(conn: psycopg.Connection[Any], table: str) -> tuple[int, bool, int]:
     return int(row[0]), bool(row[1]), int(row[2])
 
 
+def _server_roles(sidecar: SidecarProcess) -> dict[str, str | None]:
+    """SHOW CLIENTS: each client's application_name -> where its server is (writer, replica)."""
+    with psycopg.connect(sidecar.dsn(USER, dbname="pgsidecar"), autocommit=True) as admin:
+        cur = admin.execute("SHOW CLIENTS")
+        assert cur.description is not None
+        names = [d.name for d in cur.description]
+        rows = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+    return {str(r["application_name"]): r["server_role"] for r in rows}
+
+
 def _sqlstate(call: Any) -> str | None:
     try:
         call()
@@ -67,6 +77,7 @@ def _sidecar(factory: Any, topo: pg.Topology, mode: str, **routing: Any) -> Side
     """(The harness's default is `routing.reads: writer`; here `failover`, the product's default,
     unless the test says otherwise.)"""
     config: dict[str, Any] = {
+        "admin_users": [USER],
         "pool": {"mode": mode},
         "failover": {"hold_timeout": "2s"},
         "routing": {"reads": "failover", **routing},
@@ -100,6 +111,8 @@ def test_reads_go_to_a_standby_while_there_is_no_writer(
     sidecar = _sidecar(sidecar_factory, topo, mode)
     before = connect(sidecar)
     assert _where(before, table) == (3, False, topo.a1.port)
+    if mode == "session":
+        assert _server_roles(sidecar)["failover-test"] == "writer"
     engine = sa.create_engine(sqlalchemy_url(sidecar.host, sidecar.port), pool_pre_ping=True, pool_size=2)
     try:
         for _ in range(6):  # psycopg prepares the statements from the fifth run on
@@ -110,6 +123,8 @@ def test_reads_go_to_a_standby_while_there_is_no_writer(
         wait_state(sidecar, "failing_over", down)
 
         assert _where(before, table) == (3, True, topo.a2.port)
+        if mode == "session":  # (transaction mode: no server between transactions)
+            assert _server_roles(sidecar)["failover-test"] == "replica"
         with connect(sidecar) as fresh:
             assert _where(fresh, table) == (3, True, topo.a2.port)
         assert asyncio.run(_asyncpg_read(sidecar, table)) == (3, True, topo.a2.port)
