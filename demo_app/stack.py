@@ -271,8 +271,11 @@ def sidecar_config(
     dynamodb_endpoint: str | None = None,
     hold_timeout: str = "5s",
     check_interval: str = "250ms",
+    max_replica_lag: str = "5s",
 ) -> dict[str, Any]:
-    """The demo's sidecar.yaml. Region A lists the standby first: the sidecar has to find the writer."""
+    """The demo's sidecar.yaml. Region A lists the standby first: the sidecar has to find the writer.
+    Routing is spelled out (these are the defaults) so a reader of the file sees where reads go:
+    to the writer, and to a standby within `max_replica_lag` only while there is no writer."""
     spool_cfg: dict[str, Any] = {"backend": spool}
     if spool == "sqlite":
         spool_cfg["path"] = str(workdir / "spool.db")
@@ -297,6 +300,7 @@ def sidecar_config(
             ],
         },
         "failover": {"check_interval": check_interval, "hold_timeout": hold_timeout},
+        "routing": {"reads": "failover", "max_replica_lag": max_replica_lag},
         "spool": spool_cfg,
     }
 
@@ -356,6 +360,7 @@ class DemoStack:
         hold_timeout: str = "5s",
         say: Any = print,
         log_dir: Path | None = None,
+        max_replica_lag: str = "5s",
     ) -> None:
         """`log_dir`: where the sidecar's and the DynamoDB endpoint's logs go, left in place by
         `close()` (default: the work directory, removed with it)."""
@@ -363,6 +368,7 @@ class DemoStack:
         self.say = say
         self.cafe_port = cafe_port
         self.hold_timeout = hold_timeout
+        self.max_replica_lag = max_replica_lag
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="pgsidecar-demo-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -399,7 +405,8 @@ class DemoStack:
             self.dynamodb = LocalDynamoDB(self.log_dir / "dynamodb.log")
             endpoint = self.dynamodb.endpoint_url
             env.update(FAKE_AWS_ENV)
-        config = sidecar_config(topo, self.workdir, self.spool, endpoint, hold_timeout=self.hold_timeout)
+        config = sidecar_config(topo, self.workdir, self.spool, endpoint, hold_timeout=self.hold_timeout,
+                                max_replica_lag=self.max_replica_lag)  # fmt: skip
         self.sidecar = SidecarProcess(config, self.workdir, env, log_dir=self.log_dir)
         self.sidecar.start()
         self.sidecar.wait_ready()

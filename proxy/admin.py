@@ -96,6 +96,9 @@ class ClientRow(Protocol):
     @property
     def startup_params(self) -> Mapping[str, str]: ...
 
+    @property
+    def pool(self) -> Pool | None: ...
+
 
 class ReloadResult(Protocol):
     @property
@@ -374,15 +377,19 @@ async def _show_pools(console: AdminConsole) -> Result:
 
 
 async def _show_clients(console: AdminConsole) -> Result:
-    columns = ("id", "user", "database", "state", "peer", "server", "connected_s", "application_name")
+    columns = ("id", "user", "database", "state", "peer", "server", "connected_s", "application_name",
+               "server_role")  # fmt: skip
     now = time.monotonic()
     rows = []
     for client in sorted(console.sidecar.clients, key=lambda c: c.connected_at):
         server = client.server
         app = client.settings.get("application_name", client.startup_params.get("application_name"))
+        # Where the client's server is (read routing): the writer's pool or a replica's.
+        pool = client.pool
+        role = None if server is None or pool is None else "writer" if pool.replica is None else "replica"
         rows.append(
             (client.id, client.user or None, client.database or None, client.metric_state, client.peer,
-             server.id if server is not None else None, round(now - client.connected_at, 1), app)
+             server.id if server is not None else None, round(now - client.connected_at, 1), app, role)
         )  # fmt: skip
     return Result("SHOW", columns, rows)
 

@@ -52,7 +52,14 @@ from .session.transaction_routing import TransactionRouting
 class ClientSession(SessionCore):
     def __init__(self, host: SessionHost[ClientSession], admin: AdminFactory[ClientSession]) -> None:
         super().__init__(host)
-        self.attach = Attach(self, host.pass_gate, host.topology, self._enter_outage)
+        self.attach = Attach(
+            self,
+            host.pass_gate,
+            host.topology,
+            self._enter_outage,
+            host.replica_pool_for,
+            host.config.routing,
+        )
         # The pool mode: exactly one of the two is built.
         self.session_relay: SessionRelay | None = None
         self.routing: TransactionRouting | None = None
@@ -94,9 +101,13 @@ class ClientSession(SessionCore):
         if state == LINKED:
             server = self.server
             session_relay = self.session_relay
-            if self.gate.closed and session_relay is not None and session_relay.between_transactions():
-                self.attach.hold_at_gate(data)
-                return
+            if (
+                (self.gate.closed or self.reroute)
+                and session_relay is not None
+                and session_relay.between_transactions()
+                and self.attach.next_transaction(data)
+            ):
+                return  # held at the gate, or moved to another server (read routing)
             if server is not None:
                 if session_relay is not None:
                     if session_relay.fast(server, data):

@@ -11,7 +11,8 @@ Not on the data path: the session calls these only for the work it considers sen
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from typing import Final
 
@@ -308,3 +309,82 @@ def default_transaction_read_only(startup: dict[str, str] | None = None, setting
         if name.strip().lower().replace("-", "_") == "default_transaction_read_only":
             found = parse_bool_setting(value)
     return found is True
+
+
+_QUERY: Final = 0x51  # Q
+_PARSE: Final = 0x50  # P
+_BIND: Final = 0x42  # B
+_SYNC: Final = 0x53  # S
+_FLUSH: Final = 0x48  # H
+_PASSIVE: Final = frozenset({0x44, 0x45, 0x48, 0x43})  # Describe, Execute, Flush, Close
+
+
+# The common read decided without parsing: one SELECT of names, literals, parameters and the
+# arithmetic and comparison operators (no parenthesis, so no function call or subquery; no
+# semicolon but a final one), without FOR (locking clauses) or INTO. Anything else is parsed.
+# Texts with literals (`WHERE aid = 123`) differ per execution, so the cache would not help them.
+_QUICK_READ: Final = re.compile(r"\s*select\s[\w\s,.*=<>!'\"$:+\-/%]*;?\s*", re.IGNORECASE | re.ASCII)
+_LOCKING_OR_INTO: Final = re.compile(r"\b(?:for|into)\b", re.IGNORECASE | re.ASCII)
+
+
+def _reads(sql: str) -> bool:
+    if _QUICK_READ.fullmatch(sql) is not None and _LOCKING_OR_INTO.search(sql) is None:
+        return True
+    return is_plain_read(sql) or starts_read_only_transaction(sql)
+
+
+def _cstring_at(buf: bytes, start: int, end: int) -> tuple[str, int] | None:
+    stop = buf.find(b"\x00", start, end)
+    if stop < 0:
+        return None
+    return buf[start:stop].decode("utf-8", "replace"), stop + 1
+
+
+def read_only_request(buf: bytes, statement_text: Callable[[str], str | None]) -> bool:
+    """Whether the client's next request, the whole messages at the start of `buf`, is read-only
+    work: a simple Query that is a plain read or starts a READ ONLY transaction, or an
+    extended-protocol batch up to its Sync in which every statement parsed or bound is one
+    (`statement_text`: the text of a statement the client prepared earlier, by name). A batch not
+    yet ended by Sync (or a Flush that ends `buf`), or any other message, is not: the rest could
+    be a write."""
+    n = len(buf)
+    pos = 0
+    parsed: dict[str, bool] = {}
+    found = False
+    while pos + 5 <= n:
+        type_byte = buf[pos]
+        end = pos + 1 + int.from_bytes(buf[pos + 1 : pos + 5], "big")
+        if end > n or end < pos + 5:
+            return False
+        if type_byte == _QUERY:
+            if pos != 0:
+                return False
+            text = _cstring_at(buf, pos + 5, end)
+            return text is not None and _reads(text[0])
+        if type_byte == _PARSE:
+            name = _cstring_at(buf, pos + 5, end)
+            if name is None:
+                return False
+            sql = _cstring_at(buf, name[1], end)
+            if sql is None or not _reads(sql[0]):
+                return False
+            parsed[name[0]] = True
+        elif type_byte == _BIND:
+            portal = _cstring_at(buf, pos + 5, end)
+            stmt = _cstring_at(buf, portal[1], end) if portal is not None else None
+            if stmt is None:
+                return False
+            if stmt[0] not in parsed:
+                if not stmt[0]:
+                    return False  # the unnamed statement of an earlier request
+                known = statement_text(stmt[0])
+                if known is None or not _reads(known):
+                    return False
+            found = True
+        elif type_byte == _SYNC or (type_byte == _FLUSH and end == n):
+            # (A Flush ending what was sent: asyncpg prepares with Parse, Describe, Flush.)
+            return found or bool(parsed)
+        elif type_byte not in _PASSIVE:
+            return False
+        pos = end
+    return False

@@ -606,9 +606,7 @@ class TopologyMonitor:
                 self._writer_seen_at = started
             if writer.insert_lsn is not None:
                 self._mark_lsns.append((seq, writer.insert_lsn))
-        candidates = [
-            n for n in nodes if not n.writer and (writer is None or n.endpoint != writer.endpoint)
-        ]
+        candidates = [n for n in nodes if not n.writer and (writer is None or n.endpoint != writer.endpoint)]
         reachable = [n for n in candidates if n.reachable]
         newest_lsn = max((n.lsn for n in reachable if n.lsn is not None), default=None)
         newest_age = min((n.replay_age for n in reachable if n.replay_age is not None), default=None)
@@ -708,14 +706,18 @@ class TopologyMonitor:
             self._next = [0] * len(groups)
         self._groups = groups
 
-    def choose_replica(self, min_lsn: int | None = None, after_mark: int | None = None) -> Endpoint | None:
+    def choose_replica(
+        self, min_lsn: int | None = None, after_mark: int | None = None, prefer: Endpoint | None = None
+    ) -> Endpoint | None:
         """A replica to read from, or None (then the writer, or hold).
 
         Qualifying: reachable (and not reported failed since the last probe), lag known and at most
         `max_replica_lag`, and replayed at least `min_lsn` (read-your-writes), or at least the
         position of the commit behind `after_mark` (`commit_mark`; None while no probe since the
         mark has reached the writer). Home region first, then the others in config order; round
-        robin within a region. Works without a writer (from the last probe's lags).
+        robin within a region. Works without a writer (from the last probe's lags). `prefer`: the
+        replica a session-mode client is on already, kept while it qualifies (a move costs a
+        checkout and a restore of the session's settings and statements).
         """
         if after_mark is not None:
             bound = self.commit_lsn(after_mark)
@@ -724,20 +726,28 @@ class TopologyMonitor:
             min_lsn = bound if min_lsn is None else max(min_lsn, bound)
         limit = self.max_replica_lag
         groups = self._groups
+        if prefer is not None:
+            for group in groups:
+                for replica in group:
+                    if replica.endpoint == prefer and self._fresh(replica, limit, min_lsn):
+                        return prefer
         positions = self._next
         for g, group in enumerate(groups):
             n = len(group)
             start = positions[g] % n
             for i in range(n):
                 replica = group[(start + i) % n]
-                lag = replica.lag_seconds
-                if lag is None or lag > limit:
-                    continue
-                if min_lsn is not None and (replica.replay_lsn is None or replica.replay_lsn < min_lsn):
-                    continue
-                positions[g] = (start + i + 1) % n
-                return replica.endpoint
+                if self._fresh(replica, limit, min_lsn):
+                    positions[g] = (start + i + 1) % n
+                    return replica.endpoint
         return None
+
+    @staticmethod
+    def _fresh(replica: ReplicaInfo, limit: float, min_lsn: int | None) -> bool:
+        lag = replica.lag_seconds
+        if lag is None or lag > limit:
+            return False
+        return min_lsn is None or (replica.replay_lsn is not None and replica.replay_lsn >= min_lsn)
 
     def commit_mark(self) -> int:
         """Call when a client's write has committed (its ReadyForQuery seen): a token for

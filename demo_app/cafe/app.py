@@ -6,7 +6,8 @@ bookings flowing through a failover is the sidecar's doing, which is the point o
 
 Writes are single `INSERT`s of bound parameters (and `now()`), without RETURNING, each in its own
 `engine.begin()` transaction: the shape an ordinary app has, and the shape the sidecar's outage spool
-accepts.
+accepts. The reservations list, which only reads, is a `READ ONLY` transaction: the usual way an
+app lets its reads be served by a replica.
 """
 
 from __future__ import annotations
@@ -119,7 +120,9 @@ def create_app(dsn: str | None = None) -> Flask:
 
     @app.get("/orders")
     def orders() -> tuple[str, int]:
-        with engine.connect() as conn:
+        # A page that only reads says so (BEGIN READ ONLY), as an app does when it has read replicas:
+        # the database refuses a write here, and a proxy may send the transaction to a replica.
+        with engine.connect().execution_options(postgresql_readonly=True) as conn:
             rows = conn.execute(LIST_ORDERS, {"limit": 200}).all()
             total = conn.execute(COUNT_ORDERS).scalar_one()
         return page(templates.ORDERS, rows=rows, total=total)

@@ -24,6 +24,7 @@ PAGE = """<!doctype html>
  <div class="card"><div class="k">spool pending</div><div class="v" id="spool">?</div><div class="k" id="spoolrec"></div></div>
  <div class="card"><div class="k">held requests</div><div class="v" id="held">?</div><div class="k" id="failovers"></div></div>
  <div class="card"><div class="k">phase</div><div class="v" id="phase">?</div><div class="k" id="orders"></div></div>
+ <div class="card"><div class="k">reservations list (reads)</div><div class="v" id="reads">?</div><div class="k" id="readsk"></div></div>
 </div>
 <div class="muted" id="reason"></div>
 <canvas id="chart" width="1100" height="380"></canvas>
@@ -61,7 +62,10 @@ function render() {
   const fo = s.failovers || {};
   $("failovers").textContent = "failovers: " + Object.entries(fo).map(([k, v]) => k + " " + v).join(", ");
   $("phase").textContent = doc.phase || "-";
-  $("orders").textContent = doc.counts ? doc.counts.acknowledged + " booked / " + doc.counts.attempted + " placed" : "";
+  const n = doc.counts;
+  $("orders").textContent = n ? n.acknowledged + " booked / " + n.attempted + " placed" : "";
+  $("reads").textContent = n ? n.reads_served + " served / " + n.reads + " reads" : "?";
+  $("readsk").textContent = n ? n.reads_failed + " failed, " + n.reads_stale + " stale beyond the bound" : "";
   $("reason").textContent = (s.error ? "sidecar: " + s.error + " " : "") + (s.reason ? "readyz: " + s.reason : "");
   const u = doc.urls || {};
   $("links").innerHTML = Object.entries(u).map(([k, v]) => '<a href="' + v + '">' + k + "</a>").join(" &middot; ");

@@ -9,14 +9,16 @@ writer exists and the spool takes over). Offers: `hold` (input while no server i
 `hold_at_gate`, `serve_held`, `attach_now`, `attach_soon`, `unpark`, `give_back` (the pool's
 `Parker`), `start` (the session's one background step), `acquire` and `quiet_point`.
 
-`pool_for_request` is the one place that decides which pool a request attaches to.
+`pool_for_request` is the one place that decides which pool a request attaches to: the writer's,
+or with read routing (`routing.reads`) a replica's for read-only work (ARCHITECTURE.md, "Read
+routing"). `next_transaction` moves a session-mode session between them at quiet points.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from .. import logs
 from ..pool import WriterChanged
@@ -24,6 +26,7 @@ from ..protocol.sqlstate import (
     ProxyError,
     UpstreamUnavailable,
 )
+from ..read_routing import parse_bool_setting, read_only_request
 from ..server import (
     ServerConnection,
     ServerState,
@@ -43,8 +46,21 @@ from .states import (
 )
 
 if TYPE_CHECKING:
+    from sidecar_config import Endpoint
+    from sidecar_config.models import RoutingConfig
+
     from ..pool import Pool
     from ..topology import TopologyMonitor
+
+# `routing.reads`, as the int the data path compares.
+READS_WRITER: Final = 0
+READS_FAILOVER: Final = 1
+READS_BALANCE: Final = 2
+_READS: Final = {"writer": READS_WRITER, "failover": READS_FAILOVER, "balance": READS_BALANCE}
+# Replicas tried for one request before it goes to the writer's pool.
+_REPLICA_TRIES: Final = 3
+# How much of the held input is looked at to classify the next request.
+_CLASSIFY_LIMIT: Final = 65536
 
 
 class Attach:
@@ -54,17 +70,139 @@ class Attach:
         pass_gate: Callable[[], Awaitable[None]],
         topology: TopologyMonitor,
         enter_outage: Callable[[], None],
+        replica_pool_for: Callable[[str, str, Endpoint], Pool] | None = None,
+        routing: RoutingConfig | None = None,
     ) -> None:
         self.core = core
         self.relay = core.relay
         self._pass_gate = pass_gate
         self._topology = topology
         self._enter_outage = enter_outage
+        self._replica_pool_for = replica_pool_for
+        self.reads = READS_WRITER if routing is None or replica_pool_for is None else _READS[routing.reads]
+        self._routing = routing
+        self._configured_read_only = -1  # routing.read_only_users/databases: 1/0, -1 not looked at yet
+        # Read-your-writes (`balance`): the `TopologyMonitor.commit_mark` taken after the client's
+        # last transaction on the writer that may have written (-1: none), and whether the request
+        # being attached was classified read-only (then its transaction wrote nothing; at first
+        # True: a login writes nothing).
+        self.mark = -1
+        self.read_only_now = True
 
-    def pool_for_request(self) -> Pool | None:
-        """The pool the client's next request gets its server from. Today always the session's
-        own (the writer's); routing reads to replicas decides here."""
-        return self.core.pool
+    def pool_for_request(self, data: bytes | None = None) -> Pool | None:
+        """The pool the client's next request gets its server from: the writer's, unless read
+        routing sends this request (`data`, or else the input held) to a replica. With
+        `routing.reads: writer`, or `failover` while the gate is open, two int compares."""
+        reads = self.reads
+        if reads == READS_WRITER or (reads == READS_FAILOVER and not self.core.gate.closed):
+            return self.core.writer_pool
+        return self._route(data)
+
+    def _route(self, data: bytes | None) -> Pool | None:
+        """`failover` with the gate closed, or `balance`: a replica's pool for read-only work
+        when one qualifies, else the writer's (held there while there is no writer)."""
+        core = self.core
+        writer_pool = core.writer_pool
+        topology = self._topology
+        writer_known = topology.writer is not None
+        self.read_only_now = False
+        if self.reads == READS_FAILOVER and writer_known:
+            return writer_pool  # held by a PAUSE or a writer being confirmed: as before
+        if not self._read_only(data):
+            return writer_pool
+        self.read_only_now = True
+        # A client's own writes: only from a replica that replayed past them (while a writer is
+        # there to say how far that is; without one, the freshest qualifying replica).
+        mark = self.mark if self.reads == READS_BALANCE and writer_known and self.mark >= 0 else None
+        current = core.pool
+        prefer = None
+        if current is not None and current.replica is not None and current.retired is None:
+            prefer = current.replica
+        replica_pool_for = self._replica_pool_for
+        assert replica_pool_for is not None
+        for _ in range(_REPLICA_TRIES):
+            endpoint = topology.choose_replica(after_mark=mark, prefer=prefer)
+            if endpoint is None:
+                break
+            try:
+                pool = replica_pool_for(core.user, core.database, endpoint)
+            except UpstreamUnavailable as exc:
+                topology.report_replica_failure(endpoint, exc.message)
+                continue
+            if pool.retired is None:
+                return pool
+            topology.report_replica_failure(endpoint, pool.retired)
+        return writer_pool
+
+    def _read_only(self, data: bytes | None) -> bool:
+        """Whether the client's next request is read-only work: the whole session is (a user or
+        database configured so, or default_transaction_read_only on), or the request is."""
+        core = self.core
+        configured = self._configured_read_only
+        if configured < 0:
+            routing = self._routing
+            configured = self._configured_read_only = int(
+                routing is not None
+                and (core.user in routing.read_only_users or core.database in routing.read_only_databases)
+            )
+        if configured:
+            return True
+        setting = core.settings.get("default_transaction_read_only")
+        if setting is not None and parse_bool_setting(setting) is True:
+            return True
+        if data is None:
+            relay = self.relay
+            data = relay.peek(min(relay.buffered, _CLASSIFY_LIMIT))
+        return read_only_request(data, core.mode.statement_text)
+
+    def on_replica(self) -> bool:
+        """The session's server (if any) is a replica's."""
+        pool = self.core.pool
+        return pool is not None and pool.replica is not None
+
+    def report_lost(self, server: ServerConnection, reason: str) -> None:
+        """A server of this session failed: a replica is skipped until a probe looks again; the
+        writer is probed at once. A replica's failure never touches the writer's state."""
+        pool = self.core.pool
+        if pool is not None and pool.replica is not None and server.endpoint == pool.replica:
+            self._topology.report_replica_failure(server.endpoint, reason)
+        else:
+            self._topology.report_failure(server.endpoint, reason)
+
+    def next_transaction(self, data: bytes) -> bool:
+        """Session mode, between transactions, with the gate closed or read routing at work:
+        `data` starts the next transaction. Held at the gate as before when it is for the
+        writer's pool and the gate is closed; moved to the other pool (the server given back,
+        `data` held for a server of that pool, which gets the session's settings and prepared
+        statements) when it is for another and the session can move; else False: it goes to
+        the linked server as usual."""
+        core = self.core
+        current = core.pool
+        if self.reads == READS_BALANCE and current is core.writer_pool and not self.read_only_now:
+            self.mark = self._topology.commit_mark()
+        pool = self.pool_for_request(data)
+        mode = core.mode
+        if pool is None or pool is current or mode.unmovable() is not None or mode.batch_kind is not None:
+            if core.gate.closed and (current is core.writer_pool or self._topology.writer is not None):
+                # (On a replica too while a writer is known: an operator's PAUSE holds everything.)
+                self.hold_at_gate(data)
+                return True
+            return False
+        server = core.server
+        assert server is not None and current is not None
+        logs.event(
+            "session_moved",
+            logs.DEBUG,
+            conn=core.id,
+            upstream=str(server.endpoint),
+            to="writer" if pool is core.writer_pool else str(pool.replica),
+        )
+        core.unlink(IDLE)
+        core.server = None
+        current.release(server, reset=True)
+        core.reroute = self.reads == READS_BALANCE
+        self.hold(data)
+        return True
 
     def hold(self, data: bytes) -> None:
         """Input while no server is linked: keep it (bounded) and get a server if none is coming."""
@@ -83,6 +221,14 @@ class Attach:
         self.core.unlink(GATED)
         self.hold(data)
         self.start(self._resume_after_gate())
+
+    def stop_gate_wait(self) -> None:
+        """The server of a GATED session was cut: it no longer waits for the gate to link it again
+        (its held input is attached like any other: read routing may serve it now)."""
+        task = self.core.task
+        if task is not None and not task.done():
+            self.core.task = None
+            task.cancel()
 
     async def _resume_after_gate(self) -> None:
         await self._pass_gate()
@@ -107,14 +253,18 @@ class Attach:
                 return
             self.attach_soon()
 
-    def unpark(self) -> ServerConnection | None:
+    def unpark(self, data: bytes | None = None) -> ServerConnection | None:
         """The server kept from the last transaction, for this one, if the gate is open and the
         pool still lets it be used (else it goes back to the pool: None)."""
         core = self.core
         server = core.server
         pool = core.pool
         assert server is not None and pool is not None
-        if not core.gate.closed and pool.unpark(server):
+        if (
+            not core.gate.closed
+            and (self.reads != READS_BALANCE or self.pool_for_request(data) is pool)
+            and pool.unpark(server)
+        ):
             return server  # (still PARKED: the caller links it)
         self.give_back(server)
         return None
@@ -142,6 +292,7 @@ class Attach:
         if server.applied != core.settings:
             pool.release(server, reset=False)
             return False
+        core.pool = pool
         core.link(server)
         return True
 
@@ -184,6 +335,8 @@ class Attach:
             return
         maintenance = core.maintenance_due()
         pool = core.pool
+        if self.reads == READS_BALANCE and pool is core.writer_pool and not self.read_only_now:
+            self.mark = self._topology.commit_mark()  # read-your-writes: see `_route`
         parks = not maintenance and core.transaction_mode
         if parks and pool is not None and server.keep_linked() and pool.park(server, self):
             # Nobody waits for a server: keep this one for the next transaction, which then
@@ -234,7 +387,7 @@ class Attach:
         if core.pool is not None:
             core.pool.release(server, reset=False)
         # Input that came meanwhile gets a new server from _task_done once this task ends.
-        self._topology.report_failure(server.endpoint, reason)
+        self.report_lost(server, reason)
 
     async def _maintain_on(self, server: ServerConnection) -> None:
         core = self.core
@@ -296,10 +449,22 @@ class Attach:
         assert pool is not None
         for attempt in range(_WRITER_CHANGES_PER_REQUEST):
             try:
-                server = await self.acquire(pool)
+                if pool.replica is not None:
+                    server = await self.acquire_replica(pool)
+                else:
+                    server = await self.acquire(pool)
             except SpoolNow:
                 self._enter_outage()
                 return
+            except UpstreamUnavailable as exc:
+                if pool.replica is None or attempt == _WRITER_CHANGES_PER_REQUEST - 1:
+                    raise
+                # The replica could not give a server (lost, promoted, retired): skipped until
+                # a probe looks again; the request goes where the routing says now.
+                self._topology.report_replica_failure(pool.replica, exc.message)
+                pool = self.pool_for_request()
+                assert pool is not None
+                continue
             if core.state != HELD:  # closed meanwhile
                 pool.release(server, reset=False)
                 return
@@ -319,7 +484,12 @@ class Attach:
                 pool.release(server, reset=False)
                 if server.state is not ServerState.CLOSED or attempt == _WRITER_CHANGES_PER_REQUEST - 1:
                     raise
-                self._topology.report_failure(server.endpoint, exc.message)
+                if pool.replica is not None:
+                    self._topology.report_replica_failure(server.endpoint, exc.message)
+                    pool = self.pool_for_request()
+                    assert pool is not None
+                else:
+                    self._topology.report_failure(server.endpoint, exc.message)
                 continue
             except ProxyError:
                 core.own_query_on = None
@@ -329,6 +499,8 @@ class Attach:
             if core.state != HELD:
                 pool.release(server, reset=False)
                 return
+            core.pool = pool
+            core.reroute = self.reads == READS_BALANCE or pool.replica is not None
             core.link(server)
             return
 
@@ -344,6 +516,34 @@ class Attach:
             failed = await server.prepare(statements)
             if failed:
                 logs.event("statements_not_restored", logs.WARNING, conn=core.id, errors=failed)
+
+    async def acquire_replica(self, pool: Pool) -> ServerConnection:
+        """A server of a replica's pool: not held by a failover's gate (that is the point), but
+        by an operator's PAUSE while a writer is there (the gate closed with a writer known)."""
+        if self.core.gate.closed and self._topology.writer is not None:
+            await self._pass_gate()
+        return await pool.acquire(self.core.password)
+
+    def login_pool(self) -> Pool | None:
+        """A replica's pool for a login while there is no writer (the gate closed for a
+        failover, read routing on, a replica qualifying), or None (the login waits as before)."""
+        core = self.core
+        if self.reads == READS_WRITER or not core.gate.closed or self._topology.writer is not None:
+            return None
+        replica_pool_for = self._replica_pool_for
+        assert replica_pool_for is not None
+        for _ in range(_REPLICA_TRIES):
+            endpoint = self._topology.choose_replica()
+            if endpoint is None:
+                return None
+            try:
+                pool = replica_pool_for(core.user, core.database, endpoint)
+            except UpstreamUnavailable as exc:
+                self._topology.report_replica_failure(endpoint, exc.message)
+                continue
+            if pool.retired is None:
+                return pool
+        return None
 
     async def acquire(self, pool: Pool) -> ServerConnection:
         """Through the gate, then a server. A login that finds the writer gone (crashed an

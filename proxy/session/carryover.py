@@ -38,6 +38,7 @@ from .core import SessionCore
 from .mode import Mode
 from .states import (
     ABORTED,
+    GATED,
     IDLE,
 )
 
@@ -69,8 +70,9 @@ class Carryover:
 
     def server_lost(self, server: ServerConnection, reason: str) -> None:
         """The linked server connection closed (crash, shutdown, network)."""
-        if server is self.core.server:
+        if server is self.core.server and not self.attach.on_replica():
             # Before the session moves on: its next transaction waits for the writer's confirmation.
+            # (A replica's server lost says nothing about the writer.)
             self._writer_connection_lost(server.endpoint, reason)
         self._server_gone(server, reason)
 
@@ -97,14 +99,17 @@ class Carryover:
         broken = server.mid_response
         core.server = None
         active = core.active()
+        gated = core.state == GATED
         if active and core.state != IDLE:
             core.to(IDLE)
+        if gated:
+            self.attach.stop_gate_wait()  # its input gets a server as any held input now
         self.relay.hold()
         server.unlink()
         if core.pool is not None:
             core.pool.forget(server)
         server.close(reason)
-        self._topology.report_failure(server.endpoint, reason)
+        self.attach.report_lost(server, reason)
         logs.event(
             "session_cut",
             logs.WARNING,

@@ -93,7 +93,15 @@ class SessionCore(LinkedClient):
         # `params_told` (LinkedClient): the ParameterStatus values this client has been told (one
         # of the servers' shared dicts, never edited), compared at link (`tell_parameters`).
         self.server: ServerConnection | None = None
+        # The pool `server` came from and goes back to: the writer's (`writer_pool`), or with
+        # read routing a replica's (`Attach.pool_for_request` decides, per transaction).
         self.pool: Pool | None = None
+        self.writer_pool: Pool | None = None
+        # Session mode: look at each new transaction before it goes to the linked server
+        # (`Attach.next_transaction`), because it may have to run elsewhere: set while the
+        # session is on a replica, and always under `routing.reads: balance`. A plain attribute,
+        # read per client read only after the gate's own check.
+        self.reroute = False
         self.connected_at = monotonic()
         # Passthrough only: the client's password, kept in memory for this session (else None and
         # the sidecar logs in upstream with the configured credentials).

@@ -36,7 +36,7 @@ from ..server import (
 )
 from ..settings import lower_keys, sync_sql
 from ..spooling import SpoolNow
-from .attach import Attach
+from .attach import READS_BALANCE, Attach
 from .core import SessionCore
 from .host import ADMIN_DATABASE, AdminFactory, SessionHost
 from .outage_session import OutageSession
@@ -283,13 +283,24 @@ class Login:
             core.close(await console.serve(self._register_backend_key()))
             return False
         core.to(CONNECTING)
-        pool = host.pool_for(core.user, core.database)
-        core.pool = pool
+        pool = core.writer_pool = core.pool = host.pool_for(core.user, core.database)
         passthrough = host.config.auth.method == "passthrough"
         if passthrough and not host.passthrough_known(core.user, core.password):
             await self._verify_upstream_password()
+        # No writer, and read routing on: the login is served by a replica if one qualifies (the
+        # session's read-only work can run there; anything else is held as it would be).
+        replica_pool = self.attach.login_pool() if not passthrough else None
         try:
-            server = await self.attach.acquire(pool)
+            if replica_pool is not None:
+                try:
+                    server = await self.attach.acquire_replica(replica_pool)
+                    pool = core.pool = replica_pool
+                except ProxyError as exc:
+                    assert replica_pool.replica is not None
+                    host.topology.report_replica_failure(replica_pool.replica, exc.message)
+                    server = await self.attach.acquire(pool)
+            else:
+                server = await self.attach.acquire(pool)
         except SpoolNow:
             self._degraded_login()
             return True
@@ -324,6 +335,7 @@ class Login:
             pool.release(server, reset=False)
             core.relay.hold()
         else:
+            core.reroute = self.attach.reads == READS_BALANCE or pool is not core.writer_pool
             core.link(server)
         return True
 

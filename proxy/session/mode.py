@@ -11,6 +11,7 @@ data path"); none of them is called per message.
 
 from __future__ import annotations
 
+from ..protocol import messages as m
 from ..protocol.framing import Action, Relay
 
 
@@ -52,6 +53,11 @@ class Mode:
         the session's statements, which live on its own server; transaction mode: none, they are
         prepared on demand)."""
         return []
+
+    def statement_text(self, name: str) -> str | None:
+        """The SQL text of the client's prepared statement `name` (None: not known)."""
+        parse = self.known_statements().get(name)
+        return None if parse is None else m.decode_parse(parse[5:]).query
 
     def unmovable(self) -> str | None:
         """Why the session cannot move to another server (LISTEN, a temporary table...), or None."""

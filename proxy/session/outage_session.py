@@ -61,6 +61,8 @@ class OutageSession:
         self._hold_timeout = hold_timeout
         self._outage: OutageResponder | None = None  # playing the server while no writer exists
         self._outage_batch = False  # an extended-protocol batch is open (no Sync yet)
+        # Read routing: the request in hand was looked at already (`_try_replica`) and stays here.
+        self._replica_checked = False
 
     def enter(self) -> None:
         """Serve this session with an OutageResponder until a writer is back."""
@@ -94,6 +96,14 @@ class OutageSession:
             # A writer is back and this starts a new transaction: leave the spool behind.
             self._leave_outage()
             return Action.HOLD
+        if not self._outage_batch and not responder.in_transaction and self.attach.reads:
+            if not self._replica_checked:
+                # Read routing: read-only work goes to a replica if one qualifies, never to the
+                # responder. Looked at once the request is held whole (`_try_replica`).
+                self._replica_checked = True
+                asyncio.get_running_loop().call_soon(self._try_replica, responder)
+                return Action.HOLD
+            self._replica_checked = False
         # Nothing of a transaction has been answered locally yet: if this request needs the
         # database and a writer comes back within the hold, it can simply run there.
         fresh = not self._outage_batch and not responder.in_transaction and not responder.pending
@@ -161,6 +171,22 @@ class OutageSession:
                 break
         if core.state == OUTAGE and self._outage is responder:
             self.answer_input()
+
+    def _try_replica(self, responder: OutageResponder) -> None:
+        """The request that starts a transaction is held: if it is read-only work and a replica
+        qualifies, the session leaves the outage and it runs there; else the responder answers it
+        as before (`_replica_checked` lets it through)."""
+        core = self.core
+        # (The step that entered the outage may still be finishing: `core.task` is not looked at.)
+        if core.state != OUTAGE or self._outage is not responder:
+            return
+        pool = self.attach.pool_for_request()
+        if pool is not None and pool.replica is not None:
+            self._replica_checked = False
+            logs.event("spooling_request_to_replica", logs.DEBUG, conn=core.id, replica=str(pool.replica))
+            self._leave_outage()
+            return
+        self.answer_input()
 
     def answer_input(self) -> None:
         """Answer what the client sent while the responder waited (a spool write, a client not

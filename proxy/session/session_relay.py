@@ -206,5 +206,9 @@ class SessionRelay(Mode):
     def statements_for_new_server(self) -> list[bytes]:
         return list(self.session_statements.values())
 
+    def statement_text(self, name: str) -> str | None:
+        parse = self.session_statements.get(name)
+        return None if parse is None else m.decode_parse(memoryview(parse)[5:]).query
+
     def unmovable(self) -> str | None:
         return self._unmovable

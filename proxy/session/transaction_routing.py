@@ -97,7 +97,7 @@ class TransactionRouting(Mode):
             ):
                 return False
             kind = REQUEST_COMMIT
-        server = self._server_now()
+        server = self._server_now(data)
         if server is None:
             return False
         router = self.router
@@ -141,7 +141,7 @@ class TransactionRouting(Mode):
         stmt = router.statements.get(data[6:name_end].decode("utf-8", "replace"))
         if stmt is None:
             return False
-        server = self._server_now(stmt.global_name)
+        server = self._server_now(data, stmt.global_name)
         if server is None:
             return False
         server.statements.touch(stmt.global_name)
@@ -162,7 +162,7 @@ class TransactionRouting(Mode):
         server (pgbench, several clients per thread) would otherwise wait for one in vain. Errors
         the text could still raise come at its first Bind, on whichever server runs it."""
         router = self.router
-        pool = self.attach.pool_for_request()
+        pool = self.attach.pool_for_request(data)
         n = len(data)
         if pool is None or n < 14 or n > self.max_message or data[5] == 0 or not data.endswith(_SYNC):
             return False
@@ -212,7 +212,7 @@ class TransactionRouting(Mode):
         kind = _plain_kind(data, 6)
         if kind < 0:
             return False
-        server = self._server_now()
+        server = self._server_now(data)
         if server is None:
             return False
         # Kept whole, as `on_parse` keeps it: a Bind in a later transaction, on another server,
@@ -232,7 +232,7 @@ class TransactionRouting(Mode):
         if out is not None:
             out.write(data)
 
-    def _server_now(self, prepared: str | None = None) -> ServerConnection | None:
+    def _server_now(self, data: bytes, prepared: str | None = None) -> ServerConnection | None:
         """The server for a fast path's request, with the `prepared` statement if one is named, or
         None (nothing done: the general path). Inside a transaction: its own server. Between
         transactions, if the gate is open: the server kept from the last one, else an idle server
@@ -243,7 +243,7 @@ class TransactionRouting(Mode):
             if linked is None or (prepared is not None and prepared not in linked.statements):
                 return None
             return linked
-        pool = self.attach.pool_for_request()
+        pool = self.attach.pool_for_request(data)
         if pool is None or core.gate.closed:
             return None
         if core.state == PARKED:
@@ -251,7 +251,9 @@ class TransactionRouting(Mode):
             assert kept is not None
             if kept.tracker.skipping or (prepared is not None and prepared not in kept.statements):
                 return None  # `Attach.hold` runs it on this server through the general path
-            if self.attach.unpark() is not None:
+            if core.pool is not pool:
+                self.attach.give_back(kept)  # read routing sends this request elsewhere
+            elif self.attach.unpark(data) is not None:
                 core.to(LINKED)
                 self.relay.resume()  # (as below)
                 return kept
@@ -266,6 +268,7 @@ class TransactionRouting(Mode):
             pool.release(server, reset=False)  # the general path prepares it
             return None
         core.server = server
+        core.pool = pool
         core.to(LINKED)
         server.link(core, tracked=True)
         if server.params is not core.params_told:
@@ -422,6 +425,10 @@ class TransactionRouting(Mode):
         router.statements[name] = ClientStatement(
             global_name, m.parse(global_name, decoded.query, decoded.param_types)
         )
+
+    def statement_text(self, name: str) -> str | None:
+        stmt = self.router.statements.get(name)
+        return None if stmt is None else m.decode_parse(memoryview(stmt.parse_message)[5:]).query
 
     def forget_statement(self, name: str) -> None:
         self.router.statements.pop(name, None)

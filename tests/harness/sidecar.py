@@ -378,6 +378,10 @@ def sidecar_config(
         # Test failovers take a few hundred ms; production-like 30 s holds would only slow tests.
         "failover": {"check_interval": "100ms", "hold_timeout": "10s"},
         "spool": {"backend": "none"},
+        # The failover and outage tests check what happens to work while there is no writer, with
+        # plain SELECTs among it: with the default (`failover`) a standby would answer those.
+        # Read routing's own tests (test_read_routing.py) set it.
+        "routing": {"reads": "writer"},
     }
     if overrides:
         config = deep_merge(config, overrides)

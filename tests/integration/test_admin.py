@@ -31,7 +31,8 @@ ADMIN_CONFIG: dict[str, Any] = {"admin_users": [ADMIN]}
 TOOL_TIMEOUT = 60
 COMMAND_COLUMNS = {
     "SHOW POOLS": ["user", "database", "size", "active", "idle", "resetting", "connecting", "waiting"],
-    "SHOW CLIENTS": ["id", "user", "database", "state", "peer", "server", "connected_s", "application_name"],
+    "SHOW CLIENTS": ["id", "user", "database", "state", "peer", "server", "connected_s", "application_name",
+                     "server_role"],
     "SHOW SERVERS": ["id", "upstream", "region", "state", "user", "database", "tx_status", "age_s", "idle_s",
                      "prepared_statements", "role"],
     "SHOW TOPOLOGY": ["region", "host", "role", "timeline", "error", "current_writer", "cluster_state",

@@ -108,3 +108,28 @@ def test_contact_message_stored(cafe: Flask, shared_topology: Topology) -> None:
     assert (name, email) == ("Carol", "carol@example.com")
     assert isinstance(created_at, datetime)
     assert abs((datetime.now(UTC) - created_at).total_seconds()) < 60
+
+
+def test_orders_page_is_a_read_only_transaction(cafe: Flask, shared_topology: Topology) -> None:
+    """The list says it only reads (BEGIN READ ONLY, what lets the sidecar serve it from a replica);
+    the pooled connection it used books the next table as usual (the setting does not stick)."""
+    from sqlalchemy import event
+
+    engine = cafe.extensions["cafe_engine"]
+    seen: list[tuple[str, bool | None]] = []
+
+    def note(conn, cursor, statement, parameters, context, executemany) -> None:
+        seen.append((statement.split()[0].upper(), conn.connection.dbapi_connection.read_only))
+
+    event.listen(engine, "before_cursor_execute", note)
+    try:
+        client = cafe.test_client()
+        for _ in range(3):  # one pooled connection, reused: list, book, list, book, ...
+            assert client.get("/orders").status_code == 200
+            assert book(client, f"Ro {uuid.uuid4().hex[:8]}", "").status_code == 303
+    finally:
+        event.remove(engine, "before_cursor_execute", note)
+    selects = [ro for verb, ro in seen if verb == "SELECT"]
+    inserts = [ro for verb, ro in seen if verb == "INSERT"]
+    assert selects and all(ro is True for ro in selects), seen
+    assert len(inserts) == 3 and all(not ro for ro in inserts), seen

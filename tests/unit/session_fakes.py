@@ -18,6 +18,7 @@ from proxy.client import ClientSession
 from proxy.hold import Gate
 from proxy.metrics import Stats
 from proxy.protocol import messages as m
+from proxy.protocol.sqlstate import UpstreamUnavailable
 from proxy.server import ServerConnection, ServerState
 from proxy.statements import StatementRegistry
 from sidecar_config import (
@@ -103,6 +104,8 @@ class FakePool:
         self.parking = parking
         self.released: list[tuple[ServerConnection, bool]] = []
         self.forgotten: list[ServerConnection] = []
+        self.replica: Endpoint | None = None  # a writer's pool
+        self.retired: str | None = None
 
     async def acquire(self, password: str | None = None) -> ServerConnection:
         server = self.idle.pop(0) if self.idle else make_server()
@@ -186,6 +189,9 @@ class FakeHost:
 
     def pool_for(self, user: str, database: str) -> Any:
         return self.pool
+
+    def replica_pool_for(self, user: str, database: str, replica: Endpoint) -> Any:
+        raise UpstreamUnavailable(f"{replica} is not a replica here")
 
     async def open_server(
         self, endpoint: Endpoint, params: dict[str, str], password: str | None, timeout: float | None = None
