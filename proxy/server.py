@@ -20,6 +20,7 @@ from time import monotonic  # by name: compiled, `time.monotonic` is a module ge
 from typing import TYPE_CHECKING, Final, cast
 
 from . import logs
+from .journal import TransactionJournal
 from .metrics import Stats
 from .protocol import messages as m
 from .protocol.auth import UpstreamAuthenticator
@@ -58,6 +59,9 @@ class LinkedClient(asyncio.Protocol):
         self.params_told: dict[str, str] = {}
         # Whether the server must call `server_ready` at each ReadyForQuery.
         self.wants_ready = False
+        # The current transaction's journal (failover.transaction_replay), fed the answers as
+        # they are written to the client; None: replay is off.
+        self.journal: TransactionJournal | None = None
 
     def server_ready(self, status: int) -> bool:
         """ReadyForQuery arrived (called only while `wants_ready`). True: the client is at a quiet
@@ -127,13 +131,14 @@ class InFlight:
     operation here is native, where each deque append/popleft is a generic method call (four per
     transaction). Slots are reused, so the usual one-request-at-a-time traffic allocates nothing."""
 
-    __slots__ = ("_head", "_kinds", "_started", "_tail")
+    __slots__ = ("_head", "_kinds", "_started", "_tail", "last_kind")
 
     def __init__(self) -> None:
         self._started: list[float] = []
         self._kinds: list[int] = []
         self._head = 0  # the oldest unanswered request
         self._tail = 0  # one past the newest
+        self.last_kind = REQUEST_OTHER  # the kind of the request `pop` last forgot (the journal's)
 
     def __len__(self) -> int:
         return self._tail - self._head
@@ -154,6 +159,7 @@ class InFlight:
         if head >= self._tail:
             return -1.0
         started = self._started[head]
+        self.last_kind = self._kinds[head]
         head += 1
         if head == self._tail:
             self.clear()  # the usual case: nothing in flight, start again at slot 0
@@ -301,6 +307,10 @@ class ServerConnection(asyncio.Protocol):
                     due = client.server_ready(status)
                 else:
                     due = self._on_ready(status, client)
+                journal = client.journal
+                if journal is not None:
+                    in_flight = self.in_flight
+                    journal.whole_answer(data, status, len(in_flight), in_flight.last_kind)
                 if due:
                     # (Unlike Action.FORWARD_PAUSE, no `hold`: the read ended with the
                     # ReadyForQuery, so there is nothing after it to keep back.)
@@ -315,6 +325,11 @@ class ServerConnection(asyncio.Protocol):
             if out is not None:
                 for span in spans:
                     out.write(span)
+            journal = client.journal
+            if journal is not None:
+                for span in spans:
+                    journal.relay_view(span)
+                journal.settled(self.tx_status, len(self.in_flight))
             if self.close_reason is not None:
                 self.close(self.close_reason)  # its FATAL goodbye, dropped above
                 return
@@ -395,7 +410,10 @@ class ServerConnection(asyncio.Protocol):
     def _inspect(self, type_byte: int, msg: memoryview) -> Action:
         client = self.client
         if type_byte == m.B_READY_FOR_QUERY:
-            if self._on_ready(msg[5], client):
+            due = self._on_ready(msg[5], client)
+            if client is not None and client.journal is not None:
+                self._journal_pipeline(client.journal)
+            if due:
                 self._quiet_due = True
                 return Action.FORWARD_PAUSE
         elif type_byte == m.B_PARAMETER_STATUS:
@@ -460,6 +478,12 @@ class ServerConnection(asyncio.Protocol):
             return True
         return False
 
+    def _journal_pipeline(self, journal: TransactionJournal) -> None:
+        """The general path's ReadyForQuery, for the journal: an autocommit write answered while
+        more requests are in flight must never be sent again."""
+        in_flight = self.in_flight
+        journal.answered_in_pipeline(self.tx_status, len(in_flight), in_flight.last_kind)
+
     def _answered(self) -> None:
         """A ReadyForQuery: one request answered (and, at status idle, a transaction done)."""
         stats = self.stats
@@ -475,6 +499,8 @@ class ServerConnection(asyncio.Protocol):
         if type_byte == m.B_READY_FOR_QUERY:
             self.tx_status = msg[5]
             self._answered()
+            if client is not None and client.journal is not None:
+                self._journal_pipeline(client.journal)
         elif type_byte == m.B_PARAMETER_STATUS:
             name, value = m.decode_parameter_status(msg[5:])
             self.note_parameter(name, value)

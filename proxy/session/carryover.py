@@ -2,9 +2,11 @@
 goodbye) is told exactly what happened to its requests in flight and moves on; a cut transaction
 block is answered locally as aborted (`local.AbortedTransaction`) until the client ends it.
 
-Everything about a cut is decided here (`_server_gone`), which makes this the home of
-transaction replay: a journal of the open transaction's requests kept as they are forwarded, and
-replayed on the new writer instead of answering 40001.
+Everything about a cut is decided here (`_server_gone`), transaction replay included: the
+session's journal (the current transaction's requests as forwarded, a digest of the answers
+relayed) is replayed on the confirmed new writer (`_replay`, with `replay.plan` and
+`replay.ReplayClient`); only if that cannot be done, or the replay's answers differ, is the client
+told as before (`_tell_client`). ARCHITECTURE.md, "Transaction replay".
 
 Uses of the core: its state and transition, server, pool, relay, `send`, `fail`. Receives at
 construction: the pool mode (`Mode`: the client's statements, whether the session can move), the
@@ -16,14 +18,17 @@ the writer is confirmed). Offers: `server_lost`, `cut_server`, and the ABORTED s
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .. import logs
+from ..journal import EQUAL, Verifier
 from ..local import AbortedTransaction, failover_error
 from ..protocol import messages as m
 from ..protocol.framing import Action
 from ..protocol.sqlstate import (
+    ProxyError,
     SqlState,
     UpstreamUnavailable,
 )
@@ -33,11 +38,15 @@ from ..server import (
     REQUEST_READ,
     ServerConnection,
 )
+from ..settings import sync_sql
+from ..spooling import SpoolNow
+from . import replay
 from .attach import Attach
 from .core import SessionCore
 from .mode import Mode
 from .states import (
     ABORTED,
+    HELD,
     IDLE,
 )
 
@@ -46,6 +55,18 @@ if TYPE_CHECKING:
 
     from ..metrics import Stats
     from ..topology import TopologyMonitor
+
+
+class Cut:
+    """What a cut server left owed to the client: the answers `_tell_client` gives if no replay
+    does."""
+
+    def __init__(self, server: str, in_flight: int, kinds: list[int], in_block: bool, broken: bool) -> None:
+        self.server = server
+        self.in_flight = in_flight
+        self.kinds = kinds
+        self.in_block = in_block
+        self.broken = broken
 
 
 class Carryover:
@@ -117,11 +138,6 @@ class Carryover:
         )
         if not active:
             return  # a login's first server (the login fails on it), or the session is closing
-        if broken:
-            core.fail(
-                UpstreamUnavailable(f"lost upstream {server.endpoint} in the middle of a response: {reason}")
-            )
-            return
         unmovable = self.mode.unmovable()
         if unmovable is not None:
             core.fail(
@@ -131,6 +147,24 @@ class Carryover:
                 )
             )
             return
+        cut = Cut(str(server.endpoint), in_flight, kinds, in_block, broken)
+        journal = core.journal
+        if journal is not None and (in_flight or in_block):
+            if self._start_replay(cut):
+                return
+            journal.reset()
+        self._tell_client(cut)
+
+    def _tell_client(self, cut: Cut) -> None:
+        """The answers owed for what the cut server left unanswered, as PostgreSQL's errors, and
+        the session goes on (a cut transaction block answered locally as aborted)."""
+        core = self.core
+        if cut.broken:
+            core.fail(UpstreamUnavailable(f"lost upstream {cut.server} in the middle of a response"))
+            return
+        in_flight = cut.in_flight
+        kinds = cut.kinds
+        in_block = cut.in_block
         if in_flight == 0 and not in_block:
             if self.relay.buffered and core.task is None:
                 self.attach.attach_soon()
@@ -142,6 +176,7 @@ class Carryover:
         for index in range(in_flight):
             kind = kinds[index] if index < len(kinds) else REQUEST_OTHER
             if kind == REQUEST_COMMIT:
+                self._stats.commit_outcomes["unknown"] += 1
                 owed += m.error_response(
                     SqlState.TRANSACTION_RESOLUTION_UNKNOWN.value,
                     "the database failed over while COMMIT was in flight: the transaction may or may "
@@ -171,6 +206,131 @@ class Carryover:
             self._answer_aborted(first_error_sent=in_flight > 0)
         elif self.relay.buffered and core.task is None and core.state == IDLE:
             self.attach.attach_soon()
+
+    # ---------------------------------------------------------------- transaction replay
+
+    def _start_replay(self, cut: Cut) -> bool:
+        """Replay the cut transaction (or re-run the cut read) on the new writer, if it can be:
+        the session is HELD meanwhile, its input kept. False: answer as before."""
+        core = self.core
+        journal = core.journal
+        if journal is None or core.task is not None:
+            return False
+        verdict = replay.plan(journal, cut.in_block, cut.kinds, cut.in_flight, core.transaction_mode)
+        if isinstance(verdict, str):
+            if verdict != replay.COMMIT_IN_FLIGHT:
+                self._stats.transaction_replays[verdict] += 1
+                logs.event("transaction_not_replayed", logs.WARNING, conn=core.id, reason=verdict)
+            return False
+        core.to(HELD)
+        self.attach.start(self._replay(cut, verdict))
+        return True
+
+    async def _replay(self, cut: Cut, plan: replay.Plan) -> None:
+        """On a server of the confirmed new writer (through the gate, as any held request): the
+        session's settings and statements, then the journal's requests, each answer compared with
+        what the client got. Equal: the session links to that server and goes on. Else the server
+        is discarded (its transaction rolled back) and the client is told as before."""
+        core = self.core
+        journal = core.journal
+        assert journal is not None
+        pool = self.attach.pool_for_request()
+        if pool is None:
+            self._replay_failed(cut, "no pool")
+            return
+        try:
+            server = await self.attach.acquire(pool)
+        except (SpoolNow, ProxyError) as exc:
+            # No writer came (hold_timeout): the journal's requests get today's answers, never
+            # the outage responder's; what the client sends next takes the usual way.
+            self._replay_failed(cut, str(exc))
+            return
+        if core.state != HELD:
+            pool.release(server, reset=False)
+            return
+        core.own_query_on = server
+        try:
+            await self._restore(server, plan)
+        except asyncio.CancelledError:
+            pool.release(server, reset=not core.transaction_mode, unknown=True)
+            raise
+        except ProxyError as exc:
+            pool.discard(server, f"restoring a session for a replay failed: {exc}")
+            self._replay_failed(cut, str(exc))
+            return
+        finally:
+            core.own_query_on = None
+        if core.state != HELD:
+            pool.release(server, reset=False)
+            return
+        verifier = Verifier(journal)
+        witness = replay.ReplayClient(core, journal, verifier, plan.answers)
+        server.link(witness, tracked=False)
+        try:
+            server.send(b"".join(journal.requests))
+            result = await witness.done
+        except asyncio.CancelledError:
+            server.unlink()
+            pool.discard(server, "client left during a transaction replay")
+            raise
+        except ProxyError:
+            result = replay.LOST
+        if server.client is witness:
+            server.unlink()
+        if result == EQUAL and core.state == HELD:
+            self._stats.transaction_replays["replayed"] += 1
+            logs.event(
+                "transaction_replayed",
+                conn=core.id,
+                server=server.id,
+                upstream=str(server.endpoint),
+                requests=len(journal.requests),
+                answers=plan.answers,
+                in_transaction=cut.in_block,
+            )
+            journal.framing.reset()
+            if server.tx_status == m.TX_IDLE:
+                journal.reset()  # a re-run read: nothing open to journal any more
+            server.unnamed_from = None  # (transaction mode: unnamed statements re-prepared on use)
+            core.link(server)
+            return
+        pool.discard(server, "transaction replay did not match" if result != replay.LOST else "lost")
+        if result == replay.LOST and witness.relayed:
+            # Part of the replay's answers went to the client: nothing else can be said now.
+            core.fail(UpstreamUnavailable("the new writer was lost too while a cut transaction was replayed"))
+            return
+        if result != replay.LOST:
+            self._stats.transaction_replays["diverged"] += 1
+        self._replay_failed(cut, "answers differ" if result != replay.LOST else "the new server was lost")
+
+    async def _restore(self, server: ServerConnection, plan: replay.Plan) -> None:
+        """The session's settings (as at the start of the transaction: they are read back only
+        between transactions), and its named statements but those the journal prepares itself."""
+        core = self.core
+        sql = sync_sql(core.settings, server.applied)
+        if sql is not None:
+            await server.simple_query(sql)
+            server.applied = dict(core.settings)
+        if core.transaction_mode:
+            return
+        known = self.mode.known_statements()
+        statements = [parse for name, parse in known.items() if name not in plan.parsed]
+        if statements:
+            failed = await server.prepare(statements)
+            if failed:
+                logs.event("statements_not_restored", logs.WARNING, conn=core.id, errors=failed)
+
+    def _replay_failed(self, cut: Cut, reason: str) -> None:
+        core = self.core
+        logs.event("transaction_replay_failed", logs.WARNING, conn=core.id, reason=reason)
+        journal = core.journal
+        if journal is not None:
+            journal.reset()
+        if core.state == HELD:
+            core.to(IDLE)
+        elif core.state != IDLE:
+            return  # closed meanwhile
+        self._tell_client(cut)
 
     def _answer_aborted(self, first_error_sent: bool) -> None:
         """Answer the client locally until it ends the transaction the failover cut."""

@@ -20,8 +20,9 @@ from time import monotonic  # by name: compiled, `time.monotonic` is a module ge
 from typing import TYPE_CHECKING, Any
 
 from .. import logs
+from ..journal import TransactionJournal
 from ..protocol import messages as m
-from ..protocol.framing import Action, Relay
+from ..protocol.framing import Action, Relay, Span
 from ..protocol.sqlstate import (
     SERVER_GONE_STATES,
     ProtocolViolation,
@@ -100,6 +101,12 @@ class SessionCore(LinkedClient):
         self.password: str | None = None
         self.max_message = host.config.limits.max_message_size
         self.transaction_mode = host.config.pool.mode == "transaction"
+        failover = host.config.failover
+        if failover.transaction_replay:
+            # What the client sent in its current transaction and a digest of the answers it got,
+            # replayed on a new writer if this one is lost (`Carryover`; ARCHITECTURE.md,
+            # "Transaction replay").
+            self.journal = TransactionJournal(int(failover.replay_max_bytes))
         # The client's input after login. Its inspector is the pool mode's (`Mode.forward`, set
         # when the mode is built), or a local answerer's (`to_answering`).
         self.relay = Relay(_SESSION_WATCH, _no_mode, self.max_message, valid_types=_CLIENT_VALID)
@@ -219,8 +226,18 @@ class SessionCore(LinkedClient):
         if out is not None:
             for span in spans:
                 out.write(span)
+            if self.journal is not None:
+                self.record_spans(spans)
         if self.relay.paused and self.state == LINKED:  # the held input ended with Terminate
             self.relay_stopped()
+
+    def record_spans(self, spans: list[Span]) -> None:
+        """The general path's requests, for the journal: the spans are views of the relay's
+        buffer, reused once written, hence copied."""
+        journal = self.journal
+        if journal is not None:
+            for span in spans:
+                journal.record_request(bytes(span))
 
     def unlink(self, new: int) -> None:
         """LINKED -> `new`: the relay holds client input; the server stops calling back."""

@@ -23,6 +23,7 @@ from proxy.statements import StatementRegistry
 from sidecar_config import (
     AuthConfig,
     Endpoint,
+    FailoverConfig,
     PoolConfig,
     RegionConfig,
     SidecarConfig,
@@ -148,11 +149,18 @@ class FakePool:
 class FakeHost:
     """What `SessionHost` lists, no more."""
 
-    def __init__(self, mode: str = "session", pool: FakePool | None = None) -> None:
+    def __init__(
+        self,
+        mode: str = "session",
+        pool: FakePool | None = None,
+        replay: bool = True,
+        replay_max: int = 1 << 20,
+    ) -> None:
         self.config = SidecarConfig(
             upstream=UpstreamConfig(regions=[RegionConfig(name="r", hosts=[ENDPOINT])]),
             auth=AuthConfig(method="trust", users=[UserConfig(name="app")]),
             pool=PoolConfig(mode=mode),  # type: ignore[arg-type]
+            failover=FailoverConfig(transaction_replay=replay, replay_max_bytes=replay_max),
         )
         self.gate = Gate()
         self.stats = Stats()
@@ -222,10 +230,10 @@ async def settle(rounds: int = 20) -> None:
 
 
 async def logged_in(
-    mode: str, servers: int = 1, parking: bool = True
+    mode: str, servers: int = 1, parking: bool = True, replay: bool = True, replay_max: int = 1 << 20
 ) -> tuple[ClientSession, FakeTransport, FakeHost]:
     """A session through startup and trust authentication, on a fake pool."""
-    host = FakeHost(mode, FakePool(servers, parking))
+    host = FakeHost(mode, FakePool(servers, parking), replay, replay_max)
     client, transport = new_client(host)
     client.data_received(m.startup_message({"user": "app", "database": "db"}))
     await settle()
