@@ -41,12 +41,18 @@ _FRESH: Final = blake2b(digest_size=DIGEST_SIZE)
 
 _READY: Final = 0x5A  # 'Z' ReadyForQuery: an answer ends with it
 _NOTIFY: Final = 0x41  # 'A' NotificationResponse: not part of any answer
+_NOTICE: Final = 0x4E  # 'N' NoticeResponse
+# The SQLSTATE field of a dying server's WARNING ("terminating connection due to immediate
+# shutdown command", 57P01/57P02/57P03): sent at the cut, outside or inside an answer, and not
+# part of it: left out of the digest.
+_GOING_AWAY: Final = b"\x00C57P0"
 _TX_IDLE: Final = 0x49  # 'I'
 
 # `Framing.split` segment kinds.
 SEG_ANSWER: Final = 0  # answer bytes
 SEG_ANSWER_END: Final = 1  # answer bytes ending with a ReadyForQuery: the answer is complete
 SEG_NOTIFY: Final = 2  # a NotificationResponse (or part of one): relayed, never compared
+SEG_NOTICE: Final = 3  # a whole NoticeResponse: answer bytes, unless a dying server's goodbye
 
 
 class Framing:
@@ -60,6 +66,7 @@ class Framing:
         self.type = -1  # the current message's type byte; -1: at a message boundary
         self.left = -1  # bytes left of the current message; -1: its length is not read yet
         self.header = bytearray()  # the length bytes read so far, when split between pieces
+        self.length = 0  # the current message's length field
 
     def reset(self) -> None:
         self.type = -1
@@ -76,7 +83,7 @@ class Framing:
             mtype = self.type
             if mtype < 0:
                 mtype = data[pos]
-                if mtype == _NOTIFY and pos > start:
+                if mtype in (_NOTIFY, _NOTICE) and pos > start:
                     out.append((start, pos, SEG_ANSWER))
                     start = pos
                 self.type = mtype
@@ -90,7 +97,8 @@ class Framing:
                 pos += take
                 if len(self.header) < 4:
                     continue
-                self.left = int.from_bytes(self.header, "big") - 4
+                self.length = int.from_bytes(self.header, "big")
+                self.left = self.length - 4
             else:
                 take = min(self.left, n - pos)
                 pos += take
@@ -102,6 +110,10 @@ class Framing:
                     start = pos
                 elif mtype == _READY:
                     out.append((start, pos, SEG_ANSWER_END))
+                    start = pos
+                elif mtype == _NOTICE:
+                    whole = pos - start == self.length + 1
+                    out.append((start, pos, SEG_NOTICE if whole else SEG_ANSWER))
                     start = pos
         if pos > start:
             out.append((start, pos, SEG_NOTIFY if self.type == _NOTIFY else SEG_ANSWER))
@@ -213,7 +225,7 @@ class TransactionJournal:
             return
         view = memoryview(data)
         for start, end, kind in segments:
-            if kind == SEG_NOTIFY:
+            if kind == SEG_NOTIFY or (kind == SEG_NOTICE and _GOING_AWAY in bytes(view[start:end])):
                 continue
             self._hash.update(view[start:end])
             self.relayed_total += end - start

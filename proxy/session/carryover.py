@@ -301,6 +301,15 @@ class Carryover:
             return
         if result != replay.LOST:
             self._stats.transaction_replays["diverged"] += 1
+            logs.event(
+                "transaction_replay_diverged",
+                logs.WARNING,
+                conn=core.id,
+                answers=verifier.done,
+                bytes=verifier.seen,
+                expected_answers=len(verifier.expected_ends),
+                expected_bytes=verifier.expected_total,
+            )
         self._replay_failed(cut, "answers differ" if result != replay.LOST else "the new server was lost")
 
     async def _restore(self, server: ServerConnection, plan: replay.Plan) -> None:

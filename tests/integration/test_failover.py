@@ -439,7 +439,10 @@ def test_lost_writer_connection_holds_new_transactions_until_the_writer_is_confi
 def test_in_flight_query_and_open_transaction_get_40001(fresh_topology, sidecar_factory, pool, mode):
     topo = fresh_topology
     table = make_table(topo.a1)
-    sidecar = sidecar_factory({"pool": {"mode": mode}}, topology=topo)
+    # Replay off: what a client is told when a cut transaction is not replayed (too large, COPY,
+    # diverged); tests/integration/test_transaction_replay.py has these replayed.
+    no_replay = {"pool": {"mode": mode}, "failover": {"transaction_replay": False}}
+    sidecar = sidecar_factory(no_replay, topology=topo)
     sleeper = connect(sidecar, application_name="sleeper")
     open_tx = connect(sidecar, autocommit=False, application_name="open-tx")
     open_tx.execute(f"INSERT INTO {table} (id, client) VALUES ('before', 'open-tx')")  # idle in transaction
@@ -477,7 +480,10 @@ def test_in_flight_query_and_open_transaction_get_40001(fresh_topology, sidecar_
 def test_commit_after_the_cut_of_an_idle_transaction_is_an_error(fresh_topology, sidecar_factory, mode):
     topo = fresh_topology
     table = make_table(topo.a1)
-    sidecar = sidecar_factory({"pool": {"mode": mode}}, topology=topo)
+    # Replay off: what a client is told when a cut transaction is not replayed (too large, COPY,
+    # diverged); tests/integration/test_transaction_replay.py has these replayed.
+    no_replay = {"pool": {"mode": mode}, "failover": {"transaction_replay": False}}
+    sidecar = sidecar_factory(no_replay, topology=topo)
     conn = connect(sidecar, autocommit=False)
     conn.execute(f"INSERT INTO {table} (id, client) VALUES ('x', 'idle-commit')")  # idle in transaction
     crash = time.time()

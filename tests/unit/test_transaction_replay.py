@@ -8,7 +8,16 @@ import asyncio
 
 import pytest
 
-from proxy.journal import EQUAL, SEG_ANSWER, SEG_ANSWER_END, SEG_NOTIFY, Framing, TransactionJournal, Verifier
+from proxy.journal import (
+    EQUAL,
+    SEG_ANSWER,
+    SEG_ANSWER_END,
+    SEG_NOTICE,
+    SEG_NOTIFY,
+    Framing,
+    TransactionJournal,
+    Verifier,
+)
 from proxy.protocol import messages as m
 from proxy.server import ServerConnection
 from proxy.session.states import ClientState
@@ -47,6 +56,31 @@ def test_a_lone_read_in_flight_is_re_run_and_the_client_sees_only_its_answer() -
         assert client.state == S.LINKED and client.server is new
         assert host.stats.transaction_replays["replayed"] == 1
         assert client.journal is not None and not client.journal.requests  # at rest again
+
+    asyncio.run(run())
+
+
+GOODBYE = msg(
+    b"N", b"SWARNING\x00VWARNING\x00C57P01\x00Mterminating connection due to immediate shutdown\x00\x00"
+)
+
+
+def test_the_dying_servers_warning_is_not_part_of_any_answer() -> None:
+    async def run() -> None:
+        client, transport, host = await logged_in("session", servers=2)
+        client.data_received(query("BEGIN"))
+        old = client.server
+        assert old is not None
+        old.data_received(answer("BEGIN", b"T"))
+        client.data_received(query("SELECT x FROM t"))
+        old.data_received(select_answer(b"1", b"T"))
+        old.data_received(GOODBYE)  # relayed to the client, as PostgreSQL sends it at the crash
+        assert transport.take().endswith(GOODBYE)
+        client.cut_server("writer lost")
+        new = await replayed_on(host, old)
+        new.data_received(answer("BEGIN", b"T") + select_answer(b"1", b"T"))
+        await settle()
+        assert client.state == S.LINKED and host.stats.transaction_replays["replayed"] == 1
 
     asyncio.run(run())
 
@@ -191,7 +225,7 @@ def test_framing_finds_answer_ends_across_pieces_and_leaves_notifications_out() 
         assert b"".join(p for _, p in kinds) == stream
         assert b"".join(p for k, p in kinds if k == SEG_NOTIFY) == notify
         assert sum(1 for k, _ in kinds if k == SEG_ANSWER_END) == 2
-        assert all(k in (SEG_ANSWER, SEG_ANSWER_END, SEG_NOTIFY) for k, _ in kinds)
+        assert all(k in (SEG_ANSWER, SEG_ANSWER_END, SEG_NOTIFY, SEG_NOTICE) for k, _ in kinds)
         journal = TransactionJournal(1 << 20)
         journal.relay_view(stream[:cut])
         journal.relay_view(stream[cut:])
