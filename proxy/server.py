@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Final, cast
 from . import logs
 from .journal import TransactionJournal
 from .metrics import Stats
+from .outcome_answer import MarkerAnswer
 from .protocol import messages as m
 from .protocol.auth import UpstreamAuthenticator
 from .protocol.framing import Action, MessageReader, Relay, watch_table
@@ -93,6 +94,9 @@ clock: Final = monotonic
 _LINKED_WATCH: Final = watch_table((m.B_READY_FOR_QUERY, m.B_ERROR, m.B_PARAMETER_STATUS, m.B_NOTIFICATION))
 # Transaction pooling renames prepared statements, so every answer is matched to its request.
 _TRACKED_WATCH: Final = watch_table(TRACKED_RESPONSE_TYPES)
+# While a commit marker's answer is due (`expect_marker`): every message, to swallow the marker's.
+_ALL_WATCH: Final = watch_table(range(256))
+_MARKER_PASSES: Final = (m.B_NOTIFICATION, m.B_PARAMETER_STATUS)
 
 # Puts a server back in step with the sidecar when a client left in the middle of an
 # extended-protocol batch (messages sent with no Sync yet, or an error the server is skipping to
@@ -267,6 +271,11 @@ class ServerConnection(asyncio.Protocol):
         self.unnamed_from: bytes | None = None  # whose unnamed statement this server holds
         self.held_notifications: list[bytes] = []  # NOTIFYs that arrived while detached
         self.in_flight = InFlight()  # the unanswered requests: when sent, and what (REQUEST_*)
+        # A commit marker sent ahead of the client's COMMIT (`expect_marker`): its answer, being
+        # swallowed, and its id, kept until the COMMIT's ReadyForQuery (what a cut resolves).
+        self.marker: MarkerAnswer | None = None
+        self.marker_id: str | None = None
+        self._marker_error: bytes | None = None
         self.stats = stats if stats is not None else Stats()
         self._tracked = False
         # The client's `server_ready` said True while the relay was mid-read: call its
@@ -294,7 +303,7 @@ class ServerConnection(asyncio.Protocol):
             # goes out as it came in, before the bookkeeping (the client gets it sooner); the
             # relay is not involved.
             tracked = self._tracked
-            fast = not tracked or self.tracker.fast
+            fast = (not tracked or self.tracker.fast) and self.marker is None
             if fast and self._relay.quiet_run(data, _LINKED_WATCH) == m.B_READY_FOR_QUERY:
                 out = client.transport
                 if out is not None:
@@ -477,6 +486,49 @@ class ServerConnection(asyncio.Protocol):
             self.close_reason = f"server is going away: {m.error_summary(fields)}"
             return True
         return False
+
+    # ---------------------------------------------------------------- commit markers
+
+    def expect_marker(self, marker_id: str) -> None:
+        """The client's COMMIT goes out behind `outcome.marker_query(marker_id)`, in the same write:
+        swallow the marker's answer (the client never asked for it), and if the marker failed
+        (its transaction is aborted, so the COMMIT answers ROLLBACK) give the client the marker's
+        error in place of that tag, as PostgreSQL answers a COMMIT whose deferred check failed."""
+        self.marker = MarkerAnswer()
+        self.marker_id = marker_id
+        self._marker_error = None
+        self._relay.set_inspector(self._inspect_marker, _ALL_WATCH)
+
+    def _marker_done(self) -> None:
+        self.marker = None
+        self.marker_id = None
+        self._marker_error = None
+        if self._tracked:
+            self._relay.set_inspector(self._inspect_tracked, _TRACKED_WATCH)
+        else:
+            self._relay.set_inspector(self._inspect, _LINKED_WATCH)
+
+    def _inspect_marker(self, type_byte: int, msg: memoryview) -> Action:
+        marker = self.marker
+        if marker is not None and not marker.done and type_byte not in _MARKER_PASSES:
+            if type_byte == m.B_ERROR:
+                self._marker_error = bytes(msg)
+            try:
+                marker.feed(type_byte, msg[5:])
+            except ValueError as exc:
+                self.close_reason = f"protocol error from server: {exc}"
+                return Action.DROP
+            return Action.DROP
+        if marker is not None:
+            # The COMMIT's own answer.
+            if type_byte == m.B_COMMAND_COMPLETE and self._marker_error is not None:
+                self._relay.insert(self._marker_error)  # in place of "ROLLBACK"
+                return Action.DROP
+            if type_byte == m.B_READY_FOR_QUERY:
+                self._marker_done()
+        if self._tracked:
+            return self._inspect_tracked(type_byte, msg) if _TRACKED_WATCH[type_byte] else Action.FORWARD
+        return self._inspect(type_byte, msg) if _LINKED_WATCH[type_byte] else Action.FORWARD
 
     def _journal_pipeline(self, journal: TransactionJournal) -> None:
         """The general path's ReadyForQuery, for the journal: an autocommit write answered while

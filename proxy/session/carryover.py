@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from .. import logs
 from ..journal import EQUAL, Verifier
 from ..local import AbortedTransaction, failover_error
+from ..outcome import resolve as resolve_marker
 from ..protocol import messages as m
 from ..protocol.framing import Action
 from ..protocol.sqlstate import (
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     from sidecar_config import Endpoint
 
     from ..metrics import Stats
+    from ..pool import Pool
     from ..topology import TopologyMonitor
 
 
@@ -67,6 +69,9 @@ class Cut:
         self.kinds = kinds
         self.in_block = in_block
         self.broken = broken
+        # The COMMIT in flight is known not to have committed (its marker is not on the new
+        # writer): it is answered 40001, not 08007.
+        self.rolled_back = False
 
 
 class Carryover:
@@ -148,6 +153,16 @@ class Carryover:
             )
             return
         cut = Cut(str(server.endpoint), in_flight, kinds, in_block, broken)
+        marker_id = server.marker_id
+        if (
+            marker_id is not None
+            and kinds
+            and kinds[-1] == REQUEST_COMMIT
+            and kinds.count(REQUEST_COMMIT) == 1
+            and core.task is None
+        ):
+            self._start_resolve(cut, marker_id)
+            return
         journal = core.journal
         if journal is not None and (in_flight or in_block):
             if self._start_replay(cut):
@@ -175,6 +190,11 @@ class Carryover:
         errors = self._stats.client_errors
         for index in range(in_flight):
             kind = kinds[index] if index < len(kinds) else REQUEST_OTHER
+            if kind == REQUEST_COMMIT and cut.rolled_back:
+                errors[SqlState.SERIALIZATION_FAILURE.value] += 1
+                owed += failover_error(True) + m.ready_for_query(m.TX_IDLE)
+                status = m.TX_IDLE
+                continue
             if kind == REQUEST_COMMIT:
                 self._stats.commit_outcomes["unknown"] += 1
                 owed += m.error_response(
@@ -248,6 +268,13 @@ class Carryover:
         if core.state != HELD:
             pool.release(server, reset=False)
             return
+        await self._run_replay(server, pool, cut, plan)
+
+    async def _run_replay(self, server: ServerConnection, pool: Pool, cut: Cut, plan: replay.Plan) -> bool:
+        """`_replay` on `server` (acquired, HELD): True if the session went on there."""
+        core = self.core
+        journal = core.journal
+        assert journal is not None
         core.own_query_on = server
         try:
             await self._restore(server, plan)
@@ -257,12 +284,12 @@ class Carryover:
         except ProxyError as exc:
             pool.discard(server, f"restoring a session for a replay failed: {exc}")
             self._replay_failed(cut, str(exc))
-            return
+            return False
         finally:
             core.own_query_on = None
         if core.state != HELD:
             pool.release(server, reset=False)
-            return
+            return False
         verifier = Verifier(journal)
         witness = replay.ReplayClient(core, journal, verifier, plan.answers)
         server.link(witness, tracked=False)
@@ -293,12 +320,12 @@ class Carryover:
                 journal.reset()  # a re-run read: nothing open to journal any more
             server.unnamed_from = None  # (transaction mode: unnamed statements re-prepared on use)
             core.link(server)
-            return
+            return True
         pool.discard(server, "transaction replay did not match" if result != replay.LOST else "lost")
         if result == replay.LOST and witness.relayed:
             # Part of the replay's answers went to the client: nothing else can be said now.
             core.fail(UpstreamUnavailable("the new writer was lost too while a cut transaction was replayed"))
-            return
+            return False
         if result != replay.LOST:
             self._stats.transaction_replays["diverged"] += 1
             logs.event(
@@ -311,6 +338,74 @@ class Carryover:
                 expected_bytes=verifier.expected_total,
             )
         self._replay_failed(cut, "answers differ" if result != replay.LOST else "the new server was lost")
+        return False
+
+    # ---------------------------------------------------------------- commit outcomes
+
+    def _start_resolve(self, cut: Cut, marker_id: str) -> None:
+        """A COMMIT sent behind a commit marker is unanswered: find out on the new writer."""
+        self.core.to(HELD)
+        self.attach.start(self._resolve(cut, marker_id))
+
+    async def _resolve(self, cut: Cut, marker_id: str) -> None:
+        """Committed (the marker is on the confirmed new writer): the client gets PostgreSQL's
+        answer. Not committed: the transaction is replayed there and committed once (or, if it
+        cannot be, 40001: it did not commit). Unknown: 08007, as before."""
+        core = self.core
+        pool = self.attach.pool_for_request()
+        if pool is None:
+            self._replay_failed(cut, "no pool")
+            return
+        try:
+            server = await self.attach.acquire(pool)
+        except (SpoolNow, ProxyError) as exc:
+            self._replay_failed(cut, str(exc))
+            return
+        if core.state != HELD:
+            pool.release(server, reset=False)
+            return
+        if str(server.endpoint) == cut.server:
+            # The same server (a cut connection, not a failover): the old backend may still be
+            # committing. Not resolved here.
+            pool.release(server, reset=False)
+            self._replay_failed(cut, "the writer is the same server: outcome unknown")
+            return
+        core.own_query_on = server
+        try:
+            outcome = await resolve_marker(server, marker_id)
+        except asyncio.CancelledError:
+            pool.release(server, reset=not core.transaction_mode, unknown=True)
+            raise
+        except ProxyError as exc:
+            pool.release(server, reset=False)
+            self._replay_failed(cut, f"commit outcome unknown: {exc}")
+            return
+        finally:
+            core.own_query_on = None
+        if core.state != HELD:
+            pool.release(server, reset=False)
+            return
+        logs.event("commit_outcome", conn=core.id, marker=marker_id, outcome=outcome)
+        journal = core.journal
+        if outcome == "committed":
+            self._stats.commit_outcomes["committed"] += 1
+            core.send(m.command_complete("COMMIT") + m.ready_for_query(m.TX_IDLE))
+            if journal is not None:
+                journal.reset()
+            core.link(server)
+            return
+        cut.rolled_back = True  # whatever happens now, the client may be told it did not commit
+        kinds = [REQUEST_OTHER] * len(cut.kinds)
+        verdict: replay.Plan | str = "not_replayable"
+        if journal is not None:
+            verdict = replay.plan(journal, True, kinds, cut.in_flight, core.transaction_mode)
+        if isinstance(verdict, str):
+            self._stats.transaction_replays[verdict] += 1
+            pool.release(server, reset=False)
+            self._replay_failed(cut, f"not committed, and not replayable: {verdict}")
+            return
+        if await self._run_replay(server, pool, cut, verdict):
+            self._stats.commit_outcomes["replayed"] += 1
 
     async def _restore(self, server: ServerConnection, plan: replay.Plan) -> None:
         """The session's settings (as at the start of the transaction: they are read back only

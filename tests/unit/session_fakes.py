@@ -146,6 +146,17 @@ class FakePool:
         self.forget(server)
 
 
+class FakeLedger:
+    """The commit-outcome ledger's face to a session: `marker` is the id the next COMMIT gets
+    (None: the ledger is not ready, no marker)."""
+
+    def __init__(self) -> None:
+        self.marker: str | None = None
+
+    def new_marker(self, user: str, database: str) -> str | None:
+        return self.marker
+
+
 class FakeHost:
     """What `SessionHost` lists, no more."""
 
@@ -167,6 +178,7 @@ class FakeHost:
         self.statements = StatementRegistry()
         self.topology = FakeTopology()
         self.spooling = None
+        self.commit_outcome = FakeLedger()
         self.cancel_keys: dict[int, ClientSession] = {}
         self.client_ssl_context = None
         self.clients: set[ClientSession] = set()

@@ -5,6 +5,7 @@ and what the client sees. (End to end with real clusters: tests/integration/test
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -18,11 +19,13 @@ from proxy.journal import (
     TransactionJournal,
     Verifier,
 )
+from proxy.outcome import marker_query
 from proxy.protocol import messages as m
 from proxy.server import ServerConnection
 from proxy.session.states import ClientState
+from sidecar_config import Endpoint
 
-from .session_fakes import COMPILED, FakeHost, answer, logged_in, msg, query, server_out, settle
+from .session_fakes import COMPILED, FakeHost, answer, logged_in, msg, query, rows, server_out, settle
 
 pytestmark = pytest.mark.skipif(COMPILED, reason="run from the sources: test_session_sources.py")
 
@@ -234,3 +237,114 @@ def test_framing_finds_answer_ends_across_pieces_and_leaves_notifications_out() 
         verifier.answer_done()
         verifier.answer_bytes(answer("INSERT 0 1", b"T"))
         assert verifier.answer_done() == EQUAL
+
+
+MARKER = "0123abcd-0000-0000-0000-000000000001"
+
+
+def marker_answer(marked: bytes = b"t") -> bytes:
+    row = msg(b"D", b"\x00\x01" + len(marked).to_bytes(4, "big") + marked)
+    return (
+        msg(b"T", b"\x00\x01mark_commit\x00" + b"\x00" * 18)
+        + row
+        + m.command_complete("SELECT 1")
+        + msg(b"Z", b"T")
+    )
+
+
+async def in_block(mode: str, servers: int = 2) -> tuple[Any, Any, FakeHost, ServerConnection]:
+    client, transport, host = await logged_in(mode, servers=servers)
+    host.commit_outcome.marker = MARKER
+    client.data_received(query("BEGIN"))
+    old = client.server
+    assert old is not None
+    old.data_received(answer("BEGIN", b"T"))
+    client.data_received(query("INSERT INTO t VALUES (1)"))
+    old.data_received(answer("INSERT 0 1", b"T"))
+    transport.take()
+    server_out(old).take()
+    return client, transport, host, old
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_a_commit_goes_out_behind_its_marker_whose_answer_the_client_never_sees(mode: str) -> None:
+    async def run() -> None:
+        client, transport, _, server = await in_block(mode)
+        client.data_received(query("COMMIT"))
+        assert server_out(server).take() == marker_query(MARKER) + query("COMMIT")
+        server.data_received(marker_answer())
+        assert transport.take() == b""
+        server.data_received(answer("COMMIT"))
+        assert transport.take() == answer("COMMIT")
+        assert server.marker is None and server.marker_id is None
+        await settle()
+
+    asyncio.run(run())
+
+
+def test_a_failed_marker_makes_the_commit_answer_its_error() -> None:
+    async def run() -> None:
+        client, transport, _, server = await in_block("session")
+        client.data_received(query("COMMIT"))
+        error = m.error_response("42883", "function pgsidecar.mark_commit(uuid) does not exist")
+        server.data_received(error + msg(b"Z", b"E") + answer("ROLLBACK"))
+        assert transport.take() == error + msg(b"Z", b"I")
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_an_unanswered_commit_whose_marker_is_on_the_new_writer_succeeds(mode: str) -> None:
+    async def run() -> None:
+        client, transport, host, old = await in_block(mode)
+        client.data_received(query("COMMIT"))
+        old.endpoint = Endpoint("10.0.0.1", 5432)  # the old writer: another node than the new
+        client.cut_server("writer lost")
+        new = await replayed_on(host, old)
+        assert b"commit_marked('" + MARKER.encode() in server_out(new).take()
+        new.data_received(rows(("t", "f")) + answer("SELECT 1"))
+        await settle()
+        assert transport.take() == answer("COMMIT")
+        assert host.stats.commit_outcomes["committed"] == 1
+        assert client.state == S.LINKED and client.server is new
+
+    asyncio.run(run())
+
+
+def test_an_unanswered_commit_that_did_not_commit_is_replayed_once() -> None:
+    async def run() -> None:
+        client, transport, host, old = await in_block("session")
+        client.data_received(query("COMMIT"))
+        old.endpoint = Endpoint("10.0.0.1", 5432)
+        client.cut_server("writer lost")
+        new = await replayed_on(host, old)
+        server_out(new).take()
+        new.data_received(rows(("f", "f")) + answer("SELECT 1"))
+        await settle()
+        assert (
+            server_out(new)
+            .take()
+            .endswith(query("BEGIN") + query("INSERT INTO t VALUES (1)") + query("COMMIT"))
+        )
+        new.data_received(answer("BEGIN", b"T") + answer("INSERT 0 1", b"T") + answer("COMMIT"))
+        await settle()
+        assert transport.take() == answer("COMMIT")
+        assert host.stats.commit_outcomes["replayed"] == 1
+        assert host.stats.transaction_replays["replayed"] == 1
+
+    asyncio.run(run())
+
+
+def test_an_unanswered_commit_whose_outcome_cannot_be_known_gets_08007() -> None:
+    async def run() -> None:
+        client, transport, host, old = await in_block("session")
+        client.data_received(query("COMMIT"))
+        old.endpoint = Endpoint("10.0.0.1", 5432)
+        client.cut_server("writer lost")
+        new = await replayed_on(host, old)
+        new.data_received(rows(("f", "t")) + answer("SELECT 1"))  # in recovery: not a writer
+        await settle()
+        assert b"C08007" in transport.take()
+        assert host.stats.commit_outcomes["unknown"] == 1
+
+    asyncio.run(run())
