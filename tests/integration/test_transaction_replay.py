@@ -16,14 +16,17 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import asyncpg
 import psycopg
 import pytest
 import sqlalchemy
 
+from proxy.outcome import MARKER_DDL
 from tests.harness import pg
 from tests.harness.sidecar import SIDECAR_PASSWORDS, SidecarProcess
+from tests.integration.test_commit_outcome import _wait_outcome
 from tests.integration.test_failover import (
     USER,
     connect,
@@ -295,3 +298,106 @@ def test_sqlalchemy_session_transaction_is_replayed(fresh_topology, sidecar_fact
     engine.dispose()
     assert ids_on(topo.a2, table) == ["s1", "s2"]
     assert replays(sidecar, "replayed") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Commit outcomes: a COMMIT in flight at the crash
+
+
+def ledger_sidecar(topo: pg.Topology, sidecar_factory: Any, mode: str) -> SidecarProcess:
+    """The commit-outcome ledger installed in the app database (as `pgsidecar init-db` does, on
+    a1, streamed to a2), and a sidecar that found it usable for the test's pool."""
+    topo.a1.execute(MARKER_DDL, dbname=pg.APP_DB)
+    topo.a1.wait_caught_up([topo.a2])
+    config = {
+        "admin_users": [USER],
+        "pool": {"mode": mode},
+        "upstream": {"probe_user": USER, "probe_database": pg.APP_DB},
+    }
+    sidecar = sidecar_factory(config, topology=topo)
+    assert _wait_outcome(sidecar, lambda v: v != "unchecked") == "marker"
+    return sidecar
+
+
+def outcomes(sidecar: SidecarProcess, outcome: str) -> float:
+    return metric(sidecar, "pgsidecar_commit_outcomes_total", outcome=outcome)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_commit_in_flight_that_reached_the_standby_succeeds(fresh_topology, sidecar_factory, pool, mode):
+    """Synchronous standby: the commit record reached a2 but a1 never acknowledged it. The marker
+    is on the promoted a2: the client gets COMMIT, and the row is there once."""
+    topo = fresh_topology
+    table = new_table(topo)
+    sidecar = ledger_sidecar(topo, sidecar_factory, mode)
+    pg.set_sync_standbys(topo.a1, ["nobody"])  # every COMMIT on a1 waits, after streaming to a2
+    conn = connect(sidecar, autocommit=False, application_name="committer")
+    conn.execute(insert_sql(table, "once", "committer"))
+    commit = pool.submit(sqlstate_of_call, conn.commit)
+    wait_backend(topo.a1, "application_name = 'committer' AND wait_event = 'SyncRep'")
+    topo.a1.wait_caught_up([topo.a2])
+    crash_and_promote(topo, sidecar, pause=0.3)
+    state, _ = commit.result(timeout=30)
+    assert state is None, f"COMMIT in flight at the crash: expected success, got {state}"
+    assert ids_on(topo.a2, table) == ["once"]
+    assert outcomes(sidecar, "committed") == 1
+    assert outcomes(sidecar, "unknown") == 0
+    conn.execute(insert_sql(table, "next", "committer"))
+    conn.commit()
+    assert ids_on(topo.a2, table) == ["next", "once"]
+    conn.close()
+
+
+def _sleep_at_commit_on(node: pg.PgNode, table: str) -> None:
+    """A deferred constraint trigger on `table` that holds every COMMIT on `node` (only there:
+    the replay on the promoted standby commits at once)."""
+    node.execute(
+        f"""
+        CREATE FUNCTION {table}_hold() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF current_setting('port')::int = {node.port} THEN PERFORM pg_sleep(60); END IF;
+            RETURN NULL;
+        END $$;
+        CREATE CONSTRAINT TRIGGER {table}_hold AFTER INSERT ON {table}
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {table}_hold();
+        """,
+        dbname=pg.APP_DB,
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_commit_in_flight_that_never_committed_is_replayed_once(fresh_topology, sidecar_factory, pool, mode):
+    """The COMMIT is held on a1 before its commit record exists (a deferred trigger), then a1
+    crashes: the marker is not on a2, so the transaction is replayed there and committed once."""
+    topo = fresh_topology
+    table = make_table(topo.a1)
+    _sleep_at_commit_on(topo.a1, table)
+    topo.a1.wait_caught_up([topo.a2])
+    sidecar = ledger_sidecar(topo, sidecar_factory, mode)
+    conn = connect(sidecar, autocommit=False, application_name="committer")
+    conn.execute(insert_sql(table, "once", "committer"))
+    commit = pool.submit(sqlstate_of_call, conn.commit)
+    wait_backend(topo.a1, "application_name = 'committer' AND wait_event = 'PgSleep'")
+    crash_and_promote(topo, sidecar, pause=0.3)
+    state, _ = commit.result(timeout=30)
+    assert state is None, f"COMMIT in flight at the crash: expected success, got {state}"
+    assert ids_on(topo.a2, table) == ["once"]
+    assert outcomes(sidecar, "replayed") == 1
+    assert replays(sidecar, "replayed") == 1
+    conn.close()
+
+
+def test_autocommit_insert_in_flight_keeps_08007(fresh_topology, sidecar_factory, pool):
+    """Not wrapped in a marked transaction (yet): its outcome stays unknown to the client."""
+    topo = fresh_topology
+    table = new_table(topo)
+    sidecar = ledger_sidecar(topo, sidecar_factory, "session")
+    pg.set_sync_standbys(topo.a1, ["nobody"])
+    conn = connect(sidecar, application_name="autocommitter")
+    insert = pool.submit(sqlstate_of_call, lambda: conn.execute(insert_sql(table, "maybe", "ac")))
+    wait_backend(topo.a1, "application_name = 'autocommitter' AND wait_event = 'SyncRep'")
+    crash_and_promote(topo, sidecar, pause=0.3)
+    state, _ = insert.result(timeout=30)
+    assert state == "08007"
+    assert count_on(topo.a2, table) <= 1
+    conn.close()
