@@ -202,8 +202,11 @@ class TransactionJournal:
         The common autocommit case (status idle, nothing more in flight) only resets."""
         if status == _TX_IDLE:
             if not more:
-                if self.requests or self.relayed_total or self.blocked or self.too_large or self._open:
+                if self.relayed_total or self.answer_ends or self.blocked or self.too_large or self._open:
                     self.reset()
+                elif self.requests:  # the usual autocommit statement: one request, nothing hashed
+                    self.requests.clear()
+                    self.size = 0
                 return
             if kind != REQUEST_READ:
                 self.blocked = True
