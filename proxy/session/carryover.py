@@ -236,7 +236,14 @@ class Carryover:
         journal = core.journal
         if journal is None or core.task is not None:
             return False
-        verdict = replay.plan(journal, cut.in_block, cut.kinds, cut.in_flight, core.transaction_mode)
+        verdict = replay.plan(
+            journal,
+            cut.in_block,
+            cut.kinds,
+            cut.in_flight,
+            core.transaction_mode,
+            self.mode.known_statements(),
+        )
         if isinstance(verdict, str):
             if verdict != replay.COMMIT_IN_FLIGHT:
                 self._stats.transaction_replays[verdict] += 1
@@ -398,7 +405,8 @@ class Carryover:
         kinds = [REQUEST_OTHER] * len(cut.kinds)
         verdict: replay.Plan | str = "not_replayable"
         if journal is not None:
-            verdict = replay.plan(journal, True, kinds, cut.in_flight, core.transaction_mode)
+            known = self.mode.known_statements()
+            verdict = replay.plan(journal, True, kinds, cut.in_flight, core.transaction_mode, known, True)
         if isinstance(verdict, str):
             self._stats.transaction_replays[verdict] += 1
             pool.release(server, reset=False)

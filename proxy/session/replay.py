@@ -33,6 +33,8 @@ LOST: Final = 3  # the new server was lost too
 COMMIT_IN_FLIGHT: Final = "commit"
 
 _COPY_MESSAGES: Final = (ord("d"), ord("c"), ord("f"))
+# First keywords of statements that end a transaction (or may: PREPARE TRANSACTION).
+_ENDS_TRANSACTION: Final = (b"commit", b"end", b"rollback", b"abort", b"prepare")
 
 
 class Plan:
@@ -45,7 +47,13 @@ class Plan:
 
 
 def plan(
-    journal: TransactionJournal, in_block: bool, kinds: list[int], in_flight: int, transaction_mode: bool
+    journal: TransactionJournal,
+    in_block: bool,
+    kinds: list[int],
+    in_flight: int,
+    transaction_mode: bool,
+    known: dict[str, bytes] | None = None,
+    final_commit: bool = False,
 ) -> Plan | str:
     """A `Plan`, or why the journal cannot be replayed: a REPLAY_RESULTS label (too_large,
     not_replayable) or COMMIT_IN_FLIGHT.
@@ -53,7 +61,13 @@ def plan(
     Outside a transaction block only rerunnable reads are (a write may have committed on its own).
     Inside one: anything but COPY, several statements in one Query (one of them could be a COMMIT
     that did happen), and in transaction mode named statements (sent under the sidecar's shared
-    names, which the new server may not have)."""
+    names, which the new server may not have). Outside a block, a Bind runs a statement whose
+    text must be known (prepared in the journal, or one of the session's `known` Parse messages)
+    and a rerunnable read: a driver's prepared INSERT is Bind/Execute/Sync with no text at all.
+    Inside one too every Bind's text must be known, and nothing may end a transaction (COMMIT,
+    ROLLBACK, PREPARE TRANSACTION...: what followed it ran on its own and may have committed),
+    except, with `final_commit`, the COMMIT that is the journal's last request (a COMMIT known
+    not to have committed, replayed once)."""
     if REQUEST_COMMIT in kinds:
         return COMMIT_IN_FLIGHT
     if journal.too_large:
@@ -65,6 +79,7 @@ def plan(
     pos = 0
     answers = 0
     parsed: set[str] = set()
+    texts: dict[str, bytes] = {}  # statement name -> its text, as the journal prepares them
     while pos + 5 <= n:
         mtype = data[pos]
         end = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
@@ -80,26 +95,50 @@ def plan(
             text = body[:-1]
             if not _replayable_text(text, in_block):
                 return "not_replayable"
+            if first_keyword(text) in _ENDS_TRANSACTION and not (final_commit and pos == n):
+                return "not_replayable"
         elif mtype == m.F_PARSE:
             name_end = body.find(b"\x00")
             query_end = body.find(b"\x00", name_end + 1)
             if name_end < 0 or query_end < 0:
                 return "not_replayable"
+            name = body[:name_end].decode("utf-8", "replace")
             if name_end > 0:
                 if transaction_mode:
                     return "not_replayable"
-                parsed.add(body[:name_end].decode("utf-8", "replace"))
-            if not _replayable_text(body[name_end + 1 : query_end], in_block):
+                parsed.add(name)
+            text = body[name_end + 1 : query_end]
+            if not _replayable_text(text, in_block) or first_keyword(text) in _ENDS_TRANSACTION:
                 return "not_replayable"
+            texts[name] = text
         elif mtype == m.F_BIND:
             portal_end = body.find(b"\x00")
-            if transaction_mode and (portal_end != 0 or body[1:2] != b"\x00"):
+            statement_end = body.find(b"\x00", portal_end + 1)
+            if portal_end < 0 or statement_end < 0:
+                return "not_replayable"
+            if transaction_mode and (portal_end != 0 or statement_end != 1):
+                return "not_replayable"
+            # Every Bind: the statement it runs must be known.
+            name = body[portal_end + 1 : statement_end].decode("utf-8", "replace")
+            bound = texts.get(name)
+            if bound is None:
+                known_parse = (known or {}).get(name) if name else None
+                if known_parse is None:
+                    return "not_replayable"  # the statement's text is not known here
+                bound = _parse_text(known_parse)
+            if not _replayable_text(bound, in_block) or first_keyword(bound) in _ENDS_TRANSACTION:
                 return "not_replayable"
         elif (mtype == m.F_CLOSE and transaction_mode) or (mtype == m.F_FUNCTION_CALL and not in_block):
             return "not_replayable"
     if answers != journal.answered + in_flight:
         return "not_replayable"  # requests and answers do not line up (an ignored Query, ...)
     return Plan(answers, parsed)
+
+
+def _parse_text(parse: bytes) -> bytes:
+    """The query text of a whole Parse message."""
+    name_end = parse.find(b"\x00", 5)
+    return parse[name_end + 1 : parse.find(b"\x00", name_end + 1)]
 
 
 def _replayable_text(text: bytes, in_block: bool) -> bool:

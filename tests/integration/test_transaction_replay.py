@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import asyncpg
 import psycopg
@@ -24,6 +23,7 @@ import pytest
 import sqlalchemy
 
 from proxy.outcome import MARKER_DDL
+from tests.conftest import SidecarFactory
 from tests.harness import pg
 from tests.harness.sidecar import SIDECAR_PASSWORDS, SidecarProcess
 from tests.integration.test_commit_outcome import _wait_outcome
@@ -304,7 +304,7 @@ def test_sqlalchemy_session_transaction_is_replayed(fresh_topology, sidecar_fact
 # Commit outcomes: a COMMIT in flight at the crash
 
 
-def ledger_sidecar(topo: pg.Topology, sidecar_factory: Any, mode: str) -> SidecarProcess:
+def ledger_sidecar(topo: pg.Topology, sidecar_factory: SidecarFactory, mode: str) -> SidecarProcess:
     """The commit-outcome ledger installed in the app database (as `pgsidecar init-db` does, on
     a1, streamed to a2), and a sidecar that found it usable for the test's pool."""
     topo.a1.execute(MARKER_DDL, dbname=pg.APP_DB)

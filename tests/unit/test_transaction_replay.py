@@ -25,7 +25,21 @@ from proxy.server import ServerConnection
 from proxy.session.states import ClientState
 from sidecar_config import Endpoint
 
-from .session_fakes import COMPILED, FakeHost, answer, logged_in, msg, query, rows, server_out, settle
+from .session_fakes import (
+    COMPILED,
+    SYNC,
+    FakeHost,
+    answer,
+    bind,
+    execute,
+    logged_in,
+    msg,
+    parse,
+    query,
+    rows,
+    server_out,
+    settle,
+)
 
 pytestmark = pytest.mark.skipif(COMPILED, reason="run from the sources: test_session_sources.py")
 
@@ -84,6 +98,49 @@ def test_the_dying_servers_warning_is_not_part_of_any_answer() -> None:
         new.data_received(answer("BEGIN", b"T") + select_answer(b"1", b"T"))
         await settle()
         assert client.state == S.LINKED and host.stats.transaction_replays["replayed"] == 1
+
+    asyncio.run(run())
+
+
+def test_an_autocommit_write_of_a_prepared_statement_is_not_re_run() -> None:
+    """psycopg prepares a statement run often: then its INSERT is Bind/Execute/Sync, no text."""
+
+    async def run() -> None:
+        client, transport, host = await logged_in("session")
+        server = client.server
+        assert server is not None
+        client.data_received(parse("_pg3_0", "INSERT INTO t VALUES ($1)") + SYNC)
+        server.data_received(msg(b"1") + msg(b"Z", b"I"))
+        transport.take()
+        client.data_received(bind("_pg3_0") + execute() + SYNC)  # in flight at the cut
+        client.cut_server("writer lost")
+        assert b"08007" in transport.take()
+        assert host.stats.transaction_replays["not_replayable"] == 1
+
+    asyncio.run(run())
+
+
+def test_a_prepared_read_is_re_run() -> None:
+    async def run() -> None:
+        client, transport, host = await logged_in("session", servers=2)
+        server = client.server
+        assert server is not None
+        client.data_received(parse("r", "SELECT x FROM t") + SYNC)
+        server.data_received(msg(b"1") + msg(b"Z", b"I"))
+        transport.take()
+        client.data_received(bind("r") + execute() + SYNC)
+        client.cut_server("writer lost")
+        new = await replayed_on(host, server)
+        sent = server_out(new).take()
+        assert sent.startswith(parse("r", "SELECT x FROM t"))  # re-prepared first
+        new.data_received(msg(b"1") + msg(b"Z", b"I"))  # (the re-prepare's answer, read by the sidecar)
+        await settle()
+        assert sent.endswith(bind("r") + execute() + SYNC) or server_out(new).take().endswith(SYNC)
+        answer_rows = msg(b"2") + select_answer(b"5")
+        new.data_received(answer_rows)
+        await settle()
+        assert transport.take() == answer_rows
+        assert host.stats.transaction_replays["replayed"] == 1
 
     asyncio.run(run())
 
