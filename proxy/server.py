@@ -388,6 +388,10 @@ class ServerConnection(asyncio.Protocol):
         self.in_flight.clear()
         self.state = ServerState.ACTIVE
         self.last_used = monotonic()
+        if self.marker is not None:
+            # A commit marker whose answers were read past detached (its client left): its
+            # inspector must not swallow the next client's answers.
+            self._marker_done()
         if tracked != self._tracked:
             self._tracked = tracked
             if tracked:

@@ -34,6 +34,7 @@ from .session_fakes import (
     execute,
     logged_in,
     msg,
+    new_client,
     parse,
     query,
     rows,
@@ -403,5 +404,24 @@ def test_an_unanswered_commit_whose_outcome_cannot_be_known_gets_08007() -> None
         await settle()
         assert b"C08007" in transport.take()
         assert host.stats.commit_outcomes["unknown"] == 1
+
+    asyncio.run(run())
+
+
+def test_a_marker_left_behind_does_not_swallow_the_next_clients_answers() -> None:
+    async def run() -> None:
+        client, _, host, server = await in_block("session", servers=1)
+        client.data_received(query("COMMIT"))
+        assert server.marker is not None
+        client.close("client left with its COMMIT in flight")  # (the pool reads past its answers)
+        host.pool.idle = [server]
+        other, transport = new_client(host)
+        other.data_received(m.startup_message({"user": "app", "database": "db"}))
+        await settle()
+        assert other.server is server
+        transport.take()
+        other.data_received(query("SELECT 1"))
+        server.data_received(answer("SELECT 1"))
+        assert transport.take() == answer("SELECT 1")
 
     asyncio.run(run())
