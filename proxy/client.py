@@ -111,10 +111,14 @@ class ClientSession(SessionCore):
             if server is not None:
                 if session_relay is not None:
                     if session_relay.fast(server, data):
+                        if self.journal is not None:
+                            self.journal.record_request(data)  # (a reference: no copy)
                         return
                 else:
                     routing = self.routing
                     if routing is not None and routing.between_answers(server) and routing.attach_query(data):
+                        if self.journal is not None:
+                            self.journal.record_request(data)
                         return  # the next request of an open transaction, on its own server
             try:
                 spans = self.relay.feed(data)
@@ -125,6 +129,8 @@ class ClientSession(SessionCore):
             if out is not None:
                 for span in spans:
                     out.write(span)
+                if self.journal is not None:
+                    self.record_spans(spans)
             if self.relay.paused and self.state == LINKED:  # Terminate
                 self.relay_stopped()
             return
@@ -151,6 +157,8 @@ class ClientSession(SessionCore):
             if state in (IDLE, PARKED) and self.task is None:
                 routing = self.routing
                 if routing is not None and routing.attach_query(data):
+                    if self.journal is not None:
+                        self.journal.record_request(data)
                     return
             self.attach.hold(data)
             return

@@ -44,6 +44,7 @@ MODULES: Final = (
     "proxy.session.session_relay",
     "proxy.session.transaction_routing",
     "proxy.session.carryover",
+    "proxy.session.replay",
     "proxy.session.outage_session",
     "proxy.session.login",
     "proxy.server",

@@ -33,9 +33,92 @@ from __future__ import annotations
 from hashlib import blake2b
 from typing import Final
 
+from .requests import REQUEST_READ
+
 DIGEST_SIZE: Final = 16
 # Copied rather than constructed for each new stream: a copy of a fresh object is the cheaper.
 _FRESH: Final = blake2b(digest_size=DIGEST_SIZE)
+
+_READY: Final = 0x5A  # 'Z' ReadyForQuery: an answer ends with it
+_NOTIFY: Final = 0x41  # 'A' NotificationResponse: not part of any answer
+_NOTICE: Final = 0x4E  # 'N' NoticeResponse
+# The SQLSTATE field of a dying server's WARNING ("terminating connection due to immediate
+# shutdown command", 57P01/57P02/57P03): sent at the cut, outside or inside an answer, and not
+# part of it: left out of the digest.
+_GOING_AWAY: Final = b"\x00C57P0"
+_TX_IDLE: Final = 0x49  # 'I'
+
+# `Framing.split` segment kinds.
+SEG_ANSWER: Final = 0  # answer bytes
+SEG_ANSWER_END: Final = 1  # answer bytes ending with a ReadyForQuery: the answer is complete
+SEG_NOTIFY: Final = 2  # a NotificationResponse (or part of one): relayed, never compared
+SEG_NOTICE: Final = 3  # a whole NoticeResponse: answer bytes, unless a dying server's goodbye
+
+
+class Framing:
+    """Follows the message boundaries of a server->client byte stream written in arbitrary pieces
+    (the relay's spans may end in the middle of a message), so that ReadyForQuery ends and
+    NotificationResponses can be found without copying: `split` cuts a piece into segments.
+    Costs one step per message, not per byte; only on the general path (the fast path's reads
+    are whole answers)."""
+
+    def __init__(self) -> None:
+        self.type = -1  # the current message's type byte; -1: at a message boundary
+        self.left = -1  # bytes left of the current message; -1: its length is not read yet
+        self.header = bytearray()  # the length bytes read so far, when split between pieces
+        self.length = 0  # the current message's length field
+
+    def reset(self) -> None:
+        self.type = -1
+        self.left = -1
+        self.header.clear()
+
+    def split(self, data: bytes | memoryview) -> list[tuple[int, int, int]]:
+        """(start, end, SEG_*) segments covering `data`, in order."""
+        out: list[tuple[int, int, int]] = []
+        n = len(data)
+        pos = 0
+        start = 0  # of the segment being built
+        while pos < n:
+            mtype = self.type
+            if mtype < 0:
+                mtype = data[pos]
+                if mtype in (_NOTIFY, _NOTICE) and pos > start:
+                    out.append((start, pos, SEG_ANSWER))
+                    start = pos
+                self.type = mtype
+                self.left = -1
+                self.header.clear()
+                pos += 1
+                continue
+            if self.left < 0:
+                take = min(4 - len(self.header), n - pos)
+                self.header += data[pos : pos + take]
+                pos += take
+                if len(self.header) < 4:
+                    continue
+                self.length = int.from_bytes(self.header, "big")
+                self.left = self.length - 4
+            else:
+                take = min(self.left, n - pos)
+                pos += take
+                self.left -= take
+            if self.left == 0:
+                self.type = -1
+                if mtype == _NOTIFY:
+                    out.append((start, pos, SEG_NOTIFY))
+                    start = pos
+                elif mtype == _READY:
+                    out.append((start, pos, SEG_ANSWER_END))
+                    start = pos
+                elif mtype == _NOTICE:
+                    whole = pos - start == self.length + 1
+                    out.append((start, pos, SEG_NOTICE if whole else SEG_ANSWER))
+                    start = pos
+        if pos > start:
+            out.append((start, pos, SEG_NOTIFY if self.type == _NOTIFY else SEG_ANSWER))
+        return out
+
 
 # Verifier.status values.
 PENDING: Final = 0  # still comparing
@@ -55,6 +138,10 @@ class TransactionJournal:
         self._hash = _FRESH.copy()  # every answer byte relayed in this transaction, in order
         self.relayed_total = 0  # answer bytes relayed in this transaction
         self.answer_ends: list[int] = []  # answer_ends[i]: relayed_total when answer i ended
+        # An autocommit request other than a read was answered while more were in flight: it is
+        # done and must never be sent again, so nothing recorded can be replayed until `reset`.
+        self.blocked = False
+        self.framing = Framing()  # the general path's answer stream (`relay_view`)
 
     def begin(self) -> None:
         """A new transaction: forget the previous one."""
@@ -66,6 +153,7 @@ class TransactionJournal:
         self._open.clear()
         self.size = 0
         self.too_large = False
+        self.blocked = False
         if self.relayed_total:
             self._hash = _FRESH.copy()
             self.relayed_total = 0
@@ -108,6 +196,53 @@ class TransactionJournal:
         if not self.too_large:
             self.answer_ends.append(self.relayed_total)
 
+    def whole_answer(self, data: bytes, status: int, more: int, kind: int) -> None:
+        """The relay's fast path wrote `data`, one whole answer ending in a ReadyForQuery of
+        `status`; `more` requests are still in flight; `kind` is the answered request's REQUEST_*.
+        The common autocommit case (status idle, nothing more in flight) only resets."""
+        if status == _TX_IDLE:
+            if not more:
+                if self.relayed_total or self.answer_ends or self.blocked or self.too_large or self._open:
+                    self.reset()
+                elif self.requests:  # the usual autocommit statement: one request, nothing hashed
+                    self.requests.clear()
+                    self.size = 0
+                return
+            if kind != REQUEST_READ:
+                self.blocked = True
+        if self.too_large or self.blocked:
+            return
+        self._hash.update(data)
+        self.relayed_total += len(data)
+        self.answer_ends.append(self.relayed_total)
+
+    def answered_in_pipeline(self, status: int, more: int, kind: int) -> None:
+        """The general path saw a ReadyForQuery (see `whole_answer` for the arguments)."""
+        if status == _TX_IDLE and more and kind != REQUEST_READ:
+            self.blocked = True
+
+    def relay_view(self, data: bytes | memoryview) -> None:
+        """The general path wrote `data` (any piece of the answer stream) to the client."""
+        segments = self.framing.split(data)
+        if self.too_large or self.blocked:
+            return
+        view = memoryview(data)
+        for start, end, kind in segments:
+            if kind == SEG_NOTIFY or (kind == SEG_NOTICE and _GOING_AWAY in bytes(view[start:end])):
+                continue
+            self._hash.update(view[start:end])
+            self.relayed_total += end - start
+            if kind == SEG_ANSWER_END:
+                self.answer_ends.append(self.relayed_total)
+
+    def settled(self, status: int, more: int) -> None:
+        """After the general path's write: at status idle with nothing in flight the transaction
+        is over (the framing is at a boundary after its ReadyForQuery)."""
+        if (status == _TX_IDLE and not more and self.framing.type < 0) and (
+            self.requests or self.relayed_total or self.blocked or self.too_large or self._open
+        ):
+            self.reset()
+
     def digest(self) -> bytes:
         """The digest of every answer byte relayed so far (at the cut)."""
         return self._hash.copy().digest()
@@ -126,7 +261,7 @@ class TransactionJournal:
     @property
     def replayable(self) -> bool:
         """Whether a replay can be attempted: nothing was dropped and no request is half recorded."""
-        return not self.too_large and not self._open
+        return not self.too_large and not self._open and not self.blocked
 
 
 class Verifier:

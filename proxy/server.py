@@ -20,7 +20,9 @@ from time import monotonic  # by name: compiled, `time.monotonic` is a module ge
 from typing import TYPE_CHECKING, Final, cast
 
 from . import logs
+from .journal import TransactionJournal
 from .metrics import Stats
+from .outcome_answer import MarkerAnswer
 from .protocol import messages as m
 from .protocol.auth import UpstreamAuthenticator
 from .protocol.framing import Action, MessageReader, Relay, watch_table
@@ -58,6 +60,9 @@ class LinkedClient(asyncio.Protocol):
         self.params_told: dict[str, str] = {}
         # Whether the server must call `server_ready` at each ReadyForQuery.
         self.wants_ready = False
+        # The current transaction's journal (failover.transaction_replay), fed the answers as
+        # they are written to the client; None: replay is off.
+        self.journal: TransactionJournal | None = None
 
     def server_ready(self, status: int) -> bool:
         """ReadyForQuery arrived (called only while `wants_ready`). True: the client is at a quiet
@@ -89,6 +94,9 @@ clock: Final = monotonic
 _LINKED_WATCH: Final = watch_table((m.B_READY_FOR_QUERY, m.B_ERROR, m.B_PARAMETER_STATUS, m.B_NOTIFICATION))
 # Transaction pooling renames prepared statements, so every answer is matched to its request.
 _TRACKED_WATCH: Final = watch_table(TRACKED_RESPONSE_TYPES)
+# While a commit marker's answer is due (`expect_marker`): every message, to swallow the marker's.
+_ALL_WATCH: Final = watch_table(range(256))
+_MARKER_PASSES: Final = (m.B_NOTIFICATION, m.B_PARAMETER_STATUS)
 
 # Puts a server back in step with the sidecar when a client left in the middle of an
 # extended-protocol batch (messages sent with no Sync yet, or an error the server is skipping to
@@ -127,13 +135,14 @@ class InFlight:
     operation here is native, where each deque append/popleft is a generic method call (four per
     transaction). Slots are reused, so the usual one-request-at-a-time traffic allocates nothing."""
 
-    __slots__ = ("_head", "_kinds", "_started", "_tail")
+    __slots__ = ("_head", "_kinds", "_started", "_tail", "last_kind")
 
     def __init__(self) -> None:
         self._started: list[float] = []
         self._kinds: list[int] = []
         self._head = 0  # the oldest unanswered request
         self._tail = 0  # one past the newest
+        self.last_kind = REQUEST_OTHER  # the kind of the request `pop` last forgot (the journal's)
 
     def __len__(self) -> int:
         return self._tail - self._head
@@ -154,6 +163,7 @@ class InFlight:
         if head >= self._tail:
             return -1.0
         started = self._started[head]
+        self.last_kind = self._kinds[head]
         head += 1
         if head == self._tail:
             self.clear()  # the usual case: nothing in flight, start again at slot 0
@@ -261,6 +271,11 @@ class ServerConnection(asyncio.Protocol):
         self.unnamed_from: bytes | None = None  # whose unnamed statement this server holds
         self.held_notifications: list[bytes] = []  # NOTIFYs that arrived while detached
         self.in_flight = InFlight()  # the unanswered requests: when sent, and what (REQUEST_*)
+        # A commit marker sent ahead of the client's COMMIT (`expect_marker`): its answer, being
+        # swallowed, and its id, kept until the COMMIT's ReadyForQuery (what a cut resolves).
+        self.marker: MarkerAnswer | None = None
+        self.marker_id: str | None = None
+        self._marker_error: bytes | None = None
         self.stats = stats if stats is not None else Stats()
         self._tracked = False
         # The client's `server_ready` said True while the relay was mid-read: call its
@@ -288,7 +303,7 @@ class ServerConnection(asyncio.Protocol):
             # goes out as it came in, before the bookkeeping (the client gets it sooner); the
             # relay is not involved.
             tracked = self._tracked
-            fast = not tracked or self.tracker.fast
+            fast = (not tracked or self.tracker.fast) and self.marker is None
             if fast and self._relay.quiet_run(data, _LINKED_WATCH) == m.B_READY_FOR_QUERY:
                 out = client.transport
                 if out is not None:
@@ -301,6 +316,10 @@ class ServerConnection(asyncio.Protocol):
                     due = client.server_ready(status)
                 else:
                     due = self._on_ready(status, client)
+                journal = client.journal
+                if journal is not None:
+                    in_flight = self.in_flight
+                    journal.whole_answer(data, status, len(in_flight), in_flight.last_kind)
                 if due:
                     # (Unlike Action.FORWARD_PAUSE, no `hold`: the read ended with the
                     # ReadyForQuery, so there is nothing after it to keep back.)
@@ -315,6 +334,11 @@ class ServerConnection(asyncio.Protocol):
             if out is not None:
                 for span in spans:
                     out.write(span)
+            journal = client.journal
+            if journal is not None:
+                for span in spans:
+                    journal.relay_view(span)
+                journal.settled(self.tx_status, len(self.in_flight))
             if self.close_reason is not None:
                 self.close(self.close_reason)  # its FATAL goodbye, dropped above
                 return
@@ -364,6 +388,10 @@ class ServerConnection(asyncio.Protocol):
         self.in_flight.clear()
         self.state = ServerState.ACTIVE
         self.last_used = monotonic()
+        if self.marker is not None:
+            # A commit marker whose answers were read past detached (its client left): its
+            # inspector must not swallow the next client's answers.
+            self._marker_done()
         if tracked != self._tracked:
             self._tracked = tracked
             if tracked:
@@ -395,7 +423,10 @@ class ServerConnection(asyncio.Protocol):
     def _inspect(self, type_byte: int, msg: memoryview) -> Action:
         client = self.client
         if type_byte == m.B_READY_FOR_QUERY:
-            if self._on_ready(msg[5], client):
+            due = self._on_ready(msg[5], client)
+            if client is not None and client.journal is not None:
+                self._journal_pipeline(client.journal)
+            if due:
                 self._quiet_due = True
                 return Action.FORWARD_PAUSE
         elif type_byte == m.B_PARAMETER_STATUS:
@@ -460,6 +491,55 @@ class ServerConnection(asyncio.Protocol):
             return True
         return False
 
+    # ---------------------------------------------------------------- commit markers
+
+    def expect_marker(self, marker_id: str) -> None:
+        """The client's COMMIT goes out behind `outcome.marker_query(marker_id)`, in the same write:
+        swallow the marker's answer (the client never asked for it), and if the marker failed
+        (its transaction is aborted, so the COMMIT answers ROLLBACK) give the client the marker's
+        error in place of that tag, as PostgreSQL answers a COMMIT whose deferred check failed."""
+        self.marker = MarkerAnswer()
+        self.marker_id = marker_id
+        self._marker_error = None
+        self._relay.set_inspector(self._inspect_marker, _ALL_WATCH)
+
+    def _marker_done(self) -> None:
+        self.marker = None
+        self.marker_id = None
+        self._marker_error = None
+        if self._tracked:
+            self._relay.set_inspector(self._inspect_tracked, _TRACKED_WATCH)
+        else:
+            self._relay.set_inspector(self._inspect, _LINKED_WATCH)
+
+    def _inspect_marker(self, type_byte: int, msg: memoryview) -> Action:
+        marker = self.marker
+        if marker is not None and not marker.done and type_byte not in _MARKER_PASSES:
+            if type_byte == m.B_ERROR:
+                self._marker_error = bytes(msg)
+            try:
+                marker.feed(type_byte, msg[5:])
+            except ValueError as exc:
+                self.close_reason = f"protocol error from server: {exc}"
+                return Action.DROP
+            return Action.DROP
+        if marker is not None:
+            # The COMMIT's own answer.
+            if type_byte == m.B_COMMAND_COMPLETE and self._marker_error is not None:
+                self._relay.insert(self._marker_error)  # in place of "ROLLBACK"
+                return Action.DROP
+            if type_byte == m.B_READY_FOR_QUERY:
+                self._marker_done()
+        if self._tracked:
+            return self._inspect_tracked(type_byte, msg) if _TRACKED_WATCH[type_byte] else Action.FORWARD
+        return self._inspect(type_byte, msg) if _LINKED_WATCH[type_byte] else Action.FORWARD
+
+    def _journal_pipeline(self, journal: TransactionJournal) -> None:
+        """The general path's ReadyForQuery, for the journal: an autocommit write answered while
+        more requests are in flight must never be sent again."""
+        in_flight = self.in_flight
+        journal.answered_in_pipeline(self.tx_status, len(in_flight), in_flight.last_kind)
+
     def _answered(self) -> None:
         """A ReadyForQuery: one request answered (and, at status idle, a transaction done)."""
         stats = self.stats
@@ -475,6 +555,8 @@ class ServerConnection(asyncio.Protocol):
         if type_byte == m.B_READY_FOR_QUERY:
             self.tx_status = msg[5]
             self._answered()
+            if client is not None and client.journal is not None:
+                self._journal_pipeline(client.journal)
         elif type_byte == m.B_PARAMETER_STATUS:
             name, value = m.decode_parameter_status(msg[5:])
             self.note_parameter(name, value)

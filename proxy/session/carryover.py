@@ -2,9 +2,11 @@
 goodbye) is told exactly what happened to its requests in flight and moves on; a cut transaction
 block is answered locally as aborted (`local.AbortedTransaction`) until the client ends it.
 
-Everything about a cut is decided here (`_server_gone`), which makes this the home of
-transaction replay: a journal of the open transaction's requests kept as they are forwarded, and
-replayed on the new writer instead of answering 40001.
+Everything about a cut is decided here (`_server_gone`), transaction replay included: the
+session's journal (the current transaction's requests as forwarded, a digest of the answers
+relayed) is replayed on the confirmed new writer (`_replay`, with `replay.plan` and
+`replay.ReplayClient`); only if that cannot be done, or the replay's answers differ, is the client
+told as before (`_tell_client`). ARCHITECTURE.md, "Transaction replay".
 
 Uses of the core: its state and transition, server, pool, relay, `send`, `fail`. Receives at
 construction: the pool mode (`Mode`: the client's statements, whether the session can move), the
@@ -16,14 +18,18 @@ the writer is confirmed). Offers: `server_lost`, `cut_server`, and the ABORTED s
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .. import logs
+from ..journal import EQUAL, Verifier
 from ..local import AbortedTransaction, failover_error
+from ..outcome import resolve as resolve_marker
 from ..protocol import messages as m
 from ..protocol.framing import Action
 from ..protocol.sqlstate import (
+    ProxyError,
     SqlState,
     UpstreamUnavailable,
 )
@@ -33,12 +39,16 @@ from ..server import (
     REQUEST_READ,
     ServerConnection,
 )
+from ..settings import sync_sql
+from ..spooling import SpoolNow
+from . import replay
 from .attach import Attach
 from .core import SessionCore
 from .mode import Mode
 from .states import (
     ABORTED,
     GATED,
+    HELD,
     IDLE,
 )
 
@@ -46,7 +56,23 @@ if TYPE_CHECKING:
     from sidecar_config import Endpoint
 
     from ..metrics import Stats
+    from ..pool import Pool
     from ..topology import TopologyMonitor
+
+
+class Cut:
+    """What a cut server left owed to the client: the answers `_tell_client` gives if no replay
+    does."""
+
+    def __init__(self, server: str, in_flight: int, kinds: list[int], in_block: bool, broken: bool) -> None:
+        self.server = server
+        self.in_flight = in_flight
+        self.kinds = kinds
+        self.in_block = in_block
+        self.broken = broken
+        # The COMMIT in flight is known not to have committed (its marker is not on the new
+        # writer): it is answered 40001, not 08007.
+        self.rolled_back = False
 
 
 class Carryover:
@@ -122,11 +148,6 @@ class Carryover:
         )
         if not active:
             return  # a login's first server (the login fails on it), or the session is closing
-        if broken:
-            core.fail(
-                UpstreamUnavailable(f"lost upstream {server.endpoint} in the middle of a response: {reason}")
-            )
-            return
         unmovable = self.mode.unmovable()
         if unmovable is not None:
             core.fail(
@@ -136,6 +157,34 @@ class Carryover:
                 )
             )
             return
+        cut = Cut(str(server.endpoint), in_flight, kinds, in_block, broken)
+        marker_id = server.marker_id
+        if (
+            marker_id is not None
+            and kinds
+            and kinds[-1] == REQUEST_COMMIT
+            and kinds.count(REQUEST_COMMIT) == 1
+            and core.task is None
+        ):
+            self._start_resolve(cut, marker_id)
+            return
+        journal = core.journal
+        if journal is not None and (in_flight or in_block):
+            if self._start_replay(cut):
+                return
+            journal.reset()
+        self._tell_client(cut)
+
+    def _tell_client(self, cut: Cut) -> None:
+        """The answers owed for what the cut server left unanswered, as PostgreSQL's errors, and
+        the session goes on (a cut transaction block answered locally as aborted)."""
+        core = self.core
+        if cut.broken:
+            core.fail(UpstreamUnavailable(f"lost upstream {cut.server} in the middle of a response"))
+            return
+        in_flight = cut.in_flight
+        kinds = cut.kinds
+        in_block = cut.in_block
         if in_flight == 0 and not in_block:
             if self.relay.buffered and core.task is None:
                 self.attach.attach_soon()
@@ -146,7 +195,13 @@ class Carryover:
         errors = self._stats.client_errors
         for index in range(in_flight):
             kind = kinds[index] if index < len(kinds) else REQUEST_OTHER
+            if kind == REQUEST_COMMIT and cut.rolled_back:
+                errors[SqlState.SERIALIZATION_FAILURE.value] += 1
+                owed += failover_error(True) + m.ready_for_query(m.TX_IDLE)
+                status = m.TX_IDLE
+                continue
             if kind == REQUEST_COMMIT:
+                self._stats.commit_outcomes["unknown"] += 1
                 owed += m.error_response(
                     SqlState.TRANSACTION_RESOLUTION_UNKNOWN.value,
                     "the database failed over while COMMIT was in flight: the transaction may or may "
@@ -176,6 +231,223 @@ class Carryover:
             self._answer_aborted(first_error_sent=in_flight > 0)
         elif self.relay.buffered and core.task is None and core.state == IDLE:
             self.attach.attach_soon()
+
+    # ---------------------------------------------------------------- transaction replay
+
+    def _start_replay(self, cut: Cut) -> bool:
+        """Replay the cut transaction (or re-run the cut read) on the new writer, if it can be:
+        the session is HELD meanwhile, its input kept. False: answer as before."""
+        core = self.core
+        journal = core.journal
+        if journal is None or core.task is not None:
+            return False
+        verdict = replay.plan(
+            journal,
+            cut.in_block,
+            cut.kinds,
+            cut.in_flight,
+            core.transaction_mode,
+            self.mode.known_statements(),
+        )
+        if isinstance(verdict, str):
+            if verdict != replay.COMMIT_IN_FLIGHT:
+                self._stats.transaction_replays[verdict] += 1
+                logs.event("transaction_not_replayed", logs.WARNING, conn=core.id, reason=verdict)
+            return False
+        core.to(HELD)
+        self.attach.start(self._replay(cut, verdict))
+        return True
+
+    async def _replay(self, cut: Cut, plan: replay.Plan) -> None:
+        """On a server of the confirmed new writer (through the gate, as any held request): the
+        session's settings and statements, then the journal's requests, each answer compared with
+        what the client got. Equal: the session links to that server and goes on. Else the server
+        is discarded (its transaction rolled back) and the client is told as before."""
+        core = self.core
+        journal = core.journal
+        assert journal is not None
+        pool = self.attach.pool_for_request()
+        if pool is None:
+            self._replay_failed(cut, "no pool")
+            return
+        try:
+            server = await self.attach.acquire(pool)
+        except (SpoolNow, ProxyError) as exc:
+            # No writer came (hold_timeout): the journal's requests get today's answers, never
+            # the outage responder's; what the client sends next takes the usual way.
+            self._replay_failed(cut, str(exc))
+            return
+        if core.state != HELD:
+            pool.release(server, reset=False)
+            return
+        await self._run_replay(server, pool, cut, plan)
+
+    async def _run_replay(self, server: ServerConnection, pool: Pool, cut: Cut, plan: replay.Plan) -> bool:
+        """`_replay` on `server` (acquired, HELD): True if the session went on there."""
+        core = self.core
+        journal = core.journal
+        assert journal is not None
+        core.own_query_on = server
+        try:
+            await self._restore(server, plan)
+        except asyncio.CancelledError:
+            pool.release(server, reset=not core.transaction_mode, unknown=True)
+            raise
+        except ProxyError as exc:
+            pool.discard(server, f"restoring a session for a replay failed: {exc}")
+            self._replay_failed(cut, str(exc))
+            return False
+        finally:
+            core.own_query_on = None
+        if core.state != HELD:
+            pool.release(server, reset=False)
+            return False
+        verifier = Verifier(journal)
+        witness = replay.ReplayClient(core, journal, verifier, plan.answers)
+        server.link(witness, tracked=False)
+        try:
+            server.send(b"".join(journal.requests))
+            result = await witness.done
+        except asyncio.CancelledError:
+            server.unlink()
+            pool.discard(server, "client left during a transaction replay")
+            raise
+        except ProxyError:
+            result = replay.LOST
+        if server.client is witness:
+            server.unlink()
+        if result == EQUAL and core.state == HELD:
+            self._stats.transaction_replays["replayed"] += 1
+            logs.event(
+                "transaction_replayed",
+                conn=core.id,
+                server=server.id,
+                upstream=str(server.endpoint),
+                requests=len(journal.requests),
+                answers=plan.answers,
+                in_transaction=cut.in_block,
+            )
+            journal.framing.reset()
+            if server.tx_status == m.TX_IDLE:
+                journal.reset()  # a re-run read: nothing open to journal any more
+            server.unnamed_from = None  # (transaction mode: unnamed statements re-prepared on use)
+            core.link(server)
+            return True
+        pool.discard(server, "transaction replay did not match" if result != replay.LOST else "lost")
+        if result == replay.LOST and witness.relayed:
+            # Part of the replay's answers went to the client: nothing else can be said now.
+            core.fail(UpstreamUnavailable("the new writer was lost too while a cut transaction was replayed"))
+            return False
+        if result != replay.LOST:
+            self._stats.transaction_replays["diverged"] += 1
+            logs.event(
+                "transaction_replay_diverged",
+                logs.WARNING,
+                conn=core.id,
+                answers=verifier.done,
+                bytes=verifier.seen,
+                expected_answers=len(verifier.expected_ends),
+                expected_bytes=verifier.expected_total,
+            )
+        self._replay_failed(cut, "answers differ" if result != replay.LOST else "the new server was lost")
+        return False
+
+    # ---------------------------------------------------------------- commit outcomes
+
+    def _start_resolve(self, cut: Cut, marker_id: str) -> None:
+        """A COMMIT sent behind a commit marker is unanswered: find out on the new writer."""
+        self.core.to(HELD)
+        self.attach.start(self._resolve(cut, marker_id))
+
+    async def _resolve(self, cut: Cut, marker_id: str) -> None:
+        """Committed (the marker is on the confirmed new writer): the client gets PostgreSQL's
+        answer. Not committed: the transaction is replayed there and committed once (or, if it
+        cannot be, 40001: it did not commit). Unknown: 08007, as before."""
+        core = self.core
+        pool = self.attach.pool_for_request()
+        if pool is None:
+            self._replay_failed(cut, "no pool")
+            return
+        try:
+            server = await self.attach.acquire(pool)
+        except (SpoolNow, ProxyError) as exc:
+            self._replay_failed(cut, str(exc))
+            return
+        if core.state != HELD:
+            pool.release(server, reset=False)
+            return
+        if str(server.endpoint) == cut.server:
+            # The same server (a cut connection, not a failover): the old backend may still be
+            # committing. Not resolved here.
+            pool.release(server, reset=False)
+            self._replay_failed(cut, "the writer is the same server: outcome unknown")
+            return
+        core.own_query_on = server
+        try:
+            outcome = await resolve_marker(server, marker_id)
+        except asyncio.CancelledError:
+            pool.release(server, reset=not core.transaction_mode, unknown=True)
+            raise
+        except ProxyError as exc:
+            pool.release(server, reset=False)
+            self._replay_failed(cut, f"commit outcome unknown: {exc}")
+            return
+        finally:
+            core.own_query_on = None
+        if core.state != HELD:
+            pool.release(server, reset=False)
+            return
+        logs.event("commit_outcome", conn=core.id, marker=marker_id, outcome=outcome)
+        journal = core.journal
+        if outcome == "committed":
+            self._stats.commit_outcomes["committed"] += 1
+            core.send(m.command_complete("COMMIT") + m.ready_for_query(m.TX_IDLE))
+            if journal is not None:
+                journal.reset()
+            core.link(server)
+            return
+        cut.rolled_back = True  # whatever happens now, the client may be told it did not commit
+        kinds = [REQUEST_OTHER] * len(cut.kinds)
+        verdict: replay.Plan | str = "not_replayable"
+        if journal is not None:
+            known = self.mode.known_statements()
+            verdict = replay.plan(journal, True, kinds, cut.in_flight, core.transaction_mode, known, True)
+        if isinstance(verdict, str):
+            self._stats.transaction_replays[verdict] += 1
+            pool.release(server, reset=False)
+            self._replay_failed(cut, f"not committed, and not replayable: {verdict}")
+            return
+        if await self._run_replay(server, pool, cut, verdict):
+            self._stats.commit_outcomes["replayed"] += 1
+
+    async def _restore(self, server: ServerConnection, plan: replay.Plan) -> None:
+        """The session's settings (as at the start of the transaction: they are read back only
+        between transactions), and its named statements but those the journal prepares itself."""
+        core = self.core
+        sql = sync_sql(core.settings, server.applied)
+        if sql is not None:
+            await server.simple_query(sql)
+            server.applied = dict(core.settings)
+        if core.transaction_mode:
+            return
+        known = self.mode.known_statements()
+        statements = [parse for name, parse in known.items() if name not in plan.parsed]
+        if statements:
+            failed = await server.prepare(statements)
+            if failed:
+                logs.event("statements_not_restored", logs.WARNING, conn=core.id, errors=failed)
+
+    def _replay_failed(self, cut: Cut, reason: str) -> None:
+        core = self.core
+        logs.event("transaction_replay_failed", logs.WARNING, conn=core.id, reason=reason)
+        journal = core.journal
+        if journal is not None:
+            journal.reset()
+        if core.state == HELD:
+            core.to(IDLE)
+        elif core.state != IDLE:
+            return  # closed meanwhile
+        self._tell_client(cut)
 
     def _answer_aborted(self, first_error_sent: bool) -> None:
         """Answer the client locally until it ends the transaction the failover cut."""

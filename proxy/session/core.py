@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import struct
 from collections.abc import Callable
 from time import monotonic  # by name: compiled, `time.monotonic` is a module getattr per call
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from .. import logs
+from ..journal import TransactionJournal
+from ..outcome import marker_query
 from ..protocol import messages as m
-from ..protocol.framing import Action, Relay
+from ..protocol.framing import Action, Relay, Span
 from ..protocol.sqlstate import (
     SERVER_GONE_STATES,
     ProtocolViolation,
@@ -59,6 +62,11 @@ if TYPE_CHECKING:
     from ..pool import Pool
 
 _client_ids = itertools.count(1)
+
+# A COMMIT the marker can settle: COMMIT or END, alone (not AND CHAIN, not COMMIT PREPARED).
+_PLAIN_COMMIT: Final = re.compile(
+    rb"\s*(?:commit|end)(?:\s+(?:work|transaction))?\s*;?\s*\x00$", re.IGNORECASE
+)
 
 # The relay's inspector of a state that answers locally (ABORTED, OUTAGE).
 Answerer = Callable[[int, memoryview], Action]
@@ -108,6 +116,14 @@ class SessionCore(LinkedClient):
         self.password: str | None = None
         self.max_message = host.config.limits.max_message_size
         self.transaction_mode = host.config.pool.mode == "transaction"
+        failover = host.config.failover
+        if failover.transaction_replay:
+            # What the client sent in its current transaction and a digest of the answers it got,
+            # replayed on a new writer if this one is lost (`Carryover`; ARCHITECTURE.md,
+            # "Transaction replay").
+            self.journal = TransactionJournal(int(failover.replay_max_bytes))
+        # Whether a client's COMMIT goes out behind a commit marker (`commit_marker`).
+        self.marking = failover.commit_outcome == "marker"
         # The client's input after login. Its inspector is the pool mode's (`Mode.forward`, set
         # when the mode is built), or a local answerer's (`to_answering`).
         self.relay = Relay(_SESSION_WATCH, _no_mode, self.max_message, valid_types=_CLIENT_VALID)
@@ -227,8 +243,31 @@ class SessionCore(LinkedClient):
         if out is not None:
             for span in spans:
                 out.write(span)
+            if self.journal is not None:
+                self.record_spans(spans)
         if self.relay.paused and self.state == LINKED:  # the held input ended with Terminate
             self.relay_stopped()
+
+    def record_spans(self, spans: list[Span]) -> None:
+        """The general path's requests, for the journal: the spans are views of the relay's
+        buffer, reused once written, hence copied."""
+        journal = self.journal
+        if journal is not None:
+            for span in spans:
+                journal.record_request(bytes(span))
+
+    def commit_marker(self, server: ServerConnection, data: bytes) -> bytes:
+        """`data` is one simple Query sent inside a transaction block (status 'T'): if it is a
+        plain COMMIT and the ledger may be used for this pool, the commit marker to send just
+        before it (in the same write), the server told to swallow its answer; else b"". (ARCHITECTURE.md,
+        "Transaction replay": commit outcomes.)"""
+        if len(data) > 64 or data[5] | 0x20 not in (0x63, 0x65) or _PLAIN_COMMIT.match(data, 5) is None:
+            return b""  # (one byte decides for almost every statement: a COMMIT starts with c or e)
+        marker_id = self.host.commit_outcome.new_marker(self.user, self.database)
+        if marker_id is None:
+            return b""
+        server.expect_marker(marker_id)
+        return marker_query(marker_id)
 
     def unlink(self, new: int) -> None:
         """LINKED -> `new`: the relay holds client input; the server stops calling back."""

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from ..hold import Gate
     from ..metrics import Stats
+    from ..outcome import CommitOutcomeLedger
     from ..pool import Pool
     from ..protocol.auth import ScramVerifier
     from ..server import ServerConnection
@@ -87,6 +88,9 @@ class SessionHost(Protocol[C]):
 
     @property
     def spooling(self) -> Spooling | None: ...
+
+    @property
+    def commit_outcome(self) -> CommitOutcomeLedger: ...
 
     @property
     def cancel_keys(self) -> dict[int, C]: ...

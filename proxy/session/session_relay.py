@@ -84,7 +84,10 @@ class SessionRelay(Mode):
                 return False
         out = server.transport
         if out is not None:
-            out.write(data)
+            if kind < 0 and server.tx_status == m.TX_IN_BLOCK and self.core.marking:
+                out.write(self.core.commit_marker(server, data) + data)  # (b"" unless a COMMIT)
+            else:
+                out.write(data)
         server.outstanding += 1  # one ReadyForQuery will answer it
         server.in_flight.push(self._note_statement(data, 5) if kind < 0 else kind)
         return True

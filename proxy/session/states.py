@@ -53,7 +53,7 @@ TRANSITIONS: Final[dict[ClientState, tuple[ClientState, ...]]] = {
     ClientState.LINKED: (ClientState.IDLE, ClientState.PARKED, ClientState.GATED, ClientState.MAINTAINING),
     ClientState.IDLE: (ClientState.LINKED, ClientState.HELD, ClientState.ABORTED, ClientState.OUTAGE),
     ClientState.PARKED: (ClientState.LINKED, ClientState.IDLE),
-    ClientState.HELD: (ClientState.LINKED, ClientState.OUTAGE),
+    ClientState.HELD: (ClientState.LINKED, ClientState.OUTAGE, ClientState.IDLE),
     ClientState.GATED: (ClientState.LINKED, ClientState.IDLE),
     ClientState.MAINTAINING: (ClientState.LINKED, ClientState.IDLE),
     ClientState.ABORTED: (ClientState.IDLE,),

@@ -103,6 +103,8 @@ class TransactionRouting(Mode):
         router = self.router
         router.unnamed = None  # as `_transaction_query`: a simple Query replaces the unnamed statement
         server.unnamed_from = None
+        if kind == REQUEST_COMMIT and server.tx_status == m.TX_IN_BLOCK and self.core.marking:
+            data = self.core.commit_marker(server, data) + data  # (its answer swallowed by the server)
         self._send_fast(server, _QUERY_ANSWER, kind, data)
         return True
 

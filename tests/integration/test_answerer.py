@@ -350,7 +350,10 @@ def test_psycopg_rollback_after_a_cut_with_prepared_statements(fresh_topology, s
     prepared by psycopg; the cut transaction's rollback (ROLLBACK, then DEALLOCATE ALL) must each
     get exactly one result, and the connection goes on."""
     topo = fresh_topology
-    sidecar = sidecar_factory({"pool": {"mode": mode}}, topology=topo)
+    # (Replay off: this is about the aborted transaction's answers; tests/integration/
+    # test_transaction_replay.py has the same transaction replayed.)
+    no_replay = {"pool": {"mode": mode}, "failover": {"transaction_replay": False}}
+    sidecar = sidecar_factory(no_replay, topology=topo)
     conn = psycopg.connect(sidecar.dsn("app_scram", connect_timeout=15), autocommit=True, prepare_threshold=0)
     try:
         for _ in range(3):

@@ -24,6 +24,7 @@ from proxy.statements import StatementRegistry
 from sidecar_config import (
     AuthConfig,
     Endpoint,
+    FailoverConfig,
     PoolConfig,
     RegionConfig,
     SidecarConfig,
@@ -148,20 +149,39 @@ class FakePool:
         self.forget(server)
 
 
+class FakeLedger:
+    """The commit-outcome ledger's face to a session: `marker` is the id the next COMMIT gets
+    (None: the ledger is not ready, no marker)."""
+
+    def __init__(self) -> None:
+        self.marker: str | None = None
+
+    def new_marker(self, user: str, database: str) -> str | None:
+        return self.marker
+
+
 class FakeHost:
     """What `SessionHost` lists, no more."""
 
-    def __init__(self, mode: str = "session", pool: FakePool | None = None) -> None:
+    def __init__(
+        self,
+        mode: str = "session",
+        pool: FakePool | None = None,
+        replay: bool = True,
+        replay_max: int = 1 << 20,
+    ) -> None:
         self.config = SidecarConfig(
             upstream=UpstreamConfig(regions=[RegionConfig(name="r", hosts=[ENDPOINT])]),
             auth=AuthConfig(method="trust", users=[UserConfig(name="app")]),
             pool=PoolConfig(mode=mode),  # type: ignore[arg-type]
+            failover=FailoverConfig(transaction_replay=replay, replay_max_bytes=replay_max),
         )
         self.gate = Gate()
         self.stats = Stats()
         self.statements = StatementRegistry()
         self.topology = FakeTopology()
         self.spooling = None
+        self.commit_outcome = FakeLedger()
         self.cancel_keys: dict[int, ClientSession] = {}
         self.client_ssl_context = None
         self.clients: set[ClientSession] = set()
@@ -228,10 +248,10 @@ async def settle(rounds: int = 20) -> None:
 
 
 async def logged_in(
-    mode: str, servers: int = 1, parking: bool = True
+    mode: str, servers: int = 1, parking: bool = True, replay: bool = True, replay_max: int = 1 << 20
 ) -> tuple[ClientSession, FakeTransport, FakeHost]:
     """A session through startup and trust authentication, on a fake pool."""
-    host = FakeHost(mode, FakePool(servers, parking))
+    host = FakeHost(mode, FakePool(servers, parking), replay, replay_max)
     client, transport = new_client(host)
     client.data_received(m.startup_message({"user": "app", "database": "db"}))
     await settle()

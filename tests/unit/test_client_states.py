@@ -215,7 +215,7 @@ def test_transaction_mode_no_idle_server_holds() -> None:
 
 def test_cut_of_a_lone_select_answers_40001_and_stays_usable() -> None:
     async def run() -> None:
-        client, transport, host = await logged_in("session")
+        client, transport, host = await logged_in("session", replay=False)
         server = client.server
         assert server is not None
         client.data_received(query("SELECT 1"))
@@ -233,7 +233,7 @@ def test_cut_of_a_lone_select_answers_40001_and_stays_usable() -> None:
 
 def test_cut_inside_a_block_answers_aborted_until_rollback() -> None:
     async def run() -> None:
-        client, transport, _ = await logged_in("transaction")
+        client, transport, _ = await logged_in("transaction", replay=False)
         client.data_received(query("BEGIN"))
         server = client.server
         assert server is not None

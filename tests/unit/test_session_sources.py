@@ -17,7 +17,10 @@ HERE = Path(__file__).resolve().parent
 
 @pytest.mark.skipif(not COMPILED, reason="the sources run here already")
 def test_session_state_and_fast_path_tests_from_the_sources() -> None:
-    files = [str(HERE / "test_client_states.py"), str(HERE / "test_fast_paths.py")]
+    files = [
+        str(HERE / name)
+        for name in ("test_client_states.py", "test_fast_paths.py", "test_transaction_replay.py")
+    ]
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
         env={**os.environ, "PGSIDECAR_PURE": "1"},

@@ -1,0 +1,225 @@
+"""Transaction replay: what can be replayed after a cut (`plan`), and the client a replaying
+server is linked to (`ReplayClient`), which compares the replay's answers with what the real
+client already got (`journal.Verifier`) and relays only what the client has not seen.
+
+The flow itself (a server on the confirmed new writer, the session restored, the journal sent,
+then link or fall back) is `Carryover`'s. ARCHITECTURE.md, "Transaction replay".
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final
+
+from ..journal import (
+    DIVERGED,
+    EQUAL,
+    SEG_ANSWER_END,
+    SEG_NOTIFY,
+    Framing,
+    TransactionJournal,
+    Verifier,
+)
+from ..protocol import messages as m
+from ..readonly import is_rerunnable_read
+from ..server import REQUEST_COMMIT, LinkedClient, ServerConnection
+from ..sqlclass import first_keyword, has_more_statements
+from .replay_sink import ReplaySink
+
+# ReplayClient outcomes, besides journal.EQUAL and journal.DIVERGED.
+LOST: Final = 3  # the new server was lost too
+
+# `plan` verdicts that are not metric labels: the cut is answered as before replay existed.
+COMMIT_IN_FLIGHT: Final = "commit"
+
+_COPY_MESSAGES: Final = (ord("d"), ord("c"), ord("f"))
+# First keywords of statements that end a transaction (or may: PREPARE TRANSACTION).
+_ENDS_TRANSACTION: Final = (b"commit", b"end", b"rollback", b"abort", b"prepare")
+
+
+class Plan:
+    """A replay `plan` allows: how many ReadyForQuery the journal's requests get, and the named
+    statements they prepare themselves (not to be prepared beforehand)."""
+
+    def __init__(self, answers: int, parsed: set[str]) -> None:
+        self.answers = answers
+        self.parsed = parsed
+
+
+def plan(
+    journal: TransactionJournal,
+    in_block: bool,
+    kinds: list[int],
+    in_flight: int,
+    transaction_mode: bool,
+    known: dict[str, bytes] | None = None,
+    final_commit: bool = False,
+) -> Plan | str:
+    """A `Plan`, or why the journal cannot be replayed: a REPLAY_RESULTS label (too_large,
+    not_replayable) or COMMIT_IN_FLIGHT.
+
+    Outside a transaction block only rerunnable reads are (a write may have committed on its own).
+    Inside one: anything but COPY, several statements in one Query (one of them could be a COMMIT
+    that did happen), and in transaction mode named statements (sent under the sidecar's shared
+    names, which the new server may not have). Outside a block, a Bind runs a statement whose
+    text must be known (prepared in the journal, or one of the session's `known` Parse messages)
+    and a rerunnable read: a driver's prepared INSERT is Bind/Execute/Sync with no text at all.
+    Inside one too every Bind's text must be known, and nothing may end a transaction (COMMIT,
+    ROLLBACK, PREPARE TRANSACTION...: what followed it ran on its own and may have committed),
+    except, with `final_commit`, the COMMIT that is the journal's last request (a COMMIT known
+    not to have committed, replayed once)."""
+    if REQUEST_COMMIT in kinds:
+        return COMMIT_IN_FLIGHT
+    if journal.too_large:
+        return "too_large"
+    if not journal.replayable or not journal.requests:
+        return "not_replayable"
+    data = b"".join(journal.requests)
+    n = len(data)
+    pos = 0
+    answers = 0
+    parsed: set[str] = set()
+    texts: dict[str, bytes] = {}  # statement name -> its text, as the journal prepares them
+    while pos + 5 <= n:
+        mtype = data[pos]
+        end = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
+        if end > n:
+            break  # the rest of it is still to come from the client
+        body = data[pos + 5 : end]
+        pos = end
+        if mtype in _COPY_MESSAGES:
+            return "not_replayable"
+        if mtype == m.F_QUERY or mtype == m.F_SYNC or mtype == m.F_FUNCTION_CALL:
+            answers += 1
+        if mtype == m.F_QUERY:
+            text = body[:-1]
+            if not _replayable_text(text, in_block):
+                return "not_replayable"
+            if first_keyword(text) in _ENDS_TRANSACTION and not (final_commit and pos == n):
+                return "not_replayable"
+        elif mtype == m.F_PARSE:
+            name_end = body.find(b"\x00")
+            query_end = body.find(b"\x00", name_end + 1)
+            if name_end < 0 or query_end < 0:
+                return "not_replayable"
+            name = body[:name_end].decode("utf-8", "replace")
+            if name_end > 0:
+                if transaction_mode:
+                    return "not_replayable"
+                parsed.add(name)
+            text = body[name_end + 1 : query_end]
+            if not _replayable_text(text, in_block) or first_keyword(text) in _ENDS_TRANSACTION:
+                return "not_replayable"
+            texts[name] = text
+        elif mtype == m.F_BIND:
+            portal_end = body.find(b"\x00")
+            statement_end = body.find(b"\x00", portal_end + 1)
+            if portal_end < 0 or statement_end < 0:
+                return "not_replayable"
+            if transaction_mode and (portal_end != 0 or statement_end != 1):
+                return "not_replayable"
+            # Every Bind: the statement it runs must be known.
+            name = body[portal_end + 1 : statement_end].decode("utf-8", "replace")
+            bound = texts.get(name)
+            if bound is None:
+                known_parse = (known or {}).get(name) if name else None
+                if known_parse is None:
+                    return "not_replayable"  # the statement's text is not known here
+                bound = _parse_text(known_parse)
+            if not _replayable_text(bound, in_block) or first_keyword(bound) in _ENDS_TRANSACTION:
+                return "not_replayable"
+        elif (mtype == m.F_CLOSE and transaction_mode) or (mtype == m.F_FUNCTION_CALL and not in_block):
+            return "not_replayable"
+    if answers != journal.answered + in_flight:
+        return "not_replayable"  # requests and answers do not line up (an ignored Query, ...)
+    return Plan(answers, parsed)
+
+
+def _parse_text(parse: bytes) -> bytes:
+    """The query text of a whole Parse message."""
+    name_end = parse.find(b"\x00", 5)
+    return parse[name_end + 1 : parse.find(b"\x00", name_end + 1)]
+
+
+def _replayable_text(text: bytes, in_block: bool) -> bool:
+    if not in_block:
+        return is_rerunnable_read(text.decode("utf-8", "replace"))
+    keyword = first_keyword(text)
+    return keyword != b"copy" and not has_more_statements(text)
+
+
+class ReplayClient(LinkedClient):
+    """What a server replaying a journal is linked to: its answers go to a `Verifier`; what comes
+    after the part the client saw goes to the client (and into the journal, which goes on
+    recording the transaction), and `done` gets EQUAL, DIVERGED or LOST."""
+
+    def __init__(
+        self,
+        client: LinkedClient,
+        journal: TransactionJournal,
+        verifier: Verifier,
+        answers: int,
+    ) -> None:
+        super().__init__()
+        self.transport = ReplaySink(self.feed)
+        self.backend_key = client.backend_key
+        self.params_told = client.params_told
+        self.client = client
+        self.replaying = journal
+        self.verifier = verifier
+        self.answers = answers  # ReadyForQuery expected
+        self.seen = 0
+        self.relayed = False  # something of the replay's went to the client
+        self.framing = Framing()
+        self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def feed(self, data: bytes | memoryview) -> None:
+        done = self.done
+        if done.done():
+            return
+        view = memoryview(data)
+        verifier = self.verifier
+        known = len(verifier.expected_ends)
+        for start, end, kind in self.framing.split(view):
+            segment = view[start:end]
+            if kind == SEG_NOTIFY:
+                self._to_client(segment)
+                continue
+            taken = verifier.answer_bytes(segment)
+            if verifier.status == DIVERGED:
+                done.set_result(DIVERGED)
+                return
+            if taken < end - start:
+                rest = segment[taken:]
+                self._to_client(rest)
+                self.replaying.answer_bytes(rest)
+            if kind == SEG_ANSWER_END:
+                self.seen += 1
+                status = verifier.answer_done()
+                if status == DIVERGED:
+                    done.set_result(DIVERGED)
+                    return
+                if self.seen > known:
+                    self.replaying.answer_done()  # an answer the client gets only now
+                if self.seen >= self.answers:
+                    done.set_result(EQUAL if status == EQUAL else DIVERGED)
+                    return
+
+    def _to_client(self, data: memoryview) -> None:
+        out = self.client.transport
+        if out is not None and len(data):
+            self.relayed = True
+            out.write(bytes(data))
+
+    def server_ready(self, status: int) -> bool:
+        return False
+
+    def quiet_point(self) -> None:
+        pass
+
+    def server_error(self, fields: dict[str, str]) -> None:
+        pass
+
+    def server_lost(self, server: ServerConnection, reason: str) -> None:
+        if not self.done.done():
+            self.done.set_result(LOST)

@@ -1,0 +1,427 @@
+"""Transaction replay driven with fakes (tests/unit/session_fakes.py): a real `ClientSession` and
+real `ServerConnection`s on recording transports. The cut, the replay's requests on the new server,
+and what the client sees. (End to end with real clusters: tests/integration/test_transaction_replay.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from proxy.journal import (
+    EQUAL,
+    SEG_ANSWER,
+    SEG_ANSWER_END,
+    SEG_NOTICE,
+    SEG_NOTIFY,
+    Framing,
+    TransactionJournal,
+    Verifier,
+)
+from proxy.outcome import marker_query
+from proxy.protocol import messages as m
+from proxy.server import ServerConnection
+from proxy.session.states import ClientState
+from sidecar_config import Endpoint
+
+from .session_fakes import (
+    COMPILED,
+    SYNC,
+    FakeHost,
+    answer,
+    bind,
+    execute,
+    logged_in,
+    msg,
+    new_client,
+    parse,
+    query,
+    rows,
+    server_out,
+    settle,
+)
+
+pytestmark = pytest.mark.skipif(COMPILED, reason="run from the sources: test_session_sources.py")
+
+S = ClientState
+
+
+def select_answer(value: bytes, status: bytes = b"I") -> bytes:
+    row = msg(b"D", b"\x00\x01" + len(value).to_bytes(4, "big") + value)
+    return row + m.command_complete("SELECT 1") + msg(b"Z", status)
+
+
+async def replayed_on(host: FakeHost, old: ServerConnection) -> ServerConnection:
+    await settle()
+    new = next(iter(s for s in host.pool.active if s is not old))
+    return new
+
+
+def test_a_lone_read_in_flight_is_re_run_and_the_client_sees_only_its_answer() -> None:
+    async def run() -> None:
+        client, transport, host = await logged_in("session", servers=2)
+        old = client.server
+        assert old is not None
+        client.data_received(query("SELECT x FROM t"))
+        client.cut_server("writer lost")
+        assert client.state == S.HELD and transport.take() == b""
+        new = await replayed_on(host, old)
+        assert server_out(new).take().endswith(query("SELECT x FROM t"))
+        new.data_received(select_answer(b"42"))
+        await settle()
+        assert transport.take() == select_answer(b"42")
+        assert client.state == S.LINKED and client.server is new
+        assert host.stats.transaction_replays["replayed"] == 1
+        assert client.journal is not None and not client.journal.requests  # at rest again
+
+    asyncio.run(run())
+
+
+GOODBYE = msg(
+    b"N", b"SWARNING\x00VWARNING\x00C57P01\x00Mterminating connection due to immediate shutdown\x00\x00"
+)
+
+
+def test_the_dying_servers_warning_is_not_part_of_any_answer() -> None:
+    async def run() -> None:
+        client, transport, host = await logged_in("session", servers=2)
+        client.data_received(query("BEGIN"))
+        old = client.server
+        assert old is not None
+        old.data_received(answer("BEGIN", b"T"))
+        client.data_received(query("SELECT x FROM t"))
+        old.data_received(select_answer(b"1", b"T"))
+        old.data_received(GOODBYE)  # relayed to the client, as PostgreSQL sends it at the crash
+        assert transport.take().endswith(GOODBYE)
+        client.cut_server("writer lost")
+        new = await replayed_on(host, old)
+        new.data_received(answer("BEGIN", b"T") + select_answer(b"1", b"T"))
+        await settle()
+        assert client.state == S.LINKED and host.stats.transaction_replays["replayed"] == 1
+
+    asyncio.run(run())
+
+
+def test_an_autocommit_write_of_a_prepared_statement_is_not_re_run() -> None:
+    """psycopg prepares a statement run often: then its INSERT is Bind/Execute/Sync, no text."""
+
+    async def run() -> None:
+        client, transport, host = await logged_in("session")
+        server = client.server
+        assert server is not None
+        client.data_received(parse("_pg3_0", "INSERT INTO t VALUES ($1)") + SYNC)
+        server.data_received(msg(b"1") + msg(b"Z", b"I"))
+        transport.take()
+        client.data_received(bind("_pg3_0") + execute() + SYNC)  # in flight at the cut
+        client.cut_server("writer lost")
+        assert b"08007" in transport.take()
+        assert host.stats.transaction_replays["not_replayable"] == 1
+
+    asyncio.run(run())
+
+
+def test_a_prepared_read_is_re_run() -> None:
+    async def run() -> None:
+        client, transport, host = await logged_in("session", servers=2)
+        server = client.server
+        assert server is not None
+        client.data_received(parse("r", "SELECT x FROM t") + SYNC)
+        server.data_received(msg(b"1") + msg(b"Z", b"I"))
+        transport.take()
+        client.data_received(bind("r") + execute() + SYNC)
+        client.cut_server("writer lost")
+        new = await replayed_on(host, server)
+        sent = server_out(new).take()
+        assert sent.startswith(parse("r", "SELECT x FROM t"))  # re-prepared first
+        new.data_received(msg(b"1") + msg(b"Z", b"I"))  # (the re-prepare's answer, read by the sidecar)
+        await settle()
+        assert sent.endswith(bind("r") + execute() + SYNC) or server_out(new).take().endswith(SYNC)
+        answer_rows = msg(b"2") + select_answer(b"5")
+        new.data_received(answer_rows)
+        await settle()
+        assert transport.take() == answer_rows
+        assert host.stats.transaction_replays["replayed"] == 1
+
+    asyncio.run(run())
+
+
+def test_a_volatile_read_is_not_re_run() -> None:
+    async def run() -> None:
+        client, transport, host = await logged_in("session")
+        client.data_received(query("SELECT random()"))
+        client.cut_server("writer lost")
+        assert b"40001" in transport.take()
+        assert host.stats.transaction_replays["not_replayable"] == 1
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_an_open_transaction_is_replayed_and_goes_on(mode: str) -> None:
+    async def run() -> None:
+        client, transport, host = await logged_in(mode, servers=2)
+        client.data_received(query("BEGIN"))
+        old = client.server
+        assert old is not None
+        old.data_received(answer("BEGIN", b"T"))
+        client.data_received(query("INSERT INTO t VALUES (1)"))
+        old.data_received(answer("INSERT 0 1", b"T"))
+        seen = transport.take()
+        assert seen == answer("BEGIN", b"T") + answer("INSERT 0 1", b"T")
+        client.data_received(query("UPDATE t SET x = 2"))  # in flight at the cut
+        client.cut_server("writer lost")
+        assert transport.take() == b""
+        new = await replayed_on(host, old)
+        sent = server_out(new).take()
+        assert sent.endswith(query("BEGIN") + query("INSERT INTO t VALUES (1)") + query("UPDATE t SET x = 2"))
+        new.data_received(answer("BEGIN", b"T") + answer("INSERT 0 1", b"T"))
+        assert transport.take() == b""  # seen already: compared, not relayed
+        new.data_received(answer("UPDATE 1", b"T"))
+        await settle()
+        assert transport.take() == answer("UPDATE 1", b"T")
+        assert client.state == S.LINKED and client.server is new
+        assert host.stats.transaction_replays["replayed"] == 1
+        client.data_received(query("COMMIT"))
+        assert server_out(new).take() == query("COMMIT")
+        new.data_received(answer("COMMIT"))
+        assert transport.take() == answer("COMMIT")
+
+    asyncio.run(run())
+
+
+def test_a_replay_whose_answers_differ_is_rolled_back_and_the_client_gets_40001() -> None:
+    async def run() -> None:
+        client, transport, host = await logged_in("session", servers=2)
+        client.data_received(query("BEGIN"))
+        old = client.server
+        assert old is not None
+        old.data_received(answer("BEGIN", b"T"))
+        client.data_received(query("SELECT x FROM t"))
+        old.data_received(select_answer(b"1", b"T"))
+        transport.take()
+        client.cut_server("writer lost")
+        new = await replayed_on(host, old)
+        new.data_received(answer("BEGIN", b"T") + select_answer(b"2", b"T"))  # the data changed
+        await settle()
+        assert new in host.pool.forgotten  # discarded: its transaction rolled back
+        assert host.stats.transaction_replays["diverged"] == 1
+        assert client.state == S.ABORTED
+        client.data_received(query("SELECT 1"))
+        assert b"C40001" in transport.take()
+
+    asyncio.run(run())
+
+
+def test_a_partly_relayed_answer_is_finished_from_the_replay() -> None:
+    async def run() -> None:
+        client, transport, host = await logged_in("session", servers=2)
+        old = client.server
+        assert old is not None
+        client.data_received(query("SELECT x FROM t"))
+        whole = select_answer(b"7")
+        old.data_received(whole[:9])  # half the DataRow went out
+        client.cut_server("writer lost")
+        assert transport.take() == whole[:9]
+        new = await replayed_on(host, old)
+        new.data_received(whole)
+        await settle()
+        assert transport.take() == whole[9:]
+        assert client.state == S.LINKED
+
+    asyncio.run(run())
+
+
+def test_over_replay_max_bytes_gets_40001() -> None:
+    async def run() -> None:
+        client, transport, host = await logged_in("session", replay_max=1024)
+        client.data_received(query("BEGIN"))
+        old = client.server
+        assert old is not None
+        old.data_received(answer("BEGIN", b"T"))
+        client.data_received(query("SELECT '" + "x" * 2000 + "'"))
+        client.cut_server("writer lost")
+        assert b"40001" in transport.take()
+        assert host.stats.transaction_replays["too_large"] == 1
+
+    asyncio.run(run())
+
+
+def test_an_autocommit_write_answered_in_a_pipeline_is_never_sent_again() -> None:
+    async def run() -> None:
+        client, transport, host = await logged_in("session")
+        old = client.server
+        assert old is not None
+        client.data_received(query("INSERT INTO t VALUES (1)") + query("SELECT x FROM t"))
+        old.data_received(answer("INSERT 0 1"))  # answered, the SELECT still in flight
+        client.cut_server("writer lost")
+        assert b"40001" in transport.take()
+        assert host.stats.transaction_replays["not_replayable"] == 1
+
+    asyncio.run(run())
+
+
+def test_commit_in_flight_keeps_08007() -> None:
+    async def run() -> None:
+        client, transport, _ = await logged_in("session")
+        client.data_received(query("BEGIN"))
+        old = client.server
+        assert old is not None
+        old.data_received(answer("BEGIN", b"T"))
+        client.data_received(query("COMMIT"))
+        client.cut_server("writer lost")
+        assert b"08007" in transport.take()
+
+    asyncio.run(run())
+
+
+def test_framing_finds_answer_ends_across_pieces_and_leaves_notifications_out() -> None:
+    notify = msg(b"A", b"\x00\x00\x00\x01chan\x00payload\x00")
+    stream = select_answer(b"abc", b"T") + notify + answer("INSERT 0 1", b"T")
+    for cut in range(1, len(stream)):
+        framing = Framing()
+        kinds: list[tuple[int, bytes]] = []
+        for piece in (stream[:cut], stream[cut:]):
+            kinds += [(kind, piece[a:b]) for a, b, kind in framing.split(piece)]
+        assert b"".join(p for _, p in kinds) == stream
+        assert b"".join(p for k, p in kinds if k == SEG_NOTIFY) == notify
+        assert sum(1 for k, _ in kinds if k == SEG_ANSWER_END) == 2
+        assert all(k in (SEG_ANSWER, SEG_ANSWER_END, SEG_NOTIFY, SEG_NOTICE) for k, _ in kinds)
+        journal = TransactionJournal(1 << 20)
+        journal.relay_view(stream[:cut])
+        journal.relay_view(stream[cut:])
+        verifier = Verifier(journal)
+        verifier.answer_bytes(select_answer(b"abc", b"T"))
+        verifier.answer_done()
+        verifier.answer_bytes(answer("INSERT 0 1", b"T"))
+        assert verifier.answer_done() == EQUAL
+
+
+MARKER = "0123abcd-0000-0000-0000-000000000001"
+
+
+def marker_answer(marked: bytes = b"t") -> bytes:
+    row = msg(b"D", b"\x00\x01" + len(marked).to_bytes(4, "big") + marked)
+    return (
+        msg(b"T", b"\x00\x01mark_commit\x00" + b"\x00" * 18)
+        + row
+        + m.command_complete("SELECT 1")
+        + msg(b"Z", b"T")
+    )
+
+
+async def in_block(mode: str, servers: int = 2) -> tuple[Any, Any, FakeHost, ServerConnection]:
+    client, transport, host = await logged_in(mode, servers=servers)
+    host.commit_outcome.marker = MARKER
+    client.data_received(query("BEGIN"))
+    old = client.server
+    assert old is not None
+    old.data_received(answer("BEGIN", b"T"))
+    client.data_received(query("INSERT INTO t VALUES (1)"))
+    old.data_received(answer("INSERT 0 1", b"T"))
+    transport.take()
+    server_out(old).take()
+    return client, transport, host, old
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_a_commit_goes_out_behind_its_marker_whose_answer_the_client_never_sees(mode: str) -> None:
+    async def run() -> None:
+        client, transport, _, server = await in_block(mode)
+        client.data_received(query("COMMIT"))
+        assert server_out(server).take() == marker_query(MARKER) + query("COMMIT")
+        server.data_received(marker_answer())
+        assert transport.take() == b""
+        server.data_received(answer("COMMIT"))
+        assert transport.take() == answer("COMMIT")
+        assert server.marker is None and server.marker_id is None
+        await settle()
+
+    asyncio.run(run())
+
+
+def test_a_failed_marker_makes_the_commit_answer_its_error() -> None:
+    async def run() -> None:
+        client, transport, _, server = await in_block("session")
+        client.data_received(query("COMMIT"))
+        error = m.error_response("42883", "function pgsidecar.mark_commit(uuid) does not exist")
+        server.data_received(error + msg(b"Z", b"E") + answer("ROLLBACK"))
+        assert transport.take() == error + msg(b"Z", b"I")
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_an_unanswered_commit_whose_marker_is_on_the_new_writer_succeeds(mode: str) -> None:
+    async def run() -> None:
+        client, transport, host, old = await in_block(mode)
+        client.data_received(query("COMMIT"))
+        old.endpoint = Endpoint("10.0.0.1", 5432)  # the old writer: another node than the new
+        client.cut_server("writer lost")
+        new = await replayed_on(host, old)
+        assert b"commit_marked('" + MARKER.encode() in server_out(new).take()
+        new.data_received(rows(("t", "f")) + answer("SELECT 1"))
+        await settle()
+        assert transport.take() == answer("COMMIT")
+        assert host.stats.commit_outcomes["committed"] == 1
+        assert client.state == S.LINKED and client.server is new
+
+    asyncio.run(run())
+
+
+def test_an_unanswered_commit_that_did_not_commit_is_replayed_once() -> None:
+    async def run() -> None:
+        client, transport, host, old = await in_block("session")
+        client.data_received(query("COMMIT"))
+        old.endpoint = Endpoint("10.0.0.1", 5432)
+        client.cut_server("writer lost")
+        new = await replayed_on(host, old)
+        server_out(new).take()
+        new.data_received(rows(("f", "f")) + answer("SELECT 1"))
+        await settle()
+        assert (
+            server_out(new)
+            .take()
+            .endswith(query("BEGIN") + query("INSERT INTO t VALUES (1)") + query("COMMIT"))
+        )
+        new.data_received(answer("BEGIN", b"T") + answer("INSERT 0 1", b"T") + answer("COMMIT"))
+        await settle()
+        assert transport.take() == answer("COMMIT")
+        assert host.stats.commit_outcomes["replayed"] == 1
+        assert host.stats.transaction_replays["replayed"] == 1
+
+    asyncio.run(run())
+
+
+def test_an_unanswered_commit_whose_outcome_cannot_be_known_gets_08007() -> None:
+    async def run() -> None:
+        client, transport, host, old = await in_block("session")
+        client.data_received(query("COMMIT"))
+        old.endpoint = Endpoint("10.0.0.1", 5432)
+        client.cut_server("writer lost")
+        new = await replayed_on(host, old)
+        new.data_received(rows(("f", "t")) + answer("SELECT 1"))  # in recovery: not a writer
+        await settle()
+        assert b"C08007" in transport.take()
+        assert host.stats.commit_outcomes["unknown"] == 1
+
+    asyncio.run(run())
+
+
+def test_a_marker_left_behind_does_not_swallow_the_next_clients_answers() -> None:
+    async def run() -> None:
+        client, _, host, server = await in_block("session", servers=1)
+        client.data_received(query("COMMIT"))
+        assert server.marker is not None
+        client.close("client left with its COMMIT in flight")  # (the pool reads past its answers)
+        host.pool.idle = [server]
+        other, transport = new_client(host)
+        other.data_received(m.startup_message({"user": "app", "database": "db"}))
+        await settle()
+        assert other.server is server
+        transport.take()
+        other.data_received(query("SELECT 1"))
+        server.data_received(answer("SELECT 1"))
+        assert transport.take() == answer("SELECT 1")
+
+    asyncio.run(run())
