@@ -266,7 +266,9 @@ class Carryover:
         core = self.core
         journal = core.journal
         assert journal is not None
-        pool = self.attach.pool_for_request()
+        # Where the journal's own first request would go now: the writer for anything that may
+        # write; for a read cut on a replica (or while no writer exists), another replica.
+        pool = self.attach.pool_for_request(b"".join(journal.requests))
         if pool is None:
             self._replay_failed(cut, "no pool")
             return
@@ -331,6 +333,7 @@ class Carryover:
             if server.tx_status == m.TX_IDLE:
                 journal.reset()  # a re-run read: nothing open to journal any more
             server.unnamed_from = None  # (transaction mode: unnamed statements re-prepared on use)
+            core.pool = pool  # (the server goes back to the pool it came from)
             core.link(server)
             return True
         pool.discard(server, "transaction replay did not match" if result != replay.LOST else "lost")
@@ -364,7 +367,7 @@ class Carryover:
         answer. Not committed: the transaction is replayed there and committed once (or, if it
         cannot be, 40001: it did not commit). Unknown: 08007, as before."""
         core = self.core
-        pool = self.attach.pool_for_request()
+        pool = core.writer_pool  # (a marked COMMIT ran on the writer, and is resolved there)
         if pool is None:
             self._replay_failed(cut, "no pool")
             return
@@ -404,6 +407,7 @@ class Carryover:
             core.send(m.command_complete("COMMIT") + m.ready_for_query(m.TX_IDLE))
             if journal is not None:
                 journal.reset()
+            core.pool = pool
             core.link(server)
             return
         cut.rolled_back = True  # whatever happens now, the client may be told it did not commit

@@ -235,11 +235,6 @@ def test_balance_staleness_bound_and_read_your_writes(
         reader.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the read cut by the crash is re-run by transaction replay (issue 20, branch h-replay); "
-    "without it the client gets 40001. Remove this mark once both are merged.",
-)
 def test_standby_crash_mid_read_leaves_the_writer_alone(
     fresh_topology: pg.Topology, sidecar_factory: Any
 ) -> None:
