@@ -291,15 +291,18 @@ class Login:
         # session's read-only work can run there; anything else is held as it would be).
         replica_pool = self.attach.login_pool() if not passthrough else None
         try:
+            server: ServerConnection | None = None
             if replica_pool is not None:
+                failure: ProxyError | None = None
                 try:
                     server = await self.attach.acquire_replica(replica_pool)
                     pool = core.pool = replica_pool
                 except ProxyError as exc:
+                    failure = exc  # (no await in a handler: ARCHITECTURE.md, compiled data path rule 1)
+                if failure is not None:
                     assert replica_pool.replica is not None
-                    host.topology.report_replica_failure(replica_pool.replica, exc.message)
-                    server = await self.attach.acquire(pool)
-            else:
+                    host.topology.report_replica_failure(replica_pool.replica, failure.message)
+            if server is None:
                 server = await self.attach.acquire(pool)
         except SpoolNow:
             self._degraded_login()
