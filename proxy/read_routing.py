@@ -12,162 +12,34 @@ Not on the data path: the session calls these only for the work it considers sen
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Final
 
 from pglast import parse_sql
 from pglast.ast import (
     A_Const,
-    A_Expr,
     DefElem,
-    DeleteStmt,
-    FuncCall,
-    InsertStmt,
-    IntoClause,
-    LockingClause,
-    MergeStmt,
-    Node,
-    SelectStmt,
-    String,
     TransactionStmt,
-    UpdateStmt,
     VariableSetStmt,
 )
 from pglast.enums import TransactionStmtKind, VariableSetKind
+
+from .readonly import is_plain_read
+
+__all__ = [
+    "default_transaction_read_only",
+    "is_plain_read",
+    "parse_bool_setting",
+    "read_only_request",
+    "session_read_only_setting",
+    "starts_read_only_transaction",
+]
 
 # Distinct texts remembered per function; longer texts are parsed every time (never cached), so
 # the caches hold at most _CACHE_SIZE * _CACHE_MAX_TEXT characters each.
 _CACHE_SIZE: Final = 4096
 _CACHE_MAX_TEXT: Final = 8192
-
-# Functions a plain read may call: built-ins without side effects (reading the database or the
-# clock is fine; changing anything, sequences, locks, settings, notifications, sleeping, reaching
-# outside the server is not). Unqualified, or qualified with pg_catalog; any other schema, and any
-# name not listed here (user functions, which may write), makes the statement a write.
-
-
-def _words(text: str) -> frozenset[str]:
-    return frozenset(text.split())
-
-
-SAFE_FUNCTIONS: Final = _words(
-    """
-    count sum avg min max array_agg string_agg json_agg jsonb_agg json_object_agg jsonb_object_agg
-    bool_and bool_or every bit_and bit_or stddev stddev_pop stddev_samp variance var_pop var_samp
-    percentile_cont percentile_disc mode row_number rank dense_rank percent_rank cume_dist ntile lag
-    lead first_value last_value nth_value
-    abs ceil ceiling floor round trunc sign sqrt cbrt power pow exp ln log log10 mod div pi degrees
-    radians width_bucket random gcd lcm scale
-    lower upper initcap length char_length character_length octet_length bit_length substr substring
-    position strpos trim btrim ltrim rtrim lpad rpad left right replace reverse repeat split_part
-    concat concat_ws format md5 sha224 sha256 sha384 sha512 encode decode ascii chr translate
-    starts_with to_hex overlay quote_ident quote_literal quote_nullable similar_to_escape
-    regexp_replace regexp_match regexp_matches regexp_split_to_array regexp_split_to_table
-    regexp_like regexp_count regexp_instr regexp_substr
-    to_char to_date to_timestamp to_number now statement_timestamp transaction_timestamp
-    clock_timestamp timeofday date_trunc date_part date_bin extract age make_date make_time
-    make_timestamp make_timestamptz make_interval justify_days justify_hours justify_interval
-    isfinite timezone
-    to_json to_jsonb row_to_json array_to_json json_build_object jsonb_build_object
-    json_build_array jsonb_build_array json_object jsonb_object json_array_length jsonb_array_length
-    json_extract_path jsonb_extract_path json_extract_path_text jsonb_extract_path_text json_typeof
-    jsonb_typeof jsonb_pretty jsonb_strip_nulls json_strip_nulls json_each jsonb_each json_each_text
-    jsonb_each_text json_array_elements jsonb_array_elements json_array_elements_text
-    jsonb_array_elements_text json_object_keys jsonb_object_keys jsonb_path_query
-    jsonb_path_query_array jsonb_path_query_first jsonb_path_exists jsonb_path_match jsonb_set
-    jsonb_insert
-    array_length array_lower array_upper array_ndims array_dims cardinality array_position
-    array_positions array_to_string string_to_array string_to_table array_cat array_append
-    array_prepend array_remove array_replace unnest generate_series generate_subscripts
-    current_setting current_database current_catalog current_schema current_schemas version
-    pg_is_in_recovery inet_server_port inet_server_addr inet_client_addr inet_client_port
-    pg_backend_pid pg_postmaster_start_time pg_typeof format_type col_description obj_description
-    has_table_privilege has_column_privilege has_schema_privilege has_database_privilege
-    pg_table_size pg_relation_size pg_total_relation_size pg_indexes_size pg_database_size
-    pg_size_pretty pg_get_viewdef pg_get_indexdef pg_get_constraintdef pg_get_functiondef
-    pg_get_expr pg_get_userbyid pg_last_wal_replay_lsn pg_last_xact_replay_timestamp
-    gen_random_uuid num_nulls num_nonnulls
-    """
-)
-
-# Operators a plain read may use: the built-in symbols (A_Expr names), BETWEEN's spelled-out ones.
-# A schema-qualified operator outside pg_catalog, or any other symbol, may be a user function.
-SAFE_OPERATORS: Final = _words(
-    """
-    = <> != < > <= >= + - * / % ^ || ~~ !~~ ~~* !~~* ~ !~ ~* !~* @> <@ && -> ->> #> #>> ? ?| ?&
-    | & # << >> @ |/ ||/ @@ @@@ -|- &< &> <-> <<| |>> &<| |&> <^ >^ ?# ?- ?|| ~= #- @? !!
-    """
-) | {"BETWEEN", "NOT BETWEEN", "BETWEEN SYMMETRIC", "NOT BETWEEN SYMMETRIC"}
-
-# Nodes that make a statement a write wherever they appear: a data-modifying CTE, SELECT INTO,
-# FOR UPDATE/SHARE (takes row locks, which a standby cannot).
-_WRITE_NODES: Final = (InsertStmt, UpdateStmt, DeleteStmt, MergeStmt, IntoClause, LockingClause)
-
-
-def _nodes(root: Node) -> Iterator[Node]:
-    """Every node below `root` (itself included), in no particular order."""
-    stack: list[object] = [root]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, Node):
-            yield value
-            for name in getattr(type(value), "__slots__", ()):
-                child = getattr(value, name, None)
-                if child is not None and not isinstance(child, str | int | float | bool):
-                    stack.append(child)
-        elif isinstance(value, list | tuple):
-            stack.extend(value)
-
-
-def _names(parts: object) -> list[str]:
-    if not isinstance(parts, list | tuple):
-        return []
-    return [str(p.sval) for p in parts if isinstance(p, String)]
-
-
-def _safe_name(parts: object, allowed: frozenset[str], fold: bool) -> bool:
-    names = _names(parts)
-    if not names or len(names) > 2 or (len(names) == 2 and names[0].lower() != "pg_catalog"):
-        return False
-    name = names[-1].lower() if fold else names[-1]
-    return name in allowed
-
-
-@lru_cache(maxsize=_CACHE_SIZE)
-def _is_plain_read(sql: str) -> bool:
-    try:
-        statements = parse_sql(sql)
-    except Exception:
-        return False  # PostgreSQL will say what is wrong; wherever it runs, it is not a read
-    if len(statements) != 1:
-        return False  # a lone statement only: a read among others may share a transaction with a write
-    stmt = statements[0].stmt
-    if not isinstance(stmt, SelectStmt):
-        return False
-    for node in _nodes(stmt):
-        if isinstance(node, _WRITE_NODES):
-            return False
-        if isinstance(node, FuncCall) and not _safe_name(node.funcname, SAFE_FUNCTIONS, fold=True):
-            return False
-        if isinstance(node, A_Expr) and not _safe_name(node.name, SAFE_OPERATORS, fold=False):
-            return False
-    return True
-
-
-def is_plain_read(sql: str) -> bool:
-    """Whether `sql` is a lone statement that only reads: one SELECT, VALUES, TABLE, or WITH of
-    plain SELECTs, without FOR UPDATE/SHARE, INTO, a data-modifying CTE, and calling only
-    side-effect-free built-in functions and operators (`SAFE_FUNCTIONS`, `SAFE_OPERATORS`).
-    Unparseable or several statements: False.
-
-    Limits: a view, a rule or a row-level security policy may call a function that writes; the
-    catalog is not consulted, so such a read is still taken as a read (a standby refuses the write
-    with 25006, relayed to the client)."""
-    if len(sql) > _CACHE_MAX_TEXT:
-        return _is_plain_read.__wrapped__(sql)
-    return _is_plain_read(sql)
-
 
 def _read_only_option(options: object) -> bool | None:
     """The last `transaction_read_only` among transaction options (READ ONLY / READ WRITE)."""
@@ -188,6 +60,19 @@ def _starts_read_only_transaction(sql: str) -> bool:
         statements = parse_sql(sql)
     except Exception:
         return False
+    if len(statements) == 2:
+        # `BEGIN; SET TRANSACTION READ ONLY` in one Query (a driver's way to open a read-only
+        # transaction): decided here, where both are seen before the transaction has a server.
+        first, second = statements[0].stmt, statements[1].stmt
+        return (
+            isinstance(first, TransactionStmt)
+            and first.kind in (TransactionStmtKind.TRANS_STMT_BEGIN, TransactionStmtKind.TRANS_STMT_START)
+            and _read_only_option(first.options) is not False
+            and isinstance(second, VariableSetStmt)
+            and second.kind == VariableSetKind.VAR_SET_MULTI
+            and second.name == "TRANSACTION"
+            and _read_only_option(second.args) is True
+        )
     if len(statements) != 1:
         return False
     stmt = statements[0].stmt

@@ -1,4 +1,5 @@
-"""Whether a statement is a plain read that may be run again: `is_rerunnable_read(sql)`.
+"""Whether a statement is a plain read: `is_plain_read(sql)` (it may go to a replica) and
+`is_rerunnable_read(sql)` (it may also be sent a second time to another server).
 
 Used where a statement is sent a second time to another server (a lone read cut by a failover, run
 again on the new writer; a read sent to a replica): True only when running it has no effect
@@ -72,6 +73,25 @@ _EFFECTFUL_STABLE: Final = frozenset(
 )
 ALLOWED_FUNCTIONS: Final = FUNCTIONS - _EFFECTFUL_STABLE
 
+# Volatile in pg_catalog, yet with no effect beyond their answer: a plain read may call them on a
+# replica (the routing of reads), but a re-run would not give the answer the client already has
+# part of, so `is_rerunnable_read` refuses them. (The replication functions are how a client,
+# and the tests, ask where a read ran.)
+_VOLATILE_READS: Final = frozenset(
+    {
+        "random",
+        "clock_timestamp",
+        "timeofday",
+        "gen_random_uuid",
+        "pg_is_in_recovery",
+        "pg_last_wal_replay_lsn",
+        "pg_last_wal_receive_lsn",
+        "pg_last_xact_replay_timestamp",
+        "pg_is_wal_replay_paused",
+    }
+)
+READ_FUNCTIONS: Final = ALLOWED_FUNCTIONS | _VOLATILE_READS
+
 # Statement texts cached; longer ones are classified every time (rare, and not worth keeping).
 CACHE_SIZE: Final = 4096
 CACHE_MAX_TEXT: Final = 16 * 1024
@@ -83,16 +103,30 @@ _WRITES: Final = (InsertStmt, UpdateStmt, DeleteStmt, MergeStmt)
 def is_rerunnable_read(sql: str) -> bool:
     """True only for a single plain read with no effect beyond its answer (see the module doc)."""
     if len(sql) > CACHE_MAX_TEXT:
-        return _classify(sql)
-    return _cached(sql)
+        return _classify(sql, ALLOWED_FUNCTIONS)
+    return _rerunnable(sql)
+
+
+def is_plain_read(sql: str) -> bool:
+    """As `is_rerunnable_read`, but the few volatile functions that only read (`random()`,
+    `pg_is_in_recovery()`, ...) are allowed: the statement may run on a replica. Unparseable or
+    several statements: False."""
+    if len(sql) > CACHE_MAX_TEXT:
+        return _classify(sql, READ_FUNCTIONS)
+    return _plain(sql)
 
 
 @lru_cache(maxsize=CACHE_SIZE)
-def _cached(sql: str) -> bool:
-    return _classify(sql)
+def _rerunnable(sql: str) -> bool:
+    return _classify(sql, ALLOWED_FUNCTIONS)
 
 
-def _classify(sql: str) -> bool:
+@lru_cache(maxsize=CACHE_SIZE)
+def _plain(sql: str) -> bool:
+    return _classify(sql, READ_FUNCTIONS)
+
+
+def _classify(sql: str, functions: frozenset[str]) -> bool:
     try:
         statements = parse_sql(sql)
     except Exception:  # a syntax error: the server will say so; nothing to re-run
@@ -102,7 +136,7 @@ def _classify(sql: str) -> bool:
     stmt = statements[0].stmt
     if not isinstance(stmt, SelectStmt):
         return False
-    checker = _ReadChecker()
+    checker = _ReadChecker(functions)
     checker(stmt)
     return checker.ok
 
@@ -122,8 +156,9 @@ def _catalog_name(names: tuple[Node, ...] | None) -> str | None:
 # Not a native class when compiled: pglast finds visit methods with inspect.ismethod.
 @mypyc_attr(native_class=False)
 class _ReadChecker(Visitor):
-    def __init__(self) -> None:
+    def __init__(self, functions: frozenset[str]) -> None:
         super().__init__()
+        self.functions = functions
         self.ok = True
 
     def visit(self, _ancestors: object, node: Node) -> None:
@@ -136,7 +171,7 @@ class _ReadChecker(Visitor):
                 self.ok = False
         elif isinstance(node, FuncCall):
             name = _catalog_name(node.funcname)
-            if name is None or name not in ALLOWED_FUNCTIONS:
+            if name is None or name not in self.functions:
                 self.ok = False
         elif isinstance(node, A_Expr):
             if node.kind in _OPERATOR_KINDS:

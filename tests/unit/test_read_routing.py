@@ -115,7 +115,7 @@ def test_long_text_is_not_cached_but_still_classified() -> None:
 
 
 def test_cache_is_bounded() -> None:
-    from proxy.read_routing import _is_plain_read
+    from proxy.readonly import _plain as _is_plain_read
 
     for i in range(5000):
         is_plain_read(f"SELECT {i}")
@@ -144,6 +144,12 @@ def test_cache_is_bounded() -> None:
         ("COMMIT", False),
         ("SELECT 1", False),
         ("BEGIN READ ONLY; INSERT INTO t VALUES (1)", False),  # several statements: not recognised
+        ("BEGIN; SET TRANSACTION READ ONLY", True),  # a driver's two-statement form
+        ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE; SET TRANSACTION READ ONLY", True),
+        ("BEGIN READ WRITE; SET TRANSACTION READ ONLY", False),
+        ("BEGIN; SET TRANSACTION READ WRITE", False),
+        ("BEGIN; SELECT 1", False),
+        ("SELECT 1; SET TRANSACTION READ ONLY", False),
         ("SET default_transaction_read_only = on", False),  # a session setting: see below
         ("BEGIN READ ONLY garbage", False),
         ("", False),

@@ -137,16 +137,16 @@ def test_the_allowlist_holds_immutable_and_stable_built_ins_only() -> None:
 
 
 def test_answers_are_cached_per_text() -> None:
-    readonly._cached.cache_clear()
+    readonly._rerunnable.cache_clear()
     sql = "SELECT a FROM t WHERE id = $1"
     assert is_rerunnable_read(sql) and is_rerunnable_read(sql)
-    info = readonly._cached.cache_info()
+    info = readonly._rerunnable.cache_info()
     assert (info.hits, info.misses) == (1, 1)
     assert info.maxsize == readonly.CACHE_SIZE
 
 
 def test_very_long_texts_are_classified_but_not_cached() -> None:
-    readonly._cached.cache_clear()
+    readonly._rerunnable.cache_clear()
     sql = "SELECT " + ", ".join(["1"] * (readonly.CACHE_MAX_TEXT // 2))
     assert is_rerunnable_read(sql)
-    assert readonly._cached.cache_info().currsize == 0
+    assert readonly._rerunnable.cache_info().currsize == 0
