@@ -18,6 +18,14 @@ standby b1; ``demo_app.cluster``) and a fresh sidecar with the default ``failove
 4. the load goes on for a few seconds on the new writer, then the idle sessions run one query each;
 5. the new writer is checked: every acknowledged id present exactly once.
 
+Before the load, ``pgsidecar init-db`` installs the commit-outcome ledger in the app database (so
+a COMMIT in flight at the fault can be resolved through its marker), and the sidecar probes as the
+app user in that database. ``/metrics`` is read just before the fault and at the end: the row
+shows the deltas of ``pgsidecar_transaction_replays_total{result}`` and
+``pgsidecar_commit_outcomes_total{outcome}``, and the notes count the sidecar's
+``transaction_not_replayed`` (by reason), ``transaction_replay_diverged`` and ``commit_outcome``
+log lines.
+
 An error counts as "in flight at the fault" when its attempt started before the fault injection
 returned (for ``partition``: before the sidecar logged the failure, since until then requests still
 go into the black hole) and ended after the injection began.
@@ -39,9 +47,11 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -49,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import exit_on_sigterm
 from demo_app.cluster import APP_DB, REGION_A, REGION_B, PgNode, Topology, make_pg_dir, make_topology
@@ -63,7 +74,7 @@ from tests.harness.load import (
     percentile,
     rows_on,
 )
-from tests.harness.sidecar import REMOVE, SIDECAR_PASSWORDS, SidecarProcess, sidecar_config
+from tests.harness.sidecar import PROJECT_ROOT, REMOVE, SIDECAR_PASSWORDS, SidecarProcess, sidecar_config
 
 SCENARIOS = ("crash", "fast", "region", "partition")
 USER = "app_scram"
@@ -72,6 +83,8 @@ WARMUP = 2.0  # seconds of load before the fault
 AFTER = 3.0  # seconds of load after the promotion
 DETECTION_TARGET = 1.0
 STALL_SLACK = 0.5
+REPLAYS = "pgsidecar_transaction_replays_total"
+OUTCOMES = "pgsidecar_commit_outcomes_total"
 
 
 def say(text: str = "") -> None:
@@ -95,6 +108,10 @@ class Result:
     lost: int
     duplicates: int
     failovers: str  # failover_completed kind(s) logged
+    replays: dict[str, int] = field(default_factory=dict)  # Δ transaction_replays_total by result
+    commit_outcomes: dict[str, int] = field(default_factory=dict)  # Δ commit_outcomes_total by outcome
+    # transaction_not_replayed by reason, transaction_replay_diverged, commit_outcome by outcome
+    replay_events: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     checks: dict[str, bool] = field(default_factory=dict)
 
@@ -121,11 +138,14 @@ def run_scenario(scenario: str, base: Path, clients: int, delay: float) -> Resul
             hole = BlackHole((topo.a1.host, topo.a1.port))
             hosts = {REGION_A: [hole.hostport, topo.a2], REGION_B: [topo.b1]}
         # Without the harness's test settings: the drill measures the sidecar's defaults
-        # (check_interval 250ms, probe_timeout 1s, hold_timeout 30s).
-        config = sidecar_config(hosts, {"failover": REMOVE})
-        sidecar = SidecarProcess(
-            config, Path(tempfile.mkdtemp(prefix=f"drill-{scenario}-", dir=base))
-        ).start()
+        # (check_interval 250ms, probe_timeout 1s, hold_timeout 30s). The probe user and database
+        # are the app's, where the ledger lives: the sidecar checks it can use the marker there.
+        upstream = {"probe_user": USER, "probe_database": APP_DB}
+        config = sidecar_config(hosts, {"failover": REMOVE, "upstream": upstream})
+        sidecar = SidecarProcess(config, Path(tempfile.mkdtemp(prefix=f"drill-{scenario}-", dir=base)))
+        init_db(sidecar.config_path)
+        topo.a1.wait_caught_up([topo.a2, topo.b1])
+        sidecar.start()
         target = Target(sidecar.host, sidecar.port, USER, SIDECAR_PASSWORDS[USER], APP_DB)
 
         idle = []
@@ -137,6 +157,7 @@ def run_scenario(scenario: str, base: Path, clients: int, delay: float) -> Resul
 
         load = Load(target, table, {"autocommit": clients}).start()
         time.sleep(WARMUP)
+        before = scrape(sidecar)
         say(f"   injecting the fault ({scenario}) under {clients} writer clients ...")
         fault_start = time.time()
         inject(scenario, topo, hole)
@@ -160,6 +181,7 @@ def run_scenario(scenario: str, base: Path, clients: int, delay: float) -> Resul
             finally:
                 conn.close()
 
+        after = scrape(sidecar)
         rows = rows_on(new_writer.dsn(dbname=APP_DB), table)
         log = sidecar.log_text()
         states = log_events(log, "cluster_state", since=fault_start - 0.002)
@@ -191,6 +213,9 @@ def run_scenario(scenario: str, base: Path, clients: int, delay: float) -> Resul
             lost=len(verdict.lost),
             duplicates=sum(n - 1 for n in verdict.duplicates.values()),
             failovers=failovers or "-",
+            replays=delta(before, after, REPLAYS, "result"),
+            commit_outcomes=delta(before, after, OUTCOMES, "outcome"),
+            replay_events=replay_events(log, fault_start),
         )
         if hung:
             result.notes.append(f"workers still blocked at the end: {hung}")
@@ -218,6 +243,54 @@ def run_scenario(scenario: str, base: Path, clients: int, delay: float) -> Resul
         with contextlib.suppress(Exception):
             topo.stop_all()
         shutil.rmtree(topo.base_dir, ignore_errors=True)
+
+
+def init_db(config: Path) -> None:
+    """`pgsidecar init-db` for the app database, as the app user (its owner), on the writer."""
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "init-db", "-c", str(config), "-d", APP_DB, "-U", USER],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"pgsidecar init-db failed ({done.returncode}): {done.stderr.strip()}")
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(sidecar: SidecarProcess) -> Samples:
+    with urllib.request.urlopen(sidecar.metrics_url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def delta(before: Samples, after: Samples, name: str, label: str) -> dict[str, int]:
+    """Non-zero increases of counter `name`, keyed by the value of its one label `label`."""
+    out: dict[str, int] = {}
+    for (sample, labels), value in after.items():
+        if sample != name:
+            continue
+        moved = int(value - before.get((sample, labels), 0.0))
+        if moved:
+            out[dict(labels).get(label, "?")] = moved
+    return out
+
+
+def replay_events(log: str, since: float) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for ev in log_events(log, "transaction_not_replayed", since):
+        counts[f"not_replayed:{ev.fields.get('reason', '?')}"] += 1
+    counts["diverged"] += len(log_events(log, "transaction_replay_diverged", since))
+    for ev in log_events(log, "commit_outcome", since):
+        counts[f"commit_outcome:{ev.fields.get('outcome', '?')}"] += 1
+    return {k: v for k, v in counts.items() if v}
 
 
 def inject(scenario: str, topo: Topology, hole: BlackHole | None) -> None:
@@ -249,7 +322,7 @@ def _fmt_counts(counts: dict[str, int]) -> str:
 def print_table(results: list[Result], delay: float) -> None:
     header = (
         "scenario", "detect s", "new writer s", "stall p50/p99/max ms", "txns", "errors in-flight",
-        "errors other", "idle errors", "lost", "dup", "failover", "targets",
+        "errors other", "replays", "commit outcomes", "idle errors", "lost", "dup", "failover", "targets",
     )  # fmt: skip
     rows = []
     for r in results:
@@ -262,6 +335,8 @@ def print_table(results: list[Result], delay: float) -> None:
             str(r.transactions),
             _fmt_counts(r.in_flight_errors),
             _fmt_counts(r.other_errors),
+            _fmt_counts(r.replays),
+            _fmt_counts(r.commit_outcomes),
             _fmt_counts(r.idle_errors),
             str(r.lost),
             str(r.duplicates),
@@ -274,6 +349,7 @@ def print_table(results: list[Result], delay: float) -> None:
     for row in rows:
         say("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
     notes = [(r.scenario, n) for r in results for n in r.notes]
+    notes += [(r.scenario, f"log since the fault: {_fmt_counts(r.replay_events)}") for r in results]
     if notes:
         say("\nnotes:")
         for scenario, note in notes:

@@ -197,9 +197,26 @@ class SidecarProcess:
         """The SQLAlchemy URL an app uses to reach the database through the sidecar."""
         return f"postgresql+psycopg://{user}:{password}@127.0.0.1:{self.port}/{dbname}"
 
-    def start(self, timeout: float = 20.0) -> None:
+    def _env(self) -> dict[str, str]:
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
+        return env
+
+    def init_db(self, database: str = APP_DB, user: str = APP_USER, timeout: float = 60.0) -> None:
+        """`pgsidecar init-db` for `database`, as a deployment does once: the spool's replay ledger
+        and the commit-outcome marker. Without the marker a COMMIT cut by a failover gets 08007
+        (outcome unknown) instead of its outcome, and the Cafe would show an error page for it."""
+        argv = [sys.executable, "-m", "proxy", "init-db", "-c", str(self.config_path)]
+        argv += ["-d", database, "-U", user]
+        done = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            cwd=str(self.workdir), env=self._env(), timeout=timeout,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"pgsidecar init-db exited with {done.returncode}:\n{done.stderr.strip()}")
+
+    def start(self, timeout: float = 20.0) -> None:
+        env = self._env()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "proxy", "run", "-c", str(self.config_path)],
@@ -294,6 +311,8 @@ def sidecar_config(
             "topology": "static",
             # The local clusters have no server certificates.
             "tls": "disable",
+            # The probe checks the commit-outcome ledger where the app's data is.
+            "probe_database": APP_DB,
             "regions": [
                 {"name": "region-a", "hosts": [topo.a2.hostport, topo.a1.hostport]},
                 {"name": "region-b", "hosts": [topo.b1.hostport]},
@@ -408,6 +427,8 @@ class DemoStack:
         config = sidecar_config(topo, self.workdir, self.spool, endpoint, hold_timeout=self.hold_timeout,
                                 max_replica_lag=self.max_replica_lag)  # fmt: skip
         self.sidecar = SidecarProcess(config, self.workdir, env, log_dir=self.log_dir)
+        self.sidecar.init_db()
+        topo.a1.wait_caught_up([topo.a2, topo.b1])
         self.sidecar.start()
         self.sidecar.wait_ready()
         self.cafe = CafeServer(self.sidecar.app_url(), self.cafe_port)

@@ -22,9 +22,11 @@ import psycopg
 import pytest
 import sqlalchemy
 
+from demo_app.cluster import HBA
 from proxy.outcome import MARKER_DDL
 from tests.conftest import SidecarFactory
 from tests.harness import pg
+from tests.harness.load import log_events
 from tests.harness.sidecar import SIDECAR_PASSWORDS, SidecarProcess
 from tests.integration.test_commit_outcome import _wait_outcome
 from tests.integration.test_failover import (
@@ -400,4 +402,105 @@ def test_autocommit_insert_in_flight_keeps_08007(fresh_topology, sidecar_factory
     state, _ = insert.result(timeout=30)
     assert state == "08007"
     assert count_on(topo.a2, table) <= 1
+    conn.close()
+
+
+def _stop_streaming(standby: pg.PgNode) -> None:
+    """`standby` stops receiving WAL: what its primary commits from now on never reaches it."""
+    standby.execute("ALTER SYSTEM SET primary_conninfo = ''")
+    standby.execute("SELECT pg_reload_conf()")
+    deadline = time.monotonic() + 30
+    while standby.query("SELECT count(*) FROM pg_stat_wal_receiver") != [(0,)]:
+        assert time.monotonic() < deadline, f"{standby.name} kept streaming"
+        time.sleep(0.05)
+
+
+def _shut_out(node: pg.PgNode, user: str, shut: bool) -> None:
+    """pg_hba.conf on `node` rejects (`shut`) or admits again `user`, and every session it has
+    there is ended: the sidecar cannot see `node` at all meanwhile (its probe logs in as `user`)."""
+    rule = f"host all {user} 127.0.0.1/32 reject\n" if shut else ""
+    (node.datadir / "pg_hba.conf").write_text(rule + HBA)
+    node.reload()
+    if not shut:
+        return
+    deadline = time.monotonic() + 30
+    while True:
+        rows = node.query(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = %s", (user,)
+        )
+        if rows == [(0,)]:
+            return
+        assert time.monotonic() < deadline, f"{user} kept sessions on {node.name}"
+        time.sleep(0.1)
+
+
+def test_lost_commit_whose_xid_the_new_writer_reused_is_replayed_not_reported_committed(
+    fresh_topology, sidecar_factory, pool
+):
+    """The xid trap, end to end. a2 stops streaming; a client's marked COMMIT (xid X) commits on
+    a1 and waits there for a synchronous standby; a1 crashes; a2, promoted, hands X out again to a
+    transaction of its own before the sidecar sees it (pg_hba shuts the sidecar out meanwhile).
+    pg_xact_status(X) on a2 says "committed": true of a2's transaction, false of the client's. The
+    marker says the client's did not commit: the sidecar replays it, the client gets COMMIT and the
+    row is there exactly once."""
+    topo = fresh_topology
+    a1, a2 = topo.a1, topo.a2
+    table = new_table(topo)
+    topo.a1.execute(MARKER_DDL, dbname=pg.APP_DB)
+    a1.wait_caught_up([a2])
+    config = {
+        "admin_users": [USER],
+        "upstream": {"probe_user": USER, "probe_database": pg.APP_DB},
+        "failover": {"hold_timeout": "60s"},
+    }
+    sidecar = sidecar_factory(config, topology=topo)
+    assert _wait_outcome(sidecar, lambda v: v != "unchecked") == "marker"
+
+    _stop_streaming(a2)
+    _shut_out(a2, USER, shut=True)
+    pg.set_sync_standbys(a1, ["nobody"])  # every COMMIT on a1 waits, after its commit record
+    conn = connect(sidecar, autocommit=False, application_name="lost-commit")
+    conn.execute(insert_sql(table, "once", "lost-commit"))
+    commit = pool.submit(sqlstate_of_call, conn.commit)
+    wait_backend(a1, "application_name = 'lost-commit' AND wait_event = 'SyncRep'")
+    rows = a1.query(
+        "SELECT backend_xid::text FROM pg_stat_activity WHERE application_name = 'lost-commit'",
+        dbname=pg.APP_DB,
+    )
+    lost_xid = int(rows[0][0])
+    status_sql = "SELECT pg_xact_status(%s::text::xid8)"
+    # Its commit record is written on a1; the backend still waits for the standby to confirm it.
+    assert a1.query(status_sql, (str(lost_xid),), dbname=pg.APP_DB) == [("in progress",)]
+
+    a1.crash()
+    a2.promote()
+    xid = 0
+    own = 0
+    with psycopg.connect(a2.dsn(dbname=pg.APP_DB), autocommit=True) as direct:
+        while xid < lost_xid:  # a2's next xid is the lost one, or just below it
+            own += 1
+            direct.execute("BEGIN")
+            direct.execute(insert_sql(table, f"a2-own-{own}", "a2"))
+            row = direct.execute("SELECT pg_current_xact_id()::text").fetchone()
+            assert row is not None
+            xid = int(row[0])
+            direct.execute("COMMIT")
+    assert xid == lost_xid, "a2 did not hand the lost transaction id out again"
+    assert a2.query(status_sql, (str(lost_xid),), dbname=pg.APP_DB) == [("committed",)]
+    assert count_on(a2, table, "id = 'once'") == 0
+
+    _shut_out(a2, USER, shut=False)
+    state, _ = commit.result(timeout=60)
+    assert state is None, f"COMMIT lost with a1: expected success (replayed), got {state}"
+    assert count_on(a2, table, "id = 'once'") == 1
+    (xmin,) = a2.query(f"SELECT xmin::text FROM {table} WHERE id = 'once'", dbname=pg.APP_DB)[0]
+    assert int(xmin) != lost_xid  # the replay is a transaction of its own
+    assert outcomes(sidecar, "replayed") == 1
+    assert outcomes(sidecar, "committed") == 0
+    assert replays(sidecar, "replayed") == 1
+    events = log_events(sidecar.log_text(), "commit_outcome")
+    assert [e.fields.get("outcome") for e in events] == ["not_committed"]  # what the marker says
+    conn.execute(insert_sql(table, "next", "lost-commit"))
+    conn.commit()
+    assert count_on(a2, table, "id IN ('once', 'next')") == 2
     conn.close()
