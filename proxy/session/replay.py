@@ -35,6 +35,7 @@ COMMIT_IN_FLIGHT: Final = "commit"
 _COPY_MESSAGES: Final = (ord("d"), ord("c"), ord("f"))
 # First keywords of statements that end a transaction (or may: PREPARE TRANSACTION).
 _ENDS_TRANSACTION: Final = (b"commit", b"end", b"rollback", b"abort", b"prepare")
+_STARTS_TRANSACTION: Final = (b"begin", b"start")
 
 
 class Plan:
@@ -58,7 +59,8 @@ def plan(
     """A `Plan`, or why the journal cannot be replayed: a REPLAY_RESULTS label (too_large,
     not_replayable) or COMMIT_IN_FLIGHT.
 
-    Outside a transaction block only rerunnable reads are (a write may have committed on its own).
+    Outside a transaction block only rerunnable reads are (a write may have committed on its own),
+    and a lone BEGIN / START TRANSACTION, which changes nothing; what follows it is inside a block.
     Inside one: anything but COPY, several statements in one Query (one of them could be a COMMIT
     that did happen), and in transaction mode named statements (sent under the sidecar's shared
     names, which the new server may not have). Outside a block, a Bind runs a statement whose
@@ -80,6 +82,7 @@ def plan(
     answers = 0
     parsed: set[str] = set()
     texts: dict[str, bytes] = {}  # statement name -> its text, as the journal prepares them
+    block = in_block  # (a BEGIN in the journal opens one for what follows it)
     while pos + 5 <= n:
         mtype = data[pos]
         end = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
@@ -93,7 +96,9 @@ def plan(
             answers += 1
         if mtype == m.F_QUERY:
             text = body[:-1]
-            if not _replayable_text(text, in_block):
+            if not block and _starts_block(text):
+                block = True
+            elif not _replayable_text(text, block):
                 return "not_replayable"
             if first_keyword(text) in _ENDS_TRANSACTION and not (final_commit and pos == n):
                 return "not_replayable"
@@ -108,7 +113,9 @@ def plan(
                     return "not_replayable"
                 parsed.add(name)
             text = body[name_end + 1 : query_end]
-            if not _replayable_text(text, in_block) or first_keyword(text) in _ENDS_TRANSACTION:
+            if _starts_block(text):
+                pass  # a transaction start changes nothing; where it runs (Bind) opens the block
+            elif not _replayable_text(text, block) or first_keyword(text) in _ENDS_TRANSACTION:
                 return "not_replayable"
             texts[name] = text
         elif mtype == m.F_BIND:
@@ -126,9 +133,11 @@ def plan(
                 if known_parse is None:
                     return "not_replayable"  # the statement's text is not known here
                 bound = _parse_text(known_parse)
-            if not _replayable_text(bound, in_block) or first_keyword(bound) in _ENDS_TRANSACTION:
+            if not block and _starts_block(bound):
+                block = True
+            elif not _replayable_text(bound, block) or first_keyword(bound) in _ENDS_TRANSACTION:
                 return "not_replayable"
-        elif (mtype == m.F_CLOSE and transaction_mode) or (mtype == m.F_FUNCTION_CALL and not in_block):
+        elif (mtype == m.F_CLOSE and transaction_mode) or (mtype == m.F_FUNCTION_CALL and not block):
             return "not_replayable"
     if answers != journal.answered + in_flight:
         return "not_replayable"  # requests and answers do not line up (an ignored Query, ...)
@@ -139,6 +148,11 @@ def _parse_text(parse: bytes) -> bytes:
     """The query text of a whole Parse message."""
     name_end = parse.find(b"\x00", 5)
     return parse[name_end + 1 : parse.find(b"\x00", name_end + 1)]
+
+
+def _starts_block(text: bytes) -> bool:
+    """A lone BEGIN or START TRANSACTION (any options): run again, it changes no data."""
+    return first_keyword(text) in _STARTS_TRANSACTION and not has_more_statements(text)
 
 
 def _replayable_text(text: bytes, in_block: bool) -> bool:

@@ -78,6 +78,46 @@ def test_a_lone_read_in_flight_is_re_run_and_the_client_sees_only_its_answer() -
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_begin_in_flight_is_re_run_and_what_follows_it_is_in_the_block(pipelined: bool) -> None:
+    """SQLAlchemy (psycopg, not autocommit) sends BEGIN on its own first: cut with it in flight
+    (status still idle), it is run again; pipelined behind it, the transaction's INSERT too."""
+
+    async def run() -> None:
+        client, transport, host = await logged_in("session", servers=2)
+        old = client.server
+        assert old is not None
+        sent = query("BEGIN") + (query("INSERT INTO t VALUES (1)") if pipelined else b"")
+        client.data_received(sent)
+        client.cut_server("writer lost")
+        assert client.state == S.HELD and transport.take() == b""
+        new = await replayed_on(host, old)
+        assert server_out(new).take().endswith(sent)
+        answers = m.command_complete("BEGIN") + msg(b"Z", b"T")
+        if pipelined:
+            answers += m.command_complete("INSERT 0 1") + msg(b"Z", b"T")
+        new.data_received(answers)
+        await settle()
+        assert transport.take() == answers
+        assert client.state == S.LINKED and client.server is new
+        assert host.stats.transaction_replays["replayed"] == 1
+
+    asyncio.run(run())
+
+
+def test_an_autocommit_write_after_a_begin_that_ended_is_not_re_run() -> None:
+    """`BEGIN; INSERT; COMMIT` sent as one Query outside a block: it may have committed."""
+
+    async def run() -> None:
+        client, transport, host = await logged_in("session")
+        client.data_received(query("BEGIN; INSERT INTO t VALUES (1); COMMIT"))
+        client.cut_server("writer lost")
+        assert b"08007" in transport.take()
+        assert host.stats.transaction_replays["replayed"] == 0
+
+    asyncio.run(run())
+
+
 GOODBYE = msg(
     b"N", b"SWARNING\x00VWARNING\x00C57P01\x00Mterminating connection due to immediate shutdown\x00\x00"
 )
