@@ -16,7 +16,8 @@ set -euo pipefail
 ROOT=$(cd "${1:-$(dirname "$0")/..}" && pwd)
 MODE=${2:-session}
 SCRIPT=${3:-select-only}
-EXTRA=${4:-failover: {check_interval: 30s, probe_timeout: 5s}}
+PROBES='failover: {check_interval: 30s, probe_timeout: 5s}'
+EXTRA=${4:-$PROBES}
 PY=${PYTHON:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python}
 BIN=$(pg_config --bindir 2>/dev/null || echo /usr/lib/postgresql/15/bin)
 command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install -y valgrind)" >&2; exit 2; }
@@ -59,7 +60,7 @@ count() {  # $1: transactions per client -> the sidecar process's instruction to
   "$BIN/pgbench" -n -h 127.0.0.1 -p $PROXYPORT -U postgres -b "$SCRIPT" -c 8 -j 2 -t "$1" postgres >"$WORK/pgbench.log" 2>&1 \
     || { cat "$WORK/pgbench.log" "$WORK/sidecar.log" >&2; kill -INT $pid; exit 1; }
   kill -INT $pid; wait $pid || true
-  grep -h '^summary' "$WORK"/cg.out.* | awk '{s += $2} END {print s}'
+  grep -h '^summary' "$WORK"/cg.out.* | awk '{s += $2} END {printf "%d\n", s}'
 }
 small=$(count 100)
 large=$(count 400)

@@ -169,7 +169,9 @@ class TransactionJournal:
             return False
         self.size += n
         if last and not self._open:
-            self.requests.append(bytes(data))
+            # (A bytes object is kept as it is, no copy; compiled, `bytes(data)` would be a
+            # generic call per request even then.)
+            self.requests.append(data if isinstance(data, bytes) else bytes(data))
         else:
             self._open += data
             if last:
