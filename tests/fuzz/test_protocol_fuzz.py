@@ -288,9 +288,13 @@ def test_fuzz_during_outage(fresh_topology, start_sidecar, tmp_path):
         spool={"backend": "sqlite", "path": str(tmp_path / "spool.db")},
         failover={"check_interval": "100ms", "hold_timeout": "100ms"},
     ))  # fmt: skip
-    # The sidecar stands in for a (user, database) during an outage only if it saw it while up.
+    # The sidecar stands in for a (user, database) during an outage only if it saw it while up:
+    # its front door is filled in the background after the first login, and must be done before
+    # the writer goes (else a login during the outage is refused: a race this test lost once).
+    offset = sidecar.log_offset()
     with psycopg.connect(sidecar.dsn(), connect_timeout=10) as conn:
         conn.execute("SELECT 1")
+    sidecar.wait_for_log("event=frontdoor_filled", timeout=30, since=offset)
     offset = sidecar.log_offset()
     topo.a1.stop("fast")
     sidecar.wait_for_log("state=outage", timeout=30, since=offset)
