@@ -604,7 +604,7 @@ class ServerConnection(asyncio.Protocol):
         wrapped = self.wrapped
         marker = self.marker
         if wrapped is None or marker is None or type_byte in _MARKER_PASSES:
-            return self._inspect(type_byte, msg) if _LINKED_WATCH[type_byte] else Action.FORWARD
+            return self._inspect_linked(type_byte, msg)
         phase = wrapped.phase
         if phase == _WRAP_MARKER:
             try:
@@ -621,7 +621,7 @@ class ServerConnection(asyncio.Protocol):
             if answer:
                 self._relay.insert(answer)
             self._marker_done()
-            return self._inspect(type_byte, msg)  # the COMMIT's ReadyForQuery ('I'): the client's
+            return self._inspect_linked(type_byte, msg)  # the COMMIT's ReadyForQuery ('I'): the client's
         if phase == _WRAP_BEGIN:
             return Action.DROP  # BEGIN's CommandComplete
         if phase == _WRAP_STATEMENT:
@@ -632,6 +632,12 @@ class ServerConnection(asyncio.Protocol):
         if type_byte != m.B_COMMAND_COMPLETE:
             wrapped.hold_commit(type_byte, bytes(msg))
         return Action.DROP
+
+    def _inspect_linked(self, type_byte: int, msg: memoryview) -> Action:
+        """The linked inspector's own handling of a message (after a marker's inspector)."""
+        if self._tracked:
+            return self._inspect_tracked(type_byte, msg) if _TRACKED_WATCH[type_byte] else Action.FORWARD
+        return self._inspect(type_byte, msg) if _LINKED_WATCH[type_byte] else Action.FORWARD
 
     def _journal_pipeline(self, journal: TransactionJournal) -> None:
         """The general path's ReadyForQuery, for the journal: an autocommit write answered while

@@ -123,10 +123,16 @@ def test_wrapped_answers_are_byte_for_byte_postgresql_s(
                 want = [(t, _same_ids(b, b"1")) for t, b in want]
                 got = [(t, _same_ids(b, b"2")) for t, b in got]
             assert got == want, sql_through
-            if want[-2] != ("C", b"DELETE 0\x00") and want[-2][0] == "C":
+            # (Transaction mode: a DELETE takes the general path, which does not wrap.)
+            general = mode == "transaction" and sql_through.startswith("DELETE")
+            if want[-2] != ("C", b"DELETE 0\x00") and want[-2][0] == "C" and not general:
                 assert _markers(a1, database) == before + 1, f"not wrapped: {sql_through}"
         # Not wrapped: VACUUM (cannot run in a block), RETURNING, several statements.
-        unwrapped = ("VACUUM d", "INSERT INTO t VALUES (30) RETURNING id", "INSERT INTO t VALUES (31); SELECT 1")
+        unwrapped = (
+            "VACUUM d",
+            "INSERT INTO t VALUES (30) RETURNING id",
+            "INSERT INTO t VALUES (31); SELECT 1",
+        )
         for sql in unwrapped:
             before = _markers(a1, database)
             assert _answer(through, sql)[-1] == ("Z", b"I")
