@@ -157,7 +157,7 @@ def _tagged(conn: Any, sql: str) -> tuple[str | None, str | None]:
         return exc.sqlstate or type(exc).__name__, None
 
 
-@pytest.mark.parametrize("mode", ["session"])
+@pytest.mark.parametrize("mode", ["session", "transaction"])
 def test_autocommit_insert_in_flight_that_reached_the_standby_succeeds(
     fresh_topology: pg.Topology, sidecar_factory: SidecarFactory, pool: ThreadPoolExecutor, mode: str
 ) -> None:
@@ -184,6 +184,32 @@ def test_autocommit_insert_in_flight_that_reached_the_standby_succeeds(
     conn.close()
 
 
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_autocommit_update_in_flight_that_reached_the_standby_succeeds(
+    fresh_topology: pg.Topology, sidecar_factory: SidecarFactory, pool: ThreadPoolExecutor, mode: str
+) -> None:
+    """An UPDATE's row count is not in its text: the client gets the tag the old writer sent
+    (held until the COMMIT's answer, which never came)."""
+    topo = fresh_topology
+    table = make_table(topo.a1)
+    for row_id in ("a", "b", "c"):
+        topo.a1.execute(insert_sql(table, row_id, "seed"), dbname=pg.APP_DB)
+    topo.a1.wait_caught_up([topo.a2])
+    sidecar = ledger_sidecar(topo, sidecar_factory, mode)
+    pg.set_sync_standbys(topo.a1, ["nobody"])
+    conn = connect(sidecar, application_name="autocommitter")
+    update = pool.submit(_tagged, conn, f"UPDATE {table} SET client = 'updated' WHERE id IN ('a', 'b')")
+    wait_backend(topo.a1, "application_name = 'autocommitter' AND wait_event = 'SyncRep'")
+    topo.a1.wait_caught_up([topo.a2])
+    crash_and_promote(topo, sidecar, pause=0.3)
+    state, tag = update.result(timeout=30)
+    assert state is None, f"autocommit UPDATE in flight: expected success, got {state}"
+    assert tag == "UPDATE 2"
+    assert count_on(topo.a2, table, "client = 'updated'") == 2
+    assert outcomes(sidecar, "committed") == 1
+    conn.close()
+
+
 def _sleep_at_commit_on(node: pg.PgNode, table: str) -> None:
     node.execute(
         f"""
@@ -199,7 +225,7 @@ def _sleep_at_commit_on(node: pg.PgNode, table: str) -> None:
     )
 
 
-@pytest.mark.parametrize("mode", ["session"])
+@pytest.mark.parametrize("mode", ["session", "transaction"])
 def test_autocommit_insert_in_flight_that_never_committed_is_replayed_once(
     fresh_topology: pg.Topology, sidecar_factory: SidecarFactory, pool: ThreadPoolExecutor, mode: str
 ) -> None:

@@ -385,19 +385,3 @@ def test_commit_in_flight_that_never_committed_is_replayed_once(fresh_topology, 
     assert outcomes(sidecar, "replayed") == 1
     assert replays(sidecar, "replayed") == 1
     conn.close()
-
-
-def test_autocommit_insert_in_flight_keeps_08007(fresh_topology, sidecar_factory, pool):
-    """Not wrapped in a marked transaction (yet): its outcome stays unknown to the client."""
-    topo = fresh_topology
-    table = new_table(topo)
-    sidecar = ledger_sidecar(topo, sidecar_factory, "session")
-    pg.set_sync_standbys(topo.a1, ["nobody"])
-    conn = connect(sidecar, application_name="autocommitter")
-    insert = pool.submit(sqlstate_of_call, lambda: conn.execute(insert_sql(table, "maybe", "ac")))
-    wait_backend(topo.a1, "application_name = 'autocommitter' AND wait_event = 'SyncRep'")
-    crash_and_promote(topo, sidecar, pause=0.3)
-    state, _ = insert.result(timeout=30)
-    assert state == "08007"
-    assert count_on(topo.a2, table) <= 1
-    conn.close()
