@@ -102,6 +102,8 @@ _WRAP_BEGIN: Final = 0
 _WRAP_STATEMENT: Final = 1
 _WRAP_MARKER: Final = 2
 _WRAP_COMMIT: Final = 3
+# Past this many bytes of a wrapped statement's notices, they are relayed rather than held.
+_WRAP_HOLD_MAX: Final = 65536
 
 
 class WrappedAnswer:
@@ -114,11 +116,12 @@ class WrappedAnswer:
     Held so that a cut before the COMMIT's answer leaves nothing of it relayed: the outcome found
     on the new writer decides what the client gets (`committed_answer`)."""
 
-    __slots__ = ("commit_failed", "held", "phase", "statement_failed", "tag")
+    __slots__ = ("commit_failed", "held", "phase", "size", "statement_failed", "tag")
 
     def __init__(self) -> None:
         self.phase = _WRAP_BEGIN
         self.held: list[bytes] = []  # whole messages, in order
+        self.size = 0  # their bytes
         self.tag: bytes | None = None  # the statement's CommandComplete, once it came
         self.statement_failed = False
         self.commit_failed = False
@@ -129,6 +132,7 @@ class WrappedAnswer:
         elif type_byte == m.B_ERROR:
             self.statement_failed = True
         self.held.append(msg)
+        self.size += len(msg)
 
     def hold_commit(self, type_byte: int, msg: bytes) -> None:
         if type_byte == m.B_ERROR:
@@ -625,6 +629,13 @@ class ServerConnection(asyncio.Protocol):
         if phase == _WRAP_BEGIN:
             return Action.DROP  # BEGIN's CommandComplete
         if phase == _WRAP_STATEMENT:
+            if type_byte == m.B_NOTICE and wrapped.size > _WRAP_HOLD_MAX and wrapped.tag is None:
+                # Notices by the thousand (a row trigger's): not held without bound. Relayed,
+                # after what was held; the client sees them as PostgreSQL would send them.
+                self._relay.insert(b"".join(wrapped.held))
+                wrapped.held.clear()
+                wrapped.size = 0
+                return Action.FORWARD
             wrapped.hold(type_byte, bytes(msg))
             return Action.DROP
         # The COMMIT's answer: its tag is dropped ("COMMIT", or "ROLLBACK" after the statement
