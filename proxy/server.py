@@ -97,6 +97,62 @@ _TRACKED_WATCH: Final = watch_table(TRACKED_RESPONSE_TYPES)
 # While a commit marker's answer is due (`expect_marker`): every message, to swallow the marker's.
 _ALL_WATCH: Final = watch_table(range(256))
 _MARKER_PASSES: Final = (m.B_NOTIFICATION, m.B_PARAMETER_STATUS)
+# `WrappedAnswer.phase`: whose answer is coming (the four Queries of a wrapped autocommit write).
+_WRAP_BEGIN: Final = 0
+_WRAP_STATEMENT: Final = 1
+_WRAP_MARKER: Final = 2
+_WRAP_COMMIT: Final = 3
+# Past this many bytes of a wrapped statement's notices, they are relayed rather than held.
+_WRAP_HOLD_MAX: Final = 65536
+
+
+class WrappedAnswer:
+    """The answers to a wrapped autocommit write (`ServerConnection.expect_wrapped`), rewritten
+    into what PostgreSQL sends for the statement alone: BEGIN's answer and every ReadyForQuery but
+    the COMMIT's dropped, the marker's swallowed, the statement's messages held until the COMMIT
+    answers. Then: committed, the statement's answer as it came; the statement failed, its error;
+    the COMMIT failed (a deferred check), the statement's answer without its CommandComplete
+    (PostgreSQL commits an autocommit statement before it sends the tag) and the COMMIT's error.
+    Held so that a cut before the COMMIT's answer leaves nothing of it relayed: the outcome found
+    on the new writer decides what the client gets (`committed_answer`)."""
+
+    __slots__ = ("commit_failed", "held", "phase", "size", "statement_failed", "tag")
+
+    def __init__(self) -> None:
+        self.phase = _WRAP_BEGIN
+        self.held: list[bytes] = []  # whole messages, in order
+        self.size = 0  # their bytes
+        self.tag: bytes | None = None  # the statement's CommandComplete, once it came
+        self.statement_failed = False
+        self.commit_failed = False
+
+    def hold(self, type_byte: int, msg: bytes) -> None:
+        if type_byte == m.B_COMMAND_COMPLETE:
+            self.tag = msg
+        elif type_byte == m.B_ERROR:
+            self.statement_failed = True
+        self.held.append(msg)
+        self.size += len(msg)
+
+    def hold_commit(self, type_byte: int, msg: bytes) -> None:
+        if type_byte == m.B_ERROR:
+            if self.statement_failed:
+                return  # (cannot happen: an aborted transaction's COMMIT answers ROLLBACK)
+            self.commit_failed = True
+        self.held.append(msg)
+
+    def answer(self) -> bytes:
+        if self.commit_failed:
+            return b"".join(msg for msg in self.held if msg is not self.tag)
+        return b"".join(self.held)
+
+    def committed_answer(self) -> bytes | None:
+        """The statement's answer if the transaction committed but the COMMIT's answer never
+        came: None if its CommandComplete never came either (its row count is not known)."""
+        if self.tag is None or self.statement_failed or self.commit_failed:
+            return None
+        return b"".join(self.held)
+
 
 # Puts a server back in step with the sidecar when a client left in the middle of an
 # extended-protocol batch (messages sent with no Sync yet, or an error the server is skipping to
@@ -276,6 +332,9 @@ class ServerConnection(asyncio.Protocol):
         self.marker: MarkerAnswer | None = None
         self.marker_id: str | None = None
         self._marker_error: bytes | None = None
+        # An autocommit write sent wrapped (`expect_wrapped`): the statement's answer, held until
+        # its COMMIT's answer says what PostgreSQL would have sent for it.
+        self.wrapped: WrappedAnswer | None = None
         self.stats = stats if stats is not None else Stats()
         self._tracked = False
         # The client's `server_ready` said True while the relay was mid-read: call its
@@ -503,10 +562,21 @@ class ServerConnection(asyncio.Protocol):
         self._marker_error = None
         self._relay.set_inspector(self._inspect_marker, _ALL_WATCH)
 
+    def expect_wrapped(self, marker_id: str) -> None:
+        """An autocommit write goes out as `BEGIN` + the client's Query + the marker + `COMMIT`,
+        in one write (`SessionCore.wrap_write`): the client gets exactly what PostgreSQL sends for
+        the statement alone in autocommit (`WrappedAnswer`)."""
+        self.marker = MarkerAnswer()
+        self.marker_id = marker_id
+        self._marker_error = None
+        self.wrapped = WrappedAnswer()
+        self._relay.set_inspector(self._inspect_wrapped, _ALL_WATCH)
+
     def _marker_done(self) -> None:
         self.marker = None
         self.marker_id = None
         self._marker_error = None
+        self.wrapped = None
         if self._tracked:
             self._relay.set_inspector(self._inspect_tracked, _TRACKED_WATCH)
         else:
@@ -530,6 +600,52 @@ class ServerConnection(asyncio.Protocol):
                 return Action.DROP
             if type_byte == m.B_READY_FOR_QUERY:
                 self._marker_done()
+        if self._tracked:
+            return self._inspect_tracked(type_byte, msg) if _TRACKED_WATCH[type_byte] else Action.FORWARD
+        return self._inspect(type_byte, msg) if _LINKED_WATCH[type_byte] else Action.FORWARD
+
+    def _inspect_wrapped(self, type_byte: int, msg: memoryview) -> Action:
+        wrapped = self.wrapped
+        marker = self.marker
+        if wrapped is None or marker is None or type_byte in _MARKER_PASSES:
+            return self._inspect_linked(type_byte, msg)
+        phase = wrapped.phase
+        if phase == _WRAP_MARKER:
+            try:
+                if marker.feed(type_byte, msg[5:]):
+                    wrapped.phase = _WRAP_COMMIT
+            except ValueError as exc:
+                self.close_reason = f"protocol error from server: {exc}"
+            return Action.DROP
+        if type_byte == m.B_READY_FOR_QUERY:
+            if phase != _WRAP_COMMIT:
+                wrapped.phase = phase + 1  # BEGIN's, then the statement's: the client never sees them
+                return Action.DROP
+            answer = wrapped.answer()
+            if answer:
+                self._relay.insert(answer)
+            self._marker_done()
+            return self._inspect_linked(type_byte, msg)  # the COMMIT's ReadyForQuery ('I'): the client's
+        if phase == _WRAP_BEGIN:
+            return Action.DROP  # BEGIN's CommandComplete
+        if phase == _WRAP_STATEMENT:
+            if type_byte == m.B_NOTICE and wrapped.size > _WRAP_HOLD_MAX and wrapped.tag is None:
+                # Notices by the thousand (a row trigger's): not held without bound. Relayed,
+                # after what was held; the client sees them as PostgreSQL would send them.
+                self._relay.insert(b"".join(wrapped.held))
+                wrapped.held.clear()
+                wrapped.size = 0
+                return Action.FORWARD
+            wrapped.hold(type_byte, bytes(msg))
+            return Action.DROP
+        # The COMMIT's answer: its tag is dropped ("COMMIT", or "ROLLBACK" after the statement
+        # failed); an error (a deferred check) and notices join what the statement's answer held.
+        if type_byte != m.B_COMMAND_COMPLETE:
+            wrapped.hold_commit(type_byte, bytes(msg))
+        return Action.DROP
+
+    def _inspect_linked(self, type_byte: int, msg: memoryview) -> Action:
+        """The linked inspector's own handling of a message (after a marker's inspector)."""
         if self._tracked:
             return self._inspect_tracked(type_byte, msg) if _TRACKED_WATCH[type_byte] else Action.FORWARD
         return self._inspect(type_byte, msg) if _LINKED_WATCH[type_byte] else Action.FORWARD

@@ -73,6 +73,8 @@ class Cut:
         # The COMMIT in flight is known not to have committed (its marker is not on the new
         # writer): it is answered 40001, not 08007.
         self.rolled_back = False
+        # What was cut is an autocommit write sent wrapped (`SessionCore.wrap_write`).
+        self.wrapped = False
 
 
 class Carryover:
@@ -159,14 +161,19 @@ class Carryover:
             return
         cut = Cut(str(server.endpoint), in_flight, kinds, in_block, broken)
         marker_id = server.marker_id
+        wrapped = server.wrapped
         if (
             marker_id is not None
             and kinds
-            and kinds[-1] == REQUEST_COMMIT
-            and kinds.count(REQUEST_COMMIT) == 1
+            and (
+                (wrapped is None and kinds[-1] == REQUEST_COMMIT and kinds.count(REQUEST_COMMIT) == 1)
+                or (wrapped is not None and len(kinds) == 1 and not wrapped.statement_failed)
+            )
             and core.task is None
         ):
-            self._start_resolve(cut, marker_id)
+            # A wrapped autocommit write: committed, the client gets the statement's held answer.
+            cut.wrapped = wrapped is not None
+            self._start_resolve(cut, marker_id, wrapped.committed_answer() if wrapped is not None else None)
             return
         journal = core.journal
         if journal is not None and (in_flight or in_block):
@@ -357,15 +364,22 @@ class Carryover:
 
     # ---------------------------------------------------------------- commit outcomes
 
-    def _start_resolve(self, cut: Cut, marker_id: str) -> None:
-        """A COMMIT sent behind a commit marker is unanswered: find out on the new writer."""
+    def _start_resolve(self, cut: Cut, marker_id: str, wrapped: bytes | None = None) -> None:
+        """A COMMIT sent behind a commit marker (or an autocommit write sent wrapped,
+        `SessionCore.wrap_write`: `wrapped` is then what the client gets if it committed, None if
+        that is not known) is unanswered: find out on the new writer."""
         self.core.to(HELD)
-        self.attach.start(self._resolve(cut, marker_id))
+        self.attach.start(self._resolve(cut, marker_id, wrapped))
 
-    async def _resolve(self, cut: Cut, marker_id: str) -> None:
+    async def _resolve(self, cut: Cut, marker_id: str, wrapped: bytes | None) -> None:
         """Committed (the marker is on the confirmed new writer): the client gets PostgreSQL's
         answer. Not committed: the transaction is replayed there and committed once (or, if it
-        cannot be, 40001: it did not commit). Unknown: 08007, as before."""
+        cannot be, 40001: it did not commit). Unknown: 08007, as before.
+
+        A wrapped autocommit write is the same transaction: committed, the client gets the
+        statement's answer as the old writer sent it (held by the sidecar until the COMMIT's), or
+        08007 if that never came (its row count is not known); not committed, the statement is
+        run again on the new writer, once, in autocommit."""
         core = self.core
         pool = core.writer_pool  # (a marked COMMIT ran on the writer, and is resolved there)
         if pool is None:
@@ -403,8 +417,13 @@ class Carryover:
         logs.event("commit_outcome", conn=core.id, marker=marker_id, outcome=outcome)
         journal = core.journal
         if outcome == "committed":
+            if cut.wrapped and wrapped is None:
+                pool.release(server, reset=False)
+                self._replay_failed(cut, "committed, but the statement's answer never came")
+                return
             self._stats.commit_outcomes["committed"] += 1
-            core.send(m.command_complete("COMMIT") + m.ready_for_query(m.TX_IDLE))
+            answer = wrapped if wrapped is not None else m.command_complete("COMMIT")
+            core.send(answer + m.ready_for_query(m.TX_IDLE))
             if journal is not None:
                 journal.reset()
             core.pool = pool

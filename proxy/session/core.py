@@ -36,7 +36,7 @@ from ..server import (
     ServerConnection,
     ServerState,
 )
-from ..sqlclass import Effects
+from ..sqlclass import Effects, first_keyword, has_more_statements
 from . import states
 from .host import SessionHost
 from .mode import Mode
@@ -67,6 +67,13 @@ _client_ids = itertools.count(1)
 _PLAIN_COMMIT: Final = re.compile(
     rb"\s*(?:commit|end)(?:\s+(?:work|transaction))?\s*;?\s*\x00$", re.IGNORECASE
 )
+
+# Autocommit writes `wrap_write` may wrap (one byte, lowercased, picks the few Queries looked at).
+_WRAPPABLE: Final = frozenset({b"insert", b"update", b"delete", b"merge"})
+WRAP_INITIALS: Final = bytes(1 if byte in b"iudmIUDM" else 0 for byte in range(256))  # by byte value
+_RETURNING: Final = re.compile(rb"returning", re.IGNORECASE)
+_BEGIN: Final = m.query("BEGIN")
+_COMMIT: Final = m.query("COMMIT")
 
 # The relay's inspector of a state that answers locally (ABORTED, OUTAGE).
 Answerer = Callable[[int, memoryview], Action]
@@ -268,6 +275,24 @@ class SessionCore(LinkedClient):
             return b""
         server.expect_marker(marker_id)
         return marker_query(marker_id)
+
+    def wrap_write(self, server: ServerConnection, data: bytes) -> bytes:
+        """`data` is one simple Query sent outside a transaction block (status 'I'): if it is a
+        lone INSERT, UPDATE, DELETE or MERGE (without RETURNING) and the ledger may be used for
+        this pool, the write to send in its place: the statement wrapped in a transaction that
+        ends behind a commit marker, so that if its answer never comes the new writer can tell
+        whether it committed; the server told to rewrite the answers into the statement's own.
+        Else `data` itself. Anything else (VACUUM, CREATE INDEX CONCURRENTLY, several statements,
+        RETURNING...) is not wrapped: cut in flight, it is answered 08007."""
+        if first_keyword(data, 5) not in _WRAPPABLE or has_more_statements(data, 5):
+            return data
+        if _RETURNING.search(data, 5) is not None:
+            return data  # (its rows would be held until the COMMIT: unbounded)
+        marker_id = self.host.commit_outcome.new_marker(self.user, self.database)
+        if marker_id is None:
+            return data
+        server.expect_wrapped(marker_id)
+        return _BEGIN + data + marker_query(marker_id) + _COMMIT
 
     def unlink(self, new: int) -> None:
         """LINKED -> `new`: the relay holds client input; the server stops calling back."""

@@ -27,7 +27,7 @@ from ..sqlclass import (
     mentions_session_functions,
     session_keyword_at,
 )
-from .core import SessionCore
+from .core import WRAP_INITIALS, SessionCore
 from .mode import Mode
 from .scan import (
     _COMMITS,
@@ -84,8 +84,14 @@ class SessionRelay(Mode):
                 return False
         out = server.transport
         if out is not None:
-            if kind < 0 and server.tx_status == m.TX_IN_BLOCK and self.core.marking:
-                out.write(self.core.commit_marker(server, data) + data)  # (b"" unless a COMMIT)
+            if kind < 0 and self.core.marking:
+                status = server.tx_status
+                if status == m.TX_IN_BLOCK:
+                    out.write(self.core.commit_marker(server, data) + data)  # (b"" unless a COMMIT)
+                elif status == m.TX_IDLE and WRAP_INITIALS[data[5]] and server.outstanding == 0:
+                    out.write(self.core.wrap_write(server, data))  # (`data` unless a lone write)
+                else:
+                    out.write(data)
             else:
                 out.write(data)
         server.outstanding += 1  # one ReadyForQuery will answer it

@@ -33,7 +33,7 @@ from ..sqlclass import (
 )
 from ..statements import ClientStatement, Entry, Expect, LocalStatement, StatementRegistry, StatementRouter
 from .attach import Attach
-from .core import SessionCore
+from .core import WRAP_INITIALS, SessionCore
 from .mode import Mode
 from .scan import (
     _BIND_DESCRIBE_EXECUTE,
@@ -103,8 +103,12 @@ class TransactionRouting(Mode):
         router = self.router
         router.unnamed = None  # as `_transaction_query`: a simple Query replaces the unnamed statement
         server.unnamed_from = None
-        if kind == REQUEST_COMMIT and server.tx_status == m.TX_IN_BLOCK and self.core.marking:
-            data = self.core.commit_marker(server, data) + data  # (its answer swallowed by the server)
+        if self.core.marking:
+            if kind == REQUEST_COMMIT:
+                if server.tx_status == m.TX_IN_BLOCK:
+                    data = self.core.commit_marker(server, data) + data  # (its answer swallowed)
+            elif server.tx_status == m.TX_IDLE and WRAP_INITIALS[data[5]] and len(server.in_flight) == 0:
+                data = self.core.wrap_write(server, data)  # (`data` unless a lone autocommit write)
         self._send_fast(server, _QUERY_ANSWER, kind, data)
         return True
 
