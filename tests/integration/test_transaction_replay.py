@@ -389,6 +389,35 @@ def test_commit_in_flight_that_never_committed_is_replayed_once(fresh_topology, 
     conn.close()
 
 
+def _stop_streaming(standby: pg.PgNode) -> None:
+    """`standby` stops receiving WAL: what its primary commits from now on never reaches it."""
+    standby.execute("ALTER SYSTEM SET primary_conninfo = ''")
+    standby.execute("SELECT pg_reload_conf()")
+    deadline = time.monotonic() + 30
+    while standby.query("SELECT count(*) FROM pg_stat_wal_receiver") != [(0,)]:
+        assert time.monotonic() < deadline, f"{standby.name} kept streaming"
+        time.sleep(0.05)
+
+
+def _shut_out(node: pg.PgNode, user: str, shut: bool) -> None:
+    """pg_hba.conf on `node` rejects (`shut`) or admits again `user`, and every session it has
+    there is ended: the sidecar cannot see `node` at all meanwhile (its probe logs in as `user`)."""
+    rule = f"host all {user} 127.0.0.1/32 reject\n" if shut else ""
+    (node.datadir / "pg_hba.conf").write_text(rule + HBA)
+    node.reload()
+    if not shut:
+        return
+    deadline = time.monotonic() + 30
+    while True:
+        rows = node.query(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = %s", (user,)
+        )
+        if rows == [(0,)]:
+            return
+        assert time.monotonic() < deadline, f"{user} kept sessions on {node.name}"
+        time.sleep(0.1)
+
+
 def test_lost_commit_whose_xid_the_new_writer_reused_is_replayed_not_reported_committed(
     fresh_topology, sidecar_factory, pool
 ):
