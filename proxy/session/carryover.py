@@ -276,20 +276,27 @@ class Carryover:
         # Where the journal's own first request would go now: the writer for anything that may
         # write; for a read cut on a replica (or while no writer exists), another replica.
         pool = self.attach.pool_for_request(b"".join(journal.requests))
+        server = await self._held_server(cut, pool)
+        if server is None or pool is None:
+            return
+        await self._run_replay(server, pool, cut, plan)
+
+    async def _held_server(self, cut: Cut, pool: Pool | None) -> ServerConnection | None:
+        """A server from `pool` for a carry-over step (through the gate, as any held request), or
+        None: no writer came (hold_timeout; the cut requests then get today's answers, never the
+        outage responder's), or the client left meanwhile."""
         if pool is None:
             self._replay_failed(cut, "no pool")
-            return
+            return None
         try:
             server = await self.attach.acquire(pool)
         except (SpoolNow, ProxyError) as exc:
-            # No writer came (hold_timeout): the journal's requests get today's answers, never
-            # the outage responder's; what the client sends next takes the usual way.
             self._replay_failed(cut, str(exc))
-            return
-        if core.state != HELD:
+            return None
+        if self.core.state != HELD:
             pool.release(server, reset=False)
-            return
-        await self._run_replay(server, pool, cut, plan)
+            return None
+        return server
 
     async def _run_replay(self, server: ServerConnection, pool: Pool, cut: Cut, plan: replay.Plan) -> bool:
         """`_replay` on `server` (acquired, HELD): True if the session went on there."""
@@ -382,16 +389,8 @@ class Carryover:
         run again on the new writer, once, in autocommit."""
         core = self.core
         pool = core.writer_pool  # (a marked COMMIT ran on the writer, and is resolved there)
-        if pool is None:
-            self._replay_failed(cut, "no pool")
-            return
-        try:
-            server = await self.attach.acquire(pool)
-        except (SpoolNow, ProxyError) as exc:
-            self._replay_failed(cut, str(exc))
-            return
-        if core.state != HELD:
-            pool.release(server, reset=False)
+        server = await self._held_server(cut, pool)
+        if server is None or pool is None:
             return
         if str(server.endpoint) == cut.server:
             # The same server (a cut connection, not a failover): the old backend may still be
