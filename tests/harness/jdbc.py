@@ -1,7 +1,8 @@
 """Run pgjdbc, a real JDBC client, against a sidecar for the integration tests: JdbcWorkload.java
 (threads, each a connection, checking every answer), JdbcSessions.java (connections driven step
-by step, so a test can fail the database over between two steps) and JdbcQueryTimeout.java
-(Statement.setQueryTimeout, which cancels through a CancelRequest).
+by step, so a test can fail the database over between two steps), JdbcContinuity.java (calls
+answered when done, so a statement or a COMMIT can be left in flight at a crash) and
+JdbcQueryTimeout.java (Statement.setQueryTimeout, which cancels through a CancelRequest).
 
 Java runs the file as a single source program (Java 11+) with Debian's pgjdbc on the class path;
 `make test` installs both (default-jdk-headless, libpostgresql-jdbc-java) when missing.
@@ -14,6 +15,7 @@ import re
 import shutil
 import subprocess
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +28,7 @@ JDBC_JAR = Path("/usr/share/java/postgresql.jar")  # Debian's libpostgresql-jdbc
 WORKLOAD = Path(__file__).with_name("JdbcWorkload.java")
 SESSIONS = Path(__file__).with_name("JdbcSessions.java")
 QUERY_TIMEOUT = Path(__file__).with_name("JdbcQueryTimeout.java")
+CONTINUITY = Path(__file__).with_name("JdbcContinuity.java")
 TIMEOUT = 180  # the JVM compiles the source first: a few seconds before any connection
 
 
@@ -122,6 +125,89 @@ class JdbcSessions:
                 proc.stdin.write("quit\n")
                 proc.stdin.close()
             proc.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What pgjdbc made of one call: `sqlstate` None on success (then `value`: the update count,
+    or the rows as 'col,col;col,col'), else the SQLException's SQLState and message."""
+
+    sqlstate: str | None
+    value: str
+
+    def __str__(self) -> str:
+        return (
+            f"ok {self.value!r}" if self.sqlstate is None else f"SQLException {self.sqlstate}: {self.value}"
+        )
+
+
+class JdbcCalls:
+    """JdbcContinuity.java as a context manager: `call(conn, op, *args)` sends one call to the
+    named connection and returns at once; the Future is the answer (see the Java file)."""
+
+    def __init__(self, host: str, port: int, db: str, user: str, password: str):
+        self._argv = _argv(CONTINUITY, host, str(port), db, user, password)
+        self._proc: subprocess.Popen[str] | None = None
+        self._pending: dict[str, Future[Answer]] = {}
+        self._lock = threading.Lock()
+        self._next = 0
+        self.output: list[str] = []  # everything the program printed (stderr too)
+
+    def __enter__(self) -> JdbcCalls:
+        self._proc = subprocess.Popen(
+            self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        return self
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            self.output.append(line.rstrip("\n"))
+            fields = line.rstrip("\n").split("\t")
+            with self._lock:
+                future = self._pending.pop(fields[0], None) if len(fields) >= 3 else None
+            if future is None:
+                continue
+            if fields[1] == "ok":
+                future.set_result(Answer(None, fields[2]))
+            else:
+                future.set_result(Answer(fields[2], "\t".join(fields[3:])))
+        ended = RuntimeError(f"JdbcContinuity ended: {self.output[-20:]}")
+        with self._lock:
+            for future in self._pending.values():
+                future.set_exception(ended)
+            self._pending.clear()
+
+    def call(self, conn: str, op: str, *args: str) -> Future[Answer]:
+        assert self._proc is not None and self._proc.stdin is not None
+        assert all("\t" not in a and "\n" not in a for a in (conn, op, *args))
+        future: Future[Answer] = Future()
+        with self._lock:
+            self._next += 1
+            call_id = str(self._next)
+            self._pending[call_id] = future
+        self._proc.stdin.write("\t".join((call_id, conn, op, *args)) + "\n")
+        self._proc.stdin.flush()
+        return future
+
+    def run(self, conn: str, op: str, *args: str, timeout: float = TIMEOUT) -> Answer:
+        """`call` and wait for its answer."""
+        return self.call(conn, op, *args).result(timeout)
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            if proc.stdin is not None and proc.poll() is None:
+                proc.stdin.close()
+            proc.wait(timeout=60)
         except (OSError, subprocess.TimeoutExpired):
             proc.kill()
             proc.wait()
