@@ -9,6 +9,8 @@ too. The cases, one pgjdbc connection each (tests/harness/JdbcContinuity.java), 
 - between: a transaction idle between two statements; it goes on and commits after the crash.
 - first_answer / second_answer: the first statement of a transaction (BEGIN piggybacked) or its
   second one waits for a lock on a1 (a direct connection holds ACCESS EXCLUSIVE on the table).
+  named_second_answer: the same with prepareThreshold=1, after a transaction that prepared the
+  first INSERT (a Bind only now) and with the second one a Parse of a new named statement.
 - read: a lone autocommit SELECT waits for the same lock.
 - commit_sync / named_commit_sync: COMMIT waits in SyncRep on a1 (synchronous_standby_names names
   no standby that exists): its commit record reached a2, so the client gets COMMIT and the row is
@@ -64,6 +66,9 @@ CASES: dict[str, Expect] = {
     "between": Expect("", None, True, ("between:1", "between:2", "between:after")),
     "first_answer": Expect(LOCK, None, True, ("first_answer:1", "first_answer:after")),
     "second_answer": Expect(LOCK, None, True, ("second_answer:1", "second_answer:2", "second_answer:after")),
+    "named_second_answer": Expect(
+        LOCK, None, True, ("named_second_answer:1", "named_second_answer:2", "named_second_answer:after")
+    ),
     "read": Expect(LOCK, None, True, ("read:after",)),
     "commit_sync": Expect(SYNC, "committed", False, ("commit_sync:1", "commit_sync:after")),
     "commit_hold": Expect(SLEEP, "not_committed", True, ("commit_hold:1", "commit_hold:after")),
@@ -80,7 +85,10 @@ CASES: dict[str, Expect] = {
         SLEEP, "not_committed", True, ("named_autocommit_hold:1", "named_autocommit_hold:after")
     ),
 }
-WARMED = ("named_commit_sync", "named_commit_hold", "named_autocommit_sync")
+# Connections that ran earlier work first: case -> how many transactions (or autocommit inserts).
+WARMED = {"named_commit_sync": WARMUP, "named_commit_hold": WARMUP, "named_autocommit_sync": WARMUP,
+          "named_second_answer": 1}  # fmt: skip
+THRESHOLD_1 = ("named_autocommit_hold", "named_second_answer")  # prepareThreshold=1: named at once
 
 
 @dataclass
@@ -152,14 +160,14 @@ def _play(crash: Crash, calls: jdbc.JdbcCalls, tables: dict[str, str]) -> None:
 
     for case in CASES:
         autocommit = case in ("read",) or "autocommit" in case
-        threshold = "1" if case == "named_autocommit_hold" else "5"
+        threshold = "1" if case in THRESHOLD_1 else "5"
         run(case, "open", str(autocommit).lower(), threshold, f"jc-{case}")
     # Before the crash: what each case has done by then.
-    for case in WARMED:
-        for k in range(WARMUP):
+    for case, rounds in WARMED.items():
+        for k in range(rounds):
             run(case, *put(case, "plain", f"{case}:w{k}"))
             if "autocommit" not in case:
-                if k == WARMUP - 1:
+                if case == "named_commit_sync" and k == rounds - 1:
                     count = run(
                         case,
                         "query",
@@ -173,6 +181,7 @@ def _play(crash: Crash, calls: jdbc.JdbcCalls, tables: dict[str, str]) -> None:
         == "between:1"
     )
     run("second_answer", *put("second_answer", "plain", "second_answer:1"))
+    run("named_second_answer", *put("named_second_answer", "plain", "named_second_answer:1"))
     run("commit_sync", *put("commit_sync", "plain", "commit_sync:1"))
     run("named_commit_sync", *put("named_commit_sync", "plain", "named_commit_sync:1"))
     run("commit_hold", *put("commit_hold", "hold", "commit_hold:1"))
@@ -186,6 +195,9 @@ def _play(crash: Crash, calls: jdbc.JdbcCalls, tables: dict[str, str]) -> None:
     flying: dict[str, Future[jdbc.Answer]] = {
         "first_answer": calls.call("first_answer", *put("first_answer", "lock", "first_answer:1")),
         "second_answer": calls.call("second_answer", *put("second_answer", "lock", "second_answer:2")),
+        "named_second_answer": calls.call(
+            "named_second_answer", *put("named_second_answer", "lock", "named_second_answer:2")
+        ),
         "read": calls.call("read", "query", f"SELECT count(*) FROM {tables['lock']} WHERE id LIKE 'read:%'"),
         "commit_sync": calls.call("commit_sync", "commit"),
         "named_commit_sync": calls.call("named_commit_sync", "commit"),
@@ -220,7 +232,7 @@ def _play(crash: Crash, calls: jdbc.JdbcCalls, tables: dict[str, str]) -> None:
 
     then("between", "INSERT between:2", *put("between", "plain", "between:2"))
     then("between", "COMMIT", "commit")
-    for case in ("first_answer", "second_answer"):
+    for case in ("first_answer", "second_answer", "named_second_answer"):
         then(case, "COMMIT", "commit")
     for case in CASES:
         then(case, "INSERT :after", *put(case, "plain", f"{case}:after"))
@@ -318,6 +330,13 @@ def test_second_statement_in_flight_is_replayed_with_the_first(crash: Crash) -> 
     _check(crash, "second_answer")
 
 
+def test_second_statement_in_flight_after_a_named_one_is_replayed(crash: Crash) -> None:
+    """prepareThreshold=1: the transaction's first INSERT is only a Bind of a statement prepared
+    by an earlier transaction, the second one a Parse of a new named statement."""
+    _check_answer(crash, "named_second_answer", "in flight", "1")
+    _check(crash, "named_second_answer")
+
+
 def test_lone_read_in_flight_is_re_run(crash: Crash) -> None:
     _check_answer(crash, "read", "in flight", "0")
     _check(crash, "read")
@@ -375,7 +394,7 @@ def test_named_autocommit_insert_in_flight_that_never_committed_is_replayed_once
 
 def test_warm_up_rows_are_there_once(crash: Crash) -> None:
     warm = {row: n for row, n in crash.rows.items() if ":w" in row}
-    want = {f"{case}:w{k}": 1 for case in WARMED for k in range(WARMUP)}
+    want = {f"{case}:w{k}": 1 for case, rounds in WARMED.items() for k in range(rounds)}
     assert warm == want
 
 
