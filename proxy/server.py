@@ -102,6 +102,8 @@ _WRAP_BEGIN: Final = 0
 _WRAP_STATEMENT: Final = 1
 _WRAP_MARKER: Final = 2
 _WRAP_COMMIT: Final = 3
+# A marked COMMIT's answer, as `_resolve` gives it when the marker says it committed.
+_COMMIT_TAG: Final = m.command_complete("COMMIT")
 # Past this many bytes of a wrapped statement's notices, they are relayed rather than held.
 _WRAP_HOLD_MAX: Final = 65536
 
@@ -116,9 +118,12 @@ class WrappedAnswer:
     Held so that a cut before the COMMIT's answer leaves nothing of it relayed: the outcome found
     on the new writer decides what the client gets (`committed_answer`)."""
 
-    __slots__ = ("commit_failed", "held", "phase", "size", "statement_failed", "tag")
+    __slots__ = ("batch", "commit_failed", "held", "phase", "size", "statement_failed", "tag")
 
-    def __init__(self) -> None:
+    def __init__(self, batch: bool = False) -> None:
+        # An extended-protocol batch: PostgreSQL sends an Execute's tag before the Sync commits,
+        # so a COMMIT that fails comes after it.
+        self.batch = batch
         self.phase = _WRAP_BEGIN
         self.held: list[bytes] = []  # whole messages, in order
         self.size = 0  # their bytes
@@ -142,7 +147,7 @@ class WrappedAnswer:
         self.held.append(msg)
 
     def answer(self) -> bytes:
-        if self.commit_failed:
+        if self.commit_failed and not self.batch:
             return b"".join(msg for msg in self.held if msg is not self.tag)
         return b"".join(self.held)
 
@@ -332,6 +337,9 @@ class ServerConnection(asyncio.Protocol):
         self.marker: MarkerAnswer | None = None
         self.marker_id: str | None = None
         self._marker_error: bytes | None = None
+        # What the client gets for its marked COMMIT if the marker says it committed but the
+        # answer never came: the COMMIT's tag, after ParseComplete/BindComplete for a batch.
+        self.marker_answer = _COMMIT_TAG
         # An autocommit write sent wrapped (`expect_wrapped`): the statement's answer, held until
         # its COMMIT's answer says what PostgreSQL would have sent for it.
         self.wrapped: WrappedAnswer | None = None
@@ -552,24 +560,25 @@ class ServerConnection(asyncio.Protocol):
 
     # ---------------------------------------------------------------- commit markers
 
-    def expect_marker(self, marker_id: str) -> None:
+    def expect_marker(self, marker_id: str, answer: bytes = _COMMIT_TAG) -> None:
         """The client's COMMIT goes out behind `outcome.marker_query(marker_id)`, in the same write:
         swallow the marker's answer (the client never asked for it), and if the marker failed
         (its transaction is aborted, so the COMMIT answers ROLLBACK) give the client the marker's
         error in place of that tag, as PostgreSQL answers a COMMIT whose deferred check failed."""
         self.marker = MarkerAnswer()
         self.marker_id = marker_id
+        self.marker_answer = answer
         self._marker_error = None
         self._relay.set_inspector(self._inspect_marker, _ALL_WATCH)
 
-    def expect_wrapped(self, marker_id: str) -> None:
+    def expect_wrapped(self, marker_id: str, batch: bool = False) -> None:
         """An autocommit write goes out as `BEGIN` + the client's Query + the marker + `COMMIT`,
         in one write (`SessionCore.wrap_write`): the client gets exactly what PostgreSQL sends for
         the statement alone in autocommit (`WrappedAnswer`)."""
         self.marker = MarkerAnswer()
         self.marker_id = marker_id
         self._marker_error = None
-        self.wrapped = WrappedAnswer()
+        self.wrapped = WrappedAnswer(batch)
         self._relay.set_inspector(self._inspect_wrapped, _ALL_WATCH)
 
     def _marker_done(self) -> None:
@@ -586,6 +595,8 @@ class ServerConnection(asyncio.Protocol):
         marker = self.marker
         if marker is not None and not marker.done and type_byte not in _MARKER_PASSES:
             if type_byte == m.B_ERROR:
+                if self._server_going_away(msg):
+                    return Action.DROP  # (a shutdown's goodbye is not the marker's error)
                 self._marker_error = bytes(msg)
             try:
                 marker.feed(type_byte, msg[5:])
@@ -609,6 +620,10 @@ class ServerConnection(asyncio.Protocol):
         marker = self.marker
         if wrapped is None or marker is None or type_byte in _MARKER_PASSES:
             return self._inspect_linked(type_byte, msg)
+        if type_byte == m.B_ERROR and self._server_going_away(msg):
+            # A shutdown's goodbye: not the statement's error (the cut that follows resolves
+            # the write by its marker).
+            return Action.DROP
         phase = wrapped.phase
         if phase == _WRAP_MARKER:
             try:
@@ -625,6 +640,10 @@ class ServerConnection(asyncio.Protocol):
             if answer:
                 self._relay.insert(answer)
             self._marker_done()
+            if self._tracked:
+                # (Transaction mode: the fast path's request, a Query or an extended batch, is
+                # answered by what was held; its plain entries are settled as the fast path's are.)
+                self.tracker.clear()
             return self._inspect_linked(type_byte, msg)  # the COMMIT's ReadyForQuery ('I'): the client's
         if phase == _WRAP_BEGIN:
             return Action.DROP  # BEGIN's CommandComplete

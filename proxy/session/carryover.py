@@ -75,6 +75,8 @@ class Cut:
         self.rolled_back = False
         # What was cut is an autocommit write sent wrapped (`SessionCore.wrap_write`).
         self.wrapped = False
+        # A marked COMMIT's answer if it committed (`ServerConnection.marker_answer`).
+        self.commit_answer = b""
 
 
 class Carryover:
@@ -173,6 +175,7 @@ class Carryover:
         ):
             # A wrapped autocommit write: committed, the client gets the statement's held answer.
             cut.wrapped = wrapped is not None
+            cut.commit_answer = server.marker_answer
             self._start_resolve(cut, marker_id, wrapped.committed_answer() if wrapped is not None else None)
             return
         journal = core.journal
@@ -421,7 +424,17 @@ class Carryover:
                 self._replay_failed(cut, "committed, but the statement's answer never came")
                 return
             self._stats.commit_outcomes["committed"] += 1
-            answer = wrapped if wrapped is not None else m.command_complete("COMMIT")
+            if wrapped is not None:
+                answer = wrapped
+            else:
+                # (Of a batch's answer, what the old writer had sent already is not sent again:
+                # PostgreSQL sends it all at once, so that is nothing unless the sidecar's relay
+                # was cut in its middle.)
+                counted = journal is not None and not (journal.too_large or journal.blocked)
+                relayed = journal.relayed if journal is not None and counted else 0
+                answer = cut.commit_answer[relayed:]
+            if not await self._restore_committed(server, pool, answer):
+                return
             core.send(answer + m.ready_for_query(m.TX_IDLE))
             if journal is not None:
                 journal.reset()
@@ -441,6 +454,30 @@ class Carryover:
             return
         if await self._run_replay(server, pool, cut, verdict):
             self._stats.commit_outcomes["replayed"] += 1
+
+    async def _restore_committed(self, server: ServerConnection, pool: Pool, answer: bytes) -> bool:
+        """The session's settings and statements on the server its committed transaction's
+        answer is given from (the session goes on there): True if it can. Else the client is
+        told that it committed, then loses the session (its state could not be moved)."""
+        core = self.core
+        core.own_query_on = server
+        try:
+            await self._restore(server, replay.Plan(0, set()))
+        except asyncio.CancelledError:
+            pool.release(server, reset=not core.transaction_mode, unknown=True)
+            raise
+        except ProxyError as exc:
+            pool.discard(server, f"restoring a session after its commit failed: {exc}")
+            if core.state == HELD:
+                core.send(answer + m.ready_for_query(m.TX_IDLE))
+                core.fail(UpstreamUnavailable(f"the session could not be moved to the new writer: {exc}"))
+            return False
+        finally:
+            core.own_query_on = None
+        if core.state != HELD:
+            pool.release(server, reset=False)
+            return False
+        return True
 
     async def _restore(self, server: ServerConnection, plan: replay.Plan) -> None:
         """The session's settings (as at the start of the transaction: they are read back only

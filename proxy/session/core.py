@@ -63,9 +63,10 @@ if TYPE_CHECKING:
 
 _client_ids = itertools.count(1)
 
-# A COMMIT the marker can settle: COMMIT or END, alone (not AND CHAIN, not COMMIT PREPARED).
+# A COMMIT the marker can settle: COMMIT or END, alone (not AND CHAIN, not COMMIT PREPARED), up
+# to the NUL that ends a Query's or a Parse's text.
 _PLAIN_COMMIT: Final = re.compile(
-    rb"\s*(?:commit|end)(?:\s+(?:work|transaction))?\s*;?\s*\x00$", re.IGNORECASE
+    rb"\s*(?:commit|end)(?:\s+(?:work|transaction))?\s*;?\s*\x00", re.IGNORECASE
 )
 
 # Autocommit writes `wrap_write` may wrap (one byte, lowercased, picks the few Queries looked at).
@@ -74,6 +75,37 @@ WRAP_INITIALS: Final = bytes(1 if byte in b"iudmIUDM" else 0 for byte in range(2
 _RETURNING: Final = re.compile(rb"returning", re.IGNORECASE)
 _BEGIN: Final = m.query("BEGIN")
 _COMMIT: Final = m.query("COMMIT")
+
+# `mark_kind`: what a statement's text is to the commit-outcome ledger.
+MARK_NONE: Final = 0
+MARK_COMMIT: Final = 1  # a plain COMMIT: marked when it ends a transaction block
+MARK_WRITE: Final = 2  # a lone INSERT/UPDATE/DELETE/MERGE without RETURNING: wrapped in autocommit
+_PARSE_COMPLETE: Final = m.message(b"1", b"")
+_BIND_COMPLETE: Final = m.message(b"2", b"")
+_NO_DATA: Final = m.message(b"n", b"")
+_COMMIT_TAG: Final = m.command_complete("COMMIT")
+
+
+def mark_kind(data: bytes, start: int) -> int:
+    """MARK_* of the statement text at `data[start:]` (NUL-terminated: a Query's or a Parse's)."""
+    initial = data[start] | 0x20 if start < len(data) else 0
+    if initial == 0x63 or initial == 0x65:  # c, e
+        return MARK_COMMIT if _PLAIN_COMMIT.match(data, start) is not None else MARK_NONE
+    if not WRAP_INITIALS[data[start]] or first_keyword(data, start) not in _WRAPPABLE:
+        return MARK_NONE
+    end = data.find(b"\x00", start)
+    if end < 0 or _RETURNING.search(data, start, end) is not None or has_more_statements(data[start:end]):
+        return MARK_NONE  # (RETURNING: its rows would be held until the COMMIT, unbounded)
+    return MARK_WRITE
+
+
+def commit_batch_answer(parsed: bool, described: bool) -> bytes:
+    """What PostgreSQL answers a lone execution of COMMIT (`scan.lone_execution`) before its
+    ReadyForQuery: ParseComplete if the batch parsed it, BindComplete, NoData if it described the
+    portal, the tag."""
+    return (
+        (_PARSE_COMPLETE if parsed else b"") + _BIND_COMPLETE + (_NO_DATA if described else b"") + _COMMIT_TAG
+    )
 
 # The relay's inspector of a state that answers locally (ABORTED, OUTAGE).
 Answerer = Callable[[int, memoryview], Action]
@@ -292,6 +324,31 @@ class SessionCore(LinkedClient):
         if marker_id is None:
             return data
         server.expect_wrapped(marker_id)
+        return _BEGIN + data + marker_query(marker_id) + _COMMIT
+
+    def mark_batch(
+        self, server: ServerConnection, data: bytes, kind: int, parsed: bool, described: bool
+    ) -> bytes:
+        """`data` is a lone execution (`scan.lone_execution`; `parsed`: it starts with the Parse
+        of its statement, `described`: it describes the portal) of a statement of MARK_* `kind`, the
+        server idle with nothing in flight or inside a transaction block: what to send in its
+        place. A COMMIT ending a block: the marker, then the batch (as `commit_marker`). An
+        autocommit write: the batch between BEGIN, the marker and COMMIT (as `wrap_write`; the
+        server answers the batch as one request, so `WrappedAnswer` rewrites it the same way).
+        Else, or without the ledger, `data`."""
+        status = server.tx_status
+        if kind == MARK_COMMIT:
+            if status != m.TX_IN_BLOCK:
+                return data
+        elif kind != MARK_WRITE or status != m.TX_IDLE or len(server.in_flight):
+            return data
+        marker_id = self.host.commit_outcome.new_marker(self.user, self.database)
+        if marker_id is None:
+            return data
+        if kind == MARK_COMMIT:
+            server.expect_marker(marker_id, commit_batch_answer(parsed, described))
+            return marker_query(marker_id) + data
+        server.expect_wrapped(marker_id, batch=True)
         return _BEGIN + data + marker_query(marker_id) + _COMMIT
 
     def unlink(self, new: int) -> None:

@@ -124,6 +124,30 @@ def _unnamed_parse_end(data: bytes, max_message: int) -> int:
     return length + 1
 
 
+# A Describe of the unnamed portal; the head of an Execute of it (its row limit follows).
+_DESCRIBE_PORTAL: Final = m.describe("P")
+_EXECUTE_UNNAMED: Final = b"E\x00\x00\x00\x09\x00"
+
+
+def lone_execution(data: bytes, start: int) -> int:
+    """Where the Bind at `data[start]` ends, if what follows it is exactly [Describe of the unnamed
+    portal,] Execute of it, Sync, and the end of `data`, the Bind's portal the unnamed one (one
+    statement run once: what the commit-outcome ledger can mark); else -1. The Bind's statement
+    name starts at `start + 6`."""
+    n = len(data)
+    if n - start < 25 or data[start] != m.F_BIND or data[start + 5] != 0:
+        return -1
+    bind_end = start + 1 + length_at(data, start + 1)
+    if n - bind_end == 22:
+        if data[bind_end : bind_end + 7] != _DESCRIBE_PORTAL:
+            return -1
+    elif n - bind_end != 15:
+        return -1
+    if data[n - 15 : n - 9] != _EXECUTE_UNNAMED or data[n - 5 :] != _SYNC:
+        return -1
+    return bind_end
+
+
 def _read_kind(msg: bytes | memoryview, offset: int) -> int:
     """REQUEST_READ for a lone SELECT; a query string with more statements
     (`SELECT ...; CLOSE ALL; ...`) may write."""

@@ -27,7 +27,7 @@ from ..sqlclass import (
     mentions_session_functions,
     session_keyword_at,
 )
-from .core import WRAP_INITIALS, SessionCore
+from .core import MARK_COMMIT, MARK_NONE, WRAP_INITIALS, SessionCore, mark_kind
 from .mode import Mode
 from .scan import (
     _COMMITS,
@@ -39,6 +39,7 @@ from .scan import (
     _plain_kind,
     _read_kind,
     _unnamed_parse_end,
+    lone_execution,
 )
 
 
@@ -53,6 +54,9 @@ class SessionRelay(Mode):
         self._unmovable: str | None = None
         # Prepared statements (by name, "" unnamed) that change settings when run.
         self.statement_effects: dict[str, Effects] = {}
+        # Named statements the commit-outcome ledger marks when run alone (`core.mark_kind`), by
+        # name as a Bind carries it.
+        self.marked_names: dict[bytes, int] = {}
         self.forward()
 
     def fast(self, server: ServerConnection, data: bytes) -> bool:
@@ -62,12 +66,19 @@ class SessionRelay(Mode):
         without the relay's spans. False (nothing done) for anything else."""
         if self.statement_effects:
             return False  # Bind must be looked at
+        start = 0  # where the Bind starts (after the Parse of the unnamed statement, if any)
         if data[0] == m.F_PARSE:
             # Parse of the unnamed statement with a plain text, then Bind... Sync: a driver's
             # parameterized query (psycopg, pgbench -M extended). Named ones are kept for moves.
             start = _unnamed_parse_end(data, self.max_message)
-            kind = _plain_kind(data, 6) if start > 0 else -1
-            if kind < 0 or self.relay.quiet_run(data, _SESSION_WATCH, start) != m.F_SYNC:
+            if start < 0:
+                return False
+            kind = _plain_kind(data, 6)
+            if kind < 0:
+                if first_keyword(data, 6) not in _COMMITS:
+                    return False
+                kind = REQUEST_COMMIT  # (pgjdbc's COMMIT: nothing to note)
+            if self.relay.quiet_run(data, _SESSION_WATCH, start) != m.F_SYNC:
                 return False
             kind = merge_kinds(self.batch_kind, kind)
             self.batch_kind = None
@@ -92,11 +103,39 @@ class SessionRelay(Mode):
                     out.write(self.core.wrap_write(server, data))  # (`data` unless a lone write)
                 else:
                     out.write(data)
+            elif kind != REQUEST_READ and self.core.marking and (start or self.marked_names):
+                mark, bind_end = self._mark_of(server, data, start, kind)
+                if mark != MARK_NONE:
+                    if mark == MARK_COMMIT:
+                        kind = REQUEST_COMMIT
+                    data = self.core.mark_batch(server, data, mark, start > 0, len(data) - bind_end == 22)
+                out.write(data)
             else:
                 out.write(data)
         server.outstanding += 1  # one ReadyForQuery will answer it
         server.in_flight.push(self._note_statement(data, 5) if kind < 0 else kind)
         return True
+
+    def _mark_of(self, server: ServerConnection, data: bytes, start: int, kind: int) -> tuple[int, int]:
+        """(MARK_* of the statement a lone execution runs, where its Bind ends), or MARK_NONE when
+        `data` is not one or the ledger has nothing to do with it here: a COMMIT is marked inside
+        a transaction block, a write wrapped when idle with nothing in flight."""
+        block = server.tx_status == m.TX_IN_BLOCK
+        if not block and (server.tx_status != m.TX_IDLE or server.outstanding):
+            return MARK_NONE, -1
+        if start and block != (kind == REQUEST_COMMIT):
+            return MARK_NONE, -1  # (the unnamed Parse's kind says whether it is a COMMIT)
+        bind_end = lone_execution(data, start)
+        if bind_end < 0:
+            return MARK_NONE, -1
+        if start:
+            mark = mark_kind(data, 6)  # the unnamed Parse's text
+        else:
+            name_end = data.find(b"\x00", 6, bind_end)
+            mark = self.marked_names.get(data[6:name_end], MARK_NONE)
+        if block != (mark == MARK_COMMIT):
+            return MARK_NONE, -1
+        return mark, bind_end
 
     def between_transactions(self) -> bool:
         """Nothing in flight and no transaction open, so new input starts a new one."""
@@ -125,7 +164,9 @@ class SessionRelay(Mode):
                 self.statement_effects.pop(name, None)
             kind = self._note_statement(msg, offset, name)
             if offset > 6:  # named: kept so the session can move to another server
-                self.session_statements[name] = bytes(msg)
+                parse = bytes(msg)
+                self.session_statements[name] = parse
+                self._note_mark(parse)
             self.batch_kind = merge_kinds(self.batch_kind, kind)
             return Action.FORWARD
         if type_byte == m.F_BIND:
@@ -140,6 +181,8 @@ class SessionRelay(Mode):
         if type_byte == m.F_CLOSE:
             if msg[5] == 0x53:  # 'S'
                 self.session_statements.pop(_cstring(msg, 6), None)
+                if self.marked_names:
+                    self.marked_names.pop(bytes(msg[6 : len(msg) - 1]), None)
             if self.core.wants_ready:
                 self._batch_open()
             return Action.FORWARD
@@ -193,8 +236,10 @@ class SessionRelay(Mode):
             self.core.note_effects(effects)
         if effects.deallocate is Deallocate.ALL or effects.discard_all:
             self.session_statements.clear()
+            self.marked_names.clear()
         elif effects.deallocate is Deallocate.ONE and effects.deallocate_name:
             self.session_statements.pop(effects.deallocate_name, None)
+            self.marked_names.pop(effects.deallocate_name.encode(), None)
         if effects.discard_all:
             self._unmovable = None
         elif effects.not_poolable and self._unmovable is None:
@@ -208,9 +253,20 @@ class SessionRelay(Mode):
 
     def learn_statement(self, name: str, parse: bytes, replace: bool) -> None:
         self.session_statements[name] = parse
+        self._note_mark(parse)
 
     def forget_statement(self, name: str) -> None:
         self.session_statements.pop(name, None)
+        self.marked_names.pop(name.encode(), None)
+
+    def _note_mark(self, parse: bytes) -> None:
+        """A named statement prepared: whether the ledger marks it (`marked_names`)."""
+        name_end = parse.find(b"\x00", 5)
+        mark = mark_kind(parse, name_end + 1)
+        if mark != MARK_NONE:
+            self.marked_names[parse[5:name_end]] = mark
+        elif self.marked_names:
+            self.marked_names.pop(parse[5:name_end], None)
 
     def statements_for_new_server(self) -> list[bytes]:
         return list(self.session_statements.values())

@@ -21,6 +21,7 @@ from ..protocol.sqlstate import (
 from ..server import (
     REQUEST_COMMIT,
     REQUEST_OTHER,
+    REQUEST_READ,
     ServerConnection,
     merge_kinds,
 )
@@ -33,14 +34,12 @@ from ..sqlclass import (
 )
 from ..statements import ClientStatement, Entry, Expect, LocalStatement, StatementRegistry, StatementRouter
 from .attach import Attach
-from .core import WRAP_INITIALS, SessionCore
+from .core import MARK_COMMIT, MARK_NONE, WRAP_INITIALS, SessionCore, mark_kind
 from .mode import Mode
 from .scan import (
     _BIND_DESCRIBE_EXECUTE,
     _BIND_EXECUTE,
     _COMMITS,
-    _DESCRIBE_EXECUTE_SYNC,
-    _EXECUTE_SYNC,
     _PARSE,
     _QUERY_ANSWER,
     _SYNC,
@@ -51,6 +50,7 @@ from .scan import (
     _raise_sql,
     _request_kind,
     _unnamed_parse_end,
+    lone_execution,
 )
 from .states import (
     LINKED,
@@ -129,16 +129,11 @@ class TransactionRouting(Mode):
         ):
             return False  # a named portal, or statements the sidecar answers itself
         # libpq (psycopg, pgbench) sends Describe of the portal too: 7 bytes; Execute 10; Sync 5.
-        # (Slices compared, not `endswith`/`find`: compiled, those are generic method calls that
-        # cost more than the rest of this function; statement names are short.)
-        described = data[n - 22 :] == _DESCRIBE_EXECUTE_SYNC
-        bind_end = n - 22 if described else n - 15
-        if (
-            self.relay.buffered
-            or length_at(data, 1) + 1 != bind_end
-            or not (described or data[bind_end:] == _EXECUTE_SYNC)
-        ):
+        # pgjdbc asks for one row of a statement it expects none from.
+        bind_end = lone_execution(data, 0)
+        if bind_end < 0 or self.relay.buffered:
             return False  # not exactly Bind, [Describe], Execute, Sync, all of the unnamed portal
+        described = n - bind_end == 22
         name_end = 6
         while name_end < bind_end and data[name_end] != 0:
             name_end += 1
@@ -156,8 +151,25 @@ class TransactionRouting(Mode):
         length = bind_end - 1 + len(name) - (name_end - 6)
         renamed = b"".join((b"B", length.to_bytes(4, "big"), b"\x00", name, data[name_end:]))
         expected = _BIND_DESCRIBE_EXECUTE if described else _BIND_EXECUTE
-        self._send_fast(server, expected, REQUEST_OTHER, renamed)
+        kind = REQUEST_OTHER
+        if self.core.marking:
+            parse = stmt.parse_message
+            mark = self._mark_here(server, mark_kind(parse, parse.find(b"\x00", 5) + 1))
+            if mark != MARK_NONE:
+                renamed = self.core.mark_batch(server, renamed, mark, False, described)
+                if mark == MARK_COMMIT:
+                    kind = REQUEST_COMMIT
+        self._send_fast(server, expected, kind, renamed)
         return True
+
+    def _mark_here(self, server: ServerConnection, mark: int) -> int:
+        """`mark` (MARK_*) if the ledger has to do with it on `server` now: a COMMIT inside a
+        transaction block, a write outside one (nothing is in flight: the fast paths' rule)."""
+        if (mark == MARK_COMMIT) == (server.tx_status == m.TX_IN_BLOCK) and (
+            mark == MARK_COMMIT or server.tx_status == m.TX_IDLE
+        ):
+            return mark
+        return MARK_NONE
 
     def _prepare_here(self, data: bytes) -> bool:
         """Parse of a named statement with its Sync, alone, between transactions (libpq's
@@ -204,27 +216,27 @@ class TransactionRouting(Mode):
         parse_end = _unnamed_parse_end(data, self.max_message)
         if parse_end < 0:
             return False
-        n = len(data)
-        described = data[-22:] == _DESCRIBE_EXECUTE_SYNC
-        bind_end = n - 22 if described else n - 15
-        if (
-            bind_end < parse_end + 7
-            or data[parse_end] != m.F_BIND
-            or parse_end + 1 + length_at(data, parse_end + 1) != bind_end
-            or data[parse_end + 5 : parse_end + 7] != b"\x00\x00"  # unnamed portal and statement
-            or not (described or data[-15:] == _EXECUTE_SYNC)
-        ):
+        bind_end = lone_execution(data, parse_end)
+        if bind_end < 0 or data[parse_end + 6] != 0:  # (the Bind's statement: the unnamed one)
             return False
         kind = _plain_kind(data, 6)
         if kind < 0:
-            return False
+            # The COMMIT that ends an open transaction (pgjdbc's): nothing to check or rewrite.
+            if self.core.state != LINKED or first_keyword(data, 6) not in _COMMITS:
+                return False
+            kind = REQUEST_COMMIT
         server = self._server_now(data)
         if server is None:
             return False
         # Kept whole, as `on_parse` keeps it: a Bind in a later transaction, on another server,
         # re-prepares it there.
         router.unnamed = server.unnamed_from = data[:parse_end]
+        described = len(data) - bind_end == 22
         expected = _BIND_DESCRIBE_EXECUTE if described else _BIND_EXECUTE
+        if self.core.marking and kind != REQUEST_READ:
+            mark = self._mark_here(server, mark_kind(data, 6))
+            if mark != MARK_NONE:
+                data = self.core.mark_batch(server, data, mark, True, described)
         self._send_fast(server, _PARSE + expected, kind, data)
         return True
 
