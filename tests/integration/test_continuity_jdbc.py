@@ -1,10 +1,13 @@
 """Transaction continuity (issue 20) with pgjdbc: work in flight at a writer crash completes, with
 no SQLException and never twice, in session and in transaction pool mode.
 
-pgjdbc speaks only the extended protocol: every statement, COMMIT included, is Parse/Bind/Execute
-/Sync; in a transaction it sends BEGIN in the same batch as the first statement; a statement used
-prepareThreshold times (default 5) becomes a named server-side statement (S_1, S_2, ...), COMMIT
-too. The cases, one pgjdbc connection each (tests/harness/JdbcContinuity.java), all at one crash:
+pgjdbc speaks only the extended protocol (seen on the wire with a tee): in a transaction BEGIN
+goes in the same batch as the first statement; a statement becomes a named server-side one (S_n)
+at its prepareThreshold-th use (default 5): that batch has Parse S_n and its Bind, later ones Bind
+S_n only. COMMIT is named at once: a connection's first COMMIT is Parse S_1 'COMMIT', Bind S_1,
+Execute, Sync, every later one Bind S_1, Execute, Sync (an unnamed Parse only with
+prepareThreshold=0). The cases, one pgjdbc connection each (tests/harness/JdbcContinuity.java),
+all at one crash:
 
 - between: a transaction idle between two statements; it goes on and commits after the crash.
 - first_answer / second_answer: the first statement of a transaction (BEGIN piggybacked) or its
@@ -12,17 +15,21 @@ too. The cases, one pgjdbc connection each (tests/harness/JdbcContinuity.java), 
   named_second_answer: the same with prepareThreshold=1, after a transaction that prepared the
   first INSERT (a Bind only now) and with the second one a Parse of a new named statement.
 - read: a lone autocommit SELECT waits for the same lock.
-- commit_sync / named_commit_sync: COMMIT waits in SyncRep on a1 (synchronous_standby_names names
-  no standby that exists): its commit record reached a2, so the client gets COMMIT and the row is
-  there once. named_: after six earlier transactions on the connection, COMMIT is a named statement.
-- commit_hold / named_commit_hold: COMMIT runs a deferred constraint trigger that sleeps on a1 only:
-  it never committed there, so the transaction is replayed on a2 and committed once.
-- autocommit_sync / autocommit_hold / named_...: an autocommit INSERT in flight, the same two ways;
-  named_autocommit_sync after six earlier inserts, named_autocommit_hold with prepareThreshold=1.
+- commit_sync: the connection's first COMMIT waits in SyncRep on a1 (synchronous_standby_names
+  names no standby that exists): its commit record reached a2, so the client gets COMMIT and the
+  row is there once. named_commit_sync: the seventh COMMIT (Bind S_1 only); oneshot_commit_sync:
+  prepareThreshold=0 (an unnamed Parse).
+- commit_hold / named_commit_hold / oneshot_commit_hold: the same COMMITs run a deferred
+  constraint trigger that sleeps on a1 only: never committed there, the transaction is replayed on
+  a2 and committed once.
+- autocommit_sync / autocommit_hold / named_...: an autocommit INSERT in flight, the same two ways
+  (an unnamed Parse); named_autocommit_sync after six earlier inserts (Bind S_n only),
+  named_autocommit_hold with prepareThreshold=1 (Parse S_1 and its Bind).
 
 Each case is checked in a test of its own against the one crash per pool mode (a module fixture):
 the calls' answers, the case's rows on the promoted a2 (each once), and the sidecar's log events
-for that client (commit_outcome, transaction_replayed); the counters are checked as totals.
+for that client (commit_outcome, transaction_replayed); the counters are checked as totals. Last,
+without a crash, which of pgjdbc's COMMITs and autocommit INSERTs get a commit marker at all.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +50,7 @@ from tests.harness import jdbc, pg
 from tests.harness.load import DDL, log_events
 from tests.harness.sidecar import SIDECAR_PASSWORDS, SidecarProcess, sidecar_config
 from tests.integration.test_commit_outcome import _wait_outcome
+from tests.integration.test_commit_outcome_autocommit import _markers
 from tests.integration.test_failover import USER, crash_and_promote, metric, wait_backend
 
 MODES = ["session", "transaction"]
@@ -73,6 +81,12 @@ CASES: dict[str, Expect] = {
     "commit_sync": Expect(SYNC, "committed", False, ("commit_sync:1", "commit_sync:after")),
     "commit_hold": Expect(SLEEP, "not_committed", True, ("commit_hold:1", "commit_hold:after")),
     "named_commit_sync": Expect(SYNC, "committed", False, ("named_commit_sync:1", "named_commit_sync:after")),
+    "oneshot_commit_sync": Expect(
+        SYNC, "committed", False, ("oneshot_commit_sync:1", "oneshot_commit_sync:after")
+    ),
+    "oneshot_commit_hold": Expect(
+        SLEEP, "not_committed", True, ("oneshot_commit_hold:1", "oneshot_commit_hold:after")
+    ),
     "named_commit_hold": Expect(
         SLEEP, "not_committed", True, ("named_commit_hold:1", "named_commit_hold:after")
     ),
@@ -88,7 +102,9 @@ CASES: dict[str, Expect] = {
 # Connections that ran earlier work first: case -> how many transactions (or autocommit inserts).
 WARMED = {"named_commit_sync": WARMUP, "named_commit_hold": WARMUP, "named_autocommit_sync": WARMUP,
           "named_second_answer": 1}  # fmt: skip
-THRESHOLD_1 = ("named_autocommit_hold", "named_second_answer")  # prepareThreshold=1: named at once
+# prepareThreshold of the connections that do not use the default (5).
+THRESHOLD = {"named_autocommit_hold": "1", "named_second_answer": "1", "oneshot_commit_sync": "0",
+             "oneshot_commit_hold": "0"}  # fmt: skip
 
 
 @dataclass
@@ -160,7 +176,7 @@ def _play(crash: Crash, calls: jdbc.JdbcCalls, tables: dict[str, str]) -> None:
 
     for case in CASES:
         autocommit = case in ("read",) or "autocommit" in case
-        threshold = "1" if case in THRESHOLD_1 else "5"
+        threshold = THRESHOLD.get(case, "5")
         run(case, "open", str(autocommit).lower(), threshold, f"jc-{case}")
     # Before the crash: what each case has done by then.
     for case, rounds in WARMED.items():
@@ -185,6 +201,8 @@ def _play(crash: Crash, calls: jdbc.JdbcCalls, tables: dict[str, str]) -> None:
     run("commit_sync", *put("commit_sync", "plain", "commit_sync:1"))
     run("named_commit_sync", *put("named_commit_sync", "plain", "named_commit_sync:1"))
     run("commit_hold", *put("commit_hold", "hold", "commit_hold:1"))
+    run("oneshot_commit_sync", *put("oneshot_commit_sync", "plain", "oneshot_commit_sync:1"))
+    run("oneshot_commit_hold", *put("oneshot_commit_hold", "hold", "oneshot_commit_hold:1"))
     run("named_commit_hold", *put("named_commit_hold", "hold", "named_commit_hold:1"))
     topo.a1.wait_caught_up([topo.a2])  # the warm-up rows are on a2
 
@@ -202,6 +220,8 @@ def _play(crash: Crash, calls: jdbc.JdbcCalls, tables: dict[str, str]) -> None:
         "commit_sync": calls.call("commit_sync", "commit"),
         "named_commit_sync": calls.call("named_commit_sync", "commit"),
         "commit_hold": calls.call("commit_hold", "commit"),
+        "oneshot_commit_sync": calls.call("oneshot_commit_sync", "commit"),
+        "oneshot_commit_hold": calls.call("oneshot_commit_hold", "commit"),
         "named_commit_hold": calls.call("named_commit_hold", "commit"),
     }
     for case in ("autocommit_sync", "named_autocommit_sync"):
@@ -346,21 +366,35 @@ def test_lone_read_in_flight_is_re_run(crash: Crash) -> None:
 # (c) COMMIT in flight
 
 
-def test_commit_in_flight_that_reached_the_sync_standby_succeeds(crash: Crash) -> None:
+def test_first_commit_in_flight_that_reached_the_sync_standby_succeeds(crash: Crash) -> None:
+    """Parse S_1 'COMMIT', Bind S_1, Execute, Sync: the connection's first COMMIT."""
     _check(crash, "commit_sync")
 
 
-def test_commit_in_flight_that_never_committed_is_replayed_once(crash: Crash) -> None:
+def test_first_commit_in_flight_that_never_committed_is_replayed_once(crash: Crash) -> None:
+    """Parse S_1 'COMMIT', Bind S_1, Execute, Sync: the connection's first COMMIT."""
     _check(crash, "commit_hold")
 
 
+def test_unnamed_commit_in_flight_that_reached_the_sync_standby_succeeds(crash: Crash) -> None:
+    """prepareThreshold=0: Parse (unnamed) 'COMMIT', Bind, Execute, Sync."""
+    _check(crash, "oneshot_commit_sync")
+
+
+def test_unnamed_commit_in_flight_that_never_committed_is_replayed_once(crash: Crash) -> None:
+    """prepareThreshold=0: Parse (unnamed) 'COMMIT', Bind, Execute, Sync."""
+    _check(crash, "oneshot_commit_hold")
+
+
 def test_named_commit_in_flight_that_reached_the_sync_standby_succeeds(crash: Crash) -> None:
+    """Bind S_1, Execute, Sync: the seventh COMMIT of the connection."""
     if crash.mode == "session":  # (the connection's own server: COMMIT is a prepared statement there)
-        assert crash.named_commit == "1", "pgjdbc did not prepare COMMIT after six transactions"
+        assert crash.named_commit == "1", "COMMIT is not a prepared statement on the connection's server"
     _check(crash, "named_commit_sync")
 
 
 def test_named_commit_in_flight_that_never_committed_is_replayed_once(crash: Crash) -> None:
+    """Bind S_1, Execute, Sync: the seventh COMMIT of the connection."""
     _check(crash, "named_commit_hold")
 
 
@@ -369,21 +403,25 @@ def test_named_commit_in_flight_that_never_committed_is_replayed_once(crash: Cra
 
 
 def test_autocommit_insert_in_flight_that_reached_the_sync_standby_succeeds(crash: Crash) -> None:
+    """Parse (unnamed), Bind, Describe, Execute, Sync: the INSERT's first use."""
     _check_answer(crash, "autocommit_sync", "in flight", "1")
     _check(crash, "autocommit_sync")
 
 
 def test_autocommit_insert_in_flight_that_never_committed_is_replayed_once(crash: Crash) -> None:
+    """Parse (unnamed), Bind, Describe, Execute, Sync: the INSERT's first use."""
     _check_answer(crash, "autocommit_hold", "in flight", "1")
     _check(crash, "autocommit_hold")
 
 
 def test_named_autocommit_insert_in_flight_that_reached_the_sync_standby_succeeds(crash: Crash) -> None:
+    """Bind S_n, Execute, Sync: the INSERT's seventh use."""
     _check_answer(crash, "named_autocommit_sync", "in flight", "1")
     _check(crash, "named_autocommit_sync")
 
 
 def test_named_autocommit_insert_in_flight_that_never_committed_is_replayed_once(crash: Crash) -> None:
+    """prepareThreshold=1: Parse S_1, Bind S_1, Describe, Execute, Sync."""
     _check_answer(crash, "named_autocommit_hold", "in flight", "1")
     _check(crash, "named_autocommit_hold")
 
@@ -424,3 +462,79 @@ def test_the_counters_add_up(crash: Crash) -> None:
         "replays not_replayable": 0,
     }
     assert got == want
+
+
+# ---------------------------------------------------------------------------------------------
+# What the ledger marks of pgjdbc's traffic (no crash: the shared topology, a database of its own)
+
+
+@pytest.fixture
+def ledger_db(shared_topology: pg.Topology) -> Iterator[str]:
+    name = f"jc_marks_{uuid.uuid4().hex[:10]}"
+    a1 = shared_topology.a1
+    a1.execute(f"CREATE DATABASE {name} OWNER {USER}")
+    a1.execute(MARKER_DDL, dbname=name)
+    a1.execute(DDL.format(table="t") + f"; GRANT ALL ON t TO {USER}", dbname=name)
+    try:
+        yield name
+    finally:
+        a1.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_shape_of_pgjdbc_commit_and_autocommit_insert_is_marked(
+    shared_topology: pg.Topology, sidecar_factory: Callable[..., SidecarProcess], ledger_db: str, mode: str
+) -> None:
+    """Each COMMIT and each autocommit INSERT pgjdbc sends writes one marker, whatever shape pgjdbc
+    gives it on the wire (seen with a tee): its first COMMIT on a connection is Parse S_1 'COMMIT',
+    Bind S_1, Execute, Sync (transaction commands are named at once), the next ones Bind S_1
+    only, with prepareThreshold=0 an unnamed Parse; an INSERT is an unnamed Parse for its first
+    four uses, then Parse S_n with its Bind in the same batch, then Bind S_n only (at once with
+    prepareThreshold=1). In transaction mode COMMIT #2 and INSERT #6 may run on a server that has
+    not prepared their statement yet. An unmarked one gets 08007 (or worse) when cut."""
+    a1 = shared_topology.a1
+    config = {
+        "admin_users": [USER],
+        "pool": {"mode": mode},
+        "upstream": {"probe_user": USER, "probe_database": ledger_db},
+    }
+    sidecar = sidecar_factory(config)
+    assert _wait_outcome(sidecar, lambda v: v != "unchecked") == "marker"
+    insert = "INSERT INTO t (id, client) VALUES (?, ?)"
+    unmarked: list[str] = []
+    with jdbc.JdbcCalls(sidecar.host, sidecar.port, ledger_db, USER, SIDECAR_PASSWORDS[USER]) as calls:
+
+        def marked(conn: str, what: str, *call: str) -> None:
+            before = _markers(a1, ledger_db)
+            answer = calls.run(conn, *call)
+            assert answer.sqlstate is None, f"{conn} {what}: {answer}"
+            if _markers(a1, ledger_db) != before + 1:
+                unmarked.append(f"{conn} {what}")
+
+        def hold_a_server(conn: str) -> None:
+            """Transaction mode: a transaction left open holds a server (the one just released,
+            if the pool hands that one out first), so the next transaction of the connection
+            under test may run on a server where its named statements are not prepared yet."""
+            assert calls.run(conn, "query", "SELECT 1").sqlstate is None
+
+        conns = (("tx", "false", "5"), ("tx0", "false", "0"), ("ac", "true", "5"), ("ac1", "true", "1"),
+                 ("hold1", "false", "5"), ("hold2", "false", "5"))  # fmt: skip
+        for conn, autocommit, threshold in conns:
+            assert calls.run(conn, "open", autocommit, threshold, f"jc-{conn}").sqlstate is None
+        for k in range(7):
+            if k == 1:
+                hold_a_server("hold1")
+            assert calls.run("tx", "update", insert, f"tx{k}", "jdbc").sqlstate is None
+            marked("tx", f"COMMIT #{k + 1} (prepareThreshold=5)", "commit")
+        for k in range(2):
+            assert calls.run("tx0", "update", insert, f"tx0-{k}", "jdbc").sqlstate is None
+            marked("tx0", f"COMMIT #{k + 1} (prepareThreshold=0)", "commit")
+        for k in range(7):
+            if k == 5:
+                hold_a_server("hold2")
+            what = f"autocommit INSERT #{k + 1} (prepareThreshold=5)"
+            marked("ac", what, "update", insert, f"ac{k}", "jdbc")
+        for k in range(2):
+            what = f"autocommit INSERT #{k + 1} (prepareThreshold=1)"
+            marked("ac1", what, "update", insert, f"ac1-{k}", "jdbc")
+    assert not unmarked, f"{mode} mode: not marked: {unmarked}"
