@@ -10,6 +10,7 @@ prepareThreshold=0). The cases, one pgjdbc connection each (tests/harness/JdbcCo
 all at one crash:
 
 - between: a transaction idle between two statements; it goes on and commits after the crash.
+  warm_between: the same in the connection's seventh transaction (BEGIN and INSERT named by now).
 - first_answer / second_answer: the first statement of a transaction (BEGIN piggybacked) or its
   second one waits for a lock on a1 (a direct connection holds ACCESS EXCLUSIVE on the table).
   named_second_answer: the same with prepareThreshold=1, after a transaction that prepared the
@@ -72,6 +73,7 @@ SLEEP = "wait_event = 'PgSleep'"
 
 CASES: dict[str, Expect] = {
     "between": Expect("", None, True, ("between:1", "between:2", "between:after")),
+    "warm_between": Expect("", None, True, ("warm_between:1", "warm_between:2", "warm_between:after")),
     "first_answer": Expect(LOCK, None, True, ("first_answer:1", "first_answer:after")),
     "second_answer": Expect(LOCK, None, True, ("second_answer:1", "second_answer:2", "second_answer:after")),
     "named_second_answer": Expect(
@@ -101,7 +103,7 @@ CASES: dict[str, Expect] = {
 }
 # Connections that ran earlier work first: case -> how many transactions (or autocommit inserts).
 WARMED = {"named_commit_sync": WARMUP, "named_commit_hold": WARMUP, "named_autocommit_sync": WARMUP,
-          "named_second_answer": 1}  # fmt: skip
+          "named_second_answer": 1, "warm_between": WARMUP}  # fmt: skip
 # prepareThreshold of the connections that do not use the default (5).
 THRESHOLD = {"named_autocommit_hold": "1", "named_second_answer": "1", "oneshot_commit_sync": "0",
              "oneshot_commit_hold": "0"}  # fmt: skip
@@ -191,11 +193,10 @@ def _play(crash: Crash, calls: jdbc.JdbcCalls, tables: dict[str, str]) -> None:
                     )
                     crash.named_commit = count.value
                 run(case, "commit")
-    run("between", *put("between", "plain", "between:1"))
-    assert (
-        run("between", "query", f"SELECT id FROM {tables['plain']} WHERE id LIKE 'between:%'").value
-        == "between:1"
-    )
+    for case in ("between", "warm_between"):
+        run(case, *put(case, "plain", f"{case}:1"))
+        rows = run(case, "query", f"SELECT id FROM {tables['plain']} WHERE id LIKE '{case}:_'").value
+        assert rows == f"{case}:1", rows
     run("second_answer", *put("second_answer", "plain", "second_answer:1"))
     run("named_second_answer", *put("named_second_answer", "plain", "named_second_answer:1"))
     run("commit_sync", *put("commit_sync", "plain", "commit_sync:1"))
@@ -250,8 +251,9 @@ def _play(crash: Crash, calls: jdbc.JdbcCalls, tables: dict[str, str]) -> None:
     def then(case: str, what: str, *call: str) -> None:
         later[case].append((what, calls.call(case, *call)))
 
-    then("between", "INSERT between:2", *put("between", "plain", "between:2"))
-    then("between", "COMMIT", "commit")
+    for case in ("between", "warm_between"):
+        then(case, "INSERT :2", *put(case, "plain", f"{case}:2"))
+        then(case, "COMMIT", "commit")
     for case in ("first_answer", "second_answer", "named_second_answer"):
         then(case, "COMMIT", "commit")
     for case in CASES:
@@ -334,6 +336,12 @@ def _check_answer(crash: Crash, case: str, what: str, value: str) -> None:
 
 def test_transaction_idle_between_statements_goes_on(crash: Crash) -> None:
     _check(crash, "between")
+
+
+def test_transaction_idle_between_statements_after_six_others_goes_on(crash: Crash) -> None:
+    """The seventh transaction of the connection: its BEGIN and INSERT are named statements by
+    now (Bind S_2, Bind S_3, Sync: no Parse), as in any pgjdbc application past its warm-up."""
+    _check(crash, "warm_between")
 
 
 # ---------------------------------------------------------------------------------------------
