@@ -192,7 +192,9 @@ class OutcomeUnknown(ProxyError):
     fatal = False
 
 
-async def resolve(conn: ServerConnection, marker_id: str, old_backend_pid: int | None = None) -> Outcome:
+async def resolve(
+    conn: ServerConnection, marker_id: str, old_backend_pid: int | None = None, old_age: float | None = None
+) -> Outcome:
     """Whether the transaction that wrote `marker_id` committed, asked on `conn`: a connection to
     the confirmed (fenced) writer, opened after the cut.
 
@@ -201,8 +203,20 @@ async def resolve(conn: ServerConnection, marker_id: str, old_backend_pid: int |
     else's backend): the old backend may still be committing, so it is terminated and waited for
     first. Raises OutcomeUnknown when it cannot be (or the node is not a writer), UpstreamError or
     another ProxyError when the question itself fails: both mean "unknown".
+
+    `old_age`: with `old_backend_pid`, how many seconds ago the old connection was opened (the
+    sidecar's own clock: a duration, so no two clocks are compared). If the server's postmaster
+    started since, the server restarted (a crash, then recovery) and the old backend is gone
+    with it: its pid, perhaps someone else's now, is left alone.
     """
     ident = _checked_id(marker_id)
+    if old_backend_pid is not None and old_age is not None:
+        restarted = await conn.simple_query(
+            "SELECT pg_postmaster_start_time() > clock_timestamp() - "
+            f"make_interval(secs => {max(0.0, float(old_age))!r})"
+        )
+        if restarted.rows and restarted.rows[0][0] == "t":
+            old_backend_pid = None
     if old_backend_pid is not None:
         gone = await conn.simple_query(
             f"SELECT coalesce(bool_and(pg_terminate_backend(pid, {TERMINATE_WAIT_MS})), true) "

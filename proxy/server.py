@@ -102,6 +102,7 @@ _WRAP_BEGIN: Final = 0
 _WRAP_STATEMENT: Final = 1
 _WRAP_MARKER: Final = 2
 _WRAP_COMMIT: Final = 3
+_WRAP_REPARSE: Final = 4  # the client's unnamed statement parsed again (`expect_wrapped(reparse=)`)
 # A marked COMMIT's answer, as `_resolve` gives it when the marker says it committed.
 _COMMIT_TAG: Final = m.command_complete("COMMIT")
 # Past this many bytes of a wrapped statement's notices, they are relayed rather than held.
@@ -118,12 +119,15 @@ class WrappedAnswer:
     Held so that a cut before the COMMIT's answer leaves nothing of it relayed: the outcome found
     on the new writer decides what the client gets (`committed_answer`)."""
 
-    __slots__ = ("batch", "commit_failed", "held", "phase", "size", "statement_failed", "tag")
+    __slots__ = ("batch", "commit_failed", "held", "phase", "reparse", "size", "statement_failed", "tag")
 
-    def __init__(self, batch: bool = False) -> None:
+    def __init__(self, batch: bool = False, reparse: bool = False) -> None:
         # An extended-protocol batch: PostgreSQL sends an Execute's tag before the Sync commits,
         # so a COMMIT that fails comes after it.
         self.batch = batch
+        # The batch's Parse of the unnamed statement is sent again after the COMMIT (whose
+        # simple Query dropped it), its answer swallowed: the statement stays the client's.
+        self.reparse = reparse
         self.phase = _WRAP_BEGIN
         self.held: list[bytes] = []  # whole messages, in order
         self.size = 0  # their bytes
@@ -571,14 +575,14 @@ class ServerConnection(asyncio.Protocol):
         self._marker_error = None
         self._relay.set_inspector(self._inspect_marker, _ALL_WATCH)
 
-    def expect_wrapped(self, marker_id: str, batch: bool = False) -> None:
+    def expect_wrapped(self, marker_id: str, batch: bool = False, reparse: bool = False) -> None:
         """An autocommit write goes out as `BEGIN` + the client's Query + the marker + `COMMIT`,
         in one write (`SessionCore.wrap_write`): the client gets exactly what PostgreSQL sends for
         the statement alone in autocommit (`WrappedAnswer`)."""
         self.marker = MarkerAnswer()
         self.marker_id = marker_id
         self._marker_error = None
-        self.wrapped = WrappedAnswer(batch)
+        self.wrapped = WrappedAnswer(batch, reparse)
         self._relay.set_inspector(self._inspect_wrapped, _ALL_WATCH)
 
     def _marker_done(self) -> None:
@@ -633,8 +637,9 @@ class ServerConnection(asyncio.Protocol):
                 self.close_reason = f"protocol error from server: {exc}"
             return Action.DROP
         if type_byte == m.B_READY_FOR_QUERY:
-            if phase != _WRAP_COMMIT:
-                wrapped.phase = phase + 1  # BEGIN's, then the statement's: the client never sees them
+            if phase < _WRAP_COMMIT or (phase == _WRAP_COMMIT and wrapped.reparse):
+                # BEGIN's, the statement's, the COMMIT's before a re-Parse: the client never sees them
+                wrapped.phase = phase + 1
                 return Action.DROP
             answer = wrapped.answer()
             if answer:
@@ -645,8 +650,8 @@ class ServerConnection(asyncio.Protocol):
                 # answered by what was held; its plain entries are settled as the fast path's are.)
                 self.tracker.clear()
             return self._inspect_linked(type_byte, msg)  # the COMMIT's ReadyForQuery ('I'): the client's
-        if phase == _WRAP_BEGIN:
-            return Action.DROP  # BEGIN's CommandComplete
+        if phase in (_WRAP_BEGIN, _WRAP_REPARSE):
+            return Action.DROP  # BEGIN's CommandComplete; the re-Parse's ParseComplete
         if phase == _WRAP_STATEMENT:
             if type_byte == m.B_NOTICE and wrapped.size > _WRAP_HOLD_MAX and wrapped.tag is None:
                 # Notices by the thousand (a row trigger's): not held without bound. Relayed,

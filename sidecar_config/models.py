@@ -277,6 +277,11 @@ class FailoverConfig(_Model):
         description="what a client may send in one transaction and still have it replayed (1KiB..1GiB); "
         "memory per client is bounded by it",
     )
+    commit_outcome_timeout: Duration = Field(
+        default=300.0, ge=0,
+        description="how long a COMMIT cut by a failover waits for a writer to learn its outcome, "
+        "past hold_timeout (a COMMIT cut while no writer exists anywhere); then 08007",
+    )
     commit_outcome: Literal["marker", "off"] = Field(
         default="marker",
         description="marker: a COMMIT cut by a failover gets its true outcome from a marker written in "

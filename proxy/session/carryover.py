@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from .. import logs
@@ -29,6 +30,7 @@ from ..outcome import resolve as resolve_marker
 from ..protocol import messages as m
 from ..protocol.framing import Action
 from ..protocol.sqlstate import (
+    CannotConnectNow,
     ProxyError,
     SqlState,
     UpstreamUnavailable,
@@ -66,6 +68,10 @@ class Cut:
 
     def __init__(self, server: str, in_flight: int, kinds: list[int], in_block: bool, broken: bool) -> None:
         self.server = server
+        # The cut connection's backend and when it was opened (monotonic): if the writer that
+        # answers is the same server, its old backend must be gone before the marker is read.
+        self.backend_pid: int | None = None
+        self.opened = 0.0
         self.in_flight = in_flight
         self.kinds = kinds
         self.in_block = in_block
@@ -176,6 +182,8 @@ class Carryover:
             # A wrapped autocommit write: committed, the client gets the statement's held answer.
             cut.wrapped = wrapped is not None
             cut.commit_answer = server.marker_answer
+            cut.backend_pid = server.backend_key[0] if server.backend_key is not None else None
+            cut.opened = server.created_at
             self._start_resolve(cut, marker_id, wrapped.committed_answer() if wrapped is not None else None)
             return
         journal = core.journal
@@ -284,6 +292,38 @@ class Carryover:
             return
         await self._run_replay(server, pool, cut, plan)
 
+    async def _outcome_server(self, cut: Cut) -> tuple[ServerConnection, Pool] | None:
+        """A server of the writer, to learn a cut COMMIT's outcome: waited for past
+        `failover.hold_timeout` (a COMMIT cut while no writer exists anywhere waits for one to
+        return, rather than be told 08007 at once), up to `failover.commit_outcome_timeout`
+        since the cut; then, or if the client left, None (the client told as before)."""
+        core = self.core
+        loop = asyncio.get_running_loop()
+        failover = core.host.config.failover
+        deadline = loop.time() + float(failover.commit_outcome_timeout)
+        while True:
+            pool = core.writer_pool  # (a marked COMMIT ran on the writer, and is resolved there)
+            reason = "no writer is known"
+            if pool is not None:
+                try:
+                    server = await self.attach.acquire(pool)
+                except (SpoolNow, UpstreamUnavailable, CannotConnectNow) as exc:
+                    reason = str(exc) or "spooling"
+                except ProxyError as exc:
+                    self._replay_failed(cut, str(exc))
+                    return None
+                else:
+                    if core.state != HELD:
+                        pool.release(server, reset=False)
+                        return None
+                    return server, pool
+            if core.state != HELD:
+                return None
+            if loop.time() >= deadline:
+                self._replay_failed(cut, f"no writer within failover.commit_outcome_timeout: {reason}")
+                return None
+            await asyncio.sleep(min(float(failover.check_interval), max(0.0, deadline - loop.time())))
+
     async def _held_server(self, cut: Cut, pool: Pool | None) -> ServerConnection | None:
         """A server from `pool` for a carry-over step (through the gate, as any held request), or
         None: no writer came (hold_timeout; the cut requests then get today's answers, never the
@@ -391,19 +431,20 @@ class Carryover:
         08007 if that never came (its row count is not known); not committed, the statement is
         run again on the new writer, once, in autocommit."""
         core = self.core
-        pool = core.writer_pool  # (a marked COMMIT ran on the writer, and is resolved there)
-        server = await self._held_server(cut, pool)
-        if server is None or pool is None:
+        found = await self._outcome_server(cut)
+        if found is None:
             return
-        if str(server.endpoint) == cut.server:
-            # The same server (a cut connection, not a failover): the old backend may still be
-            # committing. Not resolved here.
-            pool.release(server, reset=False)
-            self._replay_failed(cut, "the writer is the same server: outcome unknown")
-            return
+        server, pool = found
+        same = str(server.endpoint) == cut.server
         core.own_query_on = server
         try:
-            outcome = await resolve_marker(server, marker_id)
+            if same:
+                # The same server (a cut connection, or a restart): the old backend, if it still
+                # lives, may still be committing; it is ended first (`outcome.resolve`).
+                old_age = monotonic() - cut.opened
+                outcome = await resolve_marker(server, marker_id, cut.backend_pid, old_age)
+            else:
+                outcome = await resolve_marker(server, marker_id)
         except asyncio.CancelledError:
             pool.release(server, reset=not core.transaction_mode, unknown=True)
             raise

@@ -75,6 +75,7 @@ WRAP_INITIALS: Final = bytes(1 if byte in b"iudmIUDM" else 0 for byte in range(2
 _RETURNING: Final = re.compile(rb"returning", re.IGNORECASE)
 _BEGIN: Final = m.query("BEGIN")
 _COMMIT: Final = m.query("COMMIT")
+_SYNC: Final = m.sync()
 
 # `mark_kind`: what a statement's text is to the commit-outcome ledger.
 MARK_NONE: Final = 0
@@ -348,8 +349,15 @@ class SessionCore(LinkedClient):
         if kind == MARK_COMMIT:
             server.expect_marker(marker_id, commit_batch_answer(parsed, described))
             return marker_query(marker_id) + data
+        wrapped = _BEGIN + data + marker_query(marker_id) + _COMMIT
+        if parsed and not self.transaction_mode:
+            # The COMMIT, a simple Query, drops the unnamed statement the batch prepared; a
+            # client may Bind it again later, so it is parsed again (transaction mode re-prepares
+            # it on use instead).
+            server.expect_wrapped(marker_id, batch=True, reparse=True)
+            return wrapped + data[: 1 + int.from_bytes(data[1:5], "big")] + _SYNC
         server.expect_wrapped(marker_id, batch=True)
-        return _BEGIN + data + marker_query(marker_id) + _COMMIT
+        return wrapped
 
     def unlink(self, new: int) -> None:
         """LINKED -> `new`: the relay holds client input; the server stops calling back."""

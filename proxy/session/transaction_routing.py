@@ -237,6 +237,10 @@ class TransactionRouting(Mode):
             mark = self._mark_here(server, mark_kind(data, 6))
             if mark != MARK_NONE:
                 data = self.core.mark_batch(server, data, mark, True, described)
+                if mark != MARK_COMMIT:
+                    # The wrap's COMMIT, a simple Query, drops the unnamed statement: a later
+                    # Bind of it is re-prepared first (`StatementRouter.on_bind`).
+                    server.unnamed_from = None
         self._send_fast(server, _PARSE + expected, kind, data)
         return True
 

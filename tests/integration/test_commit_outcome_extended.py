@@ -108,6 +108,14 @@ def test_extended_answers_are_byte_for_byte_postgresql_s(
                 got = [(t, _same_ids(b, b"2")) for t, b in got]
             assert got == want, got_data
             assert _markers(a1, database) == before + (1 if marked else 0), got_data
+        # The unnamed statement a wrapped batch parsed is still there: bound again alone.
+        for client, row_id in ((direct, "14"), (through, "24")):
+            assert _answer(client, _execution(insert, (row_id, "p")))[-2:] == [
+                ("C", b"INSERT 0 1\x00"),
+                ("Z", b"I"),
+            ]
+            again = _answer(client, _execution("", (row_id + "0", "again"), parse=False))
+            assert again[-2:] == [("C", b"INSERT 0 1\x00"), ("Z", b"I")], again
         # Not wrapped: RETURNING (its rows would be held until the COMMIT).
         before = _markers(a1, database)
         returned = _answer(through, _execution(insert + " RETURNING id", ("23", "r")))

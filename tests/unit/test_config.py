@@ -765,6 +765,7 @@ def test_dump_effective_fills_defaults_and_round_trips() -> None:
         "probe_timeout": 1.0,
         "transaction_replay": True,
         "replay_max_bytes": 1048576,
+        "commit_outcome_timeout": 300.0,
         "commit_outcome": "marker",
     }
     assert data["pool"]["reset_query"] == "DISCARD ALL"
@@ -870,3 +871,7 @@ def test_transaction_continuity_defaults_and_bounds() -> None:
     assert lines[0].startswith("failover.replay_max_bytes: Input should be less than or equal to 1073741824")
     lines = problem_lines(config_error(minimal(failover={"commit_outcome": "xid"})))
     assert lines[0].startswith("failover.commit_outcome: Input should be 'marker' or 'off'")
+    assert failover.commit_outcome_timeout == 300.0
+    assert parse_config(minimal(failover={"commit_outcome_timeout": "2m"})).failover.commit_outcome_timeout == 120.0
+    lines = problem_lines(config_error(minimal(failover={"commit_outcome_timeout": -1})))
+    assert lines == ["failover.commit_outcome_timeout: a duration must not be negative (got -1)"]
