@@ -190,7 +190,11 @@ class TransactionRouting(Mode):
         router.statements[parse.name] = ClientStatement(
             global_name, m.parse(global_name, parse.query, parse.param_types)
         )
-        self.core.send(m.parse_complete() + m.ready_for_query(m.TX_IDLE))
+        answer = m.parse_complete() + m.ready_for_query(m.TX_IDLE)
+        self.core.send(answer)
+        journal = self.core.journal
+        if journal is not None:
+            journal.relay_view(answer)  # (the Parse is journaled: its answer too, for a replay's count)
         return True
 
     def _attach_parsed(self, data: bytes) -> bool:
