@@ -202,3 +202,27 @@ def test_asyncpg_transaction_is_replayed_in_transaction_mode(fresh_topology, sid
     assert not thread_error, thread_error
     assert ids_on(topo.a2, table) == ["a1", "a2"]
     assert replays(sidecar, "replayed") == 1
+
+
+def test_psycopg_pipeline_of_prepared_statements_is_replayed(fresh_topology, sidecar_factory):
+    """psycopg's pipeline mode with every statement prepared: each Parse in the same batch as its
+    Bind (answered by the sidecar for the second INSERT, whose text the server has by then)."""
+    topo = fresh_topology
+    table = new_table(topo)
+    sidecar = sidecar_factory({"pool": {"mode": "transaction"}}, topology=topo)
+    conn = prepared(sidecar, autocommit=False, application_name="named-pipeline")
+    with conn.pipeline():
+        conn.execute(insert(table), ("p1", "named-pipeline"))
+        conn.execute(insert(table), ("p2", "named-pipeline"))
+        cur = conn.execute(select_ids(table), ("named-pipeline",))
+    assert cur.fetchall() == [("p1",), ("p2",)]
+    crash_and_promote(topo, sidecar, pause=0.3)
+    with conn.pipeline():
+        conn.execute(insert(table), ("p3", "named-pipeline"))
+        cur = conn.execute(select_ids(table), ("named-pipeline",))
+    assert cur.fetchall() == [("p1",), ("p2",), ("p3",)]
+    conn.commit()
+    assert ids_on(topo.a2, table) == ["p1", "p2", "p3"]
+    assert replays(sidecar, "replayed") == 1
+    assert replays(sidecar, "diverged") == 0
+    conn.close()
