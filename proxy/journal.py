@@ -7,7 +7,8 @@ Sans-I/O and per client; the session drives it:
 * `begin()` when a transaction starts (or `reset()` when it ends: the same thing);
 * `record_request(data)` with each request as the client sent it: one simple Query, or the whole
   extended-protocol batch up to and including its Sync (`last=False` for the parts of a batch
-  forwarded in several pieces, the final part with `last=True`);
+  forwarded in several pieces, the final part with `last=True`), or in transaction mode each
+  message as the session's relay reads it (before its statement names are rewritten);
 * `answer_bytes(view)` with the bytes of the answers as they are relayed to the client, and
   `answer_done()` at the ReadyForQuery that ends each. NotificationResponse messages (another
   session's NOTIFY, timing-dependent) must not be fed: they are not part of any answer.

@@ -363,9 +363,12 @@ class Carryover:
             return False
         verifier = Verifier(journal)
         witness = replay.ReplayClient(core, journal, verifier, plan.answers)
-        server.link(witness, tracked=False)
         try:
-            server.send(b"".join(journal.requests))
+            if core.transaction_mode:
+                replay.send_routed(server, witness, journal.requests, self.mode)
+            else:
+                server.link(witness, tracked=False)
+                server.send(b"".join(journal.requests))
             result = await witness.done
         except asyncio.CancelledError:
             server.unlink()
@@ -522,7 +525,9 @@ class Carryover:
 
     async def _restore(self, server: ServerConnection, plan: replay.Plan) -> None:
         """The session's settings (as at the start of the transaction: they are read back only
-        between transactions), and its named statements but those the journal prepares itself."""
+        between transactions), and its named statements but those the journal prepares itself.
+        (Transaction mode: the statements are prepared as the replay's Binds need them,
+        `replay.send_routed`.)"""
         core = self.core
         sql = sync_sql(core.settings, server.applied)
         if sql is not None:

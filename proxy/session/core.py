@@ -290,9 +290,12 @@ class SessionCore(LinkedClient):
 
     def record_spans(self, spans: list[Span]) -> None:
         """The general path's requests, for the journal: the spans are views of the relay's
-        buffer, reused once written, hence copied."""
+        buffer, reused once written, hence copied. (Transaction mode journals the client's own
+        messages instead, as `TransactionRouting.inspect` reads them: the spans carry the
+        statements renamed and prepared for the server that ran them, which a replay's server is
+        not.)"""
         journal = self.journal
-        if journal is not None:
+        if journal is not None and not self.transaction_mode:
             for span in spans:
                 journal.record_request(bytes(span))
 

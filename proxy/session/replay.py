@@ -21,10 +21,15 @@ from ..journal import (
     Verifier,
 )
 from ..protocol import messages as m
+from ..protocol.framing import Action, Relay, watch_table
+from ..protocol.sqlstate import ProtocolViolation
 from ..readonly import is_rerunnable_read
-from ..server import REQUEST_COMMIT, LinkedClient, ServerConnection
-from ..sqlclass import first_keyword, has_more_statements
+from ..server import REQUEST_COMMIT, REQUEST_OTHER, LinkedClient, ServerConnection
+from ..sqlclass import classify, first_keyword, has_more_statements, needs_transaction_check
+from ..statements import Expect, StatementRouter
+from .mode import Mode
 from .replay_sink import ReplaySink
+from .transaction_routing import TransactionRouting
 
 # ReplayClient outcomes, besides journal.EQUAL and journal.DIVERGED.
 LOST: Final = 3  # the new server was lost too
@@ -36,6 +41,11 @@ _COPY_MESSAGES: Final = (ord("d"), ord("c"), ord("f"))
 # First keywords of statements that end a transaction (or may: PREPARE TRANSACTION).
 _ENDS_TRANSACTION: Final = (b"commit", b"end", b"rollback", b"abort", b"prepare")
 _STARTS_TRANSACTION: Final = (b"begin", b"start")
+# Transaction mode: statements the session's relay answers or acts on itself (DEALLOCATE of the
+# client's names, DISCARD ALL of them), which a replay through `StatementRouter` alone would not.
+_ROUTED_LOCALLY: Final = (b"deallocate", b"discard")
+# A replay's requests are the journal's whole messages: every one is looked at.
+_EVERY_MESSAGE: Final = watch_table(range(256))
 
 
 class Plan:
@@ -62,8 +72,10 @@ def plan(
     Outside a transaction block only rerunnable reads are (a write may have committed on its own),
     and a lone BEGIN / START TRANSACTION, which changes nothing; what follows it is inside a block.
     Inside one: anything but COPY, several statements in one Query (one of them could be a COMMIT
-    that did happen), and in transaction mode named statements (sent under the sidecar's shared
-    names, which the new server may not have). Outside a block, a Bind runs a statement whose
+    that did happen), and in transaction mode what the session's relay answers or refuses itself
+    (DEALLOCATE, DISCARD, what cannot be transaction-pooled). (Transaction mode journals the
+    client's own messages, named statements under the client's names: `send_routed` prepares
+    them on the new server as the live relay would.) Outside a block, a Bind runs a statement whose
     text must be known (prepared in the journal, or one of the session's `known` Parse messages)
     and a rerunnable read: a driver's prepared INSERT is Bind/Execute/Sync with no text at all.
     Inside one too every Bind's text must be known, and nothing may end a transaction (COMMIT,
@@ -102,6 +114,8 @@ def plan(
                 return "not_replayable"
             if first_keyword(text) in _ENDS_TRANSACTION and not (final_commit and pos == n):
                 return "not_replayable"
+            if transaction_mode and not _routed_as_sent(text):
+                return "not_replayable"
         elif mtype == m.F_PARSE:
             name_end = body.find(b"\x00")
             query_end = body.find(b"\x00", name_end + 1)
@@ -109,21 +123,19 @@ def plan(
                 return "not_replayable"
             name = body[:name_end].decode("utf-8", "replace")
             if name_end > 0:
-                if transaction_mode:
-                    return "not_replayable"
                 parsed.add(name)
             text = body[name_end + 1 : query_end]
             if _starts_block(text):
                 pass  # a transaction start changes nothing; where it runs (Bind) opens the block
             elif not _replayable_text(text, block) or first_keyword(text) in _ENDS_TRANSACTION:
                 return "not_replayable"
+            if transaction_mode and not _routed_as_sent(text):
+                return "not_replayable"
             texts[name] = text
         elif mtype == m.F_BIND:
             portal_end = body.find(b"\x00")
             statement_end = body.find(b"\x00", portal_end + 1)
             if portal_end < 0 or statement_end < 0:
-                return "not_replayable"
-            if transaction_mode and (portal_end != 0 or statement_end != 1):
                 return "not_replayable"
             # Every Bind: the statement it runs must be known.
             name = body[portal_end + 1 : statement_end].decode("utf-8", "replace")
@@ -137,7 +149,7 @@ def plan(
                 block = True
             elif not _replayable_text(bound, block) or first_keyword(bound) in _ENDS_TRANSACTION:
                 return "not_replayable"
-        elif (mtype == m.F_CLOSE and transaction_mode) or (mtype == m.F_FUNCTION_CALL and not block):
+        elif mtype == m.F_FUNCTION_CALL and not block:
             return "not_replayable"
     if answers != journal.answered + in_flight:
         return "not_replayable"  # requests and answers do not line up (an ignored Query, ...)
@@ -155,11 +167,92 @@ def _starts_block(text: bytes) -> bool:
     return first_keyword(text) in _STARTS_TRANSACTION and not has_more_statements(text)
 
 
+def _routed_as_sent(text: bytes) -> bool:
+    """Transaction mode: whether `text` went to the server as the client sent it (not answered
+    by the sidecar, nor refused: replayed through `StatementRouter` alone, it would run)."""
+    keyword = first_keyword(text)
+    if keyword in _ROUTED_LOCALLY:
+        return False
+    if not needs_transaction_check(keyword, text):
+        return True
+    return classify(text.decode("utf-8", "replace")).not_poolable is None
+
+
 def _replayable_text(text: bytes, in_block: bool) -> bool:
     if not in_block:
         return is_rerunnable_read(text.decode("utf-8", "replace"))
     keyword = first_keyword(text)
     return keyword != b"copy" and not has_more_statements(text)
+
+
+def send_routed(server: ServerConnection, witness: ReplayClient, requests: list[bytes], mode: Mode) -> None:
+    """Transaction mode: send the journal's `requests` (the client's own messages) to `server`,
+    rewritten as the live relay rewrites them (`StatementRouter`): each named statement under its
+    shared name, prepared first where `server` does not have it (recorded in `server.statements`),
+    its answers matched to the client's messages (`server` linked tracked to `witness`), so that
+    `witness` compares exactly what the client got: its own ParseComplete whether the statement
+    was already prepared or not, none for a statement the sidecar prepared itself.
+
+    The session's own router is not changed: the replay's works on a copy of its statements.
+    Raises ProxyError if the server is gone (or a message cannot be read: not replayed)."""
+    assert isinstance(mode, TransactionRouting)
+    live = mode.router
+    router = StatementRouter(live.registry)
+    router.statements = dict(live.statements)
+    rerouter = _Rerouter(router, server)
+    server.link(witness, tracked=True)  # (before the requests: linking forgets what is in flight)
+    out = rerouter.relay.feed(b"".join(requests))
+    if rerouter.relay.buffered:
+        raise ProtocolViolation("a replayed request ends in the middle of a message")
+    if rerouter.owed:
+        witness.feed(rerouter.owed)  # answered by the sidecar before anything the server sends
+    server.send(b"".join([bytes(span) for span in out]))
+
+
+class _Rerouter:
+    """`TransactionRouting.inspect` for a replay: the journal's messages through a
+    `StatementRouter`, with what a replay does not meet left out (`plan` refused it: statements
+    the relay answers or refuses itself; the settings they note are the session's already)."""
+
+    def __init__(self, router: StatementRouter, server: ServerConnection) -> None:
+        self.router = router
+        self.server = server
+        self.relay = Relay(_EVERY_MESSAGE, self.inspect, 1 << 30)
+        self.owed = b""  # synthetic answers due before the server's first
+
+    def inspect(self, type_byte: int, msg: memoryview) -> Action:
+        server = self.server
+        tracker = server.tracker
+        router = self.router
+        relay = self.relay
+        owed = b""
+        action = Action.FORWARD
+        if type_byte == m.F_SYNC:
+            tracker.sync_sent()
+            tracker.expect(Expect.SYNC)
+            server.in_flight.push(REQUEST_OTHER)
+        elif tracker.skipping:
+            pass  # ignored by the server until Sync, as it was live
+        elif type_byte == m.F_BIND:
+            action, owed = router.on_bind(msg, server, relay)
+        elif type_byte == m.F_EXECUTE:
+            action, owed = router.on_execute(msg, server)
+        elif type_byte == m.F_PARSE:
+            action, owed = router.on_parse(msg, server, relay)
+        elif type_byte == m.F_DESCRIBE:
+            action, owed = router.on_describe(msg, server, relay)
+        elif type_byte == m.F_CLOSE:
+            action, owed = router.on_close(msg, server)
+        elif type_byte == m.F_QUERY:
+            router.unnamed = None  # (a simple Query replaces the unnamed statement)
+            server.unnamed_from = None
+            server.in_flight.push(REQUEST_OTHER)
+            tracker.expect(Expect.QUERY)
+        elif type_byte == m.F_FUNCTION_CALL:
+            server.in_flight.push(REQUEST_OTHER)
+            tracker.expect(Expect.QUERY)
+        self.owed += owed
+        return action
 
 
 class ReplayClient(LinkedClient):

@@ -20,6 +20,7 @@ from ..server import (
     REQUEST_READ,
 )
 from ..sqlclass import (
+    first_keyword,
     has_more_statements,
     lone_select,
     mentions_session_functions,
@@ -106,12 +107,18 @@ def _plain_kind(data: bytes, sql_offset: int) -> int:
     if lone_select(data, sql_offset):
         return REQUEST_READ
     if (
-        session_keyword_at(data, sql_offset)
+        (session_keyword_at(data, sql_offset) and not _is_delete(data, sql_offset))
         or mentions_session_functions(data, sql_offset)
         or has_more_statements(data, sql_offset)
     ):
         return -1
     return REQUEST_OTHER
+
+
+def _is_delete(data: bytes, sql_offset: int) -> bool:
+    """A DELETE (it shares its initial with DISCARD, DEALLOCATE and DECLARE, which the session
+    must look at; a DELETE changes no session state)."""
+    return data[sql_offset] | 0x20 == 0x64 and first_keyword(data, sql_offset) == b"delete"
 
 
 def _unnamed_parse_end(data: bytes, max_message: int) -> int:

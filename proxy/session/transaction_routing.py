@@ -202,7 +202,11 @@ class TransactionRouting(Mode):
         router.statements[parse.name] = ClientStatement(
             global_name, m.parse(global_name, parse.query, parse.param_types)
         )
-        self.core.send(m.parse_complete() + m.ready_for_query(m.TX_IDLE))
+        answer = m.parse_complete() + m.ready_for_query(m.TX_IDLE)
+        self.core.send(answer)
+        journal = self.core.journal
+        if journal is not None:
+            journal.relay_view(answer)  # (the Parse is journaled: its answer too, for a replay's count)
         return True
 
     def _attach_parsed(self, data: bytes) -> bool:
@@ -299,10 +303,16 @@ class TransactionRouting(Mode):
         return server
 
     def inspect(self, type_byte: int, msg: memoryview) -> Action:
-        server = self.core.server
+        core = self.core
+        server = core.server
         router = self.router
         assert server is not None
         tracker = server.tracker
+        journal = core.journal
+        if journal is not None and type_byte != m.F_TERMINATE:
+            # The client's message as it came (not as rewritten for this server): a replay on
+            # another server rewrites it again for that one (`replay.send_routed`).
+            journal.record_request(msg)
         if type_byte == m.F_SYNC:
             tracker.sync_sent()
             tracker.expect(Expect.SYNC)
@@ -421,8 +431,14 @@ class TransactionRouting(Mode):
         return f"not supported with pool.mode transaction: {effects.not_poolable}"
 
     def _owe(self, data: bytes) -> None:
-        if data and self.core.transport is not None:
-            self.core.transport.write(data)
+        core = self.core
+        if data and core.transport is not None:
+            core.transport.write(data)
+            journal = core.journal
+            if journal is not None:
+                # Part of the answers the client got (a replay's must match it): owed only with
+                # nothing in flight, so in its place in the answer stream.
+                journal.relay_view(data)
 
     # ---------------------------------------------------------------- Mode: statements
 

@@ -92,6 +92,11 @@ def test_extended_answers_are_byte_for_byte_postgresql_s(
                 _execution("UPDATE t SET v = 'u' WHERE id IN (2, 21)"),
                 True,
             ),
+            (
+                _execution("DELETE FROM t WHERE id = $1", ("11",)),
+                _execution("DELETE FROM t WHERE id = $1", ("21",)),
+                True,
+            ),
             # the statement fails: a duplicate key; a bad parameter; a syntax error at Parse
             (_execution(insert, ("1", "dup")), _execution(insert, ("2", "dup")), False),
             (_execution(insert, ("x", "bad")), _execution(insert, ("x", "bad")), False),

@@ -872,6 +872,7 @@ def test_transaction_continuity_defaults_and_bounds() -> None:
     lines = problem_lines(config_error(minimal(failover={"commit_outcome": "xid"})))
     assert lines[0].startswith("failover.commit_outcome: Input should be 'marker' or 'off'")
     assert failover.commit_outcome_timeout == 300.0
-    assert parse_config(minimal(failover={"commit_outcome_timeout": "2m"})).failover.commit_outcome_timeout == 120.0
+    waited = parse_config(minimal(failover={"commit_outcome_timeout": "2m"})).failover
+    assert waited.commit_outcome_timeout == 120.0
     lines = problem_lines(config_error(minimal(failover={"commit_outcome_timeout": -1})))
     assert lines == ["failover.commit_outcome_timeout: a duration must not be negative (got -1)"]

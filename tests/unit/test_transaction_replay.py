@@ -21,8 +21,10 @@ from proxy.journal import (
 )
 from proxy.outcome import marker_query
 from proxy.protocol import messages as m
-from proxy.server import ServerConnection
+from proxy.server import REQUEST_OTHER, ServerConnection
+from proxy.session import replay
 from proxy.session.states import ClientState
+from proxy.statements import ServerStatements
 from sidecar_config import Endpoint
 
 from .session_fakes import (
@@ -463,5 +465,167 @@ def test_a_marker_left_behind_does_not_swallow_the_next_clients_answers() -> Non
         other.data_received(query("SELECT 1"))
         server.data_received(answer("SELECT 1"))
         assert transport.take() == answer("SELECT 1")
+
+    asyncio.run(run())
+
+
+# ---------------------------------------------------------------------------------------------
+# Transaction mode: named prepared statements (the client's names; shared names on the servers)
+
+
+def journal_of(*requests: bytes, answered: int = 0) -> TransactionJournal:
+    journal = TransactionJournal(1 << 20)
+    for request in requests:
+        journal.record_request(request)
+    for _ in range(answered):
+        journal.answer_done()
+    return journal
+
+
+INSERT = "INSERT INTO t VALUES ($1)"
+
+
+def test_plan_accepts_named_statements_in_transaction_mode() -> None:
+    """The statement the journal prepares itself, and one prepared before the transaction (its
+    Parse known from the session)."""
+    journal = journal_of(
+        query("BEGIN"),
+        parse("s1", INSERT) + SYNC,
+        bind("s1") + execute() + SYNC,
+        bind("s0") + execute() + SYNC,
+        answered=3,
+    )
+    known = {"s0": parse("s0", "SELECT x FROM t")}
+    verdict = replay.plan(journal, True, [REQUEST_OTHER], 1, True, known)
+    assert isinstance(verdict, replay.Plan), verdict
+    assert verdict.answers == 4 and verdict.parsed == {"s1"}
+
+
+def test_plan_refuses_a_named_statement_whose_text_is_not_known() -> None:
+    journal = journal_of(query("BEGIN"), bind("gone") + execute() + SYNC, answered=1)
+    assert replay.plan(journal, True, [REQUEST_OTHER], 1, True, {}) == "not_replayable"
+
+
+@pytest.mark.parametrize(
+    "sql",
+    ["DEALLOCATE s0", "DEALLOCATE ALL", "DISCARD ALL", "LISTEN chan", "CREATE TEMP TABLE tt (x int)"],
+)
+def test_plan_refuses_what_transaction_mode_answers_or_refuses_itself(sql: str) -> None:
+    """The session's relay answers these itself (DEALLOCATE of the client's names) or refuses
+    them: a replay through the statement router alone would run them on the server."""
+    for request in (query(sql), parse("", sql) + bind("") + execute() + SYNC):
+        journal = journal_of(query("BEGIN"), request, answered=2)
+        assert replay.plan(journal, True, [], 0, True, {}) == "not_replayable", (sql, request[:1])
+        assert isinstance(replay.plan(journal, True, [], 0, False, {}), replay.Plan)
+
+
+def test_plan_accepts_a_final_commit_after_named_statements() -> None:
+    """The replay of a COMMIT known not to have committed (`Carryover._resolve`)."""
+    journal = journal_of(
+        query("BEGIN"),
+        parse("s1", INSERT) + SYNC,
+        bind("s1") + execute() + SYNC,
+        query("COMMIT"),
+        answered=3,
+    )
+    verdict = replay.plan(journal, True, [REQUEST_OTHER], 1, True, {}, final_commit=True)
+    assert isinstance(verdict, replay.Plan) and verdict.answers == 4
+
+
+def shared_name(host: FakeHost, sql: str) -> str:
+    return host.statements.name_for(sql, ())
+
+
+def test_a_transaction_with_named_statements_is_replayed_in_transaction_mode() -> None:
+    """Transaction mode: `s0` prepared in an earlier transaction (only bound in the cut one),
+    `s1` prepared in it though the old server already had its text (the sidecar answered that
+    Parse). On the new server the replay prepares `s0` first (its ParseComplete not the
+    client's), sends `s1`'s Parse (its ParseComplete the one the client got), and the client sees
+    only the answer it is owed."""
+
+    async def run() -> None:
+        client, transport, host = await logged_in("transaction", servers=2)
+        for server in [*host.pool.idle, *host.pool.active, *host.pool.parked]:
+            server.statements = ServerStatements(10)  # (as the pool sets it up)
+        select = "SELECT x FROM t"
+        # An earlier transaction: s0 and the INSERT's text prepared on the old server.
+        client.data_received(parse("s0", select) + parse("warm", INSERT) + SYNC)
+        old = client.server
+        assert old is not None
+        old.data_received(msg(b"1") + msg(b"1") + msg(b"Z", b"I"))
+        await settle()
+        client.data_received(query("BEGIN"))
+        await settle()
+        assert client.server is old
+        old.data_received(answer("BEGIN", b"T"))
+        client.data_received(parse("s1", INSERT) + SYNC)  # answered by the sidecar: old has it
+        assert server_out(old).take().endswith(query("BEGIN") + SYNC)
+        old.data_received(msg(b"Z", b"T"))
+        assert transport.take().endswith(answer("BEGIN", b"T") + msg(b"1") + msg(b"Z", b"T"))
+        client.data_received(bind("s1") + execute() + SYNC)
+        assert server_out(old).take() == bind(shared_name(host, INSERT)) + execute() + SYNC
+        old.data_received(msg(b"2") + answer("INSERT 0 1", b"T"))
+        assert transport.take() == msg(b"2") + answer("INSERT 0 1", b"T")
+        client.data_received(bind("s0") + execute() + SYNC)  # in flight at the cut
+        client.cut_server("writer lost")
+        assert transport.take() == b""
+        new = await replayed_on(host, old)
+        sent = server_out(new).take()
+        s0, s1 = shared_name(host, select), shared_name(host, INSERT)
+        assert sent.endswith(
+            query("BEGIN")
+            + m.parse(s1, INSERT) + SYNC
+            + bind(s1) + execute() + SYNC
+            + m.parse(s0, select) + bind(s0) + execute() + SYNC
+        )  # fmt: skip
+        assert s0 in new.statements and s1 in new.statements
+        new.data_received(answer("BEGIN", b"T") + msg(b"1") + msg(b"Z", b"T"))
+        new.data_received(msg(b"2") + answer("INSERT 0 1", b"T"))
+        assert transport.take() == b""  # seen already: compared, not relayed
+        owed = msg(b"2") + select_answer(b"1", b"T")
+        new.data_received(msg(b"1") + owed)  # the ParseComplete of s0's re-prepare first
+        await settle()
+        assert transport.take() == owed
+        assert client.state == S.LINKED and client.server is new
+        assert host.stats.transaction_replays["replayed"] == 1
+        client.data_received(bind("s0") + execute() + SYNC)  # on the new server, as prepared there
+        assert server_out(new).take() == bind(s0) + execute() + SYNC
+
+    asyncio.run(run())
+
+
+def test_a_prepared_read_answered_by_the_sidecar_is_re_run_in_transaction_mode() -> None:
+    """psycopg in autocommit (prepare_threshold=0) prepares a read the pool's servers already
+    have: the sidecar answers that Parse itself (no server). Its Bind cut in flight, the read is
+    run again on the new server, the statement prepared there first."""
+
+    async def run() -> None:
+        client, transport, host = await logged_in("transaction", servers=2)
+        for server in [*host.pool.idle, *host.pool.active, *host.pool.parked]:
+            server.statements = ServerStatements(10)
+        select = "SELECT x FROM t"
+        client.data_received(parse("s0", select) + SYNC)  # prepared on the old server
+        old = client.server
+        assert old is not None
+        old.data_received(msg(b"1") + msg(b"Z", b"I"))
+        await settle()
+        transport.take()
+        client.data_received(parse("s1", select) + SYNC)  # the same text: answered here
+        assert transport.take() == msg(b"1") + msg(b"Z", b"I")
+        client.data_received(bind("s1") + execute() + SYNC)
+        await settle()
+        assert client.server is old
+        client.cut_server("writer lost")
+        new = await replayed_on(host, old)
+        shared = shared_name(host, select)
+        sent = server_out(new).take()
+        assert sent.endswith(m.parse(shared, select) + SYNC + bind(shared) + execute() + SYNC)
+        new.data_received(msg(b"1") + msg(b"Z", b"I"))
+        assert transport.take() == b""
+        owed = msg(b"2") + select_answer(b"5")
+        new.data_received(owed)
+        await settle()
+        assert transport.take() == owed
+        assert host.stats.transaction_replays["replayed"] == 1
 
     asyncio.run(run())
