@@ -119,9 +119,16 @@ class WrappedAnswer:
     Held so that a cut before the COMMIT's answer leaves nothing of it relayed: the outcome found
     on the new writer decides what the client gets (`committed_answer`)."""
 
-    __slots__ = ("batch", "commit_failed", "held", "phase", "reparse", "size", "statement_failed", "tag")
+    __slots__ = (
+        "batch", "commit_failed", "held", "hidden", "hidden_failed", "phase", "reparse", "size",
+        "statement_failed", "tag",
+    )  # fmt: skip
 
-    def __init__(self, batch: bool = False, reparse: bool = False) -> None:
+    def __init__(self, batch: bool = False, reparse: bool = False, hidden: int = 0) -> None:
+        # Answers of messages the sidecar put first (a statement prepared, evicted ones closed):
+        # dropped, as long as they succeed.
+        self.hidden = hidden
+        self.hidden_failed = False
         # An extended-protocol batch: PostgreSQL sends an Execute's tag before the Sync commits,
         # so a COMMIT that fails comes after it.
         self.batch = batch
@@ -136,6 +143,12 @@ class WrappedAnswer:
         self.commit_failed = False
 
     def hold(self, type_byte: int, msg: bytes) -> None:
+        if self.hidden and (type_byte == m.B_PARSE_COMPLETE or type_byte == m.B_CLOSE_COMPLETE):
+            self.hidden -= 1
+            return
+        if self.hidden and type_byte == m.B_ERROR:
+            self.hidden_failed = True  # (the server skips the rest; the client gets the error)
+        self.hidden = 0
         if type_byte == m.B_COMMAND_COMPLETE:
             self.tag = msg
         elif type_byte == m.B_ERROR:
@@ -575,14 +588,16 @@ class ServerConnection(asyncio.Protocol):
         self._marker_error = None
         self._relay.set_inspector(self._inspect_marker, _ALL_WATCH)
 
-    def expect_wrapped(self, marker_id: str, batch: bool = False, reparse: bool = False) -> None:
+    def expect_wrapped(
+        self, marker_id: str, batch: bool = False, reparse: bool = False, hidden: int = 0
+    ) -> None:
         """An autocommit write goes out as `BEGIN` + the client's Query + the marker + `COMMIT`,
         in one write (`SessionCore.wrap_write`): the client gets exactly what PostgreSQL sends for
         the statement alone in autocommit (`WrappedAnswer`)."""
         self.marker = MarkerAnswer()
         self.marker_id = marker_id
         self._marker_error = None
-        self.wrapped = WrappedAnswer(batch, reparse)
+        self.wrapped = WrappedAnswer(batch, reparse, hidden)
         self._relay.set_inspector(self._inspect_wrapped, _ALL_WATCH)
 
     def _marker_done(self) -> None:
@@ -647,7 +662,11 @@ class ServerConnection(asyncio.Protocol):
             self._marker_done()
             if self._tracked:
                 # (Transaction mode: the fast path's request, a Query or an extended batch, is
-                # answered by what was held; its plain entries are settled as the fast path's are.)
+                # answered by what was held; its entries are settled as the fast path's are, but a
+                # statement the sidecar failed to prepare first is not on this server.)
+                if wrapped.hidden_failed:
+                    for name in self.tracker.hidden_parses():
+                        self.statements.discard(name)
                 self.tracker.clear()
             return self._inspect_linked(type_byte, msg)  # the COMMIT's ReadyForQuery ('I'): the client's
         if phase in (_WRAP_BEGIN, _WRAP_REPARSE):

@@ -244,6 +244,10 @@ class ResponseTracker:
             return forward, before, self.pop_synthetic(tx_status), failed
         return True, before, b"", failed
 
+    def hidden_parses(self) -> list[str]:
+        """The statements queued to be prepared ahead of the client's messages (PARSE_HIDDEN)."""
+        return [e.name for e in self._flush() if e.kind is Expect.PARSE_HIDDEN and e.name]
+
     def sync_sent(self) -> None:
         self.skipping = False
 

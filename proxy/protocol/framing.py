@@ -248,6 +248,16 @@ class Relay:
         self._paused = False
         return True
 
+    def take_held(self) -> bytes:
+        """Paused at a message boundary: everything held back, taken out whole, and the relay
+        resumed with nothing held (b"", nothing done, if there is nothing to take)."""
+        if not self._paused or self._stream_left or not self._carry:
+            return b""
+        held = bytes(self._carry)
+        self._carry.clear()
+        self._paused = False
+        return held
+
     def resume(self) -> list[Span]:
         """Continue after a pause with whatever was held back."""
         self._paused = False

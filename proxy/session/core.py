@@ -108,6 +108,7 @@ def commit_batch_answer(parsed: bool, described: bool) -> bytes:
         (_PARSE_COMPLETE if parsed else b"") + _BIND_COMPLETE + (_NO_DATA if described else b"") + _COMMIT_TAG
     )
 
+
 # The relay's inspector of a state that answers locally (ABORTED, OUTAGE).
 Answerer = Callable[[int, memoryview], Action]
 
@@ -274,6 +275,17 @@ class SessionCore(LinkedClient):
         if self.reading_paused and self.transport is not None:
             self.reading_paused = False
             self.transport.resume_reading()
+        if self.marking and self.relay.paused:
+            # One request held while no server was linked (the pool busy, a failover): sent the
+            # way the fast paths send it, so that a write or COMMIT gets its commit marker.
+            held = self.relay.take_held()
+            if held:
+                if self.mode.take_held(held):
+                    if self.journal is not None:
+                        self.journal.record_request(held)
+                    return
+                self.relay.hold()
+                self.relay.unread(held)
         try:
             spans = self.relay.resume()
         except Exception as exc:
@@ -331,7 +343,7 @@ class SessionCore(LinkedClient):
         return _BEGIN + data + marker_query(marker_id) + _COMMIT
 
     def mark_batch(
-        self, server: ServerConnection, data: bytes, kind: int, parsed: bool, described: bool
+        self, server: ServerConnection, data: bytes, kind: int, parsed: bool, described: bool, hidden: int = 0
     ) -> bytes:
         """`data` is a lone execution (`scan.lone_execution`; `parsed`: it starts with the Parse
         of its statement, `described`: it describes the portal) of a statement of MARK_* `kind`, the
@@ -339,7 +351,9 @@ class SessionCore(LinkedClient):
         place. A COMMIT ending a block: the marker, then the batch (as `commit_marker`). An
         autocommit write: the batch between BEGIN, the marker and COMMIT (as `wrap_write`; the
         server answers the batch as one request, so `WrappedAnswer` rewrites it the same way).
-        Else, or without the ledger, `data`."""
+        Else, or without the ledger, `data`. `hidden`: `data` starts with that many messages the
+        sidecar added (transaction mode: a statement prepared first), whose answers the client
+        must not get."""
         status = server.tx_status
         if kind == MARK_COMMIT:
             if status != m.TX_IN_BLOCK:
@@ -359,7 +373,7 @@ class SessionCore(LinkedClient):
             # it on use instead).
             server.expect_wrapped(marker_id, batch=True, reparse=True)
             return wrapped + data[: 1 + int.from_bytes(data[1:5], "big")] + _SYNC
-        server.expect_wrapped(marker_id, batch=True)
+        server.expect_wrapped(marker_id, batch=True, hidden=hidden)
         return wrapped
 
     def unlink(self, new: int) -> None:

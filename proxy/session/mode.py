@@ -34,6 +34,12 @@ class Mode:
         """Make the relay forward through this mode (at construction, and after answering locally)."""
         self.relay.set_inspector(self.inspect, self.watch())
 
+    def take_held(self, held: bytes) -> bool:
+        """Just linked to a server, the input held meanwhile (`held`, taken from the relay):
+        True if the mode's fast path sent it (as one request it marks for the commit-outcome
+        ledger may be), False to relay it through `inspect` as usual."""
+        return False
+
     def known_statements(self) -> dict[str, bytes]:
         """The client's named statements, as Parse messages under the client's own names."""
         raise NotImplementedError

@@ -137,6 +137,10 @@ class SessionRelay(Mode):
             return MARK_NONE, -1
         return mark, bind_end
 
+    def take_held(self, held: bytes) -> bool:
+        server = self.core.server
+        return server is not None and self.between_transactions() and self.fast(server, held)
+
     def between_transactions(self) -> bool:
         """Nothing in flight and no transaction open, so new input starts a new one."""
         server = self.core.server
