@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -436,6 +437,53 @@ def measure_memory(base: Path, node: PgNode, on: bool, root: Path, clients: int,
 
 
 # ---------------------------------------------------------------------------------------------
+# Instructions (callgrind)
+# ---------------------------------------------------------------------------------------------
+
+CALLGRIND = PROJECT_ROOT / "bench" / "callgrind_tx.sh"
+_INSTRUCTIONS = re.compile(r"(\d+) instructions per transaction")
+
+
+def callgrind_yaml(on: bool, variant: str) -> str:
+    """callgrind_tx.sh's extra config: its own slow probes, plus the features of this side."""
+    features = VARIANTS[variant] if on else OFF
+    # (Quoted: YAML 1.1 reads a bare off as false.)
+    parts = ["check_interval: 30s", "probe_timeout: 5s"] + [
+        f'{k}: "{v}"' if isinstance(v, str) else f"{k}: {str(v).lower()}" for k, v in features.items()
+    ]
+    return "failover: {" + ", ".join(parts) + "}"
+
+
+def callgrind_instructions(root: Path, mode: Mode, on: bool, variant: str) -> int:
+    """Instructions per select-only transaction in the sidecar's process (bench/callgrind_tx.sh:
+    deterministic, unlike CPU time on a shared machine; its own cluster, scale 1, pgbench -c 8)."""
+    done = subprocess.run(
+        ["bash", str(CALLGRIND), str(root), mode, "select-only", callgrind_yaml(on, variant)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        timeout=1800,
+        check=False,
+    )
+    found = _INSTRUCTIONS.search(done.stdout)
+    if done.returncode != 0 or found is None:
+        raise BenchError(
+            f"callgrind_tx.sh failed (exit {done.returncode})\n{tail(done.stderr + done.stdout)}"
+        )
+    return int(found.group(1))
+
+
+def callgrind_phase(root: Path, modes: Sequence[Mode], variant: str) -> dict[tuple[Mode, bool], int]:
+    say("\n== instructions per select-only transaction (callgrind, bench/callgrind_tx.sh)")
+    counts: dict[tuple[Mode, bool], int] = {}
+    for mode in modes:
+        for on in (True, False):
+            counts[(mode, on)] = callgrind_instructions(root, mode, on, variant)
+            say(f"  {mode} mode, features {'on' if on else 'off'}: {counts[(mode, on)]:,}")
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
 
@@ -489,8 +537,8 @@ def print_summary(results: Sequence[Result]) -> None:
             f" {cpu_range:>13}"
         )
     say("TPS on/off: the median of the rounds' ratios (each round ran both, back to back); CPU: the")
-    say("sidecar's CPU per transaction (/proc: its threads' run time over pgbench's transaction count),")
-    say("the median of each side's rounds, and their ratio.")
+    say("sidecar's CPU per transaction (/proc/PID/schedstat: its main thread's time on a CPU, which does the")
+    say("work, over pgbench's transaction count), the median of each side's rounds, and their ratio.")
 
 
 @dataclass
@@ -501,8 +549,22 @@ class Verdict:
     target: str
 
 
-def verdicts(results: Sequence[Result], mems: Sequence[Memory], clients: int) -> list[Verdict]:
+def verdicts(
+    results: Sequence[Result], mems: Sequence[Memory], clients: int, counts: dict[tuple[Mode, bool], int]
+) -> list[Verdict]:
     out: list[Verdict] = []
+    for mode in ("session", "transaction"):
+        on_count, off_count = counts.get((mode, True)), counts.get((mode, False))
+        if on_count is not None and off_count:
+            instr = on_count / off_count
+            out.append(
+                Verdict(
+                    "PASS" if instr <= 1 + CPU_WITHIN else "MISS",
+                    f"select-only (-S), {mode} mode, instructions (callgrind)",
+                    f"{instr:.3f}x ({on_count:,} on, {off_count:,} off per transaction)",
+                    f"instructions per transaction on/off <= {1 + CPU_WITHIN:.2f}x",
+                )
+            )
     for r in results:
         if not r.plan.verdict:
             continue
@@ -580,6 +642,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--on", choices=list(VARIANTS), default="both",
         help="the features of the 'on' sidecar: both (default, the issue's comparison), or one of them"
         " alone, to tell which one a cost comes from",
+    )  # fmt: skip
+    p.add_argument(
+        "--callgrind", action="store_true",
+        help="also count instructions per select-only transaction, on and off (bench/callgrind_tx.sh,"
+        " needs valgrind; deterministic; some minutes)",
     )  # fmt: skip
     p.add_argument("--skip-memory", action="store_true", help="do not measure memory")
     p.add_argument(
@@ -666,6 +733,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for on in (True, False):
                 mems.append(measure_memory(base, node, on, root, args.clients, args.on))
 
+        counts: dict[tuple[Mode, bool], int] = {}
+        if args.callgrind:
+            modes: list[Mode] = [pl.mode for pl in args.plans if pl.case.key == "select"] or ["session"]
+            counts = callgrind_phase(root, modes, args.on)
+
         say(
             f"\n#### Results: features on ({failover_text(True, args.on)}) vs off,"
             f" pgbench -c {CLIENTS} -j {THREADS}, scale {SCALE},"
@@ -684,7 +756,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         for problem in marker_problems:
             say(f"  warning: {problem}")
-        checks = verdicts(results, mems, args.clients)
+        checks = verdicts(results, mems, args.clients, counts)
         if marker_problems:
             checks.append(
                 Verdict("MISS", "commit markers", f"{len(marker_problems)} round(s) wrong, above", "")
