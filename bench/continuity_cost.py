@@ -73,7 +73,7 @@ from bench.pgbench_compare import (
     say,
     tail,
 )
-from tests.harness.pg import APP_DB, PgNode, make_pg_dir
+from tests.harness.pg import APP_DB, PgNode, free_port, make_pg_dir
 from tests.harness.sidecar import PROJECT_ROOT, REMOVE, SIDECAR_PASSWORDS, SidecarProcess, sidecar_config
 
 USER = "app_scram"
@@ -461,7 +461,12 @@ def callgrind_instructions(root: Path, mode: Mode, on: bool, variant: str) -> in
         ["bash", str(CALLGRIND), str(root), mode, "select-only", callgrind_yaml(on, variant)],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHON": sys.executable},
+        env={
+            **os.environ,
+            "PYTHON": sys.executable,
+            "CALLGRIND_PG_PORT": str(free_port()),
+            "CALLGRIND_PROXY_PORT": str(free_port()),
+        },
         timeout=1800,
         check=False,
     )
