@@ -742,6 +742,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.callgrind:
             modes: list[Mode] = [pl.mode for pl in args.plans if pl.case.key == "select"] or ["session"]
             counts = callgrind_phase(root, modes, args.on)
+        # A checkout rebuilt or edited meanwhile would have had later sidecars run other code.
+        if (now := data_path_of(root)) != data_path:
+            say(f"\nwarning: the data path in {root} changed during the run: now {now}")
 
         say(
             f"\n#### Results: features on ({failover_text(True, args.on)}) vs off,"
