@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint build bench bench-failover bench-spool clean
-.PHONY: fuzz bench-soak
+.PHONY: fuzz bench-soak bench-continuity
 
 # (PGSIDECAR_PURE: the compiled data path is built by `build` below, with the venv's mypy. No build
 # isolation: pyproject's build requirements are what mypyc needs for a wheel, which this
@@ -44,6 +44,11 @@ bench: $(BUILT)
 
 bench-failover: $(BUILT)
 	$(VENV)/bin/python -m bench.failover_drill $(ARGS)
+
+# What transaction replay and commit markers cost: the same sidecar with them on and off,
+# alternating pgbench rounds (select-only CPU per transaction, tpcb-like TPS), and memory per client.
+bench-continuity: $(BUILT)
+	$(VENV)/bin/python -m bench.continuity_cost $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache proxy/compiled.json tests/harness/node/node_modules

@@ -24,8 +24,10 @@ command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get ins
 WORK=$(mktemp -d /tmp/pgsidecar-callgrind.XXXXXX)
 chmod 755 "$WORK"
 [ "$(id -u)" = 0 ] && chown postgres "$WORK"
-PGPORT=55990
-PROXYPORT=56432
+# Fixed ports unless given (bench/continuity_cost.py passes free ones): two runs at once on the
+# same ports would measure each other's sidecar.
+PGPORT=${CALLGRIND_PG_PORT:-55990}
+PROXYPORT=${CALLGRIND_PROXY_PORT:-56432}
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 cleanup() {
   as_pg "$BIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
@@ -60,8 +62,14 @@ count() {  # $1: transactions per client -> the sidecar process's instruction to
   "$BIN/pgbench" -n -h 127.0.0.1 -p $PROXYPORT -U postgres -b "$SCRIPT" -c 8 -j 2 -t "$1" postgres >"$WORK/pgbench.log" 2>&1 \
     || { cat "$WORK/pgbench.log" "$WORK/sidecar.log" >&2; kill -INT $pid; exit 1; }
   kill -INT $pid; wait $pid || true
-  grep -h '^summary' "$WORK"/cg.out.* | awk '{s += $2} END {printf "%d\n", s}'
+  # (%.0f, not %d: mawk's %d stops at 2^31, which a session-mode run passes.)
+  grep -h '^summary' "$WORK"/cg.out.* | awk '{s += $2} END {printf "%.0f\n", s}'
 }
 small=$(count 100)
 large=$(count 400)
+if [ "$small" -le 0 ] || [ "$large" -le "$small" ]; then
+  echo "callgrind counted $small then $large instructions: no usable figure (another sidecar on port $PROXYPORT?)" >&2
+  cat "$WORK/sidecar.log" >&2
+  exit 1
+fi
 echo "$ROOT $MODE $SCRIPT: $(( (large - small) / 2400 )) instructions per transaction (callgrind, pgbench -c 8)"

@@ -50,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final, Literal, Protocol
@@ -161,9 +162,12 @@ class MarkerIds:
         return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
+_MARKER_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+
+
 def _checked_id(marker_id: str) -> str:
     # Interpolated into SQL text: only ever a uuid's canonical text, never anything else.
-    if len(marker_id) != 36 or any(c not in "0123456789abcdef-" for c in marker_id):
+    if _MARKER_ID.match(marker_id) is None:
         raise ValueError(f"not a marker id: {marker_id!r}")
     return marker_id
 
@@ -173,10 +177,15 @@ def marker_statement(marker_id: str) -> bytes:
     return f"SELECT pgsidecar.mark_commit('{_checked_id(marker_id)}'::uuid)".encode()
 
 
+# `marker_query` around the id: every id has the same length, so the message's is known.
+_SAMPLE_ID: Final = "00000000-0000-0000-0000-000000000000"
+_MARKER_HEAD, _MARKER_TAIL = m.query(marker_statement(_SAMPLE_ID).decode()).split(_SAMPLE_ID.encode())
+
+
 def marker_query(marker_id: str) -> bytes:
     """`marker_statement` as a simple Query message, ready to send (ahead of the COMMIT, in the
-    same write: the server runs them in order)."""
-    return m.query(marker_statement(marker_id).decode())
+    same write: the server runs them in order). Built per COMMIT: no formatting beyond the id."""
+    return _MARKER_HEAD + _checked_id(marker_id).encode() + _MARKER_TAIL
 
 
 # ---------------------------------------------------------------- resolve, prune, availability

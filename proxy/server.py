@@ -105,6 +105,24 @@ _WRAP_COMMIT: Final = 3
 _WRAP_REPARSE: Final = 4  # the client's unnamed statement parsed again (`expect_wrapped(reparse=)`)
 # A marked COMMIT's answer, as `_resolve` gives it when the marker says it committed.
 _COMMIT_TAG: Final = m.command_complete("COMMIT")
+
+
+def _marker_answer(wrote: bytes) -> bytes:
+    """What PostgreSQL answers `outcome.marker_query` when the marker ran: one bool column,
+    `mark_commit`, true if the transaction had written (a row was added), in a block (`T`)."""
+    column = b"mark_commit\x00" + (0).to_bytes(4, "big") + (0).to_bytes(2, "big") + (16).to_bytes(4, "big")
+    column += (1).to_bytes(2, "big") + (-1).to_bytes(4, "big", signed=True) + (0).to_bytes(2, "big")
+    return (
+        m.message(b"T", (1).to_bytes(2, "big") + column)
+        + m.message(b"D", (1).to_bytes(2, "big") + (1).to_bytes(4, "big") + wrote)
+        + m.command_complete("SELECT 1")
+        + m.ready_for_query(m.TX_IN_BLOCK)
+    )
+
+
+# The two answers `_swallow_marker` recognises whole, without the relay.
+_MARKER_WROTE: Final = _marker_answer(b"t")
+_MARKER_READ_ONLY: Final = _marker_answer(b"f")
 # Past this many bytes of a wrapped statement's notices, they are relayed rather than held.
 _WRAP_HOLD_MAX: Final = 65536
 
@@ -387,6 +405,16 @@ class ServerConnection(asyncio.Protocol):
             # goes out as it came in, before the bookkeeping (the client gets it sooner); the
             # relay is not involved.
             tracked = self._tracked
+            marker = self.marker
+            if (
+                marker is not None
+                and self.wrapped is None
+                and self._relay.at_boundary
+                and not self._relay.paused
+            ):
+                data = self._swallow_marker(marker, data)
+                if not data:
+                    return
             fast = (not tracked or self.tracker.fast) and self.marker is None
             if fast and self._relay.quiet_run(data, _LINKED_WATCH) == m.B_READY_FOR_QUERY:
                 out = client.transport
@@ -599,6 +627,30 @@ class ServerConnection(asyncio.Protocol):
         self._marker_error = None
         self.wrapped = WrappedAnswer(batch, reparse, hidden)
         self._relay.set_inspector(self._inspect_wrapped, _ALL_WATCH)
+
+    def _swallow_marker(self, marker: MarkerAnswer, data: bytes) -> bytes:
+        """A marked COMMIT's answers without the relay, in the usual case: the marker's answer,
+        whole at the start of `data` and as expected (it ran), is swallowed; if what follows is
+        the COMMIT's whole answer with nothing to look at, the marker is done and the fast path
+        takes it. Returns what is left of `data` for the usual ways (`_inspect_marker` for
+        anything else)."""
+        if not marker.done:
+            if data.startswith(_MARKER_WROTE):
+                marker.marked = True
+                data = data[len(_MARKER_WROTE) :]
+            elif data.startswith(_MARKER_READ_ONLY):
+                marker.marked = False
+                data = data[len(_MARKER_READ_ONLY) :]
+            else:
+                return data
+            marker.done = True
+        if (
+            data
+            and self._marker_error is None
+            and self._relay.quiet_run(data, _LINKED_WATCH) == m.B_READY_FOR_QUERY
+        ):
+            self._marker_done()
+        return data
 
     def _marker_done(self) -> None:
         self.marker = None

@@ -15,8 +15,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from proxy.outcome import MARKER_DDL
+from proxy.outcome import MARKER_DDL, MarkerIds, marker_query
 from proxy.protocol import messages as m
+from proxy.server import _MARKER_READ_ONLY, _MARKER_WROTE
 from tests.conftest import SidecarFactory
 from tests.harness import pg
 from tests.harness.wire import RawClient
@@ -243,3 +244,26 @@ def test_extended_commit_in_flight_gets_its_outcome(
     assert ids_on(topo.a2, table) == ["once"]
     assert outcomes(sidecar, "committed") == 1
     client.close()
+
+
+def test_the_marker_answers_the_server_fast_path_expects(shared_topology: pg.Topology, database: str) -> None:
+    """`ServerConnection._swallow_marker` recognises the marker's answer by its bytes: they are
+    what PostgreSQL sends, for a transaction that wrote and one that did not."""
+    client = _raw(shared_topology.a1.port, database)
+    ids = MarkerIds()
+
+    def raw_answer(data: bytes) -> bytes:
+        client.send(data)
+        return b"".join(
+            msg.type.encode() + (len(msg.body) + 4).to_bytes(4, "big") + msg.body
+            for msg in client.read_until("Z")
+        )
+
+    try:
+        assert raw_answer(m.query("BEGIN"))[-1:] == b"T"
+        assert raw_answer(marker_query(ids.next())) == _MARKER_READ_ONLY
+        assert raw_answer(m.query("INSERT INTO t VALUES (900, 'm')"))[-1:] == b"T"
+        assert raw_answer(marker_query(ids.next())) == _MARKER_WROTE
+        assert raw_answer(m.query("ROLLBACK"))[-1:] == b"I"
+    finally:
+        client.close()
