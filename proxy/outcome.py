@@ -49,14 +49,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import re
-import secrets
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final, Literal, Protocol
 
 from . import logs
 from .outcome_answer import MarkerAnswer as MarkerAnswer  # (defined there: the server swallows it)
+from .outcome_answer import MarkerIds as MarkerIds
+from .outcome_answer import _checked_id
+from .outcome_answer import marker_query as marker_query
+from .outcome_answer import marker_statement as marker_statement
 from .protocol import messages as m
 from .protocol.sqlstate import ProxyError, SqlState, UpstreamUnavailable
 from .server import ServerConnection, UpstreamError
@@ -147,46 +148,8 @@ AVAILABILITY_SQL: Final = (
 
 
 # ---------------------------------------------------------------- marker ids and statement
-
-
-class MarkerIds:
-    """Marker ids for one process: a random 64-bit prefix and a counter, as a uuid's text."""
-
-    def __init__(self, prefix: int | None = None) -> None:
-        self.prefix = secrets.randbits(64) if prefix is None else prefix & (2**64 - 1)
-        self._counter = itertools.count(1)
-
-    def next(self) -> str:
-        n = next(self._counter) & (2**64 - 1)
-        text = f"{self.prefix:016x}{n:016x}"
-        return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
-
-
-_MARKER_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
-
-
-def _checked_id(marker_id: str) -> str:
-    # Interpolated into SQL text: only ever a uuid's canonical text, never anything else.
-    if _MARKER_ID.match(marker_id) is None:
-        raise ValueError(f"not a marker id: {marker_id!r}")
-    return marker_id
-
-
-def marker_statement(marker_id: str) -> bytes:
-    """The SQL the session runs in the client's transaction just before its COMMIT."""
-    return f"SELECT pgsidecar.mark_commit('{_checked_id(marker_id)}'::uuid)".encode()
-
-
-# `marker_query` around the id: every id has the same length, so the message's is known.
-_SAMPLE_ID: Final = "00000000-0000-0000-0000-000000000000"
-_MARKER_HEAD, _MARKER_TAIL = m.query(marker_statement(_SAMPLE_ID).decode()).split(_SAMPLE_ID.encode())
-
-
-def marker_query(marker_id: str) -> bytes:
-    """`marker_statement` as a simple Query message, ready to send (ahead of the COMMIT, in the
-    same write: the server runs them in order). Built per COMMIT: no formatting beyond the id."""
-    return _MARKER_HEAD + _checked_id(marker_id).encode() + _MARKER_TAIL
-
+# (In `proxy.outcome_answer`, compiled with the data path: a session draws an id and builds the
+# marker's Query at every writing COMMIT.)
 
 # ---------------------------------------------------------------- resolve, prune, availability
 
@@ -340,7 +303,7 @@ class CommitOutcomeLedger:
     def new_marker(self, user: str, database: str) -> str | None:
         """A fresh marker id for a COMMIT of this pool's, or None when the ledger may not be used
         there (the COMMIT then goes without one, and a cut gets 08007 as before)."""
-        if not self.ready(user, database):
+        if not self.enabled or self._status.get((user, database)) != READY:  # (as `ready`: per COMMIT)
             return None
         return self.ids.next()
 

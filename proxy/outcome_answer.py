@@ -1,10 +1,69 @@
-"""The answer to a commit marker (`outcome.marker_query`), which the server connection swallows:
-here, apart from the rest of `proxy.outcome`, so that `proxy.server` can use it without importing
-the ledger service (which imports the server)."""
+"""The commit marker on the wire: its ids, its Query (`marker_query`) and its answer, which the
+server connection swallows (`MarkerAnswer`). Here, apart from the rest of `proxy.outcome`, so that
+`proxy.server` can use it without importing the ledger service (which imports the server), and so
+that it is compiled with the data path: a session draws an id and builds the Query at every
+writing COMMIT."""
 
 from __future__ import annotations
 
+import re
+import secrets
+from typing import Final
+
 from .protocol import messages as m
+
+_MARKER_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+_COUNTER_SPAN: Final = 1 << 48  # the counter's part of an id: its last 12 hex digits
+
+
+class MarkerIds:
+    """Marker ids for one process: a random 64-bit prefix and a counter, as a uuid's text
+    (`pppppppp-pppp-pppp-cccc-cccccccccccc`, the counter's top 16 bits in the fourth group)."""
+
+    def __init__(self, prefix: int | None = None) -> None:
+        self.prefix = secrets.randbits(64) if prefix is None else prefix & (2**64 - 1)
+        self._n = 0
+        self._head = ""
+        self._head_at = -1  # the counter's top bits `_head` was made for
+        self._renew_head(0)
+
+    def _renew_head(self, top: int) -> None:
+        text = f"{self.prefix:016x}{top:04x}"
+        self._head = f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-"
+        self._head_at = top
+
+    def next(self) -> str:
+        n = (self._n + 1) & (2**64 - 1)
+        self._n = n
+        top = n // _COUNTER_SPAN
+        if top != self._head_at:
+            self._renew_head(top)
+        return self._head + f"{n % _COUNTER_SPAN:012x}"
+
+
+def _checked_id(marker_id: str) -> str:
+    # Interpolated into SQL text: only ever a uuid's canonical text, never anything else.
+    if _MARKER_ID.match(marker_id) is None:
+        raise ValueError(f"not a marker id: {marker_id!r}")
+    return marker_id
+
+
+def marker_statement(marker_id: str) -> bytes:
+    """The SQL the session runs in the client's transaction just before its COMMIT."""
+    return f"SELECT pgsidecar.mark_commit('{_checked_id(marker_id)}'::uuid)".encode()
+
+
+# `marker_query` around the id: every id has the same length, so the message's is known.
+_SAMPLE_ID: Final = "00000000-0000-0000-0000-000000000000"
+_MARKER_PARTS: Final = m.query(marker_statement(_SAMPLE_ID).decode()).split(_SAMPLE_ID.encode())
+_MARKER_HEAD: Final = _MARKER_PARTS[0]
+_MARKER_TAIL: Final = _MARKER_PARTS[1]
+
+
+def marker_query(marker_id: str) -> bytes:
+    """`marker_statement` as a simple Query message, ready to send (ahead of the COMMIT, in the
+    same write: the server runs them in order). Built per COMMIT: no formatting beyond the id."""
+    return _MARKER_HEAD + _checked_id(marker_id).encode() + _MARKER_TAIL
 
 
 class MarkerAnswer:
