@@ -60,6 +60,14 @@ _MARKER_HEAD: Final = _MARKER_PARTS[0]
 _MARKER_TAIL: Final = _MARKER_PARTS[1]
 
 
+def own_marker_query(marker_id: str) -> bytes:
+    """`marker_query` of an id `MarkerIds.next` made (hex digits and dashes by construction, so
+    not matched against the pattern again: this runs at every writing COMMIT)."""
+    if len(marker_id) != 36:
+        raise ValueError(f"not a marker id: {marker_id!r}")
+    return _MARKER_HEAD + marker_id.encode() + _MARKER_TAIL
+
+
 def marker_query(marker_id: str) -> bytes:
     """`marker_statement` as a simple Query message, ready to send (ahead of the COMMIT, in the
     same write: the server runs them in order). Built per COMMIT: no formatting beyond the id."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .. import logs
 from ..journal import TransactionJournal
-from ..outcome import marker_query
+from ..outcome_answer import own_marker_query
 from ..protocol import messages as m
 from ..protocol.framing import Action, Relay, Span
 from ..protocol.sqlstate import (
@@ -67,6 +67,11 @@ _client_ids = itertools.count(1)
 # to the NUL that ends a Query's or a Parse's text.
 _PLAIN_COMMIT: Final = re.compile(
     rb"\s*(?:commit|end)(?:\s+(?:work|transaction))?\s*;?\s*\x00", re.IGNORECASE
+)
+
+# The COMMITs drivers and pgbench send, as whole Query messages: known without the pattern.
+_COMMON_COMMITS: Final = frozenset(
+    m.query(text) for word in ("COMMIT", "commit", "END", "end") for text in (word, word + ";")
 )
 
 # Autocommit writes `wrap_write` may wrap (one byte, lowercased, picks the few Queries looked at).
@@ -316,13 +321,15 @@ class SessionCore(LinkedClient):
         plain COMMIT and the ledger may be used for this pool, the commit marker to send just
         before it (in the same write), the server told to swallow its answer; else b"". (ARCHITECTURE.md,
         "Transaction replay": commit outcomes.)"""
-        if len(data) > 64 or data[5] | 0x20 not in (0x63, 0x65) or _PLAIN_COMMIT.match(data, 5) is None:
+        if len(data) > 64 or data[5] | 0x20 not in (0x63, 0x65):
             return b""  # (one byte decides for almost every statement: a COMMIT starts with c or e)
+        if data not in _COMMON_COMMITS and _PLAIN_COMMIT.match(data, 5) is None:
+            return b""
         marker_id = self.host.commit_outcome.new_marker(self.user, self.database)
         if marker_id is None:
             return b""
         server.expect_marker(marker_id)
-        return marker_query(marker_id)
+        return own_marker_query(marker_id)
 
     def wrap_write(self, server: ServerConnection, data: bytes) -> bytes:
         """`data` is one simple Query sent outside a transaction block (status 'I'): if it is a
@@ -340,7 +347,7 @@ class SessionCore(LinkedClient):
         if marker_id is None:
             return data
         server.expect_wrapped(marker_id)
-        return _BEGIN + data + marker_query(marker_id) + _COMMIT
+        return _BEGIN + data + own_marker_query(marker_id) + _COMMIT
 
     def mark_batch(
         self, server: ServerConnection, data: bytes, kind: int, parsed: bool, described: bool, hidden: int = 0
@@ -365,8 +372,8 @@ class SessionCore(LinkedClient):
             return data
         if kind == MARK_COMMIT:
             server.expect_marker(marker_id, commit_batch_answer(parsed, described))
-            return marker_query(marker_id) + data
-        wrapped = _BEGIN + data + marker_query(marker_id) + _COMMIT
+            return own_marker_query(marker_id) + data
+        wrapped = _BEGIN + data + own_marker_query(marker_id) + _COMMIT
         if parsed and not self.transaction_mode:
             # The COMMIT, a simple Query, drops the unnamed statement the batch prepared; a
             # client may Bind it again later, so it is parsed again (transaction mode re-prepares
