@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol
 from . import logs
 from .outcome_answer import MarkerAnswer as MarkerAnswer  # (defined there: the server swallows it)
 from .outcome_answer import MarkerIds as MarkerIds
-from .outcome_answer import _checked_id
+from .outcome_answer import MarkerSource, _checked_id
 from .outcome_answer import marker_query as marker_query
 from .outcome_answer import marker_statement as marker_statement
 from .protocol import messages as m
@@ -278,7 +278,10 @@ class CommitOutcomeLedger:
     def __init__(self, host: LedgerHost, connect: Connector) -> None:
         self._host = host
         self._connect = connect
-        self.ids = MarkerIds()  # the session draws its marker ids here
+        # What sessions ask at each writing COMMIT (compiled): kept in step with `_status` and
+        # the config by `_set_status` and `recheck`.
+        self.source = MarkerSource()
+        self.source.enabled = self.enabled
         # (user, database) -> READY, "unchecked: ...", or "unavailable: ..." (why).
         self._status: dict[tuple[str, str], str] = {}
         self._to_check: set[tuple[str, str]] = set()
@@ -300,12 +303,21 @@ class CommitOutcomeLedger:
         """Whether the session may write a marker for this pool (and so resolve its COMMITs)."""
         return self.enabled and self._status.get((user, database)) == READY
 
+    @property
+    def ids(self) -> MarkerIds:
+        return self.source.ids
+
     def new_marker(self, user: str, database: str) -> str | None:
         """A fresh marker id for a COMMIT of this pool's, or None when the ledger may not be used
         there (the COMMIT then goes without one, and a cut gets 08007 as before)."""
-        if not self.enabled or self._status.get((user, database)) != READY:  # (as `ready`: per COMMIT)
-            return None
-        return self.ids.next()
+        return self.source.new_marker(user, database)
+
+    def _set_status(self, key: tuple[str, str], status: str) -> None:
+        self._status[key] = status
+        if status == READY:
+            self.source.ready.add(key)
+        else:
+            self.source.ready.discard(key)
 
     async def resolve(
         self, user: str, database: str, marker_id: str, old_backend_pid: int | None = None
@@ -352,7 +364,7 @@ class CommitOutcomeLedger:
         """A pool for (user, database) exists: check it (once, then after each failover)."""
         key = (user, database)
         if key not in self._status:
-            self._status[key] = "unchecked"
+            self._set_status(key, "unchecked")
             self._to_check.add(key)
             self._wake.set()
 
@@ -368,7 +380,7 @@ class CommitOutcomeLedger:
         if writer is not None and writer != previous_writer:
             self._generation += 1
             for key in self._status:
-                self._status[key] = "unchecked"
+                self._set_status(key, "unchecked")
                 self._to_check.add(key)
                 self._retry_at.pop(key, None)
             self._wake.set()
@@ -377,6 +389,7 @@ class CommitOutcomeLedger:
         """Check every pool again now (a reload: init-db may just have been run, or the marker
         turned on); what is usable stays usable meanwhile."""
         self._generation += 1
+        self.source.enabled = self.enabled
         for key in self._status:
             self._to_check.add(key)
             self._retry_at.pop(key, None)
@@ -443,7 +456,7 @@ class CommitOutcomeLedger:
         except (ProxyError, OSError, TimeoutError) as exc:
             # No answer at all (the writer is going away, a timeout): try again shortly.
             if generation == self._generation:
-                self._status[key] = f"unchecked: {exc.message if isinstance(exc, ProxyError) else exc}"
+                self._set_status(key, f"unchecked: {exc.message if isinstance(exc, ProxyError) else exc}")
                 self._retry_at[key] = loop.time() + RECHECK_AFTER_SECONDS
             return
         finally:
@@ -463,9 +476,9 @@ class CommitOutcomeLedger:
             if key in self._unavailable:
                 self._unavailable.discard(key)
                 logs.event("commit_outcome_available", user=user, database=database)
-            self._status[key] = READY
+            self._set_status(key, READY)
             return
-        self._status[key] = f"unavailable: {reason}"
+        self._set_status(key, f"unavailable: {reason}")
         self._unavailable.add(key)
         if (user, database, reason) not in self._warned:
             self._warned.add((user, database, reason))

@@ -10,6 +10,8 @@ import re
 import secrets
 from typing import Final
 
+from mypy_extensions import mypyc_attr
+
 from .protocol import messages as m
 
 _MARKER_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
@@ -39,6 +41,25 @@ class MarkerIds:
         if top != self._head_at:
             self._renew_head(top)
         return self._head + f"{n % _COUNTER_SPAN:012x}"
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)
+class MarkerSource:
+    """What a session asks at every writing COMMIT: may this pool write a marker now, and with
+    which id. Kept current by the ledger service (`outcome.CommitOutcomeLedger`: `enabled` at
+    start and on reload, `ready` as pools are checked); compiled, so that asking is a native call."""
+
+    def __init__(self) -> None:
+        self.enabled = False  # failover.commit_outcome: marker
+        self.ready: set[tuple[str, str]] = set()  # (user, database) of the pools whose ledger works
+        self.ids = MarkerIds()
+
+    def new_marker(self, user: str, database: str) -> str | None:
+        """A fresh marker id for a COMMIT of this pool's, or None when the ledger may not be used
+        there (the COMMIT then goes without one, and a cut gets 08007 as before)."""
+        if not self.enabled or (user, database) not in self.ready:
+            return None
+        return self.ids.next()
 
 
 def _checked_id(marker_id: str) -> str:

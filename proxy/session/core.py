@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .. import logs
 from ..journal import TransactionJournal
-from ..outcome_answer import own_marker_query
+from ..outcome_answer import MarkerSource, own_marker_query
 from ..protocol import messages as m
 from ..protocol.framing import Action, Relay, Span
 from ..protocol.sqlstate import (
@@ -170,6 +170,7 @@ class SessionCore(LinkedClient):
             self.journal = TransactionJournal(int(failover.replay_max_bytes))
         # Whether a client's COMMIT goes out behind a commit marker (`commit_marker`).
         self.marking = failover.commit_outcome == "marker"
+        self.markers: MarkerSource = host.commit_outcome.source  # (asked at each writing COMMIT)
         # The client's input after login. Its inspector is the pool mode's (`Mode.forward`, set
         # when the mode is built), or a local answerer's (`to_answering`).
         self.relay = Relay(_SESSION_WATCH, _no_mode, self.max_message, valid_types=_CLIENT_VALID)
@@ -325,7 +326,7 @@ class SessionCore(LinkedClient):
             return b""  # (one byte decides for almost every statement: a COMMIT starts with c or e)
         if data not in _COMMON_COMMITS and _PLAIN_COMMIT.match(data, 5) is None:
             return b""
-        marker_id = self.host.commit_outcome.new_marker(self.user, self.database)
+        marker_id = self.markers.new_marker(self.user, self.database)
         if marker_id is None:
             return b""
         server.expect_marker(marker_id)
@@ -343,7 +344,7 @@ class SessionCore(LinkedClient):
             return data
         if _RETURNING.search(data, 5) is not None:
             return data  # (its rows would be held until the COMMIT: unbounded)
-        marker_id = self.host.commit_outcome.new_marker(self.user, self.database)
+        marker_id = self.markers.new_marker(self.user, self.database)
         if marker_id is None:
             return data
         server.expect_wrapped(marker_id)
@@ -367,7 +368,7 @@ class SessionCore(LinkedClient):
                 return data
         elif kind != MARK_WRITE or status != m.TX_IDLE or len(server.in_flight):
             return data
-        marker_id = self.host.commit_outcome.new_marker(self.user, self.database)
+        marker_id = self.markers.new_marker(self.user, self.database)
         if marker_id is None:
             return data
         if kind == MARK_COMMIT:
