@@ -89,6 +89,21 @@ def own_marker_query(marker_id: str) -> bytes:
     return _MARKER_HEAD + marker_id.encode() + _MARKER_TAIL
 
 
+# `marked_commit_query` around the id.
+_COMMIT_PARTS: Final = m.query(marker_statement(_SAMPLE_ID).decode() + "; COMMIT").split(_SAMPLE_ID.encode())
+_COMMIT_HEAD: Final = _COMMIT_PARTS[0]
+_COMMIT_TAIL: Final = _COMMIT_PARTS[1]
+
+
+def marked_commit_query(marker_id: str) -> bytes:
+    """The marker and a COMMIT in one simple Query, sent in place of the client's plain COMMIT:
+    the server flushes its answer once, at the end (two Queries would be two flushes, so two
+    reads for the sidecar at every writing transaction). `marker_id` as `own_marker_query`."""
+    if len(marker_id) != 36:
+        raise ValueError(f"not a marker id: {marker_id!r}")
+    return _COMMIT_HEAD + marker_id.encode() + _COMMIT_TAIL
+
+
 def marker_query(marker_id: str) -> bytes:
     """`marker_statement` as a simple Query message, ready to send (ahead of the COMMIT, in the
     same write: the server runs them in order). Built per COMMIT: no formatting beyond the id."""
@@ -111,12 +126,16 @@ class MarkerAnswer:
     when a deferred constraint fails at COMMIT, so that the client knows nothing was committed.
     """
 
-    __slots__ = ("done", "error", "marked")
+    __slots__ = ("combined", "done", "error", "marked")
 
-    def __init__(self) -> None:
+    def __init__(self, combined: bool = False) -> None:
         self.marked: bool | None = None  # True: the marker row was written (the transaction had an xid)
         self.error: dict[str, str] | None = None  # the ErrorResponse's fields, if the call failed
         self.done = False
+        # The marker and the COMMIT in one Query (`marked_commit_query`): the marker's answer
+        # ends at its CommandComplete (the COMMIT's follows, then the one ReadyForQuery); after
+        # an error, at the ReadyForQuery ('E': the COMMIT was not run).
+        self.combined = combined
 
     def feed(self, type_byte: int, body: bytes | memoryview) -> bool:
         if self.done:
@@ -126,7 +145,7 @@ class MarkerAnswer:
             self.marked = len(values) == 1 and values[0] == b"t"
         elif type_byte == m.B_ERROR:
             self.error = m.decode_error_fields(body)
-        elif type_byte == m.B_READY_FOR_QUERY:
+        elif type_byte == m.B_READY_FOR_QUERY or (type_byte == m.B_COMMAND_COMPLETE and self.combined):
             self.done = True
         elif type_byte not in (
             m.B_ROW_DESCRIPTION,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .. import logs
 from ..journal import TransactionJournal
-from ..outcome_answer import MarkerSource, own_marker_query
+from ..outcome_answer import MarkerSource, marked_commit_query, own_marker_query
 from ..protocol import messages as m
 from ..protocol.framing import Action, Relay, Span
 from ..protocol.sqlstate import (
@@ -318,19 +318,20 @@ class SessionCore(LinkedClient):
                 journal.record_request(bytes(span))
 
     def commit_marker(self, server: ServerConnection, data: bytes) -> bytes:
-        """`data` is one simple Query sent inside a transaction block (status 'T'): if it is a
-        plain COMMIT and the ledger may be used for this pool, the commit marker to send just
-        before it (in the same write), the server told to swallow its answer; else b"". (ARCHITECTURE.md,
-        "Transaction replay": commit outcomes.)"""
+        """`data` is one simple Query sent inside a transaction block (status 'T'): what to send
+        in its place. If it is a plain COMMIT and the ledger may be used for this pool, the
+        commit marker and a COMMIT in one Query (`marked_commit_query`: one flush for both), the
+        server told to swallow the marker's answer; else `data`. (ARCHITECTURE.md, "Transaction
+        replay": commit outcomes.)"""
         if len(data) > 64 or data[5] | 0x20 not in (0x63, 0x65):
-            return b""  # (one byte decides for almost every statement: a COMMIT starts with c or e)
+            return data  # (one byte decides for almost every statement: a COMMIT starts with c or e)
         if data not in _COMMON_COMMITS and _PLAIN_COMMIT.match(data, 5) is None:
-            return b""
+            return data
         marker_id = self.markers.new_marker(self.user, self.database)
         if marker_id is None:
-            return b""
-        server.expect_marker(marker_id)
-        return own_marker_query(marker_id)
+            return data
+        server.expect_marker(marker_id, combined=True)
+        return marked_commit_query(marker_id)
 
     def wrap_write(self, server: ServerConnection, data: bytes) -> bytes:
         """`data` is one simple Query sent outside a transaction block (status 'I'): if it is a
