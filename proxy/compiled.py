@@ -55,6 +55,7 @@ MODULES: Final = (
     "proxy.statements",
     "proxy.sqlclass",
     "proxy.journal",  # TransactionJournal: fed per relayed request and answer
+    "proxy.outcome_answer",  # commit markers: an id, a Query and an answer per writing COMMIT
     "proxy.metrics",
     "proxy.protocol.framing",
     "proxy.protocol.messages",

@@ -49,14 +49,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import re
-import secrets
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final, Literal, Protocol
 
 from . import logs
 from .outcome_answer import MarkerAnswer as MarkerAnswer  # (defined there: the server swallows it)
+from .outcome_answer import MarkerIds as MarkerIds
+from .outcome_answer import MarkerSource, _checked_id
+from .outcome_answer import marker_query as marker_query
+from .outcome_answer import marker_statement as marker_statement
 from .protocol import messages as m
 from .protocol.sqlstate import ProxyError, SqlState, UpstreamUnavailable
 from .server import ServerConnection, UpstreamError
@@ -147,46 +148,8 @@ AVAILABILITY_SQL: Final = (
 
 
 # ---------------------------------------------------------------- marker ids and statement
-
-
-class MarkerIds:
-    """Marker ids for one process: a random 64-bit prefix and a counter, as a uuid's text."""
-
-    def __init__(self, prefix: int | None = None) -> None:
-        self.prefix = secrets.randbits(64) if prefix is None else prefix & (2**64 - 1)
-        self._counter = itertools.count(1)
-
-    def next(self) -> str:
-        n = next(self._counter) & (2**64 - 1)
-        text = f"{self.prefix:016x}{n:016x}"
-        return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
-
-
-_MARKER_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
-
-
-def _checked_id(marker_id: str) -> str:
-    # Interpolated into SQL text: only ever a uuid's canonical text, never anything else.
-    if _MARKER_ID.match(marker_id) is None:
-        raise ValueError(f"not a marker id: {marker_id!r}")
-    return marker_id
-
-
-def marker_statement(marker_id: str) -> bytes:
-    """The SQL the session runs in the client's transaction just before its COMMIT."""
-    return f"SELECT pgsidecar.mark_commit('{_checked_id(marker_id)}'::uuid)".encode()
-
-
-# `marker_query` around the id: every id has the same length, so the message's is known.
-_SAMPLE_ID: Final = "00000000-0000-0000-0000-000000000000"
-_MARKER_HEAD, _MARKER_TAIL = m.query(marker_statement(_SAMPLE_ID).decode()).split(_SAMPLE_ID.encode())
-
-
-def marker_query(marker_id: str) -> bytes:
-    """`marker_statement` as a simple Query message, ready to send (ahead of the COMMIT, in the
-    same write: the server runs them in order). Built per COMMIT: no formatting beyond the id."""
-    return _MARKER_HEAD + _checked_id(marker_id).encode() + _MARKER_TAIL
-
+# (In `proxy.outcome_answer`, compiled with the data path: a session draws an id and builds the
+# marker's Query at every writing COMMIT.)
 
 # ---------------------------------------------------------------- resolve, prune, availability
 
@@ -315,7 +278,10 @@ class CommitOutcomeLedger:
     def __init__(self, host: LedgerHost, connect: Connector) -> None:
         self._host = host
         self._connect = connect
-        self.ids = MarkerIds()  # the session draws its marker ids here
+        # What sessions ask at each writing COMMIT (compiled): kept in step with `_status` and
+        # the config by `_set_status` and `recheck`.
+        self.source = MarkerSource()
+        self.source.enabled = self.enabled
         # (user, database) -> READY, "unchecked: ...", or "unavailable: ..." (why).
         self._status: dict[tuple[str, str], str] = {}
         self._to_check: set[tuple[str, str]] = set()
@@ -337,12 +303,21 @@ class CommitOutcomeLedger:
         """Whether the session may write a marker for this pool (and so resolve its COMMITs)."""
         return self.enabled and self._status.get((user, database)) == READY
 
+    @property
+    def ids(self) -> MarkerIds:
+        return self.source.ids
+
     def new_marker(self, user: str, database: str) -> str | None:
         """A fresh marker id for a COMMIT of this pool's, or None when the ledger may not be used
         there (the COMMIT then goes without one, and a cut gets 08007 as before)."""
-        if not self.ready(user, database):
-            return None
-        return self.ids.next()
+        return self.source.new_marker(user, database)
+
+    def _set_status(self, key: tuple[str, str], status: str) -> None:
+        self._status[key] = status
+        if status == READY:
+            self.source.ready.add(key)
+        else:
+            self.source.ready.discard(key)
 
     async def resolve(
         self, user: str, database: str, marker_id: str, old_backend_pid: int | None = None
@@ -389,7 +364,7 @@ class CommitOutcomeLedger:
         """A pool for (user, database) exists: check it (once, then after each failover)."""
         key = (user, database)
         if key not in self._status:
-            self._status[key] = "unchecked"
+            self._set_status(key, "unchecked")
             self._to_check.add(key)
             self._wake.set()
 
@@ -405,7 +380,7 @@ class CommitOutcomeLedger:
         if writer is not None and writer != previous_writer:
             self._generation += 1
             for key in self._status:
-                self._status[key] = "unchecked"
+                self._set_status(key, "unchecked")
                 self._to_check.add(key)
                 self._retry_at.pop(key, None)
             self._wake.set()
@@ -414,6 +389,7 @@ class CommitOutcomeLedger:
         """Check every pool again now (a reload: init-db may just have been run, or the marker
         turned on); what is usable stays usable meanwhile."""
         self._generation += 1
+        self.source.enabled = self.enabled
         for key in self._status:
             self._to_check.add(key)
             self._retry_at.pop(key, None)
@@ -480,7 +456,7 @@ class CommitOutcomeLedger:
         except (ProxyError, OSError, TimeoutError) as exc:
             # No answer at all (the writer is going away, a timeout): try again shortly.
             if generation == self._generation:
-                self._status[key] = f"unchecked: {exc.message if isinstance(exc, ProxyError) else exc}"
+                self._set_status(key, f"unchecked: {exc.message if isinstance(exc, ProxyError) else exc}")
                 self._retry_at[key] = loop.time() + RECHECK_AFTER_SECONDS
             return
         finally:
@@ -500,9 +476,9 @@ class CommitOutcomeLedger:
             if key in self._unavailable:
                 self._unavailable.discard(key)
                 logs.event("commit_outcome_available", user=user, database=database)
-            self._status[key] = READY
+            self._set_status(key, READY)
             return
-        self._status[key] = f"unavailable: {reason}"
+        self._set_status(key, f"unavailable: {reason}")
         self._unavailable.add(key)
         if (user, database, reason) not in self._warned:
             self._warned.add((user, database, reason))

@@ -105,6 +105,7 @@ _WRAP_COMMIT: Final = 3
 _WRAP_REPARSE: Final = 4  # the client's unnamed statement parsed again (`expect_wrapped(reparse=)`)
 # A marked COMMIT's answer, as `_resolve` gives it when the marker says it committed.
 _COMMIT_TAG: Final = m.command_complete("COMMIT")
+_ROLLBACK: Final = m.query("ROLLBACK")
 
 
 def _marker_answer(wrote: bytes) -> bytes:
@@ -120,9 +121,12 @@ def _marker_answer(wrote: bytes) -> bytes:
     )
 
 
-# The two answers `_swallow_marker` recognises whole, without the relay.
+# The two answers `_swallow_marker` recognises whole, without the relay; of a combined marker
+# (`marked_commit_query`), the same without the ReadyForQuery.
 _MARKER_WROTE: Final = _marker_answer(b"t")
 _MARKER_READ_ONLY: Final = _marker_answer(b"f")
+_COMBINED_WROTE: Final = _MARKER_WROTE[:-6]
+_COMBINED_READ_ONLY: Final = _MARKER_READ_ONLY[:-6]
 # Past this many bytes of a wrapped statement's notices, they are relayed rather than held.
 _WRAP_HOLD_MAX: Final = 65536
 
@@ -605,12 +609,14 @@ class ServerConnection(asyncio.Protocol):
 
     # ---------------------------------------------------------------- commit markers
 
-    def expect_marker(self, marker_id: str, answer: bytes = _COMMIT_TAG) -> None:
-        """The client's COMMIT goes out behind `outcome.marker_query(marker_id)`, in the same write:
-        swallow the marker's answer (the client never asked for it), and if the marker failed
-        (its transaction is aborted, so the COMMIT answers ROLLBACK) give the client the marker's
-        error in place of that tag, as PostgreSQL answers a COMMIT whose deferred check failed."""
-        self.marker = MarkerAnswer()
+    def expect_marker(self, marker_id: str, answer: bytes = _COMMIT_TAG, combined: bool = False) -> None:
+        """The client's COMMIT goes out behind `outcome.marker_query(marker_id)`, in the same write
+        (or, `combined`, as `marked_commit_query`: the marker and COMMIT in one Query): swallow
+        the marker's answer (the client never asked for it), and if the marker failed (its
+        transaction is aborted, so the COMMIT answers ROLLBACK; combined, the COMMIT is not run
+        and the sidecar rolls back itself) give the client the marker's error in place of that
+        tag, as PostgreSQL answers a COMMIT whose deferred check failed."""
+        self.marker = MarkerAnswer(combined)
         self.marker_id = marker_id
         self.marker_answer = answer
         self._marker_error = None
@@ -635,12 +641,14 @@ class ServerConnection(asyncio.Protocol):
         takes it. Returns what is left of `data` for the usual ways (`_inspect_marker` for
         anything else)."""
         if not marker.done:
-            if data.startswith(_MARKER_WROTE):
+            wrote = _COMBINED_WROTE if marker.combined else _MARKER_WROTE
+            read_only = _COMBINED_READ_ONLY if marker.combined else _MARKER_READ_ONLY
+            if data.startswith(wrote):
                 marker.marked = True
-                data = data[len(_MARKER_WROTE) :]
-            elif data.startswith(_MARKER_READ_ONLY):
+                data = data[len(wrote) :]
+            elif data.startswith(read_only):
                 marker.marked = False
-                data = data[len(_MARKER_READ_ONLY) :]
+                data = data[len(read_only) :]
             else:
                 return data
             marker.done = True
@@ -674,9 +682,15 @@ class ServerConnection(asyncio.Protocol):
             except ValueError as exc:
                 self.close_reason = f"protocol error from server: {exc}"
                 return Action.DROP
+            if marker.done and marker.combined and type_byte == m.B_READY_FOR_QUERY:
+                # The marker failed, so the COMMIT after it in the same Query was not run: the
+                # transaction is ended here, and its answer stands for the COMMIT's (below).
+                out = self.transport
+                if out is not None:
+                    out.write(_ROLLBACK)
             return Action.DROP
         if marker is not None:
-            # The COMMIT's own answer.
+            # The COMMIT's own answer (or the sidecar's ROLLBACK's, after a combined marker failed).
             if type_byte == m.B_COMMAND_COMPLETE and self._marker_error is not None:
                 self._relay.insert(self._marker_error)  # in place of "ROLLBACK"
                 return Action.DROP

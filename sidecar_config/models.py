@@ -278,7 +278,7 @@ class FailoverConfig(_Model):
         "memory per client is bounded by it",
     )
     commit_outcome_timeout: Duration = Field(
-        default=300.0, ge=0,
+        default=300.0, ge=0, le=1800,  # (markers are kept an hour: an answer must come well before)
         description="how long a COMMIT cut by a failover waits for a writer to learn its outcome, "
         "past hold_timeout (a COMMIT cut while no writer exists anywhere); then 08007",
     )

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .. import logs
 from ..journal import TransactionJournal
-from ..outcome import marker_query
+from ..outcome_answer import MarkerSource, marked_commit_query, own_marker_query
 from ..protocol import messages as m
 from ..protocol.framing import Action, Relay, Span
 from ..protocol.sqlstate import (
@@ -67,6 +67,11 @@ _client_ids = itertools.count(1)
 # to the NUL that ends a Query's or a Parse's text.
 _PLAIN_COMMIT: Final = re.compile(
     rb"\s*(?:commit|end)(?:\s+(?:work|transaction))?\s*;?\s*\x00", re.IGNORECASE
+)
+
+# The COMMITs drivers and pgbench send, as whole Query messages: known without the pattern.
+_COMMON_COMMITS: Final = frozenset(
+    m.query(text) for word in ("COMMIT", "commit", "END", "end") for text in (word, word + ";")
 )
 
 # Autocommit writes `wrap_write` may wrap (one byte, lowercased, picks the few Queries looked at).
@@ -165,6 +170,7 @@ class SessionCore(LinkedClient):
             self.journal = TransactionJournal(int(failover.replay_max_bytes))
         # Whether a client's COMMIT goes out behind a commit marker (`commit_marker`).
         self.marking = failover.commit_outcome == "marker"
+        self.markers: MarkerSource = host.commit_outcome.source  # (asked at each writing COMMIT)
         # The client's input after login. Its inspector is the pool mode's (`Mode.forward`, set
         # when the mode is built), or a local answerer's (`to_answering`).
         self.relay = Relay(_SESSION_WATCH, _no_mode, self.max_message, valid_types=_CLIENT_VALID)
@@ -312,17 +318,20 @@ class SessionCore(LinkedClient):
                 journal.record_request(bytes(span))
 
     def commit_marker(self, server: ServerConnection, data: bytes) -> bytes:
-        """`data` is one simple Query sent inside a transaction block (status 'T'): if it is a
-        plain COMMIT and the ledger may be used for this pool, the commit marker to send just
-        before it (in the same write), the server told to swallow its answer; else b"". (ARCHITECTURE.md,
-        "Transaction replay": commit outcomes.)"""
-        if len(data) > 64 or data[5] | 0x20 not in (0x63, 0x65) or _PLAIN_COMMIT.match(data, 5) is None:
-            return b""  # (one byte decides for almost every statement: a COMMIT starts with c or e)
-        marker_id = self.host.commit_outcome.new_marker(self.user, self.database)
+        """`data` is one simple Query sent inside a transaction block (status 'T'): what to send
+        in its place. If it is a plain COMMIT and the ledger may be used for this pool, the
+        commit marker and a COMMIT in one Query (`marked_commit_query`: one flush for both), the
+        server told to swallow the marker's answer; else `data`. (ARCHITECTURE.md, "Transaction
+        replay": commit outcomes.)"""
+        if len(data) > 64 or data[5] | 0x20 not in (0x63, 0x65):
+            return data  # (one byte decides for almost every statement: a COMMIT starts with c or e)
+        if data not in _COMMON_COMMITS and _PLAIN_COMMIT.match(data, 5) is None:
+            return data
+        marker_id = self.markers.new_marker(self.user, self.database)
         if marker_id is None:
-            return b""
-        server.expect_marker(marker_id)
-        return marker_query(marker_id)
+            return data
+        server.expect_marker(marker_id, combined=True)
+        return marked_commit_query(marker_id)
 
     def wrap_write(self, server: ServerConnection, data: bytes) -> bytes:
         """`data` is one simple Query sent outside a transaction block (status 'I'): if it is a
@@ -336,11 +345,11 @@ class SessionCore(LinkedClient):
             return data
         if _RETURNING.search(data, 5) is not None:
             return data  # (its rows would be held until the COMMIT: unbounded)
-        marker_id = self.host.commit_outcome.new_marker(self.user, self.database)
+        marker_id = self.markers.new_marker(self.user, self.database)
         if marker_id is None:
             return data
         server.expect_wrapped(marker_id)
-        return _BEGIN + data + marker_query(marker_id) + _COMMIT
+        return _BEGIN + data + own_marker_query(marker_id) + _COMMIT
 
     def mark_batch(
         self, server: ServerConnection, data: bytes, kind: int, parsed: bool, described: bool, hidden: int = 0
@@ -360,13 +369,13 @@ class SessionCore(LinkedClient):
                 return data
         elif kind != MARK_WRITE or status != m.TX_IDLE or len(server.in_flight):
             return data
-        marker_id = self.host.commit_outcome.new_marker(self.user, self.database)
+        marker_id = self.markers.new_marker(self.user, self.database)
         if marker_id is None:
             return data
         if kind == MARK_COMMIT:
             server.expect_marker(marker_id, commit_batch_answer(parsed, described))
-            return marker_query(marker_id) + data
-        wrapped = _BEGIN + data + marker_query(marker_id) + _COMMIT
+            return own_marker_query(marker_id) + data
+        wrapped = _BEGIN + data + own_marker_query(marker_id) + _COMMIT
         if parsed and not self.transaction_mode:
             # The COMMIT, a simple Query, drops the unnamed statement the batch prepared; a
             # client may Bind it again later, so it is parsed again (transaction mode re-prepares

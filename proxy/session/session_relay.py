@@ -98,7 +98,7 @@ class SessionRelay(Mode):
             if kind < 0 and self.core.marking:
                 status = server.tx_status
                 if status == m.TX_IN_BLOCK:
-                    out.write(self.core.commit_marker(server, data) + data)  # (b"" unless a COMMIT)
+                    out.write(self.core.commit_marker(server, data))  # (`data` unless a plain COMMIT)
                 elif status == m.TX_IDLE and WRAP_INITIALS[data[5]] and server.outstanding == 0:
                     out.write(self.core.wrap_write(server, data))  # (`data` unless a lone write)
                 else:

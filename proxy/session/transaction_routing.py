@@ -106,7 +106,7 @@ class TransactionRouting(Mode):
         if self.core.marking:
             if kind == REQUEST_COMMIT:
                 if server.tx_status == m.TX_IN_BLOCK:
-                    data = self.core.commit_marker(server, data) + data  # (its answer swallowed)
+                    data = self.core.commit_marker(server, data)  # (`data` unless a plain COMMIT)
             elif server.tx_status == m.TX_IDLE and WRAP_INITIALS[data[5]] and len(server.in_flight) == 0:
                 data = self.core.wrap_write(server, data)  # (`data` unless a lone autocommit write)
         self._send_fast(server, _QUERY_ANSWER, kind, data)

@@ -267,3 +267,37 @@ def test_the_marker_answers_the_server_fast_path_expects(shared_topology: pg.Top
         assert raw_answer(m.query("ROLLBACK"))[-1:] == b"I"
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_marker_that_fails_at_commit_answers_the_commit_with_its_error(
+    shared_topology: pg.Topology, sidecar_factory: SidecarFactory, database: str, mode: str
+) -> None:
+    """The marker goes out with the COMMIT in one Query; if it fails, the COMMIT after it is not
+    run: the sidecar rolls back, the client gets the marker's error in place of COMMIT and an
+    idle session (as when a deferred check fails at COMMIT), and nothing is committed."""
+    a1 = shared_topology.a1
+    config: dict[str, Any] = {
+        "auth": {"method": "trust"},
+        "admin_users": [TRUST, "app_scram"],
+        "pool": {"mode": mode},
+        "upstream": {"probe_user": "app_scram", "probe_database": database},
+    }
+    sidecar = sidecar_factory(config)
+    assert _wait_outcome(sidecar, lambda v: v != "unchecked") == "marker"
+    a1.execute(
+        "CREATE OR REPLACE FUNCTION pgsidecar.mark_commit(marker uuid) RETURNS boolean LANGUAGE plpgsql "
+        "AS $$BEGIN RAISE EXCEPTION 'the marker is broken' USING ERRCODE = 'XX001'; END$$",
+        dbname=database,
+    )
+    through = _raw(sidecar.port, database)
+    try:
+        assert _answer(through, m.query("BEGIN"))[-1] == ("Z", b"T")
+        assert _answer(through, m.query("INSERT INTO t VALUES (700, 'lost')"))[-1] == ("Z", b"T")
+        got = _answer(through, m.query("COMMIT"))
+        assert [kind for kind, _ in got] == ["E", "Z"] and got[-1] == ("Z", b"I"), got
+        assert b"CXX001\x00" in got[0][1] and b"the marker is broken" in got[0][1]
+        assert a1.query("SELECT count(*) FROM t WHERE id = 700", dbname=database) == [(0,)]
+        assert _answer(through, m.query("SELECT 1"))[-2:] == [("C", b"SELECT 1\x00"), ("Z", b"I")]
+    finally:
+        through.close()

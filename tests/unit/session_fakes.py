@@ -17,6 +17,7 @@ from proxy import compiled
 from proxy.client import ClientSession
 from proxy.hold import Gate
 from proxy.metrics import Stats
+from proxy.outcome_answer import MarkerSource
 from proxy.protocol import messages as m
 from proxy.protocol.sqlstate import UpstreamUnavailable
 from proxy.server import ServerConnection, ServerState
@@ -149,15 +150,31 @@ class FakePool:
         self.forget(server)
 
 
-class FakeLedger:
-    """The commit-outcome ledger's face to a session: `marker` is the id the next COMMIT gets
+class FakeMarkers(MarkerSource):
+    """What a session asks of the ledger at each COMMIT: `marker` is the id the next COMMIT gets
     (None: the ledger is not ready, no marker)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.marker: str | None = None
 
     def new_marker(self, user: str, database: str) -> str | None:
         return self.marker
+
+
+class FakeLedger:
+    """The commit-outcome ledger's face to a session: its `source`."""
+
+    def __init__(self) -> None:
+        self.source = FakeMarkers()
+
+    @property
+    def marker(self) -> str | None:
+        return self.source.marker
+
+    @marker.setter
+    def marker(self, value: str | None) -> None:
+        self.source.marker = value
 
 
 class FakeHost:

@@ -876,3 +876,5 @@ def test_transaction_continuity_defaults_and_bounds() -> None:
     assert waited.commit_outcome_timeout == 120.0
     lines = problem_lines(config_error(minimal(failover={"commit_outcome_timeout": -1})))
     assert lines == ["failover.commit_outcome_timeout: a duration must not be negative (got -1)"]
+    lines = problem_lines(config_error(minimal(failover={"commit_outcome_timeout": "2h"})))
+    assert lines[0].startswith("failover.commit_outcome_timeout: Input should be less than or equal to 1800")

@@ -114,13 +114,13 @@ def test_the_service_reports_per_pool_and_in_one_line() -> None:
     service.watch("app", "db1")
     service.watch("app", "db2")
     assert not service.ready("app", "db1") and service.new_marker("app", "db1") is None
-    service._status[("app", "db1")] = "marker"
+    service._set_status(("app", "db1"), "marker")
     assert service.summary() == "unchecked"
-    service._status[("app", "db2")] = "marker"
+    service._set_status(("app", "db2"), "marker")
     assert service.summary() == "marker"
     assert service.ready("app", "db1")
     assert service.new_marker("app", "db1") != service.new_marker("app", "db1")
-    service._status[("app", "db2")] = "unavailable: no ledger"
+    service._set_status(("app", "db2"), "unavailable: no ledger")
     assert service.summary() == "unavailable: no ledger (app@db2)"
     assert service.status("app", "db2") == "unavailable: no ledger"
 
@@ -128,6 +128,6 @@ def test_the_service_reports_per_pool_and_in_one_line() -> None:
 def test_off_in_the_config_is_never_ready() -> None:
     service = _service("off")
     service.watch("app", "db")
-    service._status[("app", "db")] = "marker"
+    service._set_status(("app", "db"), "marker")
     assert service.summary() == "off (config)" and service.status("app", "db") == "off (config)"
     assert not service.ready("app", "db") and service.new_marker("app", "db") is None

@@ -19,7 +19,7 @@ from proxy.journal import (
     TransactionJournal,
     Verifier,
 )
-from proxy.outcome import marker_query
+from proxy.outcome_answer import marked_commit_query
 from proxy.protocol import messages as m
 from proxy.server import REQUEST_OTHER, ServerConnection
 from proxy.session import replay
@@ -371,8 +371,9 @@ def test_a_commit_goes_out_behind_its_marker_whose_answer_the_client_never_sees(
     async def run() -> None:
         client, transport, _, server = await in_block(mode)
         client.data_received(query("COMMIT"))
-        assert server_out(server).take() == marker_query(MARKER) + query("COMMIT")
-        server.data_received(marker_answer())
+        # The marker and the COMMIT in one Query: one flush of the server's answer for both.
+        assert server_out(server).take() == marked_commit_query(MARKER)
+        server.data_received(marker_answer()[:-6])  # (no ReadyForQuery of its own)
         assert transport.take() == b""
         server.data_received(answer("COMMIT"))
         assert transport.take() == answer("COMMIT")
@@ -382,13 +383,25 @@ def test_a_commit_goes_out_behind_its_marker_whose_answer_the_client_never_sees(
     asyncio.run(run())
 
 
-def test_a_failed_marker_makes_the_commit_answer_its_error() -> None:
+@pytest.mark.parametrize("whole", [True, False], ids=["one-read", "message-by-message"])
+def test_a_failed_marker_makes_the_commit_answer_its_error(whole: bool) -> None:
+    """The marker failed, so the COMMIT after it in the same Query was not run (the server
+    answers ReadyForQuery 'E'): the sidecar rolls back, and the client gets the marker's error
+    in place of COMMIT, then ReadyForQuery 'I', as for a deferred check failing at COMMIT."""
+
     async def run() -> None:
         client, transport, _, server = await in_block("session")
         client.data_received(query("COMMIT"))
+        assert server_out(server).take() == marked_commit_query(MARKER)
         error = m.error_response("42883", "function pgsidecar.mark_commit(uuid) does not exist")
-        server.data_received(error + msg(b"Z", b"E") + answer("ROLLBACK"))
+        pieces = [error, msg(b"Z", b"E")]
+        for piece in [b"".join(pieces)] if whole else pieces:
+            server.data_received(piece)
+        assert server_out(server).take() == query("ROLLBACK")
+        assert transport.take() == b""
+        server.data_received(answer("ROLLBACK"))
         assert transport.take() == error + msg(b"Z", b"I")
+        assert server.marker is None and server.tx_status == m.TX_IDLE
 
     asyncio.run(run())
 
