@@ -352,7 +352,14 @@ class SessionCore(LinkedClient):
         return _BEGIN + data + own_marker_query(marker_id) + _COMMIT
 
     def mark_batch(
-        self, server: ServerConnection, data: bytes, kind: int, parsed: bool, described: bool, hidden: int = 0
+        self,
+        server: ServerConnection,
+        data: bytes,
+        kind: int,
+        parsed: bool,
+        described: bool,
+        hidden: int = 0,
+        named: bool = False,
     ) -> bytes:
         """`data` is a lone execution (`scan.lone_execution`; `parsed`: it starts with the Parse
         of its statement, `described`: it describes the portal) of a statement of MARK_* `kind`, the
@@ -362,7 +369,7 @@ class SessionCore(LinkedClient):
         server answers the batch as one request, so `WrappedAnswer` rewrites it the same way).
         Else, or without the ledger, `data`. `hidden`: `data` starts with that many messages the
         sidecar added (transaction mode: a statement prepared first), whose answers the client
-        must not get."""
+        must not get. `named`: the statement parsed is a named one (it outlives the wrap)."""
         status = server.tx_status
         if kind == MARK_COMMIT:
             if status != m.TX_IN_BLOCK:
@@ -376,7 +383,7 @@ class SessionCore(LinkedClient):
             server.expect_marker(marker_id, commit_batch_answer(parsed, described))
             return own_marker_query(marker_id) + data
         wrapped = _BEGIN + data + own_marker_query(marker_id) + _COMMIT
-        if parsed and not self.transaction_mode:
+        if parsed and not named and not self.transaction_mode:
             # The COMMIT, a simple Query, drops the unnamed statement the batch prepared; a
             # client may Bind it again later, so it is parsed again (transaction mode re-prepares
             # it on use instead).

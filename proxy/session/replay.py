@@ -40,6 +40,9 @@ COMMIT_IN_FLIGHT: Final = "commit"
 _COPY_MESSAGES: Final = (ord("d"), ord("c"), ord("f"))
 # First keywords of statements that end a transaction (or may: PREPARE TRANSACTION).
 _ENDS_TRANSACTION: Final = (b"commit", b"end", b"rollback", b"abort", b"prepare")
+_COMMIT_WORDS: Final = (b"commit", b"end")
+# Messages that run something (after the final COMMIT nothing may).
+_RUNS: Final = (m.F_QUERY, m.F_PARSE, m.F_BIND, m.F_FUNCTION_CALL)
 _STARTS_TRANSACTION: Final = (b"begin", b"start")
 # Transaction mode: statements the session's relay answers or acts on itself (DEALLOCATE of the
 # client's names, DISCARD ALL of them), which a replay through `StatementRouter` alone would not.
@@ -95,6 +98,10 @@ def plan(
     parsed: set[str] = set()
     texts: dict[str, bytes] = {}  # statement name -> its text, as the journal prepares them
     block = in_block  # (a BEGIN in the journal opens one for what follows it)
+    # With `final_commit`: where the journal's last request starts (a COMMIT may end it, sent as
+    # a Query or run by a Bind in that batch, with nothing run after it), and whether it ran.
+    last = n - len(journal.requests[-1]) if final_commit else n
+    committed = False
     while pos + 5 <= n:
         mtype = data[pos]
         end = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
@@ -104,6 +111,8 @@ def plan(
         pos = end
         if mtype in _COPY_MESSAGES:
             return "not_replayable"
+        if committed and mtype in _RUNS:
+            return "not_replayable"  # something after the final COMMIT
         if mtype == m.F_QUERY or mtype == m.F_SYNC or mtype == m.F_FUNCTION_CALL:
             answers += 1
         if mtype == m.F_QUERY:
@@ -127,6 +136,8 @@ def plan(
             text = body[name_end + 1 : query_end]
             if _starts_block(text):
                 pass  # a transaction start changes nothing; where it runs (Bind) opens the block
+            elif pos > last and first_keyword(text) in _COMMIT_WORDS:
+                pass  # the final COMMIT, prepared in its own batch (it runs at its Bind)
             elif not _replayable_text(text, block) or first_keyword(text) in _ENDS_TRANSACTION:
                 return "not_replayable"
             if transaction_mode and not _routed_as_sent(text):
@@ -147,6 +158,8 @@ def plan(
                 bound = _parse_text(known_parse)
             if not block and _starts_block(bound):
                 block = True
+            elif pos > last and first_keyword(bound) in _COMMIT_WORDS and not has_more_statements(bound):
+                committed = True  # the final COMMIT, run in the journal's last batch
             elif not _replayable_text(bound, block) or first_keyword(bound) in _ENDS_TRANSACTION:
                 return "not_replayable"
         elif mtype == m.F_FUNCTION_CALL and not block:

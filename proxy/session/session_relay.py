@@ -10,7 +10,7 @@ another server) and the reason it cannot move (`unmovable`).
 from __future__ import annotations
 
 from ..protocol import messages as m
-from ..protocol.framing import Action
+from ..protocol.framing import Action, length_at
 from ..server import (
     REQUEST_COMMIT,
     REQUEST_OTHER,
@@ -72,7 +72,7 @@ class SessionRelay(Mode):
             # parameterized query (psycopg, pgbench -M extended). Named ones are kept for moves.
             start = _unnamed_parse_end(data, self.max_message)
             if start < 0:
-                return False
+                return self.core.marking and self._named_parse_run(server, data)
             kind = _plain_kind(data, 6)
             if kind < 0:
                 if first_keyword(data, 6) not in _COMMITS:
@@ -114,6 +114,40 @@ class SessionRelay(Mode):
                 out.write(data)
         server.outstanding += 1  # one ReadyForQuery will answer it
         server.in_flight.push(self._note_statement(data, 5) if kind < 0 else kind)
+        return True
+
+    def _named_parse_run(self, server: ServerConnection, data: bytes) -> bool:
+        """Parse of a named statement and a lone execution of it, in one batch (pgjdbc's first
+        COMMIT on a connection, a statement's first run once prepared): sent here, marked, when
+        the commit-outcome ledger has to do with it (a COMMIT in a block, a write outside one),
+        with what `inspect` notes of a named Parse. False (nothing done) for anything else."""
+        n = len(data)
+        if n < 12 or self.batch_kind is not None:
+            return False
+        parse_end = 1 + length_at(data, 1)
+        name_end = data.find(b"\x00", 5, parse_end)
+        if parse_end >= n or parse_end > self.max_message or name_end < 0:
+            return False
+        bind_end = lone_execution(data, parse_end)
+        bound_end = data.find(b"\x00", parse_end + 6, bind_end) if bind_end > 0 else -1
+        if bound_end < 0 or data[parse_end + 6 : bound_end] != data[5:name_end]:
+            return False  # not one run of the statement it parses
+        block = server.tx_status == m.TX_IN_BLOCK
+        if not block and (server.tx_status != m.TX_IDLE or server.outstanding):
+            return False
+        mark = mark_kind(data, name_end + 1)
+        if mark == MARK_NONE or block != (mark == MARK_COMMIT):
+            return False
+        out = server.transport
+        if out is None:
+            return False
+        parse = data[:parse_end]
+        self.session_statements[data[5:name_end].decode("utf-8", "replace")] = parse
+        self._note_mark(parse)
+        described = n - bind_end == 22
+        out.write(self.core.mark_batch(server, data, mark, True, described, named=True))
+        server.outstanding += 1
+        server.in_flight.push(REQUEST_COMMIT if mark == MARK_COMMIT else REQUEST_OTHER)
         return True
 
     def _mark_of(self, server: ServerConnection, data: bytes, start: int, kind: int) -> tuple[int, int]:
