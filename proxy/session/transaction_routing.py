@@ -84,7 +84,11 @@ class TransactionRouting(Mode):
             return self._attach_prepared(data)
         if data[0] == m.F_PARSE:
             # (Answering a Parse here says the transaction status is idle: not inside one.)
-            return (self.core.state != LINKED and self._prepare_here(data)) or self._attach_parsed(data)
+            return (
+                (self.core.state != LINKED and self._prepare_here(data))
+                or self._attach_parsed(data)
+                or (self.core.marking and self._attach_named_parse_run(data))
+            )
         if self.relay.whole(data) != m.F_QUERY:
             return False
         kind = _plain_kind(data, 5)
@@ -185,6 +189,76 @@ class TransactionRouting(Mode):
                 out.write(renamed)
         else:
             self._send_fast(server, expected, kind, renamed)
+        return True
+
+    def _attach_named_parse_run(self, data: bytes) -> bool:
+        """Parse of a named statement and one run of it, in one batch (pgjdbc's first COMMIT on
+        a connection, a statement's prepareThreshold-th run), when the commit-outcome ledger
+        marks its text (a COMMIT inside a transaction, a write outside one): sent as `on_parse`
+        and `_attach_prepared` would send them, and marked. False (nothing done) else."""
+        router = self.router
+        n = len(data)
+        if router.local or router.local_portals or self.batch_kind is not None or self.relay.buffered:
+            return False
+        if n < 12 or data[5] == 0:
+            return False
+        parse_end: int = 1 + int(length_at(data, 1))
+        if parse_end >= n or parse_end > self.max_message:
+            return False
+        name_end = data.find(b"\x00", 5, parse_end)
+        bind_end = lone_execution(data, parse_end) if name_end > 0 else -1
+        bound_end = data.find(b"\x00", parse_end + 6, bind_end) if bind_end > 0 else -1
+        if bound_end < 0 or data[parse_end + 6 : bound_end] != data[5:name_end]:
+            return False  # not one run of the statement it parses
+        mark = mark_kind(data, name_end + 1)
+        if mark == MARK_NONE:
+            return False
+        try:
+            parse = m.decode_parse(memoryview(data)[5:parse_end])
+        except ProtocolViolation:
+            return False  # the general path says what is wrong with it
+        server = self._server_now(data)
+        if server is None:
+            return False
+        # The server is linked: from here the request is this path's, marked or not.
+        global_name = router.registry.name_for(parse.query, parse.param_types)
+        stmt = ClientStatement(global_name, m.parse(global_name, parse.query, parse.param_types))
+        router.local.pop(parse.name, None)
+        router.statements[parse.name] = stmt
+        tracker = server.tracker
+        prefix = b""
+        hidden = 0
+        owed = b""
+        statements = server.statements
+        if global_name in statements:
+            statements.touch(global_name)
+            owed = tracker.expect(Expect.SYNTHETIC, data=m.parse_complete(), tx_status=server.tx_status)
+        else:
+            for old in statements.add(global_name):
+                prefix += m.close("S", old)
+                tracker.expect(Expect.CLOSE_HIDDEN, old)
+                hidden += 1
+            prefix += stmt.parse_message
+            tracker.expect(Expect.PARSE, global_name)
+        name = global_name.encode()
+        length = bind_end - parse_end - 1 + len(name) - (bound_end - parse_end - 6)
+        renamed = b"".join((b"B", length.to_bytes(4, "big"), b"\x00", name, data[bound_end:]))
+        described = n - bind_end == 22
+        kind = REQUEST_COMMIT if mark == MARK_COMMIT else REQUEST_OTHER
+        mark = self._mark_here(server, mark)
+        if mark != MARK_NONE:
+            renamed = self.core.mark_batch(
+                server, prefix + renamed, mark, not owed, described, hidden, named=True
+            )
+        else:
+            renamed = prefix + renamed
+        self._owe(owed)  # (the client's ParseComplete, the server having the statement already)
+        for entry in _BIND_DESCRIBE_EXECUTE if described else _BIND_EXECUTE:
+            tracker.expect(entry.kind)
+        server.in_flight.push(kind)
+        out = server.transport
+        if out is not None:
+            out.write(renamed)
         return True
 
     @staticmethod

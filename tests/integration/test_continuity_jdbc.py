@@ -370,18 +370,6 @@ def test_lone_read_in_flight_is_re_run(crash: Crash) -> None:
     _check(crash, "read")
 
 
-# A known limit (README, Limits), checked to stay one: strict, so the day it is lifted this says so.
-NAMED_PARSE_LIMIT = (
-    "transaction mode: a named statement's Parse with its first run in one batch (pgjdbc's first "
-    "COMMIT on a connection, a statement's prepareThreshold-th run) carries no commit marker yet"
-)
-
-
-def _limit_in_transaction_mode(request: pytest.FixtureRequest, mode: str) -> None:
-    if mode == "transaction":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=NAMED_PARSE_LIMIT))
-
-
 # ---------------------------------------------------------------------------------------------
 # (c) COMMIT in flight
 
@@ -390,7 +378,6 @@ def test_first_commit_in_flight_that_reached_the_sync_standby_succeeds(
     crash: Crash, request: pytest.FixtureRequest
 ) -> None:
     """Parse S_1 'COMMIT', Bind S_1, Execute, Sync: the connection's first COMMIT."""
-    _limit_in_transaction_mode(request, crash.mode)
     _check(crash, "commit_sync")
 
 
@@ -398,7 +385,6 @@ def test_first_commit_in_flight_that_never_committed_is_replayed_once(
     crash: Crash, request: pytest.FixtureRequest
 ) -> None:
     """Parse S_1 'COMMIT', Bind S_1, Execute, Sync: the connection's first COMMIT."""
-    _limit_in_transaction_mode(request, crash.mode)
     _check(crash, "commit_hold")
 
 
@@ -450,7 +436,6 @@ def test_named_autocommit_insert_in_flight_that_never_committed_is_replayed_once
     crash: Crash, request: pytest.FixtureRequest
 ) -> None:
     """prepareThreshold=1: Parse S_1, Bind S_1, Describe, Execute, Sync."""
-    _limit_in_transaction_mode(request, crash.mode)
     _check_answer(crash, "named_autocommit_hold", "in flight", "1")
     _check(crash, "named_autocommit_hold")
 
@@ -465,10 +450,9 @@ def test_warm_up_rows_are_there_once(crash: Crash) -> None:
     assert warm == want
 
 
-def test_the_counters_add_up(crash: Crash, request: pytest.FixtureRequest) -> None:
+def test_the_counters_add_up(crash: Crash) -> None:
     """pgsidecar_commit_outcomes_total and pgsidecar_transaction_replays_total, as the psycopg
     tests read them, against what every case expects."""
-    _limit_in_transaction_mode(request, crash.mode)
     sidecar = crash.sidecar
     want_committed = sum(e.outcome == "committed" for e in CASES.values())
     want_not = sum(e.outcome == "not_committed" for e in CASES.values())
@@ -517,7 +501,6 @@ def test_every_shape_of_pgjdbc_commit_and_autocommit_insert_is_marked(
     sidecar_factory: Callable[..., SidecarProcess],
     ledger_db: str,
     mode: str,
-    request: pytest.FixtureRequest,
 ) -> None:
     """Each COMMIT and each autocommit INSERT pgjdbc sends writes one marker, whatever shape pgjdbc
     gives it on the wire (seen with a tee): its first COMMIT on a connection is Parse S_1 'COMMIT',
@@ -526,7 +509,6 @@ def test_every_shape_of_pgjdbc_commit_and_autocommit_insert_is_marked(
     four uses, then Parse S_n with its Bind in the same batch, then Bind S_n only (at once with
     prepareThreshold=1). In transaction mode COMMIT #2 and INSERT #6 may run on a server that has
     not prepared their statement yet. An unmarked one gets 08007 (or worse) when cut."""
-    _limit_in_transaction_mode(request, mode)
     a1 = shared_topology.a1
     config = {
         "admin_users": [USER],
