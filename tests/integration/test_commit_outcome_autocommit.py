@@ -85,11 +85,8 @@ def _markers(node: pg.PgNode, database: str) -> int:
     return int(node.query("SELECT count(*) FROM pgsidecar.commit_marker", dbname=database)[0][0])
 
 
-@pytest.mark.parametrize("mode", ["session", "transaction"])
-def test_wrapped_answers_are_byte_for_byte_postgresql_s(
-    shared_topology: pg.Topology, sidecar_factory: SidecarFactory, database: str, mode: str
-) -> None:
-    a1 = shared_topology.a1
+def trust_sidecar(sidecar_factory: SidecarFactory, database: str, mode: str) -> SidecarProcess:
+    """A sidecar on the shared topology for raw clients (trust), its ledger found usable."""
     config: dict[str, Any] = {
         "auth": {"method": "trust"},
         "admin_users": [TRUST, "app_scram"],
@@ -98,6 +95,15 @@ def test_wrapped_answers_are_byte_for_byte_postgresql_s(
     }
     sidecar = sidecar_factory(config)
     assert _wait_outcome(sidecar, lambda v: v != "unchecked") == "marker"
+    return sidecar
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_wrapped_answers_are_byte_for_byte_postgresql_s(
+    shared_topology: pg.Topology, sidecar_factory: SidecarFactory, database: str, mode: str
+) -> None:
+    a1 = shared_topology.a1
+    sidecar = trust_sidecar(sidecar_factory, database, mode)
     direct = _raw(a1.port, database)
     through = _raw(sidecar.port, database)
     try:

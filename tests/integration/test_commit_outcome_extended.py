@@ -22,7 +22,13 @@ from tests.conftest import SidecarFactory
 from tests.harness import pg
 from tests.harness.wire import RawClient
 from tests.integration.test_commit_outcome import _wait_outcome
-from tests.integration.test_commit_outcome_autocommit import _markers, _raw, _same_ids, database
+from tests.integration.test_commit_outcome_autocommit import (
+    _markers,
+    _raw,
+    _same_ids,
+    database,
+    trust_sidecar,
+)
 from tests.integration.test_failover import (
     USER,
     connect,
@@ -59,14 +65,7 @@ def test_extended_answers_are_byte_for_byte_postgresql_s(
     shared_topology: pg.Topology, sidecar_factory: SidecarFactory, database: str, mode: str
 ) -> None:
     a1 = shared_topology.a1
-    config: dict[str, Any] = {
-        "auth": {"method": "trust"},
-        "admin_users": [TRUST, "app_scram"],
-        "pool": {"mode": mode},
-        "upstream": {"probe_user": "app_scram", "probe_database": database},
-    }
-    sidecar = sidecar_factory(config)
-    assert _wait_outcome(sidecar, lambda v: v != "unchecked") == "marker"
+    sidecar = trust_sidecar(sidecar_factory, database, mode)
     direct = _raw(a1.port, database)
     through = _raw(sidecar.port, database)
     insert = "INSERT INTO t VALUES ($1, $2)"
@@ -277,14 +276,7 @@ def test_a_marker_that_fails_at_commit_answers_the_commit_with_its_error(
     run: the sidecar rolls back, the client gets the marker's error in place of COMMIT and an
     idle session (as when a deferred check fails at COMMIT), and nothing is committed."""
     a1 = shared_topology.a1
-    config: dict[str, Any] = {
-        "auth": {"method": "trust"},
-        "admin_users": [TRUST, "app_scram"],
-        "pool": {"mode": mode},
-        "upstream": {"probe_user": "app_scram", "probe_database": database},
-    }
-    sidecar = sidecar_factory(config)
-    assert _wait_outcome(sidecar, lambda v: v != "unchecked") == "marker"
+    sidecar = trust_sidecar(sidecar_factory, database, mode)
     a1.execute(
         "CREATE OR REPLACE FUNCTION pgsidecar.mark_commit(marker uuid) RETURNS boolean LANGUAGE plpgsql "
         "AS $$BEGIN RAISE EXCEPTION 'the marker is broken' USING ERRCODE = 'XX001'; END$$",
