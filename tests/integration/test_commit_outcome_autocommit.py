@@ -98,6 +98,12 @@ def trust_sidecar(sidecar_factory: SidecarFactory, database: str, mode: str) -> 
     return sidecar
 
 
+def pools_ready(sidecar: SidecarProcess) -> None:
+    """Every pool's ledger checked and usable: a pool made for a new login is checked when it is
+    made, and its transactions go unmarked until then (milliseconds)."""
+    assert _wait_outcome(sidecar, lambda v: v != "unchecked") == "marker"
+
+
 @pytest.mark.parametrize("mode", ["session", "transaction"])
 def test_wrapped_answers_are_byte_for_byte_postgresql_s(
     shared_topology: pg.Topology, sidecar_factory: SidecarFactory, database: str, mode: str
@@ -106,6 +112,7 @@ def test_wrapped_answers_are_byte_for_byte_postgresql_s(
     sidecar = trust_sidecar(sidecar_factory, database, mode)
     direct = _raw(a1.port, database)
     through = _raw(sidecar.port, database)
+    pools_ready(sidecar)
     try:
         cases = [
             # success, with a NOTICE from a row trigger

@@ -27,6 +27,7 @@ from tests.integration.test_commit_outcome_autocommit import (
     _raw,
     _same_ids,
     database,
+    pools_ready,
     trust_sidecar,
 )
 from tests.integration.test_failover import (
@@ -68,6 +69,7 @@ def test_extended_answers_are_byte_for_byte_postgresql_s(
     sidecar = trust_sidecar(sidecar_factory, database, mode)
     direct = _raw(a1.port, database)
     through = _raw(sidecar.port, database)
+    pools_ready(sidecar)
     insert = "INSERT INTO t VALUES ($1, $2)"
     try:
         # Named statements, prepared once on each connection (answered alike).
@@ -226,6 +228,7 @@ def test_extended_commit_in_flight_gets_its_outcome(
     client.startup(TRUST, pg.APP_DB, application_name="jdbc-like")
     msgs = client.read_until("ZE")
     assert msgs and msgs[-1].type == "Z", [(msg.type, msg.body) for msg in msgs]
+    pools_ready(sidecar)
     assert _answer(client, m.query("BEGIN"))[-1] == ("Z", b"T")
     insert = _execution(
         f"INSERT INTO {table} (id, client) VALUES ($1, 'x')", ("once",), rows=1, describe=False
@@ -283,6 +286,7 @@ def test_a_marker_that_fails_at_commit_answers_the_commit_with_its_error(
         dbname=database,
     )
     through = _raw(sidecar.port, database)
+    pools_ready(sidecar)
     try:
         assert _answer(through, m.query("BEGIN"))[-1] == ("Z", b"T")
         assert _answer(through, m.query("INSERT INTO t VALUES (700, 'lost')"))[-1] == ("Z", b"T")
