@@ -84,9 +84,13 @@ _MARKER_TAIL: Final = _MARKER_PARTS[1]
 def own_marker_query(marker_id: str) -> bytes:
     """`marker_query` of an id `MarkerIds.next` made (hex digits and dashes by construction, so
     not matched against the pattern again: this runs at every writing COMMIT)."""
+    return _around_own_id(_MARKER_HEAD, marker_id, _MARKER_TAIL)
+
+
+def _around_own_id(head: bytes, marker_id: str, tail: bytes) -> bytes:
     if len(marker_id) != 36:
         raise ValueError(f"not a marker id: {marker_id!r}")
-    return _MARKER_HEAD + marker_id.encode() + _MARKER_TAIL
+    return head + marker_id.encode() + tail
 
 
 # `marked_commit_query` around the id.
@@ -99,9 +103,7 @@ def marked_commit_query(marker_id: str) -> bytes:
     """The marker and a COMMIT in one simple Query, sent in place of the client's plain COMMIT:
     the server flushes its answer once, at the end (two Queries would be two flushes, so two
     reads for the sidecar at every writing transaction). `marker_id` as `own_marker_query`."""
-    if len(marker_id) != 36:
-        raise ValueError(f"not a marker id: {marker_id!r}")
-    return _COMMIT_HEAD + marker_id.encode() + _COMMIT_TAIL
+    return _around_own_id(_COMMIT_HEAD, marker_id, _COMMIT_TAIL)
 
 
 def marker_query(marker_id: str) -> bytes:
@@ -161,3 +163,105 @@ class MarkerAnswer:
     def passes_through(type_byte: int) -> bool:
         """A message that arrives during the marker's answer but belongs to the client."""
         return type_byte in (m.B_NOTIFICATION, m.B_PARAMETER_STATUS)
+
+
+# ---------------------------------------------------------------- an autocommit write, wrapped
+
+# `WrappedAnswer.phase`: whose answer is coming (the four Queries of a wrapped autocommit write).
+WRAP_BEGIN: Final = 0
+WRAP_STATEMENT: Final = 1
+WRAP_MARKER: Final = 2
+WRAP_COMMIT: Final = 3
+WRAP_REPARSE: Final = 4  # the client's unnamed statement parsed again (`expect_wrapped(reparse=)`)
+# A marked COMMIT's answer, as `_resolve` gives it when the marker says it committed.
+COMMIT_TAG: Final = m.command_complete("COMMIT")
+
+
+def _marker_answer(wrote: bytes) -> bytes:
+    """What PostgreSQL answers `outcome.marker_query` when the marker ran: one bool column,
+    `mark_commit`, true if the transaction had written (a row was added), in a block (`T`)."""
+    column = b"mark_commit\x00" + (0).to_bytes(4, "big") + (0).to_bytes(2, "big") + (16).to_bytes(4, "big")
+    column += (1).to_bytes(2, "big") + (-1).to_bytes(4, "big", signed=True) + (0).to_bytes(2, "big")
+    return (
+        m.message(b"T", (1).to_bytes(2, "big") + column)
+        + m.message(b"D", (1).to_bytes(2, "big") + (1).to_bytes(4, "big") + wrote)
+        + m.command_complete("SELECT 1")
+        + m.ready_for_query(m.TX_IN_BLOCK)
+    )
+
+
+# The two answers `_swallow_marker` recognises whole, without the relay; of a combined marker
+# (`marked_commit_query`), the same without the ReadyForQuery.
+MARKER_WROTE: Final = _marker_answer(b"t")
+MARKER_READ_ONLY: Final = _marker_answer(b"f")
+COMBINED_WROTE: Final = MARKER_WROTE[:-6]
+COMBINED_READ_ONLY: Final = MARKER_READ_ONLY[:-6]
+# Past this many bytes of a wrapped statement's notices, they are relayed rather than held.
+WRAP_HOLD_MAX: Final = 65536
+
+
+class WrappedAnswer:
+    """The answers to a wrapped autocommit write (`ServerConnection.expect_wrapped`), rewritten
+    into what PostgreSQL sends for the statement alone: BEGIN's answer and every ReadyForQuery but
+    the COMMIT's dropped, the marker's swallowed, the statement's messages held until the COMMIT
+    answers. Then: committed, the statement's answer as it came; the statement failed, its error;
+    the COMMIT failed (a deferred check), the statement's answer without its CommandComplete
+    (PostgreSQL commits an autocommit statement before it sends the tag) and the COMMIT's error.
+    Held so that a cut before the COMMIT's answer leaves nothing of it relayed: the outcome found
+    on the new writer decides what the client gets (`committed_answer`)."""
+
+    __slots__ = (
+        "batch", "commit_failed", "held", "hidden", "hidden_failed", "phase", "reparse", "size",
+        "statement_failed", "tag",
+    )  # fmt: skip
+
+    def __init__(self, batch: bool = False, reparse: bool = False, hidden: int = 0) -> None:
+        # Answers of messages the sidecar put first (a statement prepared, evicted ones closed):
+        # dropped, as long as they succeed.
+        self.hidden = hidden
+        self.hidden_failed = False
+        # An extended-protocol batch: PostgreSQL sends an Execute's tag before the Sync commits,
+        # so a COMMIT that fails comes after it.
+        self.batch = batch
+        # The batch's Parse of the unnamed statement is sent again after the COMMIT (whose
+        # simple Query dropped it), its answer swallowed: the statement stays the client's.
+        self.reparse = reparse
+        self.phase = WRAP_BEGIN
+        self.held: list[bytes] = []  # whole messages, in order
+        self.size = 0  # their bytes
+        self.tag: bytes | None = None  # the statement's CommandComplete, once it came
+        self.statement_failed = False
+        self.commit_failed = False
+
+    def hold(self, type_byte: int, msg: bytes) -> None:
+        if self.hidden and (type_byte == m.B_PARSE_COMPLETE or type_byte == m.B_CLOSE_COMPLETE):
+            self.hidden -= 1
+            return
+        if self.hidden and type_byte == m.B_ERROR:
+            self.hidden_failed = True  # (the server skips the rest; the client gets the error)
+        self.hidden = 0
+        if type_byte == m.B_COMMAND_COMPLETE:
+            self.tag = msg
+        elif type_byte == m.B_ERROR:
+            self.statement_failed = True
+        self.held.append(msg)
+        self.size += len(msg)
+
+    def hold_commit(self, type_byte: int, msg: bytes) -> None:
+        if type_byte == m.B_ERROR:
+            if self.statement_failed:
+                return  # (cannot happen: an aborted transaction's COMMIT answers ROLLBACK)
+            self.commit_failed = True
+        self.held.append(msg)
+
+    def answer(self) -> bytes:
+        if self.commit_failed and not self.batch:
+            return b"".join(msg for msg in self.held if msg is not self.tag)
+        return b"".join(self.held)
+
+    def committed_answer(self) -> bytes | None:
+        """The statement's answer if the transaction committed but the COMMIT's answer never
+        came: None if its CommandComplete never came either (its row count is not known)."""
+        if self.tag is None or self.statement_failed or self.commit_failed:
+            return None
+        return b"".join(self.held)

@@ -22,7 +22,21 @@ from typing import TYPE_CHECKING, Final, cast
 from . import logs
 from .journal import TransactionJournal
 from .metrics import Stats
-from .outcome_answer import MarkerAnswer
+from .outcome_answer import (
+    COMBINED_READ_ONLY,
+    COMBINED_WROTE,
+    COMMIT_TAG,
+    MARKER_READ_ONLY,
+    MARKER_WROTE,
+    WRAP_BEGIN,
+    WRAP_COMMIT,
+    WRAP_HOLD_MAX,
+    WRAP_MARKER,
+    WRAP_REPARSE,
+    WRAP_STATEMENT,
+    MarkerAnswer,
+    WrappedAnswer,
+)
 from .protocol import messages as m
 from .protocol.auth import UpstreamAuthenticator
 from .protocol.framing import Action, MessageReader, Relay, watch_table
@@ -97,105 +111,8 @@ _TRACKED_WATCH: Final = watch_table(TRACKED_RESPONSE_TYPES)
 # While a commit marker's answer is due (`expect_marker`): every message, to swallow the marker's.
 _ALL_WATCH: Final = watch_table(range(256))
 _MARKER_PASSES: Final = (m.B_NOTIFICATION, m.B_PARAMETER_STATUS)
-# `WrappedAnswer.phase`: whose answer is coming (the four Queries of a wrapped autocommit write).
-_WRAP_BEGIN: Final = 0
-_WRAP_STATEMENT: Final = 1
-_WRAP_MARKER: Final = 2
-_WRAP_COMMIT: Final = 3
-_WRAP_REPARSE: Final = 4  # the client's unnamed statement parsed again (`expect_wrapped(reparse=)`)
-# A marked COMMIT's answer, as `_resolve` gives it when the marker says it committed.
-_COMMIT_TAG: Final = m.command_complete("COMMIT")
+# The sidecar's own ROLLBACK, after a combined marker failed (`_inspect_marker`).
 _ROLLBACK: Final = m.query("ROLLBACK")
-
-
-def _marker_answer(wrote: bytes) -> bytes:
-    """What PostgreSQL answers `outcome.marker_query` when the marker ran: one bool column,
-    `mark_commit`, true if the transaction had written (a row was added), in a block (`T`)."""
-    column = b"mark_commit\x00" + (0).to_bytes(4, "big") + (0).to_bytes(2, "big") + (16).to_bytes(4, "big")
-    column += (1).to_bytes(2, "big") + (-1).to_bytes(4, "big", signed=True) + (0).to_bytes(2, "big")
-    return (
-        m.message(b"T", (1).to_bytes(2, "big") + column)
-        + m.message(b"D", (1).to_bytes(2, "big") + (1).to_bytes(4, "big") + wrote)
-        + m.command_complete("SELECT 1")
-        + m.ready_for_query(m.TX_IN_BLOCK)
-    )
-
-
-# The two answers `_swallow_marker` recognises whole, without the relay; of a combined marker
-# (`marked_commit_query`), the same without the ReadyForQuery.
-_MARKER_WROTE: Final = _marker_answer(b"t")
-_MARKER_READ_ONLY: Final = _marker_answer(b"f")
-_COMBINED_WROTE: Final = _MARKER_WROTE[:-6]
-_COMBINED_READ_ONLY: Final = _MARKER_READ_ONLY[:-6]
-# Past this many bytes of a wrapped statement's notices, they are relayed rather than held.
-_WRAP_HOLD_MAX: Final = 65536
-
-
-class WrappedAnswer:
-    """The answers to a wrapped autocommit write (`ServerConnection.expect_wrapped`), rewritten
-    into what PostgreSQL sends for the statement alone: BEGIN's answer and every ReadyForQuery but
-    the COMMIT's dropped, the marker's swallowed, the statement's messages held until the COMMIT
-    answers. Then: committed, the statement's answer as it came; the statement failed, its error;
-    the COMMIT failed (a deferred check), the statement's answer without its CommandComplete
-    (PostgreSQL commits an autocommit statement before it sends the tag) and the COMMIT's error.
-    Held so that a cut before the COMMIT's answer leaves nothing of it relayed: the outcome found
-    on the new writer decides what the client gets (`committed_answer`)."""
-
-    __slots__ = (
-        "batch", "commit_failed", "held", "hidden", "hidden_failed", "phase", "reparse", "size",
-        "statement_failed", "tag",
-    )  # fmt: skip
-
-    def __init__(self, batch: bool = False, reparse: bool = False, hidden: int = 0) -> None:
-        # Answers of messages the sidecar put first (a statement prepared, evicted ones closed):
-        # dropped, as long as they succeed.
-        self.hidden = hidden
-        self.hidden_failed = False
-        # An extended-protocol batch: PostgreSQL sends an Execute's tag before the Sync commits,
-        # so a COMMIT that fails comes after it.
-        self.batch = batch
-        # The batch's Parse of the unnamed statement is sent again after the COMMIT (whose
-        # simple Query dropped it), its answer swallowed: the statement stays the client's.
-        self.reparse = reparse
-        self.phase = _WRAP_BEGIN
-        self.held: list[bytes] = []  # whole messages, in order
-        self.size = 0  # their bytes
-        self.tag: bytes | None = None  # the statement's CommandComplete, once it came
-        self.statement_failed = False
-        self.commit_failed = False
-
-    def hold(self, type_byte: int, msg: bytes) -> None:
-        if self.hidden and (type_byte == m.B_PARSE_COMPLETE or type_byte == m.B_CLOSE_COMPLETE):
-            self.hidden -= 1
-            return
-        if self.hidden and type_byte == m.B_ERROR:
-            self.hidden_failed = True  # (the server skips the rest; the client gets the error)
-        self.hidden = 0
-        if type_byte == m.B_COMMAND_COMPLETE:
-            self.tag = msg
-        elif type_byte == m.B_ERROR:
-            self.statement_failed = True
-        self.held.append(msg)
-        self.size += len(msg)
-
-    def hold_commit(self, type_byte: int, msg: bytes) -> None:
-        if type_byte == m.B_ERROR:
-            if self.statement_failed:
-                return  # (cannot happen: an aborted transaction's COMMIT answers ROLLBACK)
-            self.commit_failed = True
-        self.held.append(msg)
-
-    def answer(self) -> bytes:
-        if self.commit_failed and not self.batch:
-            return b"".join(msg for msg in self.held if msg is not self.tag)
-        return b"".join(self.held)
-
-    def committed_answer(self) -> bytes | None:
-        """The statement's answer if the transaction committed but the COMMIT's answer never
-        came: None if its CommandComplete never came either (its row count is not known)."""
-        if self.tag is None or self.statement_failed or self.commit_failed:
-            return None
-        return b"".join(self.held)
 
 
 # Puts a server back in step with the sidecar when a client left in the middle of an
@@ -378,7 +295,7 @@ class ServerConnection(asyncio.Protocol):
         self._marker_error: bytes | None = None
         # What the client gets for its marked COMMIT if the marker says it committed but the
         # answer never came: the COMMIT's tag, after ParseComplete/BindComplete for a batch.
-        self.marker_answer = _COMMIT_TAG
+        self.marker_answer = COMMIT_TAG
         # An autocommit write sent wrapped (`expect_wrapped`): the statement's answer, held until
         # its COMMIT's answer says what PostgreSQL would have sent for it.
         self.wrapped: WrappedAnswer | None = None
@@ -609,7 +526,7 @@ class ServerConnection(asyncio.Protocol):
 
     # ---------------------------------------------------------------- commit markers
 
-    def expect_marker(self, marker_id: str, answer: bytes = _COMMIT_TAG, combined: bool = False) -> None:
+    def expect_marker(self, marker_id: str, answer: bytes = COMMIT_TAG, combined: bool = False) -> None:
         """The client's COMMIT goes out behind `outcome.marker_query(marker_id)`, in the same write
         (or, `combined`, as `marked_commit_query`: the marker and COMMIT in one Query): swallow
         the marker's answer (the client never asked for it), and if the marker failed (its
@@ -641,8 +558,8 @@ class ServerConnection(asyncio.Protocol):
         takes it. Returns what is left of `data` for the usual ways (`_inspect_marker` for
         anything else)."""
         if not marker.done:
-            wrote = _COMBINED_WROTE if marker.combined else _MARKER_WROTE
-            read_only = _COMBINED_READ_ONLY if marker.combined else _MARKER_READ_ONLY
+            wrote = COMBINED_WROTE if marker.combined else MARKER_WROTE
+            read_only = COMBINED_READ_ONLY if marker.combined else MARKER_READ_ONLY
             if data.startswith(wrote):
                 marker.marked = True
                 data = data[len(wrote) :]
@@ -710,15 +627,15 @@ class ServerConnection(asyncio.Protocol):
             # the write by its marker).
             return Action.DROP
         phase = wrapped.phase
-        if phase == _WRAP_MARKER:
+        if phase == WRAP_MARKER:
             try:
                 if marker.feed(type_byte, msg[5:]):
-                    wrapped.phase = _WRAP_COMMIT
+                    wrapped.phase = WRAP_COMMIT
             except ValueError as exc:
                 self.close_reason = f"protocol error from server: {exc}"
             return Action.DROP
         if type_byte == m.B_READY_FOR_QUERY:
-            if phase < _WRAP_COMMIT or (phase == _WRAP_COMMIT and wrapped.reparse):
+            if phase < WRAP_COMMIT or (phase == WRAP_COMMIT and wrapped.reparse):
                 # BEGIN's, the statement's, the COMMIT's before a re-Parse: the client never sees them
                 wrapped.phase = phase + 1
                 return Action.DROP
@@ -735,10 +652,10 @@ class ServerConnection(asyncio.Protocol):
                         self.statements.discard(name)
                 self.tracker.clear()
             return self._inspect_linked(type_byte, msg)  # the COMMIT's ReadyForQuery ('I'): the client's
-        if phase in (_WRAP_BEGIN, _WRAP_REPARSE):
+        if phase in (WRAP_BEGIN, WRAP_REPARSE):
             return Action.DROP  # BEGIN's CommandComplete; the re-Parse's ParseComplete
-        if phase == _WRAP_STATEMENT:
-            if type_byte == m.B_NOTICE and wrapped.size > _WRAP_HOLD_MAX and wrapped.tag is None:
+        if phase == WRAP_STATEMENT:
+            if type_byte == m.B_NOTICE and wrapped.size > WRAP_HOLD_MAX and wrapped.tag is None:
                 # Notices by the thousand (a row trigger's): not held without bound. Relayed,
                 # after what was held; the client sees them as PostgreSQL would send them.
                 self._relay.insert(b"".join(wrapped.held))

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .. import logs
 from ..journal import TransactionJournal
-from ..outcome_answer import MarkerSource, marked_commit_query, own_marker_query
+from ..outcome_answer import COMMIT_TAG, MarkerSource, marked_commit_query, own_marker_query
 from ..protocol import messages as m
 from ..protocol.framing import Action, Relay, Span
 from ..protocol.sqlstate import (
@@ -89,7 +89,6 @@ MARK_WRITE: Final = 2  # a lone INSERT/UPDATE/DELETE/MERGE without RETURNING: wr
 _PARSE_COMPLETE: Final = m.message(b"1", b"")
 _BIND_COMPLETE: Final = m.message(b"2", b"")
 _NO_DATA: Final = m.message(b"n", b"")
-_COMMIT_TAG: Final = m.command_complete("COMMIT")
 
 
 def mark_kind(data: bytes, start: int) -> int:
@@ -110,7 +109,7 @@ def commit_batch_answer(parsed: bool, described: bool) -> bytes:
     ReadyForQuery: ParseComplete if the batch parsed it, BindComplete, NoData if it described the
     portal, the tag."""
     return (
-        (_PARSE_COMPLETE if parsed else b"") + _BIND_COMPLETE + (_NO_DATA if described else b"") + _COMMIT_TAG
+        (_PARSE_COMPLETE if parsed else b"") + _BIND_COMPLETE + (_NO_DATA if described else b"") + COMMIT_TAG
     )
 
 

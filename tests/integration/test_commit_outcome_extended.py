@@ -16,8 +16,9 @@ import psycopg
 import pytest
 
 from proxy.outcome import MARKER_DDL, MarkerIds, marker_query
+from proxy.outcome_answer import MARKER_READ_ONLY as _MARKER_READ_ONLY
+from proxy.outcome_answer import MARKER_WROTE as _MARKER_WROTE
 from proxy.protocol import messages as m
-from proxy.server import _MARKER_READ_ONLY, _MARKER_WROTE
 from tests.conftest import SidecarFactory
 from tests.harness import pg
 from tests.harness.wire import RawClient

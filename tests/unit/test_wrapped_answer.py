@@ -4,8 +4,8 @@ tests/integration/test_commit_outcome_autocommit.py)."""
 
 from __future__ import annotations
 
+from proxy.outcome_answer import WrappedAnswer
 from proxy.protocol import messages as m
-from proxy.server import WrappedAnswer
 
 NOTICE = b"N\x00\x00\x00\x0aSWARN\x00\x00"
 ERROR = b"E\x00\x00\x00\x0bC23505\x00\x00"
