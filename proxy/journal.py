@@ -19,6 +19,12 @@ same answers exactly when their streams are equal and the answers end at the sam
 is what `Verifier` compares; the hash is finalised only when a replay needs it (`digest()`), not
 per answer (finalising costs more than hashing a short answer).
 
+Hashing is deferred as well: the fast path's whole answers are immutable `bytes`, so the journal
+keeps a reference to each (no copy) and hashes them only when a replay asks for the digest, or
+when something must be hashed after them (the general path's views, which are not kept), or when
+they pass `HELD_ANSWERS_MAX`. Almost every transaction ends without a failover, and its answers
+are then never hashed at all.
+
 Bounded: past `max_bytes` of requests (failover.replay_max_bytes) the journal drops what it holds,
 marks itself `too_large`, and records nothing more until the next `begin()`; besides the requests
 it keeps one int per answer.
@@ -37,6 +43,9 @@ from typing import Final
 from .requests import REQUEST_READ
 
 DIGEST_SIZE: Final = 16
+# Answer bytes held unhashed (by reference) per client, counted with each object's own overhead.
+HELD_ANSWERS_MAX: Final = 16384
+_HELD_OVERHEAD: Final = 48  # a bytes object's header and the list's pointer to it
 # Copied rather than constructed for each new stream: a copy of a fresh object is the cheaper.
 _FRESH: Final = blake2b(digest_size=DIGEST_SIZE)
 
@@ -137,6 +146,10 @@ class TransactionJournal:
         self.too_large = False  # over max_bytes: this transaction cannot be replayed
         self._open = bytearray()  # a request still being recorded (a batch forwarded in pieces)
         self._hash = _FRESH.copy()  # every answer byte relayed in this transaction, in order
+        self._hashed = False  # whether `_hash` has been fed since the transaction began
+        # Whole answers relayed after everything in `_hash`, not hashed yet (see the docstring).
+        self._held: list[bytes] = []
+        self._held_size = 0
         self.relayed_total = 0  # answer bytes relayed in this transaction
         self.answer_ends: list[int] = []  # answer_ends[i]: relayed_total when answer i ended
         # An autocommit request other than a read was answered while more were in flight: it is
@@ -156,7 +169,12 @@ class TransactionJournal:
         self.too_large = False
         self.blocked = False
         if self.relayed_total:
-            self._hash = _FRESH.copy()
+            if self._held:
+                self._held.clear()
+                self._held_size = 0
+            if self._hashed:
+                self._hash = _FRESH.copy()
+                self._hashed = False
             self.relayed_total = 0
 
     def record_request(self, data: bytes | memoryview, last: bool = True) -> bool:
@@ -184,6 +202,8 @@ class TransactionJournal:
         self.requests.clear()
         self.answer_ends.clear()
         self._open.clear()
+        self._held.clear()
+        self._held_size = 0
         self.size = 0
         self.too_large = True
 
@@ -191,8 +211,23 @@ class TransactionJournal:
         """Bytes of the current answer, as relayed to the client."""
         if self.too_large:
             return
-        self._hash.update(view)
+        self._hash_view(view)
         self.relayed_total += len(view)
+
+    def _hash_view(self, view: bytes | memoryview) -> None:
+        # After whatever is held: the stream's order is the answers' order.
+        if self._held:
+            self._fold()
+        self._hash.update(view)
+        self._hashed = True
+
+    def _fold(self) -> None:
+        update = self._hash.update
+        for answer in self._held:
+            update(answer)
+        self._held.clear()
+        self._held_size = 0
+        self._hashed = True
 
     def answer_done(self) -> None:
         """The current answer is complete (its ReadyForQuery relayed)."""
@@ -215,8 +250,14 @@ class TransactionJournal:
                 self.blocked = True
         if self.too_large or self.blocked:
             return
-        self._hash.update(data)
-        self.relayed_total += len(data)
+        n = len(data)
+        held = self._held_size + n + _HELD_OVERHEAD
+        if held <= HELD_ANSWERS_MAX:
+            self._held.append(data)
+            self._held_size = held
+        else:
+            self._hash_view(data)
+        self.relayed_total += n
         self.answer_ends.append(self.relayed_total)
 
     def answered_in_pipeline(self, status: int, more: int, kind: int) -> None:
@@ -233,7 +274,7 @@ class TransactionJournal:
         for start, end, kind in segments:
             if kind == SEG_NOTIFY or (kind == SEG_NOTICE and _GOING_AWAY in bytes(view[start:end])):
                 continue
-            self._hash.update(view[start:end])
+            self._hash_view(view[start:end])
             self.relayed_total += end - start
             if kind == SEG_ANSWER_END:
                 self.answer_ends.append(self.relayed_total)
@@ -248,6 +289,8 @@ class TransactionJournal:
 
     def digest(self) -> bytes:
         """The digest of every answer byte relayed so far (at the cut)."""
+        if self._held:
+            self._fold()
         return self._hash.copy().digest()
 
     @property

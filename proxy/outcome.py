@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol
 from . import logs
 from .outcome_answer import MarkerAnswer as MarkerAnswer  # (defined there: the server swallows it)
 from .outcome_answer import MarkerIds as MarkerIds
-from .outcome_answer import MarkerSource, _checked_id
+from .outcome_answer import MarkerSource, _checked_id, pool_key
 from .outcome_answer import marker_query as marker_query
 from .outcome_answer import marker_statement as marker_statement
 from .protocol import messages as m
@@ -101,11 +101,15 @@ CREATE TABLE IF NOT EXISTS pgsidecar.commit_marker (
 );
 REVOKE ALL ON pgsidecar.commit_marker FROM PUBLIC;
 CREATE OR REPLACE FUNCTION pgsidecar.mark_commit(marker uuid) RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER AS $fn$
 BEGIN
+    -- Called at every writing COMMIT, so without a SET clause (a function-level search_path is
+    -- set and undone at each call, about a sixth of the call's cost): instead every name is
+    -- schema-qualified, so the caller's search_path cannot put its own objects in here.
     -- No xid: nothing was written, nothing to resolve. Read-only: the INSERT would fail (25006)
     -- and abort the client's transaction; such a transaction wrote only temporary tables.
-    IF pg_current_xact_id_if_assigned() IS NULL OR current_setting('transaction_read_only')::boolean THEN
+    IF pg_catalog.pg_current_xact_id_if_assigned() IS NULL
+        OR pg_catalog.current_setting('transaction_read_only')::pg_catalog.bool THEN
         RETURN false;
     END IF;
     INSERT INTO pgsidecar.commit_marker (id) VALUES (marker);
@@ -310,14 +314,14 @@ class CommitOutcomeLedger:
     def new_marker(self, user: str, database: str) -> str | None:
         """A fresh marker id for a COMMIT of this pool's, or None when the ledger may not be used
         there (the COMMIT then goes without one, and a cut gets 08007 as before)."""
-        return self.source.new_marker(user, database)
+        return self.source.new_marker(pool_key(user, database))
 
     def _set_status(self, key: tuple[str, str], status: str) -> None:
         self._status[key] = status
         if status == READY:
-            self.source.ready.add(key)
+            self.source.ready.add(pool_key(*key))
         else:
-            self.source.ready.discard(key)
+            self.source.ready.discard(pool_key(*key))
 
     async def resolve(
         self, user: str, database: str, marker_id: str, old_backend_pid: int | None = None

@@ -15,32 +15,36 @@ from mypy_extensions import mypyc_attr
 from .protocol import messages as m
 
 _MARKER_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
-_COUNTER_SPAN: Final = 1 << 48  # the counter's part of an id: its last 12 hex digits
+_MASK64: Final = (1 << 64) - 1
+_LAST_DIGITS: Final = [f"{i:02x}" for i in range(256)]  # an id's last byte, as text
 
 
 class MarkerIds:
     """Marker ids for one process: a random 64-bit prefix and a counter, as a uuid's text
-    (`pppppppp-pppp-pppp-cccc-cccccccccccc`, the counter's top 16 bits in the fourth group)."""
+    (`pppppppp-pppp-pppp-cccc-cccccccccccc`, the counter's top 16 bits in the fourth group).
+
+    Drawn at every writing COMMIT, so without formatting a number each time: the text of all but
+    the counter's last byte is made once per 256 ids, and the last two digits come from a table."""
 
     def __init__(self, prefix: int | None = None) -> None:
-        self.prefix = secrets.randbits(64) if prefix is None else prefix & (2**64 - 1)
+        self.prefix = secrets.randbits(64) if prefix is None else prefix & _MASK64
         self._n = 0
         self._head = ""
-        self._head_at = -1  # the counter's top bits `_head` was made for
+        self._head_at = -1  # the counter's top 56 bits `_head` was made for
         self._renew_head(0)
 
     def _renew_head(self, top: int) -> None:
-        text = f"{self.prefix:016x}{top:04x}"
-        self._head = f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-"
+        text = f"{self.prefix:016x}{top:014x}"
+        self._head = f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
         self._head_at = top
 
     def next(self) -> str:
-        n = (self._n + 1) & (2**64 - 1)
+        n = (self._n + 1) & _MASK64
         self._n = n
-        top = n // _COUNTER_SPAN
+        top = n >> 8
         if top != self._head_at:
             self._renew_head(top)
-        return self._head + f"{n % _COUNTER_SPAN:012x}"
+        return self._head + _LAST_DIGITS[n & 0xFF]
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -51,15 +55,22 @@ class MarkerSource:
 
     def __init__(self) -> None:
         self.enabled = False  # failover.commit_outcome: marker
-        self.ready: set[tuple[str, str]] = set()  # (user, database) of the pools whose ledger works
+        self.ready: set[str] = set()  # `pool_key` of the pools whose ledger works
         self.ids = MarkerIds()
 
-    def new_marker(self, user: str, database: str) -> str | None:
-        """A fresh marker id for a COMMIT of this pool's, or None when the ledger may not be used
-        there (the COMMIT then goes without one, and a cut gets 08007 as before)."""
-        if not self.enabled or (user, database) not in self.ready:
+    def new_marker(self, pool: str) -> str | None:
+        """A fresh marker id for a COMMIT of the pool `pool` (its `pool_key`), or None when the
+        ledger may not be used there (the COMMIT then goes without one, and a cut gets 08007 as
+        before)."""
+        if not self.enabled or pool not in self.ready:
             return None
         return self.ids.next()
+
+
+def pool_key(user: str, database: str) -> str:
+    """A pool's name in `MarkerSource.ready`: one string, whose hash is kept, rather than a tuple
+    hashed at every COMMIT. (NUL cannot be in either name: both are C strings on the wire.)"""
+    return f"{user}\x00{database}"
 
 
 def _checked_id(marker_id: str) -> str:

@@ -104,6 +104,19 @@ def mark_kind(data: bytes, start: int) -> int:
     return MARK_WRITE
 
 
+def mark_here(mark: int, server: ServerConnection) -> int:
+    """`mark` (MARK_*) if the commit-outcome ledger marks it on `server` now, else MARK_NONE. The
+    one rule, for both pool modes and every request shape: a COMMIT inside a transaction block;
+    a write outside one with nothing in flight (it is a transaction of its own then, which the
+    wrap makes explicit; behind other requests, the wrap would change what they are part of)."""
+    status = server.tx_status
+    if mark == MARK_COMMIT:
+        return mark if status == m.TX_IN_BLOCK else MARK_NONE
+    if mark == MARK_WRITE and status == m.TX_IDLE and server.outstanding == 0:
+        return mark
+    return MARK_NONE
+
+
 def commit_batch_answer(parsed: bool, described: bool) -> bytes:
     """What PostgreSQL answers a lone execution of COMMIT (`scan.lone_execution`) before its
     ReadyForQuery: ParseComplete if the batch parsed it, BindComplete, NoData if it described the
@@ -137,6 +150,7 @@ class SessionCore(LinkedClient):
         self.peer = "?"
         self.user = ""
         self.database = ""
+        self.pool_key = ""  # `outcome_answer.pool_key(user, database)`: what the marker source knows it by
         self.startup_params: dict[str, str] = {}  # as sent by the client
         self.startup_settings: dict[str, str] = {}  # settable startup params + `options` (lowercase)
         self.settings: dict[str, str] = {}  # the session's settings now: what a new server must get
@@ -326,7 +340,7 @@ class SessionCore(LinkedClient):
             return data  # (one byte decides for almost every statement: a COMMIT starts with c or e)
         if data not in _COMMON_COMMITS and _PLAIN_COMMIT.match(data, 5) is None:
             return data
-        marker_id = self.markers.new_marker(self.user, self.database)
+        marker_id = self.markers.new_marker(self.pool_key)
         if marker_id is None:
             return data
         server.expect_marker(marker_id, combined=True)
@@ -344,7 +358,7 @@ class SessionCore(LinkedClient):
             return data
         if _RETURNING.search(data, 5) is not None:
             return data  # (its rows would be held until the COMMIT: unbounded)
-        marker_id = self.markers.new_marker(self.user, self.database)
+        marker_id = self.markers.new_marker(self.pool_key)
         if marker_id is None:
             return data
         server.expect_wrapped(marker_id)
@@ -375,7 +389,7 @@ class SessionCore(LinkedClient):
                 return data
         elif kind != MARK_WRITE or status != m.TX_IDLE or len(server.in_flight):
             return data
-        marker_id = self.markers.new_marker(self.user, self.database)
+        marker_id = self.markers.new_marker(self.pool_key)
         if marker_id is None:
             return data
         if kind == MARK_COMMIT:

@@ -21,6 +21,7 @@ from time import monotonic  # by name: compiled, `time.monotonic` is a module ge
 from typing import Any, Final, cast
 
 from .. import logs
+from ..outcome_answer import pool_key
 from ..protocol import messages as m
 from ..protocol.auth import ClientAuthenticator
 from ..protocol.framing import MessageReader
@@ -233,6 +234,7 @@ class Login:
         if not user:
             raise ProtocolViolation("no PostgreSQL user name specified in startup packet")
         core.database = params.get("database") or user
+        core.pool_key = pool_key(user, core.database)
         core.startup_params = {
             k: v for k, v in params.items() if k not in ("user", "database") and not k.startswith("_pq_.")
         }

@@ -27,7 +27,7 @@ from ..sqlclass import (
     mentions_session_functions,
     session_keyword_at,
 )
-from .core import MARK_COMMIT, MARK_NONE, WRAP_INITIALS, SessionCore, mark_kind
+from .core import MARK_COMMIT, MARK_NONE, WRAP_INITIALS, SessionCore, mark_here, mark_kind
 from .mode import Mode
 from .scan import (
     _COMMITS,
@@ -132,11 +132,8 @@ class SessionRelay(Mode):
         bound_end = data.find(b"\x00", parse_end + 6, bind_end) if bind_end > 0 else -1
         if bound_end < 0 or data[parse_end + 6 : bound_end] != data[5:name_end]:
             return False  # not one run of the statement it parses
-        block = server.tx_status == m.TX_IN_BLOCK
-        if not block and (server.tx_status != m.TX_IDLE or server.outstanding):
-            return False
-        mark = mark_kind(data, name_end + 1)
-        if mark == MARK_NONE or block != (mark == MARK_COMMIT):
+        mark = mark_here(mark_kind(data, name_end + 1), server)
+        if mark == MARK_NONE:
             return False
         out = server.transport
         if out is None:
@@ -152,13 +149,9 @@ class SessionRelay(Mode):
 
     def _mark_of(self, server: ServerConnection, data: bytes, start: int, kind: int) -> tuple[int, int]:
         """(MARK_* of the statement a lone execution runs, where its Bind ends), or MARK_NONE when
-        `data` is not one or the ledger has nothing to do with it here: a COMMIT is marked inside
-        a transaction block, a write wrapped when idle with nothing in flight."""
-        block = server.tx_status == m.TX_IN_BLOCK
-        if not block and (server.tx_status != m.TX_IDLE or server.outstanding):
-            return MARK_NONE, -1
-        if start and block != (kind == REQUEST_COMMIT):
-            return MARK_NONE, -1  # (the unnamed Parse's kind says whether it is a COMMIT)
+        `data` is not one or the ledger does not mark it here (`core.mark_here`)."""
+        if start and (server.tx_status == m.TX_IN_BLOCK) != (kind == REQUEST_COMMIT):
+            return MARK_NONE, -1  # (the unnamed Parse's kind already says whether it is a COMMIT)
         bind_end = lone_execution(data, start)
         if bind_end < 0:
             return MARK_NONE, -1
@@ -167,9 +160,8 @@ class SessionRelay(Mode):
         else:
             name_end = data.find(b"\x00", 6, bind_end)
             mark = self.marked_names.get(data[6:name_end], MARK_NONE)
-        if block != (mark == MARK_COMMIT):
-            return MARK_NONE, -1
-        return mark, bind_end
+        mark = mark_here(mark, server)
+        return (mark, bind_end) if mark != MARK_NONE else (MARK_NONE, -1)
 
     def take_held(self, held: bytes) -> bool:
         server = self.core.server

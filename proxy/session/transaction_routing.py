@@ -34,7 +34,7 @@ from ..sqlclass import (
 )
 from ..statements import ClientStatement, Entry, Expect, LocalStatement, StatementRegistry, StatementRouter
 from .attach import Attach
-from .core import MARK_COMMIT, MARK_NONE, WRAP_INITIALS, SessionCore, mark_kind
+from .core import MARK_COMMIT, MARK_NONE, WRAP_INITIALS, SessionCore, mark_here, mark_kind
 from .mode import Mode
 from .scan import (
     _BIND_DESCRIBE_EXECUTE,
@@ -174,7 +174,7 @@ class TransactionRouting(Mode):
             prefix, hidden = self._prepare_hidden(server, stmt)
             renamed = prefix + renamed
         kind = REQUEST_OTHER
-        mark = self._mark_here(server, mark)
+        mark = mark_here(mark, server)
         if mark != MARK_NONE:
             renamed = self.core.mark_batch(server, renamed, mark, False, described, hidden)
             if mark == MARK_COMMIT:
@@ -245,7 +245,7 @@ class TransactionRouting(Mode):
         renamed = b"".join((b"B", length.to_bytes(4, "big"), b"\x00", name, data[bound_end:]))
         described = n - bind_end == 22
         kind = REQUEST_COMMIT if mark == MARK_COMMIT else REQUEST_OTHER
-        mark = self._mark_here(server, mark)
+        mark = mark_here(mark, server)
         if mark != MARK_NONE:
             renamed = self.core.mark_batch(
                 server, prefix + renamed, mark, not owed, described, hidden, named=True
@@ -273,15 +273,6 @@ class TransactionRouting(Mode):
             hidden += 1
         server.tracker.expect(Expect.PARSE_HIDDEN, stmt.global_name)
         return prefix + stmt.parse_message, hidden
-
-    def _mark_here(self, server: ServerConnection, mark: int) -> int:
-        """`mark` (MARK_*) if the ledger has to do with it on `server` now: a COMMIT inside a
-        transaction block, a write outside one (nothing is in flight: the fast paths' rule)."""
-        if (mark == MARK_COMMIT) == (server.tx_status == m.TX_IN_BLOCK) and (
-            mark == MARK_COMMIT or server.tx_status == m.TX_IDLE
-        ):
-            return mark
-        return MARK_NONE
 
     def _prepare_here(self, data: bytes) -> bool:
         """Parse of a named statement with its Sync, alone, between transactions (libpq's
@@ -350,7 +341,7 @@ class TransactionRouting(Mode):
         described = len(data) - bind_end == 22
         expected = _BIND_DESCRIBE_EXECUTE if described else _BIND_EXECUTE
         if self.core.marking and kind != REQUEST_READ:
-            mark = self._mark_here(server, mark_kind(data, 6))
+            mark = mark_here(mark_kind(data, 6), server)
             if mark != MARK_NONE:
                 data = self.core.mark_batch(server, data, mark, True, described)
                 if mark != MARK_COMMIT:

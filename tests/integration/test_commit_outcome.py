@@ -165,6 +165,36 @@ def test_the_marker_is_written_only_by_transactions_that_wrote(
     assert _markers(a1, database) == {written}
 
 
+def test_a_callers_search_path_cannot_reach_into_the_marker_function(
+    shared_topology: pg.Topology, database: str
+) -> None:
+    """mark_commit runs as its owner and has no SET search_path (it is called at every writing
+    COMMIT): a caller who puts look-alike functions, a look-alike table and a temporary table
+    ahead of pg_catalog gets none of them called or written; the marker goes where it belongs."""
+    a1 = shared_topology.a1
+    _install(a1, database)
+    marker = MarkerIds().next()
+    with _app_conn(a1, database) as conn:
+        conn.execute("CREATE TABLE t (x int)")
+        conn.execute("CREATE SCHEMA trap")
+        conn.execute("CREATE TABLE trap.commit_marker (id uuid, at timestamptz DEFAULT now())")
+        conn.execute("CREATE TEMP TABLE commit_marker (id uuid, at timestamptz DEFAULT now())")
+        for fn, returns in (("pg_current_xact_id_if_assigned()", "xid8"), ("current_setting(text)", "text")):
+            conn.execute(
+                f"CREATE FUNCTION trap.{fn} RETURNS {returns} LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'trap called as %', current_user; END $$"
+            )
+        conn.execute("SET search_path = trap, pg_temp, pg_catalog, public")
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO public.t VALUES (1)")
+        row = conn.execute(marker_statement(marker).decode()).fetchone()
+        conn.execute("COMMIT")
+        assert row == (True,)
+        assert conn.execute("SELECT count(*) FROM trap.commit_marker").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM pg_temp.commit_marker").fetchone() == (0,)
+    assert _markers(a1, database) == {marker}
+
+
 def test_the_marker_answer_is_recognised_on_the_wire(shared_topology: pg.Topology, database: str) -> None:
     """The bytes the session will send and swallow, against a real server."""
     a1 = shared_topology.a1

@@ -158,7 +158,7 @@ class FakeMarkers(MarkerSource):
         super().__init__()
         self.marker: str | None = None
 
-    def new_marker(self, user: str, database: str) -> str | None:
+    def new_marker(self, pool: str) -> str | None:
         return self.marker
 
 

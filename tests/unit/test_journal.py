@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from proxy.journal import DIVERGED, EQUAL, PENDING, TransactionJournal, Verifier
+from proxy.journal import DIVERGED, EQUAL, HELD_ANSWERS_MAX, PENDING, TransactionJournal, Verifier
 from proxy.protocol import messages as m
 
 Q1 = m.query("SELECT 1")
@@ -194,3 +194,46 @@ def test_the_prefix_may_arrive_split_across_reads() -> None:
     assert verifier.answer_bytes(A1[:7]) == 7 and verifier.status == PENDING
     assert verifier.answer_bytes(A1[7:15]) == 8 and verifier.status == PENDING
     assert verifier.answer_bytes(A1[15:]) == 5 and verifier.status == EQUAL
+
+
+def test_whole_answers_held_unhashed_digest_in_stream_order() -> None:
+    """The fast path's answers are held by reference and hashed only when needed, before any
+    later bytes: whole answers, general-path views and whole answers again, in that order, give
+    the digest of the stream as relayed, and a held answer is the caller's object, not a copy."""
+    journal = TransactionJournal(1 << 20)
+    journal.begin()
+    first = bytes(A1)
+    journal.whole_answer(first, m.TX_IN_BLOCK, 0, 0)
+    assert journal._held == [first] and journal._held[0] is first and not journal._hashed
+    journal.relay_view(memoryview(A2))  # the general path: hashed after the held answer
+    assert journal._held == [] and journal._hashed
+    journal.whole_answer(bytes(A2), m.TX_IN_BLOCK, 0, 0)
+    assert journal.digest() == hashlib.blake2b(A1 + A2 + A2, digest_size=16).digest()
+    assert journal.answer_ends == [len(A1), len(A1) + len(A2), len(A1) + 2 * len(A2)]
+    assert Verifier(journal).expected_digest == journal.digest()
+
+
+def test_held_answers_are_bounded_and_forgotten_at_the_transaction_end() -> None:
+    journal = TransactionJournal(1 << 20)
+    journal.begin()
+    answers = [bytes(A2) for _ in range(2000)]  # far more than HELD_ANSWERS_MAX of them
+    for answer in answers:
+        journal.whole_answer(answer, m.TX_IN_BLOCK, 0, 0)
+        assert journal._held_size <= HELD_ANSWERS_MAX
+    assert journal._hashed and 0 < len(journal._held) < len(answers)
+    assert journal.digest() == hashlib.blake2b(b"".join(answers), digest_size=16).digest()
+    journal.whole_answer(bytes(A2), m.TX_IDLE, 0, 0)  # the transaction's end
+    assert (journal._held, journal._held_size, journal._hashed, journal.relayed_total) == ([], 0, False, 0)
+    journal.begin()
+    journal.whole_answer(bytes(A1), m.TX_IN_BLOCK, 0, 0)
+    assert journal.digest() == hashlib.blake2b(A1, digest_size=16).digest()
+
+
+def test_a_journal_given_up_holds_no_answers() -> None:
+    journal = TransactionJournal(len(Q1))
+    journal.begin()
+    journal.record_request(Q1)
+    journal.whole_answer(bytes(A1), m.TX_IN_BLOCK, 0, 0)
+    assert journal._held
+    assert not journal.record_request(Q2)  # over the bound: not replayable, nothing kept
+    assert journal.too_large and journal._held == [] and journal._held_size == 0

@@ -23,6 +23,20 @@ def test_marker_ids_are_uuids_with_a_process_prefix_and_a_counter() -> None:
     assert len(drawn) == 100 and all(str(uuid.UUID(d)) == d for d in drawn)
 
 
+def test_marker_ids_count_on_across_their_text_blocks() -> None:
+    """The text of all but the last byte is made once per 256 ids: the ids stay the counter's,
+    in order, across those blocks and across the fourth group."""
+    ids = MarkerIds(prefix=0x0123456789ABCDEF)
+    ids._n = (1 << 48) - 300
+    drawn = [ids.next() for _ in range(600)]
+    counters = [int(d.replace("-", "")[16:], 16) for d in drawn]
+    assert counters == list(range((1 << 48) - 299, (1 << 48) + 301))
+    assert all(d.startswith("01234567-89ab-cdef-") and str(uuid.UUID(d)) == d for d in drawn)
+    assert drawn[-1] == "01234567-89ab-cdef-0001-00000000012c"
+    ids._n = (1 << 64) - 1  # wraps (in some centuries) rather than growing past 64 bits
+    assert ids.next() == "01234567-89ab-cdef-0000-000000000000"
+
+
 def test_the_marker_query_is_one_simple_query() -> None:
     marker = "01234567-89ab-cdef-0000-000000000001"
     assert marker_statement(marker) == b"SELECT pgsidecar.mark_commit('" + marker.encode() + b"'::uuid)"
