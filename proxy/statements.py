@@ -258,6 +258,27 @@ class ResponseTracker:
         return skipped
 
 
+def prepare_on(server: Any, stmt: ClientStatement, hidden_parse: bool = True) -> tuple[bytes, int]:
+    """The messages that prepare `stmt` on `server`, which lacks it: a Close of each statement the
+    server's cache evicts to make room, then the Parse. Their answers are queued on the server's
+    tracker, the Closes' hidden (the client never asked for them) and the Parse's hidden too unless
+    `hidden_parse` is False (it is the client's own Parse, whose ParseComplete it awaits). Returns
+    the messages and how many hidden answers they queue."""
+    prefix = b""
+    hidden = 0
+    tracker: ResponseTracker = server.tracker
+    for old in server.statements.add(stmt.global_name):
+        prefix += m.close("S", old)
+        tracker.expect(Expect.CLOSE_HIDDEN, old)
+        hidden += 1
+    if hidden_parse:
+        tracker.expect(Expect.PARSE_HIDDEN, stmt.global_name)
+        hidden += 1
+    else:
+        tracker.expect(Expect.PARSE, stmt.global_name)
+    return prefix + stmt.parse_message, hidden
+
+
 class StatementRouter:
     """One transaction-pooled client's named statements, and the rewriting of its extended-protocol
     messages for whichever server runs its current transaction.
@@ -283,11 +304,7 @@ class StatementRouter:
         if stmt.global_name in statements:
             statements.touch(stmt.global_name)
             return
-        for old in statements.add(stmt.global_name):
-            relay.insert(m.close("S", old))
-            server.tracker.expect(Expect.CLOSE_HIDDEN, old)
-        relay.insert(stmt.parse_message)
-        server.tracker.expect(Expect.PARSE_HIDDEN, stmt.global_name)
+        relay.insert(prepare_on(server, stmt)[0])
 
     def on_parse(
         self, msg: memoryview, server: Any, relay: Relay, local: LocalStatement | None = None

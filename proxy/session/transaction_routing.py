@@ -32,7 +32,15 @@ from ..sqlclass import (
     has_more_statements,
     needs_transaction_check,
 )
-from ..statements import ClientStatement, Entry, Expect, LocalStatement, StatementRegistry, StatementRouter
+from ..statements import (
+    ClientStatement,
+    Entry,
+    Expect,
+    LocalStatement,
+    StatementRegistry,
+    StatementRouter,
+    prepare_on,
+)
 from .attach import Attach
 from .core import MARK_COMMIT, MARK_NONE, WRAP_INITIALS, SessionCore, mark_here, mark_kind
 from .mode import Mode
@@ -171,7 +179,7 @@ class TransactionRouting(Mode):
         if stmt.global_name in statements:
             statements.touch(stmt.global_name)
         else:
-            prefix, hidden = self._prepare_hidden(server, stmt)
+            prefix, hidden = prepare_on(server, stmt)
             renamed = prefix + renamed
         kind = REQUEST_OTHER
         mark = mark_here(mark, server)
@@ -234,12 +242,7 @@ class TransactionRouting(Mode):
             statements.touch(global_name)
             owed = tracker.expect(Expect.SYNTHETIC, data=m.parse_complete(), tx_status=server.tx_status)
         else:
-            for old in statements.add(global_name):
-                prefix += m.close("S", old)
-                tracker.expect(Expect.CLOSE_HIDDEN, old)
-                hidden += 1
-            prefix += stmt.parse_message
-            tracker.expect(Expect.PARSE, global_name)
+            prefix, hidden = prepare_on(server, stmt, hidden_parse=False)  # (the Parse is the client's)
         name = global_name.encode()
         length = bind_end - parse_end - 1 + len(name) - (bound_end - parse_end - 6)
         renamed = b"".join((b"B", length.to_bytes(4, "big"), b"\x00", name, data[bound_end:]))
@@ -260,19 +263,6 @@ class TransactionRouting(Mode):
         if out is not None:
             out.write(renamed)
         return True
-
-    @staticmethod
-    def _prepare_hidden(server: ServerConnection, stmt: ClientStatement) -> tuple[bytes, int]:
-        """What prepares `stmt` on `server` ahead of a Bind (as `StatementRouter._ensure_prepared`:
-        evicted statements closed, the Parse), its answers queued as hidden; and how many."""
-        prefix = b""
-        hidden = 1
-        for old in server.statements.add(stmt.global_name):
-            prefix += m.close("S", old)
-            server.tracker.expect(Expect.CLOSE_HIDDEN, old)
-            hidden += 1
-        server.tracker.expect(Expect.PARSE_HIDDEN, stmt.global_name)
-        return prefix + stmt.parse_message, hidden
 
     def _prepare_here(self, data: bytes) -> bool:
         """Parse of a named statement with its Sync, alone, between transactions (libpq's
