@@ -330,11 +330,7 @@ class StatementRouter:
             statements.touch(global_name)
             owed = tracker.expect(Expect.SYNTHETIC, data=m.parse_complete(), tx_status=server.tx_status)
             return Action.DROP, owed
-        for old in statements.add(global_name):
-            relay.insert(m.close("S", old))
-            tracker.expect(Expect.CLOSE_HIDDEN, old)
-        relay.insert(stmt.parse_message)
-        tracker.expect(Expect.PARSE, global_name)
+        relay.insert(prepare_on(server, stmt, hidden_parse=False)[0])  # (the Parse is the client's)
         return Action.DROP, b""
 
     @staticmethod

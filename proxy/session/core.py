@@ -375,20 +375,14 @@ class SessionCore(LinkedClient):
         named: bool = False,
     ) -> bytes:
         """`data` is a lone execution (`scan.lone_execution`; `parsed`: it starts with the Parse
-        of its statement, `described`: it describes the portal) of a statement of MARK_* `kind`, the
-        server idle with nothing in flight or inside a transaction block: what to send in its
-        place. A COMMIT ending a block: the marker, then the batch (as `commit_marker`). An
+        of its statement, `described`: it describes the portal) of a statement of MARK_* `kind`, as
+        `mark_here` gives it for `server` (the caller asks, before it commits to a path): what to
+        send in its place. A COMMIT ending a block: the marker, then the batch (as `commit_marker`). An
         autocommit write: the batch between BEGIN, the marker and COMMIT (as `wrap_write`; the
         server answers the batch as one request, so `WrappedAnswer` rewrites it the same way).
         Else, or without the ledger, `data`. `hidden`: `data` starts with that many messages the
         sidecar added (transaction mode: a statement prepared first), whose answers the client
         must not get. `named`: the statement parsed is a named one (it outlives the wrap)."""
-        status = server.tx_status
-        if kind == MARK_COMMIT:
-            if status != m.TX_IN_BLOCK:
-                return data
-        elif kind != MARK_WRITE or status != m.TX_IDLE or len(server.in_flight):
-            return data
         marker_id = self.markers.new_marker(self.pool_key)
         if marker_id is None:
             return data
