@@ -145,13 +145,16 @@ class TransactionJournal:
         self.size = 0  # bytes held in `requests` (and in the open part)
         self.too_large = False  # over max_bytes: this transaction cannot be replayed
         self._open = bytearray()  # a request still being recorded (a batch forwarded in pieces)
+        self._partial = False  # whether `_open` holds anything (a flag: cheaper to ask)
         self._hash = _FRESH.copy()  # every answer byte relayed in this transaction, in order
         self._hashed = False  # whether `_hash` has been fed since the transaction began
         # Whole answers relayed after everything in `_hash`, not hashed yet (see the docstring).
         self._held: list[bytes] = []
         self._held_size = 0
         self.relayed_total = 0  # answer bytes relayed in this transaction
-        self.answer_ends: list[int] = []  # answer_ends[i]: relayed_total when answer i ended
+        # Where each answer hashed so far ended (relayed_total then); the held answers' ends are
+        # added as they are hashed (`answer_ends` has them all).
+        self._ends: list[int] = []
         # An autocommit request other than a read was answered while more were in flight: it is
         # done and must never be sent again, so nothing recorded can be replayed until `reset`.
         self.blocked = False
@@ -163,8 +166,9 @@ class TransactionJournal:
 
     def reset(self) -> None:
         self.requests.clear()
-        self.answer_ends.clear()
+        self._ends.clear()
         self._open.clear()
+        self._partial = False
         self.size = 0
         self.too_large = False
         self.blocked = False
@@ -182,26 +186,37 @@ class TransactionJournal:
         transaction is too large to replay."""
         if self.too_large:
             return False
+        if isinstance(data, bytes) and last and not self._partial:
+            # The usual request, whole and in a bytes object, kept as it is (no copy; the
+            # checks are native on bytes, generic on the union).
+            n = len(data)
+            if self.size + n > self.max_bytes:
+                self._give_up()
+                return False
+            self.size += n
+            self.requests.append(data)
+            return True
         n = len(data)
         if self.size + n > self.max_bytes:
             self._give_up()
             return False
         self.size += n
-        if last and not self._open:
-            # (A bytes object is kept as it is, no copy; compiled, `bytes(data)` would be a
-            # generic call per request even then.)
-            self.requests.append(data if isinstance(data, bytes) else bytes(data))
+        if last and not self._partial:
+            self.requests.append(bytes(data))
         else:
             self._open += data
+            self._partial = len(self._open) > 0
             if last:
                 self.requests.append(bytes(self._open))
                 self._open.clear()
+                self._partial = False
         return True
 
     def _give_up(self) -> None:
         self.requests.clear()
-        self.answer_ends.clear()
+        self._ends.clear()
         self._open.clear()
+        self._partial = False
         self._held.clear()
         self._held_size = 0
         self.size = 0
@@ -222,17 +237,23 @@ class TransactionJournal:
         self._hashed = True
 
     def _fold(self) -> None:
+        held = self._held
         update = self._hash.update
-        for answer in self._held:
+        ends = self._ends
+        # The held answers are the stream's last bytes: where the first of them started.
+        end = self.relayed_total - (self._held_size - _HELD_OVERHEAD * len(held))
+        for answer in held:
             update(answer)
-        self._held.clear()
+            end += len(answer)
+            ends.append(end)
+        held.clear()
         self._held_size = 0
         self._hashed = True
 
     def answer_done(self) -> None:
         """The current answer is complete (its ReadyForQuery relayed)."""
         if not self.too_large:
-            self.answer_ends.append(self.relayed_total)
+            self._ends.append(self.relayed_total)
 
     def whole_answer(self, data: bytes, status: int, more: int, kind: int) -> None:
         """The relay's fast path wrote `data`, one whole answer ending in a ReadyForQuery of
@@ -240,7 +261,7 @@ class TransactionJournal:
         The common autocommit case (status idle, nothing more in flight) only resets."""
         if status == _TX_IDLE:
             if not more:
-                if self.relayed_total or self.answer_ends or self.blocked or self.too_large or self._open:
+                if self.relayed_total or self._ends or self.blocked or self.too_large or self._partial:
                     self.reset()
                 elif self.requests:  # the usual autocommit statement: one request, nothing hashed
                     self.requests.clear()
@@ -253,12 +274,13 @@ class TransactionJournal:
         n = len(data)
         held = self._held_size + n + _HELD_OVERHEAD
         if held <= HELD_ANSWERS_MAX:
-            self._held.append(data)
+            self._held.append(data)  # (its end is noted when it is hashed: `_fold`)
             self._held_size = held
+            self.relayed_total += n
         else:
             self._hash_view(data)
-        self.relayed_total += n
-        self.answer_ends.append(self.relayed_total)
+            self.relayed_total += n
+            self._ends.append(self.relayed_total)
 
     def answered_in_pipeline(self, status: int, more: int, kind: int) -> None:
         """The general path saw a ReadyForQuery (see `whole_answer` for the arguments)."""
@@ -277,13 +299,13 @@ class TransactionJournal:
             self._hash_view(view[start:end])
             self.relayed_total += end - start
             if kind == SEG_ANSWER_END:
-                self.answer_ends.append(self.relayed_total)
+                self._ends.append(self.relayed_total)
 
     def settled(self, status: int, more: int) -> None:
         """After the general path's write: at status idle with nothing in flight the transaction
         is over (the framing is at a boundary after its ReadyForQuery)."""
         if (status == _TX_IDLE and not more and self.framing.type < 0) and (
-            self.requests or self.relayed_total or self.blocked or self.too_large or self._open
+            self.requests or self.relayed_total or self.blocked or self.too_large or self._partial
         ):
             self.reset()
 
@@ -294,20 +316,29 @@ class TransactionJournal:
         return self._hash.copy().digest()
 
     @property
+    def answer_ends(self) -> list[int]:
+        """answer_ends[i]: `relayed_total` when answer i ended."""
+        if self._held:
+            self._fold()
+        return self._ends
+
+    @property
     def answered(self) -> int:
         """Requests whose answer the client got in full."""
-        return len(self.answer_ends)
+        return len(self._ends) + len(self._held)
 
     @property
     def relayed(self) -> int:
         """Bytes relayed of the answer in progress (0: none is)."""
-        ends = self.answer_ends
+        if self._held:
+            return 0  # (the last answer relayed is held, so whole)
+        ends = self._ends
         return self.relayed_total - (ends[-1] if ends else 0)
 
     @property
     def replayable(self) -> bool:
         """Whether a replay can be attempted: nothing was dropped and no request is half recorded."""
-        return not self.too_large and not self._open and not self.blocked
+        return not self.too_large and not self._partial and not self.blocked
 
 
 class Verifier:

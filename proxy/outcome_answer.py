@@ -19,54 +19,6 @@ _MASK64: Final = (1 << 64) - 1
 _LAST_DIGITS: Final = [f"{i:02x}" for i in range(256)]  # an id's last byte, as text
 
 
-class MarkerIds:
-    """Marker ids for one process: a random 64-bit prefix and a counter, as a uuid's text
-    (`pppppppp-pppp-pppp-cccc-cccccccccccc`, the counter's top 16 bits in the fourth group).
-
-    Drawn at every writing COMMIT, so without formatting a number each time: the text of all but
-    the counter's last byte is made once per 256 ids, and the last two digits come from a table."""
-
-    def __init__(self, prefix: int | None = None) -> None:
-        self.prefix = secrets.randbits(64) if prefix is None else prefix & _MASK64
-        self._n = 0
-        self._head = ""
-        self._head_at = -1  # the counter's top 56 bits `_head` was made for
-        self._renew_head(0)
-
-    def _renew_head(self, top: int) -> None:
-        text = f"{self.prefix:016x}{top:014x}"
-        self._head = f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
-        self._head_at = top
-
-    def next(self) -> str:
-        n = (self._n + 1) & _MASK64
-        self._n = n
-        top = n >> 8
-        if top != self._head_at:
-            self._renew_head(top)
-        return self._head + _LAST_DIGITS[n & 0xFF]
-
-
-@mypyc_attr(allow_interpreted_subclasses=True)
-class MarkerSource:
-    """What a session asks at every writing COMMIT: may this pool write a marker now, and with
-    which id. Kept current by the ledger service (`outcome.CommitOutcomeLedger`: `enabled` at
-    start and on reload, `ready` as pools are checked); compiled, so that asking is a native call."""
-
-    def __init__(self) -> None:
-        self.enabled = False  # failover.commit_outcome: marker
-        self.ready: set[str] = set()  # `pool_key` of the pools whose ledger works
-        self.ids = MarkerIds()
-
-    def new_marker(self, pool: str) -> str | None:
-        """A fresh marker id for a COMMIT of the pool `pool` (its `pool_key`), or None when the
-        ledger may not be used there (the COMMIT then goes without one, and a cut gets 08007 as
-        before)."""
-        if not self.enabled or pool not in self.ready:
-            return None
-        return self.ids.next()
-
-
 def pool_key(user: str, database: str) -> str:
     """A pool's name in `MarkerSource.ready`: one string, whose hash is kept, rather than a tuple
     hashed at every COMMIT. (NUL cannot be in either name: both are C strings on the wire.)"""
@@ -110,11 +62,85 @@ _COMMIT_HEAD: Final = _COMMIT_PARTS[0]
 _COMMIT_TAIL: Final = _COMMIT_PARTS[1]
 
 
+# Where the id is in a `marked_commit_query`, and the end of one from each id's last two digits.
+COMMIT_ID_AT: Final = len(_COMMIT_HEAD)
+_COMMIT_LAST: Final = [f"{i:02x}".encode() + _COMMIT_TAIL for i in range(256)]
+
+
 def marked_commit_query(marker_id: str) -> bytes:
     """The marker and a COMMIT in one simple Query, sent in place of the client's plain COMMIT:
     the server flushes its answer once, at the end (two Queries would be two flushes, so two
     reads for the sidecar at every writing transaction). `marker_id` as `own_marker_query`."""
     return _around_own_id(_COMMIT_HEAD, marker_id, _COMMIT_TAIL)
+
+
+class MarkerIds:
+    """Marker ids for one process: a random 64-bit prefix and a counter, as a uuid's text
+    (`pppppppp-pppp-pppp-cccc-cccccccccccc`, the counter's top 16 bits in the fourth group).
+
+    Drawn at every writing COMMIT, so without formatting a number each time: the text of all but
+    the counter's last byte is made once per 256 ids (and, as bytes, the start of the marked
+    COMMIT's Query), and the last two digits come from a table."""
+
+    def __init__(self, prefix: int | None = None) -> None:
+        self.prefix = secrets.randbits(64) if prefix is None else prefix & _MASK64
+        self._n = 0
+        self._head = ""
+        self._commit_head = b""  # `marked_commit_query` up to the id's last two digits
+        self._head_at = -1  # the counter's top 56 bits `_head` was made for
+        self._renew_head(0)
+
+    def _renew_head(self, top: int) -> None:
+        text = f"{self.prefix:016x}{top:014x}"
+        self._head = f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+        self._commit_head = _COMMIT_HEAD + self._head.encode()
+        self._head_at = top
+
+    def _advance(self) -> int:
+        """The next counter value's last byte (the head renewed when its block changes)."""
+        n = self._n + 1
+        if n >> 8 != self._head_at:
+            # (Masked here, not per id: a mask of 64 bits is arithmetic on a long.)
+            n &= _MASK64  # wraps (in some centuries) rather than growing past 64 bits
+            self._renew_head(n >> 8)
+        self._n = n
+        return n & 0xFF
+
+    def next(self) -> str:
+        low = self._advance()  # (first: it may renew the head)
+        return self._head + _LAST_DIGITS[low]
+
+    def next_commit_query(self) -> bytes:
+        """`marked_commit_query` of the next id, in one concatenation (no str made: the id is
+        read back from the Query, `COMMIT_ID_AT`, only when a cut needs it)."""
+        low = self._advance()
+        return self._commit_head + _COMMIT_LAST[low]
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)
+class MarkerSource:
+    """What a session asks at every writing COMMIT: may this pool write a marker now, and with
+    which id. Kept current by the ledger service (`outcome.CommitOutcomeLedger`: `enabled` at
+    start and on reload, `ready` as pools are checked); compiled, so that asking is a native call."""
+
+    def __init__(self) -> None:
+        self.enabled = False  # failover.commit_outcome: marker
+        self.ready: set[str] = set()  # `pool_key` of the pools whose ledger works
+        self.ids = MarkerIds()
+
+    def new_commit_query(self, pool: str) -> bytes | None:
+        """`new_marker`'s id as the marked COMMIT's Query (`MarkerIds.next_commit_query`)."""
+        if not self.enabled or pool not in self.ready:
+            return None
+        return self.ids.next_commit_query()
+
+    def new_marker(self, pool: str) -> str | None:
+        """A fresh marker id for a COMMIT of the pool `pool` (its `pool_key`), or None when the
+        ledger may not be used there (the COMMIT then goes without one, and a cut gets 08007 as
+        before)."""
+        if not self.enabled or pool not in self.ready:
+            return None
+        return self.ids.next()
 
 
 def marker_query(marker_id: str) -> bytes:

@@ -25,6 +25,7 @@ from .metrics import Stats
 from .outcome_answer import (
     COMBINED_READ_ONLY,
     COMBINED_WROTE,
+    COMMIT_ID_AT,
     COMMIT_TAG,
     MARKER_READ_ONLY,
     MARKER_WROTE,
@@ -39,7 +40,7 @@ from .outcome_answer import (
 )
 from .protocol import messages as m
 from .protocol.auth import UpstreamAuthenticator
-from .protocol.framing import Action, MessageReader, Relay, watch_table
+from .protocol.framing import Action, Inspector, MessageReader, Relay, watch_table
 from .protocol.sqlstate import (
     SERVER_GONE_STATES,
     ProxyError,
@@ -291,7 +292,10 @@ class ServerConnection(asyncio.Protocol):
         # A commit marker sent ahead of the client's COMMIT (`expect_marker`): its answer, being
         # swallowed, and its id, kept until the COMMIT's ReadyForQuery (what a cut resolves).
         self.marker: MarkerAnswer | None = None
-        self.marker_id: str | None = None
+        # The id, as bytes at `_marker_at` of `_marker_text` (a marked COMMIT's Query: no str is
+        # made per COMMIT); `marker_id` reads it.
+        self._marker_text: bytes | None = None
+        self._marker_at = 0
         self._marker_error: bytes | None = None
         # What the client gets for its marked COMMIT if the marker says it committed but the
         # answer never came: the COMMIT's tag, after ParseComplete/BindComplete for a batch.
@@ -306,7 +310,13 @@ class ServerConnection(asyncio.Protocol):
         self._quiet_due = False
         self._max = max_message_size
         self._reader = MessageReader(max_message_size)
-        self._relay = Relay(_LINKED_WATCH, self._inspect, max_message_size)
+        # The inspectors, bound once: a marked COMMIT switches to its own and back, and binding
+        # a method makes an object each time.
+        self._on_linked: Inspector = self._inspect
+        self._on_tracked: Inspector = self._inspect_tracked
+        self._on_marker: Inspector = self._inspect_marker
+        self._on_wrapped: Inspector = self._inspect_wrapped
+        self._relay = Relay(_LINKED_WATCH, self._on_linked, max_message_size)
         self._wakeup: asyncio.Future[None] | None = None
         self._on_close: Callable[[ServerConnection], None] | None = None
         self._ssl_reply: asyncio.Future[bytes] | None = None
@@ -428,9 +438,9 @@ class ServerConnection(asyncio.Protocol):
         if tracked != self._tracked:
             self._tracked = tracked
             if tracked:
-                self._relay.set_inspector(self._inspect_tracked, _TRACKED_WATCH)
+                self._relay.set_inspector(self._on_tracked, _TRACKED_WATCH)
             else:
-                self._relay.set_inspector(self._inspect, _LINKED_WATCH)
+                self._relay.set_inspector(self._on_linked, _LINKED_WATCH)
         out = client.transport
         pending = self.held_notifications
         self.held_notifications = []
@@ -533,11 +543,28 @@ class ServerConnection(asyncio.Protocol):
         transaction is aborted, so the COMMIT answers ROLLBACK; combined, the COMMIT is not run
         and the sidecar rolls back itself) give the client the marker's error in place of that
         tag, as PostgreSQL answers a COMMIT whose deferred check failed."""
-        self.marker = MarkerAnswer(combined)
-        self.marker_id = marker_id
+        self._expect(MarkerAnswer(combined), marker_id.encode(), 0, answer)
+
+    def expect_marked_commit(self, query: bytes) -> None:
+        """`expect_marker(id, combined=True)` for a Query `MarkerIds.next_commit_query` made."""
+        self._expect(MarkerAnswer(True), query, COMMIT_ID_AT, COMMIT_TAG)
+
+    def _expect(self, marker: MarkerAnswer, text: bytes, at: int, answer: bytes) -> None:
+        self.marker = marker
+        self._marker_text = text
+        self._marker_at = at
         self.marker_answer = answer
         self._marker_error = None
-        self._relay.set_inspector(self._inspect_marker, _ALL_WATCH)
+        self._relay.set_inspector(self._on_marker, _ALL_WATCH)
+
+    @property
+    def marker_id(self) -> str | None:
+        """The id of the commit marker sent ahead of the COMMIT in flight, if any."""
+        text = self._marker_text
+        if text is None:
+            return None
+        at = self._marker_at
+        return text[at : at + 36].decode()
 
     def expect_wrapped(
         self, marker_id: str, batch: bool = False, reparse: bool = False, hidden: int = 0
@@ -546,10 +573,11 @@ class ServerConnection(asyncio.Protocol):
         in one write (`SessionCore.wrap_write`): the client gets exactly what PostgreSQL sends for
         the statement alone in autocommit (`WrappedAnswer`)."""
         self.marker = MarkerAnswer()
-        self.marker_id = marker_id
+        self._marker_text = marker_id.encode()
+        self._marker_at = 0
         self._marker_error = None
         self.wrapped = WrappedAnswer(batch, reparse, hidden)
-        self._relay.set_inspector(self._inspect_wrapped, _ALL_WATCH)
+        self._relay.set_inspector(self._on_wrapped, _ALL_WATCH)
 
     def _swallow_marker(self, marker: MarkerAnswer, data: bytes) -> bytes:
         """A marked COMMIT's answers without the relay, in the usual case: the marker's answer,
@@ -579,13 +607,13 @@ class ServerConnection(asyncio.Protocol):
 
     def _marker_done(self) -> None:
         self.marker = None
-        self.marker_id = None
+        self._marker_text = None
         self._marker_error = None
         self.wrapped = None
         if self._tracked:
-            self._relay.set_inspector(self._inspect_tracked, _TRACKED_WATCH)
+            self._relay.set_inspector(self._on_tracked, _TRACKED_WATCH)
         else:
-            self._relay.set_inspector(self._inspect, _LINKED_WATCH)
+            self._relay.set_inspector(self._on_linked, _LINKED_WATCH)
 
     def _inspect_marker(self, type_byte: int, msg: memoryview) -> Action:
         marker = self.marker

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .. import logs
 from ..journal import TransactionJournal
-from ..outcome_answer import COMMIT_TAG, MarkerSource, marked_commit_query, own_marker_query
+from ..outcome_answer import COMMIT_TAG, MarkerSource, own_marker_query
 from ..protocol import messages as m
 from ..protocol.framing import Action, Relay, Span
 from ..protocol.sqlstate import (
@@ -70,9 +70,16 @@ _PLAIN_COMMIT: Final = re.compile(
 )
 
 # The COMMITs drivers and pgbench send, as whole Query messages: known without the pattern.
-_COMMON_COMMITS: Final = frozenset(
-    m.query(text) for word in ("COMMIT", "commit", "END", "end") for text in (word, word + ";")
-)
+# (A list, not a set: `data` is a new object per request, and hashing it costs more than a few
+# comparisons, most of them settled by the length.)
+_COMMON_COMMITS: Final = [
+    m.query(text) for word in ("END", "COMMIT", "end", "commit") for text in (word + ";", word)
+]
+
+
+def _common_commit(data: bytes) -> bool:
+    n = len(data)
+    return any(len(common) == n and common == data for common in _COMMON_COMMITS)
 
 # Autocommit writes `wrap_write` may wrap (one byte, lowercased, picks the few Queries looked at).
 _WRAPPABLE: Final = frozenset({b"insert", b"update", b"delete", b"merge"})
@@ -338,13 +345,13 @@ class SessionCore(LinkedClient):
         replay": commit outcomes.)"""
         if len(data) > 64 or data[5] | 0x20 not in (0x63, 0x65):
             return data  # (one byte decides for almost every statement: a COMMIT starts with c or e)
-        if data not in _COMMON_COMMITS and _PLAIN_COMMIT.match(data, 5) is None:
+        if not _common_commit(data) and _PLAIN_COMMIT.match(data, 5) is None:
             return data
-        marker_id = self.markers.new_marker(self.pool_key)
-        if marker_id is None:
+        query = self.markers.new_commit_query(self.pool_key)
+        if query is None:
             return data
-        server.expect_marker(marker_id, combined=True)
-        return marked_commit_query(marker_id)
+        server.expect_marked_commit(query)
+        return query
 
     def wrap_write(self, server: ServerConnection, data: bytes) -> bytes:
         """`data` is one simple Query sent outside a transaction block (status 'I'): if it is a

@@ -17,7 +17,7 @@ from proxy import compiled
 from proxy.client import ClientSession
 from proxy.hold import Gate
 from proxy.metrics import Stats
-from proxy.outcome_answer import MarkerSource
+from proxy.outcome_answer import MarkerSource, marked_commit_query
 from proxy.protocol import messages as m
 from proxy.protocol.sqlstate import UpstreamUnavailable
 from proxy.server import ServerConnection, ServerState
@@ -160,6 +160,9 @@ class FakeMarkers(MarkerSource):
 
     def new_marker(self, pool: str) -> str | None:
         return self.marker
+
+    def new_commit_query(self, pool: str) -> bytes | None:
+        return None if self.marker is None else marked_commit_query(self.marker)
 
 
 class FakeLedger:
