@@ -141,7 +141,11 @@ class TransactionJournal:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes  # failover.replay_max_bytes
-        self.requests: list[bytes] = []  # whole requests, in order, to re-send
+        # Whole requests, in order, to re-send (`requests`): a transaction's first one in
+        # `_lone`, the list only from the second on, so that the usual autocommit statement costs
+        # no list append and clear.
+        self._lone: bytes | None = None
+        self._more: list[bytes] = []
         self.size = 0  # bytes held in `requests` (and in the open part)
         self.too_large = False  # over max_bytes: this transaction cannot be replayed
         self._open = bytearray()  # a request still being recorded (a batch forwarded in pieces)
@@ -165,7 +169,8 @@ class TransactionJournal:
         self.reset()
 
     def reset(self) -> None:
-        self.requests.clear()
+        self._lone = None
+        self._more.clear()
         self._ends.clear()
         self._open.clear()
         self._partial = False
@@ -194,7 +199,10 @@ class TransactionJournal:
                 self._give_up()
                 return False
             self.size += n
-            self.requests.append(data)
+            if self._lone is None and not self._more:
+                self._lone = data  # (the usual first request: `_keep` inlined)
+            else:
+                self._keep(data)
             return True
         n = len(data)
         if self.size + n > self.max_bytes:
@@ -202,18 +210,34 @@ class TransactionJournal:
             return False
         self.size += n
         if last and not self._partial:
-            self.requests.append(bytes(data))
+            self._keep(bytes(data))
         else:
             self._open += data
             self._partial = len(self._open) > 0
             if last:
-                self.requests.append(bytes(self._open))
+                self._keep(bytes(self._open))
                 self._open.clear()
                 self._partial = False
         return True
 
+    def _keep(self, request: bytes) -> None:
+        if self._lone is None and not self._more:
+            self._lone = request
+            return
+        if self._lone is not None:
+            self._more.append(self._lone)
+            self._lone = None
+        self._more.append(request)
+
+    @property
+    def requests(self) -> list[bytes]:
+        """The transaction's whole requests, in order."""
+        lone = self._lone
+        return [lone] if lone is not None else self._more
+
     def _give_up(self) -> None:
-        self.requests.clear()
+        self._lone = None
+        self._more.clear()
         self._ends.clear()
         self._open.clear()
         self._partial = False
@@ -263,8 +287,11 @@ class TransactionJournal:
             if not more:
                 if self.relayed_total or self._ends or self.blocked or self.too_large or self._partial:
                     self.reset()
-                elif self.requests:  # the usual autocommit statement: one request, nothing hashed
-                    self.requests.clear()
+                elif self._lone is not None:  # the usual autocommit statement: nothing hashed
+                    self._lone = None
+                    self.size = 0
+                elif self._more:
+                    self._more.clear()
                     self.size = 0
                 return
             if kind != REQUEST_READ:
@@ -305,7 +332,12 @@ class TransactionJournal:
         """After the general path's write: at status idle with nothing in flight the transaction
         is over (the framing is at a boundary after its ReadyForQuery)."""
         if (status == _TX_IDLE and not more and self.framing.type < 0) and (
-            self.requests or self.relayed_total or self.blocked or self.too_large or self._partial
+            self._lone is not None
+            or self._more
+            or self.relayed_total
+            or self.blocked
+            or self.too_large
+            or self._partial
         ):
             self.reset()
 
