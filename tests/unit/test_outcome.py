@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from proxy.outcome import CommitOutcomeLedger, MarkerAnswer, MarkerIds, marker_query, marker_statement
+from proxy.outcome_answer import COMMIT_ID_AT, marked_commit_query
 from proxy.protocol import messages as m
 from sidecar_config import parse_config
 
@@ -35,6 +36,18 @@ def test_marker_ids_count_on_across_their_text_blocks() -> None:
     assert drawn[-1] == "01234567-89ab-cdef-0001-00000000012c"
     ids._n = (1 << 64) - 1  # wraps (in some centuries) rather than growing past 64 bits
     assert ids.next() == "01234567-89ab-cdef-0000-000000000000"
+
+
+def test_a_marked_commit_query_from_the_ids_bytes_is_the_one_made_from_the_id() -> None:
+    """`next_commit_query` builds the Query from bytes kept per 256 ids: the same Query as
+    `marked_commit_query` of the same id, across blocks, with the id where `COMMIT_ID_AT` says."""
+    texts, queries = MarkerIds(prefix=0x0123456789ABCDEF), MarkerIds(prefix=0x0123456789ABCDEF)
+    texts._n = queries._n = (1 << 48) - 300
+    for _ in range(600):
+        marker = texts.next()
+        query = queries.next_commit_query()
+        assert query == marked_commit_query(marker)
+        assert query[COMMIT_ID_AT : COMMIT_ID_AT + 36].decode() == marker
 
 
 def test_the_marker_query_is_one_simple_query() -> None:

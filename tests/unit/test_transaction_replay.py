@@ -373,6 +373,7 @@ def test_a_commit_goes_out_behind_its_marker_whose_answer_the_client_never_sees(
         client.data_received(query("COMMIT"))
         # The marker and the COMMIT in one Query: one flush of the server's answer for both.
         assert server_out(server).take() == marked_commit_query(MARKER)
+        assert server.marker_id == MARKER  # (read back from the Query: what a cut resolves)
         server.data_received(marker_answer()[:-6])  # (no ReadyForQuery of its own)
         assert transport.take() == b""
         server.data_received(answer("COMMIT"))
