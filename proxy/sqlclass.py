@@ -88,6 +88,21 @@ def _one_ending_semicolon(raw: bytes, start: int) -> bool:
     return n >= start + 2 and raw[n - 1] == 0 and raw[n - 2] == 0x3B and 0x3B not in raw[start : n - 2]
 
 
+def empty_query(buf: bytes | memoryview, start: int) -> bool:
+    """True when the query text at `start` (up to its NUL, or the end) is only blanks and
+    semicolons: an empty query, which PostgreSQL answers EmptyQueryResponse, so running it again
+    does nothing (SQLAlchemy's psycopg dialect pings with ";"). One byte decides for the rest."""
+    n = len(buf)
+    if start >= n or not (_BLANK[buf[start]] or buf[start] == 0x3B or buf[start] == 0):
+        return False
+    i = start
+    while i < n and buf[i] != 0:
+        if not (_BLANK[buf[i]] or buf[i] == 0x3B):
+            return False
+        i += 1
+    return True
+
+
 def lone_select(buf: bytes | memoryview, start: int) -> bool:
     """True when the query text at `start` is one plain SELECT calling no session function: a read
     that leaves session state alone, the data path's most common statement. False means look

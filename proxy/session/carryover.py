@@ -292,15 +292,38 @@ class Carryover:
             return
         await self._run_replay(server, pool, cut, plan)
 
-    async def _outcome_server(self, cut: Cut) -> tuple[ServerConnection, Pool] | None:
+    async def _ask_outcome(
+        self, server: ServerConnection, pool: Pool, cut: Cut, marker_id: str
+    ) -> str | ProxyError:
+        """`outcome.resolve` on `server` (acquired for it): "committed" or "not_committed", or
+        why it could not be asked (`server` then released)."""
+        core = self.core
+        core.own_query_on = server
+        try:
+            if str(server.endpoint) == cut.server:
+                # The same server (a cut connection, or a restart): the old backend, if it still
+                # lives, may still be committing; it is ended first (`outcome.resolve`).
+                old_age = monotonic() - cut.opened
+                return await resolve_marker(server, marker_id, cut.backend_pid, old_age)
+            return await resolve_marker(server, marker_id)
+        except asyncio.CancelledError:
+            pool.release(server, reset=not core.transaction_mode, unknown=True)
+            raise
+        except ProxyError as exc:
+            pool.release(server, reset=False)
+            return exc
+        finally:
+            core.own_query_on = None
+
+    async def _outcome_server(self, cut: Cut, deadline: float) -> tuple[ServerConnection, Pool] | None:
         """A server of the writer, to learn a cut COMMIT's outcome: waited for past
         `failover.hold_timeout` (a COMMIT cut while no writer exists anywhere waits for one to
-        return, rather than be told 08007 at once), up to `failover.commit_outcome_timeout`
-        since the cut; then, or if the client left, None (the client told as before)."""
+        return, rather than be told 08007 at once), up to `deadline` (the loop's clock:
+        `failover.commit_outcome_timeout` after the cut); then, or if the client left, None (the
+        client told as before)."""
         core = self.core
         loop = asyncio.get_running_loop()
         failover = core.host.config.failover
-        deadline = loop.time() + float(failover.commit_outcome_timeout)
         while True:
             pool = core.writer_pool  # (a marked COMMIT ran on the writer, and is resolved there)
             reason = "no writer is known"
@@ -434,29 +457,26 @@ class Carryover:
         08007 if that never came (its row count is not known); not committed, the statement is
         run again on the new writer, once, in autocommit."""
         core = self.core
-        found = await self._outcome_server(cut)
-        if found is None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + float(core.host.config.failover.commit_outcome_timeout)
+        while True:
+            found = await self._outcome_server(cut, deadline)
+            if found is None:
+                return
+            server, pool = found
+            asked = await self._ask_outcome(server, pool, cut, marker_id)
+            if isinstance(asked, str):
+                outcome = asked
+                break
+            if isinstance(asked, UpstreamUnavailable) and loop.time() < deadline and core.state == HELD:
+                # The connection went down under the question: a writer confirmed just as it
+                # crashed, or a pooled connection to it not yet found dead. Nothing was learnt,
+                # and the next confirmed writer can still tell, until the deadline.
+                logs.event("commit_outcome_retry", conn=core.id, marker=marker_id, reason=str(asked))
+                await asyncio.sleep(float(core.host.config.failover.check_interval))
+                continue
+            self._replay_failed(cut, f"commit outcome unknown: {asked}")
             return
-        server, pool = found
-        same = str(server.endpoint) == cut.server
-        core.own_query_on = server
-        try:
-            if same:
-                # The same server (a cut connection, or a restart): the old backend, if it still
-                # lives, may still be committing; it is ended first (`outcome.resolve`).
-                old_age = monotonic() - cut.opened
-                outcome = await resolve_marker(server, marker_id, cut.backend_pid, old_age)
-            else:
-                outcome = await resolve_marker(server, marker_id)
-        except asyncio.CancelledError:
-            pool.release(server, reset=not core.transaction_mode, unknown=True)
-            raise
-        except ProxyError as exc:
-            pool.release(server, reset=False)
-            self._replay_failed(cut, f"commit outcome unknown: {exc}")
-            return
-        finally:
-            core.own_query_on = None
         if core.state != HELD:
             pool.release(server, reset=False)
             return

@@ -20,6 +20,7 @@ from ..server import (
     REQUEST_READ,
 )
 from ..sqlclass import (
+    empty_query,
     first_keyword,
     has_more_statements,
     lone_select,
@@ -96,6 +97,8 @@ _COMMITS: Final = (b"commit", b"end")
 def _request_kind(keyword: bytes, msg: memoryview, offset: int) -> int:
     if keyword in _COMMITS:
         return REQUEST_COMMIT
+    if not keyword and empty_query(msg, offset):
+        return REQUEST_READ  # (nothing to do again)
     return _read_kind(msg, offset) if keyword == b"select" else REQUEST_OTHER
 
 
@@ -104,7 +107,7 @@ def _plain_kind(data: bytes, sql_offset: int) -> int:
     starts `data`) when it is one statement that leaves session state alone and is not a COMMIT
     (nothing to note, check or rewrite), else -1. What follows the text may be scanned too, which
     can only make the answer -1."""
-    if lone_select(data, sql_offset):
+    if lone_select(data, sql_offset) or empty_query(data, sql_offset):
         return REQUEST_READ
     if (
         (session_keyword_at(data, sql_offset) and not _is_delete(data, sql_offset))

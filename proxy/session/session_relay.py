@@ -22,6 +22,7 @@ from ..sqlclass import (
     Deallocate,
     Effects,
     classify,
+    empty_query,
     first_keyword,
     lone_select,
     mentions_session_functions,
@@ -250,7 +251,7 @@ class SessionRelay(Mode):
         parses the few that can change settings or pin the session.
         """
         if not session_keyword_at(msg, sql_offset):
-            return REQUEST_OTHER
+            return REQUEST_READ if empty_query(msg, sql_offset) else REQUEST_OTHER
         if lone_select(msg, sql_offset):
             return REQUEST_READ
         keyword = first_keyword(msg, sql_offset)

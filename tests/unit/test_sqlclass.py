@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.sqlclass import has_more_statements, lone_select, mentions_session_functions
+from proxy.protocol import messages as m
+from proxy.requests import REQUEST_READ
+from proxy.session.scan import _plain_kind, _request_kind
+from proxy.sqlclass import (
+    empty_query,
+    first_keyword,
+    has_more_statements,
+    lone_select,
+    mentions_session_functions,
+)
 
 
 def query(sql: str) -> bytes:
@@ -83,3 +92,16 @@ def test_session_functions_need_a_call() -> None:
     message = query(sql[: 40 - 5])
     assert message[1:5] == (40).to_bytes(4, "big") and 0x28 in message[:5]
     assert not mentions_session_functions(message, 5)
+
+
+@pytest.mark.parametrize(
+    ("text", "empty"),
+    [(";", True), ("  ;; \n", True), ("", True), ("insert into t values (1)", False), (" ;x", False)],
+)
+def test_an_empty_query_is_known_as_one(text: str, empty: bool) -> None:
+    """SQLAlchemy's psycopg dialect pings with ";": a request that may be run again (a read) when
+    its server is lost in flight, as PostgreSQL answers it EmptyQueryResponse and does nothing."""
+    msg = m.query(text)
+    assert empty_query(msg, 5) is empty
+    assert (_plain_kind(msg, 5) == REQUEST_READ) is empty
+    assert (_request_kind(first_keyword(msg, 5), memoryview(msg), 5) == REQUEST_READ) is empty
