@@ -536,18 +536,19 @@ class ServerConnection(asyncio.Protocol):
 
     # ---------------------------------------------------------------- commit markers
 
-    def expect_marker(self, marker_id: str, answer: bytes = COMMIT_TAG, combined: bool = False) -> None:
-        """The client's COMMIT goes out behind `outcome.marker_query(marker_id)`, in the same write
-        (or, `combined`, as `marked_commit_query`: the marker and COMMIT in one Query): swallow
-        the marker's answer (the client never asked for it), and if the marker failed (its
-        transaction is aborted, so the COMMIT answers ROLLBACK; combined, the COMMIT is not run
-        and the sidecar rolls back itself) give the client the marker's error in place of that
-        tag, as PostgreSQL answers a COMMIT whose deferred check failed."""
-        self._expect(MarkerAnswer(combined), marker_id.encode(), 0, answer)
+    def expect_marker(self, marker_id: str, answer: bytes = COMMIT_TAG) -> None:
+        """The client's COMMIT (a batch's) goes out behind `outcome.marker_query(marker_id)`, in
+        the same write: swallow the marker's answer (the client never asked for it), and if the
+        marker failed (its transaction is aborted, so the COMMIT answers ROLLBACK) give the client
+        the marker's error in place of that tag, as PostgreSQL answers a COMMIT whose deferred
+        check failed."""
+        self._expect(MarkerAnswer(), marker_id.encode(), 0, answer)
 
     def expect_marked_commit(self, query: bytes) -> None:
-        """`expect_marker(id, combined=True)` for a Query `MarkerIds.next_commit_query` made."""
-        self._expect(MarkerAnswer(True), query, COMMIT_ID_AT, COMMIT_TAG)
+        """As `expect_marker`, for the marker and a plain COMMIT in one Query
+        (`MarkerIds.next_commit_query`): if the marker fails, the COMMIT is not run and the
+        sidecar rolls back itself."""
+        self._expect(MarkerAnswer(combined=True), query, COMMIT_ID_AT, COMMIT_TAG)
 
     def _expect(self, marker: MarkerAnswer, text: bytes, at: int, answer: bytes) -> None:
         self.marker = marker
