@@ -56,8 +56,30 @@ def _around_own_id(head: bytes, marker_id: str, tail: bytes) -> bytes:
     return head + marker_id.encode() + tail
 
 
-# `marked_commit_query` around the id.
-_COMMIT_PARTS: Final = m.query(marker_statement(_SAMPLE_ID).decode() + "; COMMIT").split(_SAMPLE_ID.encode())
+# The marked COMMIT (`marked_commit_query`): the marker and a COMMIT in one extended-protocol
+# batch, run as two statements the sidecar prepares once per server connection, so that PostgreSQL
+# does not parse, analyse and plan the marker's SELECT at every writing COMMIT (a third of what
+# the marker costs it). One Sync: the server flushes its answer once, at the end. Bound to the
+# unnamed portal, which a COMMIT drops anyway; the client's unnamed statement is left alone.
+# (ARCHITECTURE.md, "Transaction replay": commit outcomes.)
+MARK_STATEMENT: Final = "pgsidecar_mark_commit"
+COMMIT_STATEMENT: Final = "pgsidecar_commit"
+MARKED_COMMIT_STATEMENTS: Final = frozenset({MARK_STATEMENT, COMMIT_STATEMENT})
+# Sent ahead of the batch on a server connection that may not hold both statements: Close of a
+# statement that does not exist succeeds, so this holds whatever the connection holds.
+PREPARE_MARKED_COMMIT: Final = (
+    m.close("S", MARK_STATEMENT)
+    + m.close("S", COMMIT_STATEMENT)
+    + m.parse(MARK_STATEMENT, "SELECT pgsidecar.mark_commit($1::uuid)")
+    + m.parse(COMMIT_STATEMENT, "COMMIT")
+)
+_COMMIT_PARTS: Final = (
+    m.bind("", MARK_STATEMENT, (), [_SAMPLE_ID.encode()])
+    + m.execute()
+    + m.bind("", COMMIT_STATEMENT)
+    + m.execute()
+    + m.sync()
+).split(_SAMPLE_ID.encode())
 _COMMIT_HEAD: Final = _COMMIT_PARTS[0]
 _COMMIT_TAIL: Final = _COMMIT_PARTS[1]
 
@@ -68,9 +90,9 @@ _COMMIT_LAST: Final = [f"{i:02x}".encode() + _COMMIT_TAIL for i in range(256)]
 
 
 def marked_commit_query(marker_id: str) -> bytes:
-    """The marker and a COMMIT in one simple Query, sent in place of the client's plain COMMIT:
-    the server flushes its answer once, at the end (two Queries would be two flushes, so two
-    reads for the sidecar at every writing transaction). `marker_id` as `own_marker_query`."""
+    """The marker and a COMMIT in one batch (Bind and Execute of each, one Sync), sent in place
+    of the client's plain COMMIT, on a server connection that holds both statements (else behind
+    `PREPARE_MARKED_COMMIT`). `marker_id` as `own_marker_query`."""
     return _around_own_id(_COMMIT_HEAD, marker_id, _COMMIT_TAIL)
 
 
@@ -154,27 +176,31 @@ class MarkerAnswer:
     asked for it): RowDescription, DataRow ('t' or 'f'), CommandComplete "SELECT 1",
     ReadyForQuery; or ErrorResponse then ReadyForQuery ('E').
 
-    `feed` each backend message in order; it returns True at the ReadyForQuery that ends the
-    answer. NotificationResponse and ParameterStatus are not part of the answer (PostgreSQL may
-    send them at any time): `feed` ignores them and the session relays them as usual. NoticeResponse
-    is swallowed (the client did not run this).
+    `feed` each backend message in order; it returns True at the message that ends the answer.
+    NotificationResponse and ParameterStatus are not part of the answer (PostgreSQL may send them
+    at any time): `feed` ignores them and the session relays them as usual. NoticeResponse is
+    swallowed (the client did not run this).
 
     After an error the transaction is aborted, and the client's COMMIT, already sent behind the
     marker, answers "ROLLBACK": the session must not relay that tag as it is but send the marker's
     ErrorResponse (`error`) in its place followed by the COMMIT's ReadyForQuery, as PostgreSQL does
     when a deferred constraint fails at COMMIT, so that the client knows nothing was committed.
+
+    `combined`: the marked COMMIT's batch (`marked_commit_query`, perhaps behind
+    `PREPARE_MARKED_COMMIT`): CloseComplete and ParseComplete of the statements prepared first,
+    BindComplete, DataRow and CommandComplete of the marker; the answer ends at the COMMIT's
+    BindComplete (its CommandComplete and the one ReadyForQuery follow). After an error it ends
+    at the ReadyForQuery ('E': the rest of the batch, the COMMIT too, was skipped).
     """
 
-    __slots__ = ("combined", "done", "error", "marked")
+    __slots__ = ("combined", "done", "error", "marked", "ran")
 
     def __init__(self, combined: bool = False) -> None:
         self.marked: bool | None = None  # True: the marker row was written (the transaction had an xid)
         self.error: dict[str, str] | None = None  # the ErrorResponse's fields, if the call failed
         self.done = False
-        # The marker and the COMMIT in one Query (`marked_commit_query`): the marker's answer
-        # ends at its CommandComplete (the COMMIT's follows, then the one ReadyForQuery); after
-        # an error, at the ReadyForQuery ('E': the COMMIT was not run).
         self.combined = combined
+        self.ran = False  # the marker's CommandComplete came
 
     def feed(self, type_byte: int, body: bytes | memoryview) -> bool:
         if self.done:
@@ -184,15 +210,14 @@ class MarkerAnswer:
             self.marked = len(values) == 1 and values[0] == b"t"
         elif type_byte == m.B_ERROR:
             self.error = m.decode_error_fields(body)
-        elif type_byte == m.B_READY_FOR_QUERY or (type_byte == m.B_COMMAND_COMPLETE and self.combined):
+        elif type_byte == m.B_READY_FOR_QUERY:
             self.done = True
-        elif type_byte not in (
-            m.B_ROW_DESCRIPTION,
-            m.B_COMMAND_COMPLETE,
-            m.B_NOTICE,
-            m.B_NOTIFICATION,
-            m.B_PARAMETER_STATUS,
-        ):
+        elif type_byte == m.B_COMMAND_COMPLETE:
+            self.ran = True
+        elif self.combined and type_byte in (m.B_BIND_COMPLETE, m.B_PARSE_COMPLETE, m.B_CLOSE_COMPLETE):
+            if type_byte == m.B_BIND_COMPLETE and self.ran:
+                self.done = True  # the COMMIT's Bind: what follows is the COMMIT's answer
+        elif type_byte not in (m.B_ROW_DESCRIPTION, m.B_NOTICE, m.B_NOTIFICATION, m.B_PARAMETER_STATUS):
             raise ValueError(f"unexpected message {chr(type_byte)!r} in the answer to the commit marker")
         return self.done
 
@@ -227,12 +252,22 @@ def _marker_answer(wrote: bytes) -> bytes:
     )
 
 
-# The two answers `_swallow_marker` recognises whole, without the relay; of a combined marker
-# (`marked_commit_query`), the same without the ReadyForQuery.
+def _combined_answer(wrote: bytes) -> bytes:
+    """The marker's part of the answer to `marked_commit_query` (on a server connection that
+    holds both statements): BindComplete, DataRow, CommandComplete, and the COMMIT's BindComplete."""
+    return (
+        m.message(b"2")
+        + m.message(b"D", (1).to_bytes(2, "big") + (1).to_bytes(4, "big") + wrote)
+        + m.command_complete("SELECT 1")
+        + m.message(b"2")
+    )
+
+
+# The answers `_swallow_marker` recognises whole, without the relay.
 MARKER_WROTE: Final = _marker_answer(b"t")
 MARKER_READ_ONLY: Final = _marker_answer(b"f")
-COMBINED_WROTE: Final = MARKER_WROTE[:-6]
-COMBINED_READ_ONLY: Final = MARKER_READ_ONLY[:-6]
+COMBINED_WROTE: Final = _combined_answer(b"t")
+COMBINED_READ_ONLY: Final = _combined_answer(b"f")
 # Past this many bytes of a wrapped statement's notices, they are relayed rather than held.
 WRAP_HOLD_MAX: Final = 65536
 

@@ -545,6 +545,7 @@ class Pool:
         if sql is not None:
             # DISCARD ALL (the default reset) leaves the server as it was after login.
             server.applied = {}
+            server.marker_prepared = False  # (whatever the reset query, to be safe)
             server.held_notifications.clear()  # (the previous client's)
             if not session:
                 server.statements.replace_all(set())

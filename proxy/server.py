@@ -29,6 +29,7 @@ from .outcome_answer import (
     COMMIT_TAG,
     MARKER_READ_ONLY,
     MARKER_WROTE,
+    PREPARE_MARKED_COMMIT,
     WRAP_BEGIN,
     WRAP_COMMIT,
     WRAP_HOLD_MAX,
@@ -114,6 +115,8 @@ _ALL_WATCH: Final = watch_table(range(256))
 _MARKER_PASSES: Final = (m.B_NOTIFICATION, m.B_PARAMETER_STATUS)
 # The sidecar's own ROLLBACK, after a combined marker failed (`_inspect_marker`).
 _ROLLBACK: Final = m.query("ROLLBACK")
+# Where the id is in a marked COMMIT sent behind the statements' preparation.
+_PREPARED_ID_AT: Final = len(PREPARE_MARKED_COMMIT) + COMMIT_ID_AT
 
 
 # Puts a server back in step with the sidecar when a client left in the middle of an
@@ -300,6 +303,11 @@ class ServerConnection(asyncio.Protocol):
         # What the client gets for its marked COMMIT if the marker says it committed but the
         # answer never came: the COMMIT's tag, after ParseComplete/BindComplete for a batch.
         self.marker_answer = COMMIT_TAG
+        # Whether this connection holds the marked COMMIT's two prepared statements
+        # (`expect_marked_commit`). Anything that may have dropped them (a reset, the client's
+        # DEALLOCATE or DISCARD, a failed marker) sets it back to False: sent then, the batch
+        # would fail, and with it the client's transaction.
+        self.marker_prepared = False
         # An autocommit write sent wrapped (`expect_wrapped`): the statement's answer, held until
         # its COMMIT's answer says what PostgreSQL would have sent for it.
         self.wrapped: WrappedAnswer | None = None
@@ -544,11 +552,17 @@ class ServerConnection(asyncio.Protocol):
         check failed."""
         self._expect(MarkerAnswer(), marker_id.encode(), 0, answer)
 
-    def expect_marked_commit(self, query: bytes) -> None:
-        """As `expect_marker`, for the marker and a plain COMMIT in one Query
-        (`MarkerIds.next_commit_query`): if the marker fails, the COMMIT is not run and the
-        sidecar rolls back itself."""
-        self._expect(MarkerAnswer(combined=True), query, COMMIT_ID_AT, COMMIT_TAG)
+    def expect_marked_commit(self, query: bytes) -> bytes:
+        """As `expect_marker`, for the marker and a plain COMMIT in one batch
+        (`MarkerIds.next_commit_query`); returns what to send: `query`, behind
+        `PREPARE_MARKED_COMMIT` unless this connection is known to hold the two statements. If
+        the marker fails, the COMMIT is not run and the sidecar rolls back itself."""
+        if self.marker_prepared:
+            self._expect(MarkerAnswer(True), query, COMMIT_ID_AT, COMMIT_TAG)
+            return query
+        query = PREPARE_MARKED_COMMIT + query
+        self._expect(MarkerAnswer(True), query, _PREPARED_ID_AT, COMMIT_TAG)
+        return query
 
     def _expect(self, marker: MarkerAnswer, text: bytes, at: int, answer: bytes) -> None:
         self.marker = marker
@@ -628,12 +642,16 @@ class ServerConnection(asyncio.Protocol):
             except ValueError as exc:
                 self.close_reason = f"protocol error from server: {exc}"
                 return Action.DROP
-            if marker.done and marker.combined and type_byte == m.B_READY_FOR_QUERY:
-                # The marker failed, so the COMMIT after it in the same Query was not run: the
-                # transaction is ended here, and its answer stands for the COMMIT's (below).
-                out = self.transport
-                if out is not None:
-                    out.write(_ROLLBACK)
+            if marker.done and marker.combined:
+                # The statements are there once the batch ran; after an error, who knows (they
+                # are prepared again, closed first, next time).
+                self.marker_prepared = marker.error is None
+                if type_byte == m.B_READY_FOR_QUERY:
+                    # The marker failed, so the COMMIT after it in the same batch was not run:
+                    # the transaction is ended here, and its answer stands for the COMMIT's (below).
+                    out = self.transport
+                    if out is not None:
+                        out.write(_ROLLBACK)
             return Action.DROP
         if marker is not None:
             # The COMMIT's own answer (or the sidecar's ROLLBACK's, after a combined marker failed).

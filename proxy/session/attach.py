@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from .. import logs
+from ..outcome_answer import MARKED_COMMIT_STATEMENTS
 from ..pool import WriterChanged
 from ..protocol.sqlstate import (
     ProxyError,
@@ -421,7 +422,9 @@ class Attach:
             server.applied = dict(core.settings)
         if core.discarded:
             result = await server.simple_query("SELECT name FROM pg_catalog.pg_prepared_statements")
-            server.statements.replace_all({str(row[0]) for row in result.rows})
+            # (Not the marked COMMIT's: those are the server connection's own, not shared.)
+            server.statements.replace_all({str(row[0]) for row in result.rows} - MARKED_COMMIT_STATEMENTS)
+            server.marker_prepared = False
         core.settings_dirty = core.reset_all = core.discarded = False
         core.reset_names.clear()
 

@@ -36,7 +36,7 @@ from ..server import (
     ServerConnection,
     ServerState,
 )
-from ..sqlclass import Effects, first_keyword, has_more_statements
+from ..sqlclass import Deallocate, Effects, first_keyword, has_more_statements
 from . import states
 from .host import SessionHost
 from .mode import Mode
@@ -340,7 +340,7 @@ class SessionCore(LinkedClient):
     def commit_marker(self, server: ServerConnection, data: bytes) -> bytes:
         """`data` is one simple Query sent inside a transaction block (status 'T'): what to send
         in its place. If it is a plain COMMIT and the ledger may be used for this pool, the
-        commit marker and a COMMIT in one Query (`marked_commit_query`: one flush for both), the
+        commit marker and a COMMIT in one batch (`marked_commit_query`: one flush for both), the
         server told to swallow the marker's answer; else `data`. (ARCHITECTURE.md, "Transaction
         replay": commit outcomes.)"""
         if len(data) > 64 or data[5] | 0x20 not in (0x63, 0x65):
@@ -350,8 +350,7 @@ class SessionCore(LinkedClient):
         query = self.markers.new_commit_query(self.pool_key)
         if query is None:
             return data
-        server.expect_marked_commit(query)
-        return query
+        return server.expect_marked_commit(query)
 
     def wrap_write(self, server: ServerConnection, data: bytes) -> bytes:
         """`data` is one simple Query sent outside a transaction block (status 'I'): if it is a
@@ -492,7 +491,12 @@ class SessionCore(LinkedClient):
 
     def note_effects(self, effects: Effects) -> None:
         """A statement on its way to the server changes settings (or discards everything): read
-        them back at the next quiet point (`Attach.quiet_point`)."""
+        them back at the next quiet point (`Attach.quiet_point`). One that drops prepared
+        statements may drop the server connection's own (`ServerConnection.marker_prepared`)."""
+        if effects.discard_all or effects.deallocate is not Deallocate.NONE:
+            server = self.server
+            if server is not None:
+                server.marker_prepared = False  # (the marked COMMIT's statements may go too)
         if not (effects.changes_settings or effects.discard_all):
             return
         state = self.state

@@ -485,9 +485,12 @@ class TransactionRouting(Mode):
             self.relay.insert(m.sync())
             tracker.expect(Expect.SYNC)
             return Action.DROP
+        if keyword == b"discard" or keyword == b"deallocate":
+            # What reaches the server may drop the marked COMMIT's statements too.
+            server.marker_prepared = False
         # DISCARD ALL succeeds only outside a transaction block; there it drops the client's
         # statement names too (the server's shared statements are re-read at the quiet point).
-        discards = first_keyword(msg, 5) == b"discard" and server.tx_status == m.TX_IDLE
+        discards = keyword == b"discard" and server.tx_status == m.TX_IDLE
         if discards and classify(_cstring(msg, 5)).discard_all:
             router.deallocate(None)
         tracker.expect(Expect.QUERY)

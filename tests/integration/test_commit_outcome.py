@@ -431,6 +431,46 @@ def test_with_the_ledger_show_topology_says_marker(
     assert _markers(a1, database) == {fresh}
 
 
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_the_marked_commits_statements_are_prepared_again_once_dropped(
+    sidecar_factory: SidecarFactory, shared_topology: pg.Topology, database: str, mode: str
+) -> None:
+    """A writing COMMIT runs as two statements the server connection prepares once (its first
+    marked COMMIT). The client's DEALLOCATE ALL and DISCARD ALL may drop them, on the extended
+    or the simple protocol: every later COMMIT still commits, marked, and the next one prepares
+    them again. One server connection, so every COMMIT goes to the one that held them."""
+    a1 = shared_topology.a1
+    _install(a1, database)
+    with _app_conn(a1, database) as conn:
+        conn.execute("CREATE TABLE t (x int)")
+    sidecar = sidecar_factory({**_config(database), "pool": {"mode": mode, "size": 1}})
+    assert _wait_outcome(sidecar, lambda v: v != "unchecked") == "marker"
+    held_sql = "SELECT name FROM pg_prepared_statements WHERE name LIKE 'pgsidecar%commit' ORDER BY 1"
+    with psycopg.connect(sidecar.dsn(USER, dbname=database, connect_timeout=5)) as app:
+
+        def commit(x: int) -> list[str]:
+            app.execute("INSERT INTO t VALUES (%s)", (x,))
+            app.commit()  # (psycopg: a simple Query "COMMIT", as most drivers send it)
+            held = [str(row[0]) for row in app.execute(held_sql).fetchall()]
+            app.commit()
+            return held
+
+        assert commit(1) == ["pgsidecar_commit", "pgsidecar_mark_commit"]
+        assert commit(2) == ["pgsidecar_commit", "pgsidecar_mark_commit"]
+        app.execute("DEALLOCATE ALL")  # extended protocol, in a block
+        app.commit()
+        commit(3)
+        app.pgconn.exec_(b"DEALLOCATE ALL")  # simple protocol, outside one
+        commit(4)
+        app.autocommit = True
+        app.execute("DISCARD ALL")
+        app.pgconn.exec_(b"DISCARD ALL")
+        app.autocommit = False
+        assert commit(5) == ["pgsidecar_commit", "pgsidecar_mark_commit"]
+    assert sorted(int(row[0]) for row in a1.query("SELECT x FROM t", dbname=database)) == [1, 2, 3, 4, 5]
+    assert len(_markers(a1, database)) == 5
+
+
 def test_a_pool_whose_user_may_not_use_the_ledger_is_reported(
     sidecar_factory: SidecarFactory, shared_topology: pg.Topology, database: str
 ) -> None:

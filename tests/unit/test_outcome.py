@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 
 from proxy.outcome import CommitOutcomeLedger, MarkerAnswer, MarkerIds, marker_query, marker_statement
-from proxy.outcome_answer import COMMIT_ID_AT, marked_commit_query
+from proxy.outcome_answer import (
+    COMBINED_READ_ONLY,
+    COMBINED_WROTE,
+    COMMIT_ID_AT,
+    PREPARE_MARKED_COMMIT,
+    marked_commit_query,
+)
 from proxy.protocol import messages as m
 from sidecar_config import parse_config
 
@@ -111,6 +117,38 @@ def test_asynchronous_messages_are_not_part_of_the_answer() -> None:
     parser = MarkerAnswer()
     answer = _answer("t")
     assert _feed(parser, notification + status + answer)[-1] is True and parser.marked is True
+
+
+def test_the_marked_commit_is_one_batch_of_two_prepared_statements() -> None:
+    """Bind and Execute of the marker with the id as its one text parameter, then of the COMMIT,
+    then one Sync; the preparation closes both names first (Close of a missing statement succeeds)."""
+    marker = "01234567-89ab-cdef-0000-000000000001"
+    assert marked_commit_query(marker) == (
+        m.bind("", "pgsidecar_mark_commit", (), [marker.encode()]) + m.execute()
+        + m.bind("", "pgsidecar_commit") + m.execute() + m.sync()
+    )  # fmt: skip
+    assert (
+        m.close("S", "pgsidecar_mark_commit") + m.close("S", "pgsidecar_commit")
+        + m.parse("pgsidecar_mark_commit", "SELECT pgsidecar.mark_commit($1::uuid)")
+        + m.parse("pgsidecar_commit", "COMMIT")
+    ) == PREPARE_MARKED_COMMIT  # fmt: skip
+
+
+def test_a_marked_commits_answer_ends_at_the_commits_bind() -> None:
+    """The batch's answer: the preparation's, the marker's, then the COMMIT's BindComplete, which
+    ends the marker's part (the COMMIT's CommandComplete and ReadyForQuery are the client's)."""
+    prepared = m.message(b"3") * 2 + m.message(b"1") * 2
+    for wrote, data in ((True, prepared + COMBINED_WROTE), (False, COMBINED_READ_ONLY)):
+        parser = MarkerAnswer(combined=True)
+        fed = _feed(parser, data)
+        assert fed[-1] is True and not any(fed[:-1])
+        assert (parser.marked, parser.error) == (wrote, None)
+    failed = MarkerAnswer(combined=True)
+    error = m.error_response("42883", "function pgsidecar.mark_commit(uuid) does not exist")
+    assert _feed(failed, m.message(b"3") * 2 + error + m.ready_for_query(m.TX_FAILED)) == [False] * 3 + [True]
+    assert failed.error is not None and failed.error["C"] == "42883"
+    with pytest.raises(ValueError):
+        MarkerAnswer().feed(ord("2"), b"")  # (a separate marker is a simple Query's)
 
 
 def test_anything_else_in_the_answer_is_a_protocol_error() -> None:

@@ -19,7 +19,7 @@ from proxy.journal import (
     TransactionJournal,
     Verifier,
 )
-from proxy.outcome_answer import marked_commit_query
+from proxy.outcome_answer import COMBINED_WROTE, PREPARE_MARKED_COMMIT, marked_commit_query
 from proxy.protocol import messages as m
 from proxy.server import REQUEST_OTHER, ServerConnection
 from proxy.session import replay
@@ -371,14 +371,28 @@ def test_a_commit_goes_out_behind_its_marker_whose_answer_the_client_never_sees(
     async def run() -> None:
         client, transport, _, server = await in_block(mode)
         client.data_received(query("COMMIT"))
-        # The marker and the COMMIT in one Query: one flush of the server's answer for both.
-        assert server_out(server).take() == marked_commit_query(MARKER)
-        assert server.marker_id == MARKER  # (read back from the Query: what a cut resolves)
-        server.data_received(marker_answer()[:-6])  # (no ReadyForQuery of its own)
+        # The marker and the COMMIT in one batch: one flush of the server's answer for both; on
+        # a connection that has not run one yet, behind the two statements' preparation.
+        assert server_out(server).take() == PREPARE_MARKED_COMMIT + marked_commit_query(MARKER)
+        assert server.marker_id == MARKER  # (read back from the batch: what a cut resolves)
+        prepared = msg(b"3", b"") * 2 + msg(b"1", b"") * 2
+        server.data_received(prepared + COMBINED_WROTE)  # (no ReadyForQuery of its own)
         assert transport.take() == b""
         server.data_received(answer("COMMIT"))
         assert transport.take() == answer("COMMIT")
         assert server.marker is None and server.marker_id is None
+        assert server.marker_prepared
+        # The next one goes without the preparation, its answer swallowed whole.
+        client.data_received(query("BEGIN"))
+        assert server_out(server).take() == query("BEGIN")
+        server.data_received(answer("BEGIN", b"T"))
+        assert transport.take() == answer("BEGIN", b"T")
+        client.data_received(query("COMMIT"))
+        assert server_out(server).take() == marked_commit_query(MARKER)
+        assert server.marker_id == MARKER
+        server.data_received(COMBINED_WROTE + answer("COMMIT"))
+        assert transport.take() == answer("COMMIT")
+        assert server.marker is None and server.marker_prepared
         await settle()
 
     asyncio.run(run())
@@ -393,7 +407,7 @@ def test_a_failed_marker_makes_the_commit_answer_its_error(whole: bool) -> None:
     async def run() -> None:
         client, transport, _, server = await in_block("session")
         client.data_received(query("COMMIT"))
-        assert server_out(server).take() == marked_commit_query(MARKER)
+        assert server_out(server).take() == PREPARE_MARKED_COMMIT + marked_commit_query(MARKER)
         error = m.error_response("42883", "function pgsidecar.mark_commit(uuid) does not exist")
         pieces = [error, msg(b"Z", b"E")]
         for piece in [b"".join(pieces)] if whole else pieces:
@@ -403,6 +417,7 @@ def test_a_failed_marker_makes_the_commit_answer_its_error(whole: bool) -> None:
         server.data_received(answer("ROLLBACK"))
         assert transport.take() == error + msg(b"Z", b"I")
         assert server.marker is None and server.tx_status == m.TX_IDLE
+        assert not server.marker_prepared  # (prepared again, closed first, next time)
 
     asyncio.run(run())
 
