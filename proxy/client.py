@@ -84,6 +84,7 @@ class ClientSession(SessionCore):
                 host.stats,
                 host.config.failover.hold_timeout,
             )
+            self.carryover.spool_take_over = self.outage.take_over
         self.login = Login(self, host, admin, self.attach, self.outage)
 
     # ---------------------------------------------------------------- asyncio.Protocol

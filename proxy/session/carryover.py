@@ -103,6 +103,8 @@ class Carryover:
         self._topology = topology
         self._writer_connection_lost = writer_connection_lost
         self.aborted: AbortedTransaction | None = None  # answering locally after a cut
+        # `OutageSession.take_over`, when the spool is on (`_into_spool`).
+        self.spool_take_over: Callable[[list[bytes], Callable[[bytes], bool]], bool] | None = None
 
     def server_lost(self, server: ServerConnection, reason: str) -> None:
         """The linked server connection closed (crash, shutdown, network)."""
@@ -287,7 +289,7 @@ class Carryover:
         # Where the journal's own first request would go now: the writer for anything that may
         # write; for a read cut on a replica (or while no writer exists), another replica.
         pool = self.attach.pool_for_request(b"".join(journal.requests))
-        server = await self._held_server(cut, pool)
+        server = await self._held_server(cut, pool, plan)
         if server is None or pool is None:
             return
         await self._run_replay(server, pool, cut, plan)
@@ -347,16 +349,20 @@ class Carryover:
                 return None
             await asyncio.sleep(min(float(failover.check_interval), max(0.0, deadline - loop.time())))
 
-    async def _held_server(self, cut: Cut, pool: Pool | None) -> ServerConnection | None:
+    async def _held_server(self, cut: Cut, pool: Pool | None, plan: replay.Plan) -> ServerConnection | None:
         """A server from `pool` for a carry-over step (through the gate, as any held request), or
-        None: no writer came (hold_timeout; the cut requests then get today's answers, never the
-        outage responder's), or the client left meanwhile."""
+        None: no writer came (hold_timeout; the cut requests then get today's answers, unless
+        the spool takes the cut transaction over, `_into_spool`), or the client left meanwhile."""
         if pool is None:
             self._replay_failed(cut, "no pool")
             return None
         try:
             server = await self.attach.acquire(pool)
-        except (SpoolNow, ProxyError) as exc:
+        except SpoolNow:
+            if not self._into_spool(cut, plan):
+                self._replay_failed(cut, "no writer anywhere, and the spool cannot take the transaction")
+            return None
+        except ProxyError as exc:
             self._replay_failed(cut, str(exc))
             return None
         if self.core.state != HELD:
@@ -561,6 +567,46 @@ class Carryover:
             failed = await server.prepare(statements)
             if failed:
                 logs.event("statements_not_restored", logs.WARNING, conn=core.id, errors=failed)
+
+    def _into_spool(self, cut: Cut, plan: replay.Plan) -> bool:
+        """No writer anywhere, and the spool is on: a cut transaction block whose journal the
+        outage responder answers exactly as the client was answered (BEGIN and simple INSERTs:
+        the spool's own answers match PostgreSQL's byte for byte) goes on in the spool, as if the
+        outage had begun before it; its COMMIT is spooled and replayed once a writer is back.
+        Anything else (a read, a statement the spool does not take, an answer that differs):
+        False, and the client is told as before. An answer the client never got (a statement
+        in flight) is the responder's, relayed (ARCHITECTURE.md, "Transaction replay")."""
+        core = self.core
+        journal = core.journal
+        take_over = self.spool_take_over
+        if take_over is None or journal is None or not cut.in_block or core.state != HELD:
+            return False
+        verifier = Verifier(journal)
+        witness = replay.ReplayClient(core, journal, verifier, plan.answers)
+
+        def answered(data: bytes) -> bool:
+            witness.feed(data)
+            return not witness.done.done() or witness.done.result() == EQUAL
+
+        requests = len(journal.requests)
+        if not take_over(list(journal.requests), answered) or not witness.done.done():
+            if witness.relayed:
+                # (Cannot happen: a statement the spool answers is answered whole.)
+                core.fail(UpstreamUnavailable("the spool could not take over a cut transaction"))
+            return False
+        self._stats.transaction_replays["replayed"] += 1
+        logs.event(
+            "transaction_replayed",
+            conn=core.id,
+            server="spool",
+            upstream="spool",
+            requests=requests,
+            answers=plan.answers,
+            in_transaction=True,
+        )
+        journal.framing.reset()
+        journal.reset()  # (the transaction is the responder's now)
+        return True
 
     def _replay_failed(self, cut: Cut, reason: str) -> None:
         core = self.core

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .. import logs
 from ..protocol import messages as m
-from ..protocol.framing import Action
+from ..protocol.framing import Action, length_at
 from ..protocol.sqlstate import (
     ProtocolViolation,
     SqlState,
@@ -66,6 +67,39 @@ class OutageSession:
 
     def enter(self) -> None:
         """Serve this session with an OutageResponder until a writer is back."""
+        self._serve(self._new_responder(), False)
+
+    def take_over(self, requests: list[bytes], answered: Callable[[bytes], bool]) -> bool:
+        """A transaction block cut while no writer exists anywhere (`Carryover._into_spool`): its
+        requests, as the journal kept them, fed to a fresh responder, each reply's bytes given to
+        `answered` (False: it differs from what the client got). True if the responder answered
+        every one itself and alike: the session goes on spooling, inside that transaction, as if
+        the outage had begun before it. False (a request needs the database, or an answer
+        differs): nothing changed."""
+        responder = self._new_responder()
+        batch = False
+        data = b"".join(requests)
+        pos, end = 0, len(data)
+        while pos < end:
+            type_byte = data[pos]
+            size = length_at(data, pos + 1)
+            if size < 4 or pos + 1 + size > end:
+                return False
+            try:
+                reply = responder.feed(type_byte, data[pos + 5 : pos + 1 + size])
+            except ProtocolViolation:
+                return False
+            if reply.verdict is not None or not answered(reply.data):
+                return False
+            if type_byte == m.F_SYNC:
+                batch = False
+            elif type_byte != m.F_QUERY:
+                batch = True
+            pos += 1 + size
+        self._serve(responder, batch)
+        return True
+
+    def _new_responder(self) -> OutageResponder:
         core = self.core
         responder = self._spooling.responder(
             core.user, core.database, {**core.startup_params, **core.settings}
@@ -73,8 +107,12 @@ class OutageSession:
         # The session's prepared statements stay usable: the responder learns them first.
         for parse in self.mode.known_statements().values():
             responder.feed(m.F_PARSE, parse[5:])
+        return responder
+
+    def _serve(self, responder: OutageResponder, batch: bool) -> None:
+        core = self.core
         self._outage = responder
-        self._outage_batch = False
+        self._outage_batch = batch
         logs.event("session_spooling", conn=core.id)
         core.to_answering(OUTAGE, self.inspect)
         self.relay.resume()

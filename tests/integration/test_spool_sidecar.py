@@ -131,6 +131,58 @@ def test_outage_spools_inserts_and_replays_them_exactly_once(
 
 
 
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_a_transaction_cut_by_the_outage_goes_on_in_the_spool(
+    fresh_topology: pg.Topology, sidecar_factory: Any, tmp_path: Path, mode: str
+) -> None:
+    """A transaction open when the last writer crashes (BEGIN and an INSERT answered): no writer
+    comes within the hold, and the spool answers its journal exactly as the client was answered,
+    so it goes on there as if the outage had begun before it: its next INSERT and its COMMIT are
+    acknowledged, and it is applied once when a writer returns. One that read cannot (the spool
+    does not answer a SELECT): 40001, as before, and nothing of it is applied."""
+    topo = fresh_topology
+    table = make_table(topo.a1, "spool")
+    sidecar = sidecar_factory(
+        {"pool": {"mode": mode}, "failover": {"hold_timeout": "1s"},
+         "spool": _spool_config("sqlite", tmp_path, None)},
+        topology=topo,
+    )  # fmt: skip
+    writer = connect(sidecar, autocommit=False, application_name="open-tx")
+    writer.execute(f"INSERT INTO {table} (id, client) VALUES (%s, 'app')", ("first",))
+    reader = connect(sidecar, autocommit=False, application_name="reader")
+    reader.execute(f"INSERT INTO {table} (id, client) VALUES ('read-first', 'reader')")
+    assert reader.execute(f"SELECT count(*) FROM {table}").fetchone() == (1,)  # (its own)
+    sidecar.wait_for_log("event=frontdoor_filled", timeout=10)
+
+    down = time.time()
+    topo.a1.crash()
+    topo.a2.crash()
+    wait_state(sidecar, "outage", down, timeout=15)
+    sidecar.wait_for_log("server=spool", timeout=10)
+    writer.execute(f"INSERT INTO {table} (id, client) VALUES (%s, 'app')", ("second",))
+    writer.commit()
+    state, _ = sqlstate_of_call(
+        lambda: reader.execute(f"INSERT INTO {table} (id, client) VALUES ('never', 'reader')")
+    )
+    assert state == "40001", state
+    reader.rollback()
+    assert metric(sidecar, "pgsidecar_transaction_replays_total", result="replayed") == 1
+    assert metric(sidecar, "pgsidecar_spool_records_total", result="spooled") == 1
+    assert "no writer anywhere, and the spool cannot take the transaction" in sidecar.log_text()
+
+    back = time.time()
+    topo.a2.start()
+    topo.a2.promote()
+    wait_state(sidecar, "up", back, writer=topo.a2, timeout=30)
+    assert metric(sidecar, "pgsidecar_spool_records_total", result="replayed") == 1
+    assert ids_on(topo.a2, table) == ["first", "second"]
+    writer.execute(f"INSERT INTO {table} (id, client) VALUES ('after', 'app')")
+    writer.commit()
+    assert ids_on(topo.a2, table) == ["after", "first", "second"]
+    writer.close()
+    reader.close()
+
+
 def test_a_request_held_during_an_outage_runs_when_the_writer_returns_within_the_hold(
     fresh_topology: pg.Topology, sidecar_factory: Any, tmp_path: Path
 ) -> None:
