@@ -569,17 +569,18 @@ class Carryover:
                 logs.event("statements_not_restored", logs.WARNING, conn=core.id, errors=failed)
 
     def _into_spool(self, cut: Cut, plan: replay.Plan) -> bool:
-        """No writer anywhere, and the spool is on: a cut transaction block whose journal the
-        outage responder answers exactly as the client was answered (BEGIN and simple INSERTs:
-        the spool's own answers match PostgreSQL's byte for byte) goes on in the spool, as if the
-        outage had begun before it; its COMMIT is spooled and replayed once a writer is back.
-        Anything else (a read, a statement the spool does not take, an answer that differs):
-        False, and the client is told as before. An answer the client never got (a statement
-        in flight) is the responder's, relayed (ARCHITECTURE.md, "Transaction replay")."""
+        """No writer anywhere, and the spool is on: a cut transaction block (or a lone BEGIN in
+        flight) whose journal the outage responder answers exactly as the client was answered
+        (BEGIN and simple INSERTs: the spool's own answers match PostgreSQL's byte for byte) goes
+        on in the spool, as if the outage had begun before it; its COMMIT is spooled and replayed
+        once a writer is back. Anything else (a read, a statement the spool does not take, an
+        answer that differs): False, and the client is told as before. An answer the client never
+        got (a statement in flight) is the responder's, relayed (ARCHITECTURE.md, "Transaction
+        replay")."""
         core = self.core
         journal = core.journal
         take_over = self.spool_take_over
-        if take_over is None or journal is None or not cut.in_block or core.state != HELD:
+        if take_over is None or journal is None or core.state != HELD:
             return False
         verifier = Verifier(journal)
         witness = replay.ReplayClient(core, journal, verifier, plan.answers)
@@ -602,7 +603,7 @@ class Carryover:
             upstream="spool",
             requests=requests,
             answers=plan.answers,
-            in_transaction=True,
+            in_transaction=cut.in_block,
         )
         journal.framing.reset()
         journal.reset()  # (the transaction is the responder's now)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 import uuid
@@ -181,6 +182,49 @@ def test_a_transaction_cut_by_the_outage_goes_on_in_the_spool(
     assert ids_on(topo.a2, table) == ["after", "first", "second"]
     writer.close()
     reader.close()
+
+
+def test_a_begin_in_flight_when_the_last_writer_goes_goes_on_in_the_spool(
+    fresh_topology: pg.Topology, sidecar_factory: Any, tmp_path: Path
+) -> None:
+    """psycopg's BEGIN is in flight (its backend stopped) when the writer crashes, and then its
+    standby: the spool answers the BEGIN, so the INSERT behind it and the COMMIT are acknowledged
+    from the spool (not 08007 "may or may not have been applied"), and applied once later."""
+    topo = fresh_topology
+    table = make_table(topo.a1, "spool")
+    topo.a1.execute("ALTER SYSTEM SET restart_after_crash = off")  # (a backend killed: a1 is gone)
+    topo.a1.execute("SELECT pg_reload_conf()")
+    sidecar = sidecar_factory(
+        {"failover": {"hold_timeout": "1s"}, "spool": _spool_config("sqlite", tmp_path, None)}, topology=topo
+    )
+    conn = connect(sidecar, autocommit=False, application_name="begins")
+    conn.execute("SELECT 1")
+    conn.rollback()  # (the session's server is there, idle)
+    sidecar.wait_for_log("event=frontdoor_filled", timeout=10)
+    pid = int(topo.a1.query("SELECT pid FROM pg_stat_activity WHERE application_name = 'begins'")[0][0])
+    os.kill(pid, signal.SIGSTOP)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        insert = pool.submit(
+            sqlstate_of_call, lambda: conn.execute(f"INSERT INTO {table} (id, client) VALUES ('only', 'app')")
+        )
+        time.sleep(0.5)  # BEGIN sent, unanswered
+        assert not insert.done()
+        down = time.time()
+        os.kill(pid, signal.SIGKILL)
+        topo.a1.crash()
+        topo.a2.crash()
+        wait_state(sidecar, "outage", down, timeout=15)
+        state, _ = insert.result(timeout=30)
+    assert state is None, state
+    conn.commit()
+    assert metric(sidecar, "pgsidecar_transaction_replays_total", result="replayed") == 1
+    assert metric(sidecar, "pgsidecar_spool_records_total", result="spooled") == 1
+    back = time.time()
+    topo.a2.start()
+    topo.a2.promote()
+    wait_state(sidecar, "up", back, writer=topo.a2, timeout=30)
+    assert ids_on(topo.a2, table) == ["only"]
+    conn.close()
 
 
 def test_a_request_held_during_an_outage_runs_when_the_writer_returns_within_the_hold(
