@@ -288,11 +288,10 @@ class Carryover:
         assert journal is not None
         # Where the journal's own first request would go now: the writer for anything that may
         # write; for a read cut on a replica (or while no writer exists), another replica.
-        pool = self.attach.pool_for_request(b"".join(journal.requests))
-        server = await self._held_server(cut, pool, plan)
-        if server is None or pool is None:
-            return
-        await self._run_replay(server, pool, cut, plan)
+        requests = b"".join(journal.requests)
+        held = await self._held_server(cut, self.attach.pool_for_request(requests), plan, requests)
+        if held is not None:
+            await self._run_replay(held[0], held[1], cut, plan)
 
     async def _ask_outcome(
         self, server: ServerConnection, pool: Pool, cut: Cut, marker_id: str
@@ -349,26 +348,41 @@ class Carryover:
                 return None
             await asyncio.sleep(min(float(failover.check_interval), max(0.0, deadline - loop.time())))
 
-    async def _held_server(self, cut: Cut, pool: Pool | None, plan: replay.Plan) -> ServerConnection | None:
-        """A server from `pool` for a carry-over step (through the gate, as any held request), or
-        None: no writer came (hold_timeout; the cut requests then get today's answers, unless
-        the spool takes the cut transaction over, `_into_spool`), or the client left meanwhile."""
+    async def _held_server(
+        self, cut: Cut, pool: Pool | None, plan: replay.Plan, requests: bytes
+    ) -> tuple[ServerConnection, Pool] | None:
+        """A server for the replay of `requests` from `pool` (through the gate, as any held
+        request), and its pool; or None: no writer came (hold_timeout; the cut requests then get
+        today's answers, unless the spool takes the cut transaction over, `_into_spool`), or the
+        client left meanwhile. A read held for the writer that never came is routed again: with
+        no writer known, read routing may now send it to a replica, where it runs instead."""
         if pool is None:
             self._replay_failed(cut, "no pool")
             return None
+        attach = self.attach
+        no_writer: ProxyError | SpoolNow | None = None
         try:
-            server = await self.attach.acquire(pool)
-        except SpoolNow:
-            if not self._into_spool(cut, plan):
-                self._replay_failed(cut, "no writer anywhere, and the spool cannot take the transaction")
-            return None
+            # (A replica's pool is not behind the failover's gate: that is the point of it.)
+            server = await (attach.acquire(pool) if pool.replica is None else attach.acquire_replica(pool))
+        except (SpoolNow, UpstreamUnavailable, CannotConnectNow) as exc:
+            no_writer = exc
         except ProxyError as exc:
             self._replay_failed(cut, str(exc))
+            return None
+        if no_writer is not None:
+            # (Not awaited in the except block: ARCHITECTURE.md, "The compiled data path".)
+            other = attach.pool_for_request(requests) if pool.replica is None else None
+            if other is not None and other.replica is not None and self.core.state == HELD:
+                return await self._held_server(cut, other, plan, requests)
+            if not isinstance(no_writer, SpoolNow):
+                self._replay_failed(cut, str(no_writer))
+            elif not self._into_spool(cut, plan):
+                self._replay_failed(cut, "no writer anywhere, and the spool cannot take the transaction")
             return None
         if self.core.state != HELD:
             pool.release(server, reset=False)
             return None
-        return server
+        return server, pool
 
     async def _run_replay(self, server: ServerConnection, pool: Pool, cut: Cut, plan: replay.Plan) -> bool:
         """`_replay` on `server` (acquired, HELD): True if the session went on there."""

@@ -149,6 +149,31 @@ def test_lone_read_in_flight_is_re_run(fresh_topology, sidecar_factory, pool, mo
     conn.close()
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_read_in_flight_when_no_writer_is_left_runs_on_a_replica(fresh_topology, sidecar_factory, pool, mode):
+    """Region A's writer and its standby crash with a lone SELECT in flight; region B's standby is
+    not promoted. The read waits for a writer through the hold, then, none having come, runs on
+    b1, the replica read routing now picks: the client gets its rows, not 40001."""
+    topo = fresh_topology
+    table = new_table(topo)
+    topo.a1.execute(insert_sql(table, "r1"), dbname=pg.APP_DB)
+    topo.a1.execute(insert_sql(table, "r2"), dbname=pg.APP_DB)
+    topo.a1.wait_caught_up([topo.a2, topo.b1])
+    config = {"pool": {"mode": mode}, "failover": {"hold_timeout": "1s"}, "routing": {"reads": "failover"}}
+    sidecar = sidecar_factory(config, topology=topo)  # (read routing as by default: the harness turns it off)
+    conn = connect(sidecar, application_name="reader")
+    lock = TableLock(topo.a1, table)
+    done = pool.submit(lambda: conn.execute(f"SELECT id FROM {table} ORDER BY id").fetchall())
+    wait_backend(topo.a1, "application_name = 'reader' AND wait_event_type = 'Lock'")
+    topo.a1.crash()
+    topo.a2.crash()
+    lock.close()
+    assert [r[0] for r in done.result(timeout=30)] == ["r1", "r2"]
+    assert replays(sidecar, "replayed") == 1
+    assert server_port(conn) == topo.b1.port
+    conn.close()
+
+
 def test_transaction_that_read_changed_data_diverges_and_gets_40001(fresh_topology, sidecar_factory):
     topo = fresh_topology
     table = new_table(topo)
