@@ -150,7 +150,9 @@ def test_lone_read_in_flight_is_re_run(fresh_topology, sidecar_factory, pool, mo
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_read_in_flight_when_no_writer_is_left_runs_on_a_replica(fresh_topology, sidecar_factory, pool, mode):
+def test_a_read_in_flight_when_no_writer_is_left_runs_on_a_replica(
+    fresh_topology, sidecar_factory, pool, mode
+):
     """Region A's writer and its standby crash with a lone SELECT in flight; region B's standby is
     not promoted. The read waits for a writer through the hold, then, none having come, runs on
     b1, the replica read routing now picks: the client gets its rows, not 40001."""
